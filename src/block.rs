@@ -1,0 +1,597 @@
+//! [`NonLocalBlock`]: parameters plus the forward pass (shape checks, then kernels).
+
+use std::path::Path;
+
+use ndarray::{Array, Array3, ArrayBase, ArrayView4, ArrayView5, ArrayViewD, Axis, Data, Dimension, Ix5};
+
+use crate::config::{Mode, NonLocalConfig};
+use crate::error::{Error, Result};
+use crate::kernels::concat::concat_attention;
+use crate::kernels::dot_product::key_value_product;
+use crate::kernels::exp::{exp_sum, row_max};
+use crate::kernels::gemm::{gemm, par_gemm, MatMut, MatRef};
+use crate::kernels::pool::{max_pool, pooled_grid};
+use crate::kernels::softmax_attention::softmax_attention;
+use crate::params::Parameters;
+use crate::weights::{load_parameters, TensorFile, WeightKeys};
+
+/// Seed of the weight init of [`NonLocalBlock::new`].
+const DEFAULT_SEED: u64 = 0x6e6f_6e6c_6f63_616c;
+
+/// A non-local block: `z = BN(W_z·y) + x` with `y_i = Σ_j f(x_i, x_j)·g(x_j) / C(x)`.
+///
+/// Built from a [`NonLocalConfig`] and either fresh parameters ([`NonLocalBlock::new`], the
+/// identity until trained), parameters in ndarrays ([`NonLocalBlock::from_parameters`]) or a
+/// PyTorch checkpoint ([`NonLocalBlock::from_safetensors_file`]).
+///
+/// # Example
+/// ```
+/// use ndarray::Array5;
+/// use nonlocal::{NonLocalBlock, NonLocalConfig};
+///
+/// let block = NonLocalBlock::new(NonLocalConfig::new(16))?;
+/// let x = Array5::<f32>::from_shape_fn((1, 2, 6, 6, 16), |(_, t, h, w, c)| (t + h * w + c) as f32 * 0.01);
+/// let z = block.forward(&x)?;
+/// // A new block's last layer is zero (as in the paper): it starts as the identity.
+/// assert_eq!(z, x);
+/// # Ok::<(), nonlocal::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct NonLocalBlock {
+    config: NonLocalConfig,
+    params: Parameters,
+    keys: Option<WeightKeys>,
+    compiled: Compiled,
+}
+
+/// Parameters rearranged for the kernels: projections stacked, BatchNorm folded.
+#[derive(Clone, Debug)]
+struct Compiled {
+    /// Stacked projection weights, `proj_cols` × C row-major, and their bias.
+    w_proj: Vec<f32>,
+    b_proj: Vec<f32>,
+    proj_cols: usize,
+    /// `W_z` with BatchNorm folded in: C × C' row-major, and the folded bias (C).
+    w_out: Vec<f32>,
+    b_out: Vec<f32>,
+    /// Concatenation: `w_φ` (C').
+    w_phi: Vec<f32>,
+}
+
+/// Where each quantity sits among the projection columns, per mode.
+///
+/// - embedded Gaussian, dot product: `[θ | φ | g]`;
+/// - Gaussian: `[g]`;
+/// - concatenation: `[φ | g | a]` with `a = w_θ·θ` folded into one column `(W_θᵀ w_θ)·x`.
+#[derive(Clone, Copy, Debug)]
+struct Columns {
+    theta: Option<usize>,
+    phi: Option<usize>,
+    g: usize,
+    a: Option<usize>,
+}
+
+impl Columns {
+    fn of(mode: Mode, ci: usize) -> Self {
+        match mode {
+            Mode::EmbeddedGaussian | Mode::DotProduct => Columns { theta: Some(0), phi: Some(ci), g: 2 * ci, a: None },
+            Mode::Gaussian => Columns { theta: None, phi: None, g: 0, a: None },
+            Mode::Concatenation => Columns { theta: None, phi: Some(0), g: ci, a: Some(2 * ci) },
+        }
+    }
+}
+
+impl Compiled {
+    fn new(config: &NonLocalConfig, params: &Parameters) -> Self {
+        let (c, ci) = (config.in_channels, config.inter_channels);
+        let mut w_proj: Vec<f32> = Vec::new();
+        let mut b_proj: Vec<f32> = Vec::new();
+        let mut push = |conv: &crate::params::Conv1x1| {
+            w_proj.extend(conv.weight.iter());
+            match &conv.bias {
+                Some(b) => b_proj.extend(b.iter()),
+                None => b_proj.extend(std::iter::repeat_n(0.0, conv.weight.nrows())),
+            }
+        };
+        let mut w_phi = Vec::new();
+        match config.mode {
+            Mode::EmbeddedGaussian | Mode::DotProduct => {
+                push(params.theta.as_ref().expect("validated: θ present"));
+                push(params.phi.as_ref().expect("validated: φ present"));
+                push(&params.g);
+            }
+            Mode::Gaussian => push(&params.g),
+            Mode::Concatenation => {
+                push(params.phi.as_ref().expect("validated: φ present"));
+                push(&params.g);
+                let project = params.concat_project.as_ref().expect("validated: projection present");
+                let theta = params.theta.as_ref().expect("validated: θ present");
+                // a_i = w_θ·(W_θ x_i + b_θ) = (W_θᵀ w_θ)·x_i + w_θ·b_θ: one column instead of C'.
+                for col in 0..c {
+                    let u: f64 = (0..ci).map(|o| project[o] as f64 * theta.weight[[o, col]] as f64).sum();
+                    w_proj.push(u as f32);
+                }
+                let bias: f64 = match &theta.bias {
+                    Some(b) => (0..ci).map(|o| project[o] as f64 * b[o] as f64).sum(),
+                    None => 0.0,
+                };
+                b_proj.push(bias as f32);
+                w_phi = project.iter().skip(ci).copied().collect();
+            }
+        }
+        let proj_cols = b_proj.len();
+        // BatchNorm folding, in f64: W' = W·γ/√(var+eps), b' = (b − mean)·γ/√(var+eps) + β.
+        let mut w_out = Vec::with_capacity(c * ci);
+        let mut b_out = Vec::with_capacity(c);
+        for o in 0..c {
+            let bias = params.w_z.bias.as_ref().map_or(0.0, |b| b[o] as f64);
+            let (scale, shift) = match &params.bn {
+                Some(bn) => {
+                    let s = bn.weight[o] as f64 / (bn.running_var[o] as f64 + config.bn_eps).sqrt();
+                    (s, (bias - bn.running_mean[o] as f64) * s + bn.bias[o] as f64)
+                }
+                None => (1.0, bias),
+            };
+            w_out.extend((0..ci).map(|i| (params.w_z.weight[[o, i]] as f64 * scale) as f32));
+            b_out.push(shift as f32);
+        }
+        Compiled { w_proj, b_proj, proj_cols, w_out, b_out, w_phi }
+    }
+}
+
+/// Per-sample intermediate results: the projections and the pooled keys and values.
+struct Prepared<'x> {
+    x: MatRef<'x>,
+    /// N × `proj_cols` row-major.
+    proj: Vec<f32>,
+    proj_cols: usize,
+    /// Pooled projections (M × `proj_cols`), empty without sub-sampling.
+    pooled: Vec<f32>,
+    /// Gaussian mode with sub-sampling: the pooled input, M × C.
+    pooled_x: Vec<f32>,
+    m: usize,
+    cols: Columns,
+    ci: usize,
+}
+
+impl<'x> Prepared<'x> {
+    fn proj_view(&self) -> MatRef<'_> {
+        MatRef::new(&self.proj, 0, self.x.rows(), self.proj_cols, self.proj_cols)
+    }
+
+    /// The key-side projections: pooled when sub-sampling, else the projections themselves.
+    fn key_side(&self) -> MatRef<'_> {
+        if self.pooled.is_empty() {
+            self.proj_view()
+        } else {
+            MatRef::new(&self.pooled, 0, self.m, self.proj_cols, self.proj_cols)
+        }
+    }
+
+    fn queries(&self) -> MatRef<'_> {
+        match self.cols.theta {
+            Some(t) => self.proj_view().cols_range(t, t + self.ci),
+            None => self.x,
+        }
+    }
+
+    fn keys(&self) -> MatRef<'_> {
+        match self.cols.phi {
+            Some(p) => self.key_side().cols_range(p, p + self.ci),
+            None if self.pooled_x.is_empty() => self.x,
+            None => MatRef::new(&self.pooled_x, 0, self.m, self.x.cols(), self.x.cols()),
+        }
+    }
+
+    fn values(&self) -> MatRef<'_> {
+        self.key_side().cols_range(self.cols.g, self.cols.g + self.ci)
+    }
+
+    /// Concatenation: `a_i = w_θ·θ_i` as an N × 1 view.
+    fn concat_a(&self) -> MatRef<'_> {
+        let a = self.cols.a.expect("concatenation has an `a` column");
+        self.proj_view().cols_range(a, a + 1)
+    }
+
+    /// Concatenation: `b_j = w_φ·φ_j` for every key.
+    fn concat_b(&self, w_phi: &[f32]) -> Vec<f32> {
+        let keys = self.keys();
+        let mut row = vec![0.0f32; keys.cols()];
+        (0..keys.rows())
+            .map(|j| {
+                keys.copy_row(j, &mut row);
+                row.iter().zip(w_phi).map(|(&p, &w)| p as f64 * w as f64).sum::<f64>() as f32
+            })
+            .collect()
+    }
+}
+
+impl NonLocalBlock {
+    /// A new block with fresh parameters (see [`Parameters::init`]): θ, φ, g drawn like
+    /// PyTorch's default init from a fixed seed, and the last layer zero so the block is the
+    /// identity until trained or loaded.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] (see [`NonLocalConfig::validate`]).
+    pub fn new(config: NonLocalConfig) -> Result<Self> {
+        config.validate()?;
+        check_parameter_count(&config)?;
+        let params = Parameters::init(&config, DEFAULT_SEED);
+        Self::from_parameters(config, params)
+    }
+
+    /// A block from parameters held in ndarrays.
+    ///
+    /// # Errors
+    /// Any error of [`Parameters::validate`]: a missing part, a wrong shape, a non-finite
+    /// value, or a part the configuration does not have.
+    pub fn from_parameters(config: NonLocalConfig, params: Parameters) -> Result<Self> {
+        params.validate(&config)?;
+        let compiled = Compiled::new(&config, &params);
+        Ok(NonLocalBlock { config, params, keys: None, compiled })
+    }
+
+    /// A block with parameters read from a safetensors checkpoint under `keys`.
+    ///
+    /// Other tensors in the file are ignored. Whether BatchNorm is present and whether φ/g
+    /// are pooled are read off the keys and must agree with `config`, as must the conv rank
+    /// ([`NonLocalConfig::conv_dims`]) and the channel counts.
+    ///
+    /// # Errors
+    /// [`Error::MissingKey`], [`Error::WrongShape`], [`Error::UnsupportedDtype`],
+    /// [`Error::ConfigMismatch`], [`Error::InvalidParameter`] (non-finite values, negative
+    /// variance) or [`Error::InvalidConfig`], each naming the key.
+    pub fn from_safetensors(config: NonLocalConfig, file: &TensorFile, keys: &WeightKeys) -> Result<Self> {
+        let params = load_parameters(file, &config, keys)?;
+        let mut block = Self::from_parameters(config, params)?;
+        block.keys = Some(keys.clone());
+        Ok(block)
+    }
+
+    /// Reads a safetensors checkpoint from `path`, then as [`NonLocalBlock::from_safetensors`].
+    ///
+    /// # Errors
+    /// [`Error::Io`], [`Error::Format`], and those of [`NonLocalBlock::from_safetensors`].
+    pub fn from_safetensors_file(config: NonLocalConfig, path: impl AsRef<Path>, keys: &WeightKeys) -> Result<Self> {
+        Self::from_safetensors(config, &TensorFile::open(path)?, keys)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NonLocalConfig {
+        &self.config
+    }
+
+    /// The parameters, as loaded or built (BatchNorm not folded).
+    pub fn parameters(&self) -> &Parameters {
+        &self.params
+    }
+
+    /// The checkpoint keys the parameters were loaded under, if they came from a file.
+    pub fn weight_keys(&self) -> Option<&WeightKeys> {
+        self.keys.as_ref()
+    }
+
+    /// Replaces the parameters.
+    ///
+    /// # Errors
+    /// As [`NonLocalBlock::from_parameters`]; on error the block is unchanged.
+    pub fn set_parameters(&mut self, params: Parameters) -> Result<()> {
+        params.validate(&self.config)?;
+        self.compiled = Compiled::new(&self.config, &params);
+        self.params = params;
+        Ok(())
+    }
+
+    /// The key grid (T', H', W') for an input grid (T, H, W): the pooled grid with
+    /// sub-sampling, else the grid itself. Key j of the attention maps sits at
+    /// `(j / (H'·W'), (j / W') % H', j % W')` in it.
+    pub fn key_grid(&self, grid: [usize; 3]) -> [usize; 3] {
+        pooled_grid(grid, self.config.pool_kernel())
+    }
+
+    /// Runs the block.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, t, h, w, channels]` or `[t, h, w, channels]` (batch 1), any strides;
+    /// - returns an array of the same shape, in standard (row-major) layout.
+    ///
+    /// NaN or infinite values in `x` propagate: the outputs that depend on them are NaN or
+    /// infinite (as in PyTorch, though the exact set of affected positions may differ);
+    /// nothing panics or loops.
+    ///
+    /// # Errors
+    /// [`Error::InputRank`], [`Error::InputChannels`], [`Error::EmptyInput`] (a zero-sized
+    /// dimension), [`Error::NoKeys`] (spatial size below the pool kernel), [`Error::TooLarge`]
+    /// (buffers that cannot be sized or allocated).
+    pub fn forward<S, D>(&self, x: &ArrayBase<S, D>) -> Result<Array<f32, D>>
+    where
+        S: Data<Elem = f32>,
+        D: Dimension,
+    {
+        let x5 = self.check_input(x.view().into_dyn())?;
+        let (b, t, h, w, c) = x5.dim();
+        let n = t * h * w;
+        let mut out = buffer(b * n * c, "output")?;
+        for (sample, out_sample) in x5.outer_iter().zip(out.chunks_mut(n * c)) {
+            self.forward_sample(sample, out_sample)?;
+        }
+        Ok(Array::from_shape_vec(x.raw_dim(), out).expect("output has the input's element count"))
+    }
+
+    /// The normalised attention weights `f(x_i, x_j)/C(x)` for every query i and key j:
+    /// shape (B, N, M), what PyTorch's `return_nl_map` gives. This is N·M numbers per sample:
+    /// for large inputs ask for chosen queries with [`NonLocalBlock::attention_rows`].
+    ///
+    /// # Errors
+    /// As [`NonLocalBlock::forward`]; [`Error::TooLarge`] when B·N·M does not fit.
+    pub fn attention<S, D>(&self, x: &ArrayBase<S, D>) -> Result<Array3<f32>>
+    where
+        S: Data<Elem = f32>,
+        D: Dimension,
+    {
+        let x5 = self.check_input(x.view().into_dyn())?;
+        let n = x5.shape()[1] * x5.shape()[2] * x5.shape()[3];
+        let all: Vec<usize> = (0..n).collect();
+        self.attention_rows_checked(x5, &all)
+    }
+
+    /// The attention weights of the chosen query positions only: shape (B, queries.len(), M),
+    /// row r holding query `queries[r]` (an index into the N = T·H·W positions in (t, h, w)
+    /// row-major order). Costs the projections plus O(len·M·C').
+    ///
+    /// # Errors
+    /// As [`NonLocalBlock::forward`]; [`Error::QueryOutOfRange`] for an index ≥ N.
+    pub fn attention_rows<S, D>(&self, x: &ArrayBase<S, D>, queries: &[usize]) -> Result<Array3<f32>>
+    where
+        S: Data<Elem = f32>,
+        D: Dimension,
+    {
+        let x5 = self.check_input(x.view().into_dyn())?;
+        self.attention_rows_checked(x5, queries)
+    }
+
+    fn attention_rows_checked(&self, x5: ArrayView5<'_, f32>, queries: &[usize]) -> Result<Array3<f32>> {
+        let (b, t, h, w, _) = x5.dim();
+        let n = t * h * w;
+        if let Some(&index) = queries.iter().find(|&&q| q >= n) {
+            return Err(Error::QueryOutOfRange { index, positions: n });
+        }
+        let m: usize = self.key_grid([t, h, w]).iter().product();
+        let per_sample = queries.len().checked_mul(m).ok_or(Error::TooLarge { what: "attention map" })?;
+        let mut out = buffer(b.checked_mul(per_sample).ok_or(Error::TooLarge { what: "attention map" })?, "attention map")?;
+        for (sample, out_sample) in x5.outer_iter().zip(out.chunks_mut(per_sample.max(1))) {
+            let mut copy = Vec::new();
+            let x = sample_matrix(sample, &mut copy);
+            let prepared = self.prepare(x, [t, h, w])?;
+            self.attention_for(&prepared, queries, out_sample);
+        }
+        Ok(Array3::from_shape_vec((b, queries.len(), m), out).expect("sized above"))
+    }
+
+    /// Checks the input and views it as rank 5.
+    fn check_input<'a>(&self, x: ArrayViewD<'a, f32>) -> Result<ArrayView5<'a, f32>> {
+        let shape = x.shape().to_vec();
+        let x = match x.ndim() {
+            5 => x,
+            4 => x.insert_axis(Axis(0)),
+            actual => return Err(Error::InputRank { expected: "4 (T, H, W, C) or 5 (B, T, H, W, C)", actual, shape }),
+        };
+        let x = x.into_dimensionality::<Ix5>().expect("rank checked");
+        let (b, t, h, w, c) = x.dim();
+        if c != self.config.in_channels {
+            return Err(Error::InputChannels { expected: self.config.in_channels, actual: c });
+        }
+        let names = ["B", "T", "H", "W", "C"];
+        let full = [b, t, h, w, c];
+        if let Some(axis) = full.iter().position(|&d| d == 0) {
+            // Report the axis in the caller's numbering (rank 4 has no B).
+            let offset = 5 - shape.len();
+            return Err(Error::EmptyInput { axis: axis - offset.min(axis), name: names[axis], shape });
+        }
+        let grid = [t, h, w];
+        let kernel = self.config.pool_kernel();
+        if grid.iter().zip(kernel).any(|(&g, k)| g < k) {
+            return Err(Error::NoKeys { size: grid, kernel });
+        }
+        // Every buffer is at most max(C, proj_cols, C') floats per position.
+        let width = c.max(self.compiled.proj_cols).max(self.config.inter_channels);
+        let floats = [b, t, h, w, width]
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .filter(|&f| f <= isize::MAX as usize / 4)
+            .ok_or(Error::TooLarge { what: "B·T·H·W·channels" })?;
+        debug_assert!(floats > 0);
+        Ok(x)
+    }
+
+    /// The whole block for one sample: `out ← x + BN(W_z·y)`.
+    fn forward_sample(&self, sample: ArrayView4<'_, f32>, out: &mut [f32]) -> Result<()> {
+        let (t, h, w, _) = sample.dim();
+        let mut copy = Vec::new();
+        let x = sample_matrix(sample, &mut copy);
+        let prepared = self.prepare(x, [t, h, w])?;
+        let (n, ci) = (x.rows(), self.config.inter_channels);
+        match self.config.mode {
+            Mode::EmbeddedGaussian | Mode::Gaussian => {
+                let mut y = buffer(n * ci, "y")?;
+                let scale = self.config.logit_scale();
+                softmax_attention(prepared.queries(), prepared.keys(), prepared.values(), scale, &mut y);
+                self.output(x, MatRef::new(&y, 0, n, ci, ci), None, out);
+            }
+            Mode::DotProduct => {
+                // z = x + θ·(φᵀg/M)·W_outᵀ + b_out: fold the C'×C' product into W_out.
+                let m = prepared.m;
+                let kv = key_value_product(prepared.keys(), prepared.values(), 1.0 / m as f32);
+                let c = self.config.in_channels;
+                let mut folded = vec![0.0f32; ci * c];
+                gemm(
+                    1.0,
+                    MatRef::new(&kv, 0, ci, ci, ci),
+                    self.w_out_t(),
+                    0.0,
+                    &mut MatMut::new(&mut folded, ci, c, c),
+                );
+                self.output(x, prepared.queries(), Some(MatRef::new(&folded, 0, ci, c, c)), out);
+            }
+            Mode::Concatenation => {
+                let mut y = buffer(n * ci, "y")?;
+                let b = prepared.concat_b(&self.compiled.w_phi);
+                concat_attention(prepared.concat_a(), &b, prepared.values(), &mut y);
+                self.output(x, MatRef::new(&y, 0, n, ci, ci), None, out);
+            }
+        }
+        Ok(())
+    }
+
+    /// `W_outᵀ` (C' × C) as a view.
+    fn w_out_t(&self) -> MatRef<'_> {
+        let (c, ci) = (self.config.in_channels, self.config.inter_channels);
+        MatRef::new(&self.compiled.w_out, 0, c, ci, ci).t()
+    }
+
+    /// `out ← x + y·W + b_out` with W = `w` (C' × C) or `W_outᵀ`.
+    fn output(&self, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
+        let (n, c) = (x.rows(), x.cols());
+        for (i, row) in out.chunks_mut(c).enumerate().take(n) {
+            x.copy_row(i, row);
+            for (o, b) in row.iter_mut().zip(&self.compiled.b_out) {
+                *o += b;
+            }
+        }
+        let w = w.unwrap_or_else(|| self.w_out_t());
+        par_gemm(1.0, y, w, 1.0, &mut MatMut::new(out, n, c, c));
+    }
+
+    /// Projections and pooling for one sample.
+    fn prepare<'x>(&self, x: MatRef<'x>, grid: [usize; 3]) -> Result<Prepared<'x>> {
+        let (n, c) = (x.rows(), x.cols());
+        let k = self.compiled.proj_cols;
+        let mut proj = buffer(n * k, "projections")?;
+        for row in proj.chunks_mut(k) {
+            row.copy_from_slice(&self.compiled.b_proj);
+        }
+        let w_t = MatRef::new(&self.compiled.w_proj, 0, k, c, c).t();
+        par_gemm(1.0, x, w_t, 1.0, &mut MatMut::new(&mut proj, n, k, k));
+        let kernel = self.config.pool_kernel();
+        let key_grid = pooled_grid(grid, kernel);
+        let m: usize = key_grid.iter().product();
+        let (mut pooled, mut pooled_x) = (Vec::new(), Vec::new());
+        if self.config.sub_sample.is_some() {
+            pooled = buffer(m * k, "pooled projections")?;
+            max_pool(MatRef::new(&proj, 0, n, k, k), grid, kernel, &mut pooled);
+            if self.config.mode == Mode::Gaussian {
+                pooled_x = buffer(m * c, "pooled input")?;
+                max_pool(x, grid, kernel, &mut pooled_x);
+            }
+        }
+        let cols = Columns::of(self.config.mode, self.config.inter_channels);
+        Ok(Prepared { x, proj, proj_cols: k, pooled, pooled_x, m, cols, ci: self.config.inter_channels })
+    }
+
+    /// Attention weights of chosen queries for one sample into `out` (len × M).
+    fn attention_for(&self, p: &Prepared<'_>, queries: &[usize], out: &mut [f32]) {
+        let m = p.m;
+        if self.config.mode == Mode::Concatenation {
+            let a = p.concat_a();
+            let b = p.concat_b(&self.compiled.w_phi);
+            for (row, &i) in out.chunks_mut(m).zip(queries) {
+                let ai = a.at(i, 0);
+                for (o, &bj) in row.iter_mut().zip(&b) {
+                    *o = (ai + bj).max(0.0) / m as f32;
+                }
+            }
+            return;
+        }
+        let q = p.queries();
+        let d = q.cols();
+        let mut selected = vec![0.0f32; queries.len() * d];
+        for (row, &i) in selected.chunks_mut(d).zip(queries) {
+            q.copy_row(i, row);
+        }
+        let sel = MatRef::new(&selected, 0, queries.len(), d, d);
+        gemm(1.0, sel, p.keys().t(), 0.0, &mut MatMut::new(out, queries.len(), m, m));
+        for row in out.chunks_mut(m) {
+            if self.config.mode.is_softmax() {
+                let scale = self.config.logit_scale();
+                let max = row_max(row);
+                let total = exp_sum(row, scale, scale * max);
+                row.iter_mut().for_each(|v| *v /= total);
+            } else {
+                row.iter_mut().for_each(|v| *v /= m as f32);
+            }
+        }
+    }
+}
+
+/// The sample (T, H, W, C) as an N × C matrix: a view of the input when its positions have
+/// one common stride, else a contiguous copy in `copy`.
+fn sample_matrix<'a>(sample: ArrayView4<'a, f32>, copy: &'a mut Vec<f32>) -> MatRef<'a> {
+    let (t, h, w, c) = sample.dim();
+    let n = t * h * w;
+    let strides = sample.strides();
+    let mut row_stride: Option<isize> = None;
+    let mut span = 1usize;
+    let mut uniform = true;
+    for axis in [2, 1, 0] {
+        let len = sample.shape()[axis];
+        if len == 1 {
+            continue;
+        }
+        match row_stride {
+            None => row_stride = Some(strides[axis]),
+            Some(rs) => uniform &= strides[axis] == rs * span as isize,
+        }
+        span *= len;
+    }
+    if uniform {
+        let rs = row_stride.unwrap_or(c as isize);
+        // SAFETY: every (position, channel) element is an element of the view `sample`.
+        return unsafe { MatRef::from_raw(sample.as_ptr(), n, c, rs, strides[3]) };
+    }
+    copy.extend(sample.iter().copied());
+    MatRef::new(copy, 0, n, c, c)
+}
+
+/// A zeroed f32 buffer, or [`Error::TooLarge`] when it cannot be allocated.
+pub(crate) fn buffer(len: usize, what: &'static str) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::TooLarge { what })?;
+    v.resize(len, 0.0);
+    Ok(v)
+}
+
+/// Rejects configurations whose parameter tensors cannot be sized.
+fn check_parameter_count(config: &NonLocalConfig) -> Result<()> {
+    config
+        .in_channels
+        .checked_mul(config.inter_channels)
+        .and_then(|p| p.checked_mul(4 * 4))
+        .filter(|&bytes| bytes <= isize::MAX as usize)
+        .map(|_| ())
+        .ok_or(Error::TooLarge { what: "in_channels·inter_channels" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{s, Array5};
+
+    #[test]
+    fn sample_matrix_views_collapsible_layouts_and_copies_others() {
+        let x = Array5::<f32>::from_shape_fn((1, 2, 3, 4, 5), |(_, t, h, w, c)| (t * 1000 + h * 100 + w * 10 + c) as f32);
+        let mut copy = Vec::new();
+        let m = sample_matrix(x.index_axis(Axis(0), 0), &mut copy);
+        assert!(copy.is_empty());
+        assert_eq!(m.at(23, 4), 1234.0);
+        let strided = x.slice(s![0, .., .., ..;2, ..]);
+        let mut copy = Vec::new();
+        let m = sample_matrix(strided, &mut copy);
+        assert!(copy.is_empty(), "w-strided rows still share one stride");
+        assert_eq!(m.at(3, 1), 121.0);
+        let cut = x.slice(s![0, .., 1.., .., ..]);
+        let mut copy = Vec::new();
+        let m = sample_matrix(cut, &mut copy);
+        assert!(!copy.is_empty());
+        assert_eq!(m.at(4, 0), 200.0);
+    }
+}

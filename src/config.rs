@@ -1,0 +1,234 @@
+//! Configuration of a non-local block: pairwise function, channels, sub-sampling, BatchNorm.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+
+/// The pairwise function `f(x_i, x_j)` and its normalisation `C(x)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// `softmax_j(θ_i·φ_j · s)`, with `s = 1/√C'` when [`NonLocalConfig::use_scale`] is set.
+    EmbeddedGaussian,
+    /// `softmax_j(x_i·x̂_j)`: no θ/φ; keys `x̂` are the (max-pooled) input itself.
+    Gaussian,
+    /// `(θ_i·φ_j) / M`.
+    DotProduct,
+    /// `ReLU(w_θ·θ_i + w_φ·φ_j) / M`, with `[w_θ; w_φ]` a 1x1 conv from 2C' channels to 1.
+    Concatenation,
+}
+
+impl Mode {
+    /// All four modes, in the order of the paper's table.
+    pub const ALL: [Mode; 4] = [
+        Mode::EmbeddedGaussian,
+        Mode::Gaussian,
+        Mode::DotProduct,
+        Mode::Concatenation,
+    ];
+
+    /// The name PyTorch implementations use (`embedded_gaussian`, `gaussian`, `dot_product`,
+    /// `concatenation`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::EmbeddedGaussian => "embedded_gaussian",
+            Mode::Gaussian => "gaussian",
+            Mode::DotProduct => "dot_product",
+            Mode::Concatenation => "concatenation",
+        }
+    }
+
+    /// Whether the attention weights are a softmax over keys (the two Gaussian modes) rather
+    /// than a division by the number of keys M.
+    pub fn is_softmax(self) -> bool {
+        matches!(self, Mode::EmbeddedGaussian | Mode::Gaussian)
+    }
+
+    /// Whether the block has θ and φ convolutions (every mode but Gaussian).
+    pub fn has_theta_phi(self) -> bool {
+        self != Mode::Gaussian
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = Error;
+
+    /// Parses the PyTorch names, plus the short forms `eg`, `gauss`, `dp` and `concat`.
+    fn from_str(s: &str) -> Result<Mode> {
+        match s {
+            "embedded_gaussian" | "eg" => Ok(Mode::EmbeddedGaussian),
+            "gaussian" | "gauss" => Ok(Mode::Gaussian),
+            "dot_product" | "dp" => Ok(Mode::DotProduct),
+            "concatenation" | "concat" => Ok(Mode::Concatenation),
+            _ => Err(Error::UnknownMode { name: s.to_string() }),
+        }
+    }
+}
+
+/// Configuration of a [`NonLocalBlock`](crate::NonLocalBlock).
+///
+/// Fields are public; [`NonLocalConfig::new`] fills in the defaults of the paper and of
+/// AlexHex7's `Non-local_pytorch`, and the builder methods change one setting each.
+///
+/// # Example
+/// ```
+/// use nonlocal::{Mode, NonLocalConfig};
+///
+/// let config = NonLocalConfig::new(512)
+///     .mode(Mode::EmbeddedGaussian)
+///     .sub_sample(Some([1, 2, 2]))
+///     .use_scale(true);
+/// assert_eq!(config.inter_channels, 256);
+/// config.validate().unwrap();
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct NonLocalConfig {
+    /// C, the number of input (and output) channels.
+    pub in_channels: usize,
+    /// C', the channels of θ, φ and g. Default `max(C / 2, 1)`.
+    pub inter_channels: usize,
+    /// The pairwise function. Default [`Mode::EmbeddedGaussian`].
+    pub mode: Mode,
+    /// Max-pool kernel (= stride) `(kt, kh, kw)` applied to φ and g (Gaussian: to the keys x
+    /// and to g), or `None` for no sub-sampling. Default `Some([1, 2, 2])`, the 3d blocks'
+    /// setting; 2d blocks use `[1, 2, 2]` on (1, H, W) inputs, 1d blocks `[1, 1, 2]`.
+    pub sub_sample: Option<[usize; 3]>,
+    /// Divide embedded-Gaussian logits by √C' (mmcv's default). Default `false` (the paper,
+    /// AlexHex7). Has no effect in the other modes.
+    pub use_scale: bool,
+    /// Whether `W_z` is followed by BatchNorm (eval mode). Default `true`.
+    pub bn_layer: bool,
+    /// BatchNorm epsilon. Default `1e-5`.
+    pub bn_eps: f64,
+    /// Rank of the 1x1 convolutions in PyTorch (1, 2 or 3 for `NonLocal1d/2d/3d`): the number
+    /// of trailing singleton dims of their weights in a checkpoint. It changes no arithmetic;
+    /// it is checked against the weights on load and used when saving them. Default 3.
+    pub conv_dims: usize,
+}
+
+impl NonLocalConfig {
+    /// The default configuration for `in_channels` channels: embedded Gaussian, C' = C/2,
+    /// sub-sampling 1x2x2, BatchNorm after `W_z`, no logit scaling.
+    pub fn new(in_channels: usize) -> Self {
+        NonLocalConfig {
+            in_channels,
+            inter_channels: (in_channels / 2).max(1),
+            mode: Mode::EmbeddedGaussian,
+            sub_sample: Some([1, 2, 2]),
+            use_scale: false,
+            bn_layer: true,
+            bn_eps: 1e-5,
+            conv_dims: 3,
+        }
+    }
+
+    /// Sets the pairwise function.
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Sets C', the inter channels.
+    pub fn inter_channels(mut self, inter_channels: usize) -> Self {
+        self.inter_channels = inter_channels;
+        self
+    }
+
+    /// Sets the sub-sampling max-pool kernel, or `None` for no sub-sampling.
+    pub fn sub_sample(mut self, kernel: Option<[usize; 3]>) -> Self {
+        self.sub_sample = kernel;
+        self
+    }
+
+    /// Sets whether embedded-Gaussian logits are divided by √C'.
+    pub fn use_scale(mut self, use_scale: bool) -> Self {
+        self.use_scale = use_scale;
+        self
+    }
+
+    /// Sets whether BatchNorm follows `W_z`.
+    pub fn bn_layer(mut self, bn_layer: bool) -> Self {
+        self.bn_layer = bn_layer;
+        self
+    }
+
+    /// Sets the BatchNorm epsilon.
+    pub fn bn_eps(mut self, eps: f64) -> Self {
+        self.bn_eps = eps;
+        self
+    }
+
+    /// Sets the rank of the 1x1 convolutions as stored in checkpoints (1, 2 or 3).
+    pub fn conv_dims(mut self, dims: usize) -> Self {
+        self.conv_dims = dims;
+        self
+    }
+
+    /// The factor applied to the logits: `1/√C'` for embedded Gaussian with `use_scale`, else 1.
+    pub fn logit_scale(&self) -> f32 {
+        if self.mode == Mode::EmbeddedGaussian && self.use_scale {
+            (1.0 / (self.inter_channels as f64).sqrt()) as f32
+        } else {
+            1.0
+        }
+    }
+
+    /// The pool kernel, `[1, 1, 1]` when there is no sub-sampling.
+    pub fn pool_kernel(&self) -> [usize; 3] {
+        self.sub_sample.unwrap_or([1, 1, 1])
+    }
+
+    /// Checks the configuration.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for zero channels, a pool kernel with a zero, `conv_dims` not
+    /// 1, 2 or 3, or a BatchNorm epsilon that is negative or not finite.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |reason: String| Err(Error::InvalidConfig { reason });
+        if self.in_channels == 0 {
+            return invalid("in_channels is 0".into());
+        }
+        if self.inter_channels == 0 {
+            return invalid("inter_channels is 0".into());
+        }
+        if let Some(k) = self.sub_sample {
+            if k.contains(&0) {
+                return invalid(format!("pool kernel {k:?} has a zero"));
+            }
+        }
+        if !(1..=3).contains(&self.conv_dims) {
+            return invalid(format!("conv_dims is {}, expected 1, 2 or 3", self.conv_dims));
+        }
+        if !(self.bn_eps.is_finite() && self.bn_eps >= 0.0) {
+            return invalid(format!("bn_eps {} is not a finite non-negative number", self.bn_eps));
+        }
+        Ok(())
+    }
+}
+
+/// Parses a sub-sampling setting as the golden files and command lines write it: `none`, or
+/// a kernel `kt,kh,kw`.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] when the text is neither.
+pub fn parse_sub_sample(text: &str) -> Result<Option<[usize; 3]>> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("none") || text.eq_ignore_ascii_case("false") {
+        return Ok(None);
+    }
+    let bad = || Error::InvalidConfig {
+        reason: format!("sub_sample {text:?} is neither \"none\" nor \"kt,kh,kw\""),
+    };
+    let parts: Vec<usize> = text
+        .split(',')
+        .map(|p| p.trim().parse::<usize>().map_err(|_| bad()))
+        .collect::<Result<_>>()?;
+    let kernel: [usize; 3] = parts.try_into().map_err(|_| bad())?;
+    Ok(Some(kernel))
+}

@@ -1,0 +1,130 @@
+//! The crate's error type.
+
+/// Everything that can go wrong in this crate.
+///
+/// Each variant carries what a caller needs to act on it: the offending key, the expected and
+/// the actual shape, the dimension that is wrong. The enum is `#[non_exhaustive]`, so new
+/// kinds of error can be added without breaking matches that end in `_ =>`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration itself is invalid (zero channels, a zero pool kernel, …).
+    #[error("invalid configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong, in words.
+        reason: String,
+    },
+    /// A mode name that is none of the four pairwise functions.
+    #[error("unknown mode {name:?}: expected embedded_gaussian, gaussian, dot_product or concatenation")]
+    UnknownMode {
+        /// The name that was given.
+        name: String,
+    },
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file's path.
+        path: String,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bytes are not a valid safetensors file (truncated, bad header, bad offsets, …).
+    #[error("invalid safetensors data: {0}")]
+    Format(#[from] safetensors::SafeTensorError),
+    /// A required parameter is not in the file.
+    #[error("missing parameter {key:?}")]
+    MissingKey {
+        /// The full key that was looked for (prefix included).
+        key: String,
+    },
+    /// A parameter or tensor has the wrong shape.
+    #[error("{key}: expected shape {expected:?}, found {actual:?}")]
+    WrongShape {
+        /// The parameter's key (or its name, for tensors built in code).
+        key: String,
+        /// The shape the configuration asks for.
+        expected: Vec<usize>,
+        /// The shape that was found.
+        actual: Vec<usize>,
+    },
+    /// A tensor is stored with a data type this crate does not convert to f32.
+    #[error("{key}: unsupported dtype {dtype} (expected F32, F16, BF16 or F64)")]
+    UnsupportedDtype {
+        /// The tensor's key.
+        key: String,
+        /// The dtype found, as safetensors names it.
+        dtype: String,
+    },
+    /// A parameter has values that cannot be used (NaN or negative running variance, …).
+    #[error("{key}: invalid value: {reason}")]
+    InvalidParameter {
+        /// The parameter's key.
+        key: String,
+        /// What is wrong, in words.
+        reason: String,
+    },
+    /// The weights and the configuration disagree (BN present or not, pooling, conv rank, …).
+    #[error("configuration says {what} = {config}, but the weights have {weights}")]
+    ConfigMismatch {
+        /// Which setting disagrees.
+        what: &'static str,
+        /// The configuration's value.
+        config: String,
+        /// What the weights imply.
+        weights: String,
+    },
+    /// The input tensor's rank is neither 4 (T, H, W, C) nor 5 (B, T, H, W, C).
+    #[error("input must have rank {expected}, found rank {actual} (shape {shape:?})")]
+    InputRank {
+        /// The accepted rank(s), in words.
+        expected: &'static str,
+        /// The rank found.
+        actual: usize,
+        /// The input's shape.
+        shape: Vec<usize>,
+    },
+    /// The input's channel dimension does not match `in_channels`.
+    #[error("input has {actual} channels, the block expects {expected}")]
+    InputChannels {
+        /// The block's `in_channels`.
+        expected: usize,
+        /// The channel count found.
+        actual: usize,
+    },
+    /// The input has a zero-sized dimension, so there is nothing to attend over.
+    #[error("input dimension {axis} ({name}) is zero in shape {shape:?}")]
+    EmptyInput {
+        /// The index of the zero-sized axis.
+        axis: usize,
+        /// The axis' name (B, T, H, W or C).
+        name: &'static str,
+        /// The input's shape.
+        shape: Vec<usize>,
+    },
+    /// The spatial size is smaller than the pool kernel, so no key position is left.
+    #[error("input size (T, H, W) = {size:?} is smaller than the pool kernel {kernel:?}: no key positions")]
+    NoKeys {
+        /// The input's (T, H, W).
+        size: [usize; 3],
+        /// The pool kernel (kt, kh, kw).
+        kernel: [usize; 3],
+    },
+    /// The sizes involved would overflow `usize` when buffers are sized.
+    #[error("sizes too large: {what} overflows usize")]
+    TooLarge {
+        /// Which product overflowed.
+        what: &'static str,
+    },
+    /// A query position asked of the attention API is out of range.
+    #[error("query position {index} is out of range: the input has {positions} positions")]
+    QueryOutOfRange {
+        /// The requested query index.
+        index: usize,
+        /// The number of query positions N = T·H·W.
+        positions: usize,
+    },
+}
+
+/// A `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

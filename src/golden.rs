@@ -1,0 +1,205 @@
+//! Checking the block against PyTorch reference cases ("golden files").
+//!
+//! A golden file is a safetensors file holding a configured block's parameters (AlexHex7 or
+//! mmcv keys), an `input` (B, T, H, W, C), the reference `output` and, in small cases, the
+//! `attention` map; its `__metadata__` says how the block is configured (`mode`,
+//! `in_channels`, `inter_channels`, `sub_sample`, `use_scale`, `bn_layer`, `bn_eps`, `naming`,
+//! `prefix`, `dims`). The pass criterion is PyTorch's own float32 accuracy:
+//! `max |got − want| ≤ 1e-4 · max(1, max |want|)` on the output and ≤ 5e-4 on the attention.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use ndarray::{ArrayD, Ix5};
+
+use crate::block::NonLocalBlock;
+use crate::config::{parse_sub_sample, Mode, NonLocalConfig};
+use crate::error::{Error, Result};
+use crate::weights::{Naming, TensorFile, WeightKeys};
+
+/// Largest attention error that passes.
+pub const ATTENTION_TOLERANCE: f32 = 5e-4;
+
+/// A golden case: the file and the block configuration its metadata describes.
+#[derive(Debug)]
+pub struct GoldenCase {
+    /// The block configuration from the metadata.
+    pub config: NonLocalConfig,
+    /// Where the parameters are in the file.
+    pub keys: WeightKeys,
+    /// The file itself.
+    pub file: TensorFile,
+}
+
+/// The outcome of running one golden case.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GoldenReport {
+    /// max |got − want| over the output (∞ when a NaN appears on one side only).
+    pub output_err: f32,
+    /// The output tolerance, `1e-4 · max(1, max |want|)`.
+    pub tol: f32,
+    /// max |got − want| over the attention map, when the file has one.
+    pub attention_err: Option<f32>,
+    /// FNV-1a 64 of the output's f32 values as little-endian bytes, row-major.
+    pub bits: u64,
+}
+
+impl GoldenReport {
+    /// Whether the output and (if present) the attention are within tolerance.
+    pub fn passed(&self) -> bool {
+        self.output_err <= self.tol && self.attention_err.is_none_or(|e| e <= ATTENTION_TOLERANCE)
+    }
+}
+
+impl fmt::Display for GoldenReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "output_err={:.3e} tol={:.3e}", self.output_err, self.tol)?;
+        if let Some(e) = self.attention_err {
+            write!(f, " attention_err={e:.3e}")?;
+        }
+        write!(f, " bits={:016x} {}", self.bits, if self.passed() { "PASS" } else { "FAIL" })
+    }
+}
+
+impl GoldenCase {
+    /// Opens a golden file and reads its configuration.
+    ///
+    /// # Errors
+    /// [`Error::Io`], [`Error::Format`], or [`Error::InvalidConfig`] for missing or malformed
+    /// metadata.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_file(TensorFile::open(path)?)
+    }
+
+    /// Reads the configuration of an already opened golden file.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] or [`Error::UnknownMode`] for missing or malformed metadata.
+    pub fn from_file(file: TensorFile) -> Result<Self> {
+        let (config, keys) = config_from_metadata(file.metadata())?;
+        Ok(GoldenCase { config, keys, file })
+    }
+
+    /// The block, with the file's parameters loaded (checked against the metadata).
+    ///
+    /// # Errors
+    /// Any loading error of [`NonLocalBlock::from_safetensors`].
+    pub fn block(&self) -> Result<NonLocalBlock> {
+        NonLocalBlock::from_safetensors(self.config.clone(), &self.file, &self.keys)
+    }
+
+    /// The `input` tensor, which must be rank 5 (B, T, H, W, C).
+    ///
+    /// # Errors
+    /// [`Error::MissingKey`], [`Error::InputRank`].
+    pub fn input(&self) -> Result<ndarray::Array5<f32>> {
+        let input = self.file.tensor("input")?;
+        let shape = input.shape().to_vec();
+        input.into_dimensionality::<Ix5>().map_err(|_| Error::InputRank {
+            expected: "5 (B, T, H, W, C)",
+            actual: shape.len(),
+            shape,
+        })
+    }
+
+    /// Runs the block on `input` and compares with `output` (and `attention`).
+    ///
+    /// # Errors
+    /// Any error loading the block, reading the tensors or running the block, and
+    /// [`Error::WrongShape`] when `output` or `attention` has an unexpected shape.
+    pub fn check(&self) -> Result<GoldenReport> {
+        let block = self.block()?;
+        let input = self.input()?;
+        let got = block.forward(&input)?;
+        let want = self.file.tensor("output")?;
+        let got_bits = fnv1a64(got.iter().copied());
+        let (output_err, tol) = compare("output", &got.into_dyn(), &want)?;
+        let attention_err = if self.file.contains("attention") {
+            let want = self.file.tensor("attention")?;
+            let got = block.attention(&input)?;
+            Some(compare("attention", &got.into_dyn(), &want)?.0)
+        } else {
+            None
+        };
+        Ok(GoldenReport { output_err, tol, attention_err, bits: got_bits })
+    }
+}
+
+/// Maximum absolute difference and the tolerance `1e-4 · max(1, max |want|)`.
+///
+/// # Errors
+/// [`Error::WrongShape`] when the shapes differ.
+pub fn compare(key: &str, got: &ArrayD<f32>, want: &ArrayD<f32>) -> Result<(f32, f32)> {
+    if got.shape() != want.shape() {
+        return Err(Error::WrongShape { key: key.into(), expected: want.shape().to_vec(), actual: got.shape().to_vec() });
+    }
+    let mut err = 0.0f32;
+    for (&g, &w) in got.iter().zip(want.iter()) {
+        let d = if g.is_nan() || w.is_nan() {
+            if g.is_nan() && w.is_nan() { 0.0 } else { f32::INFINITY }
+        } else {
+            (g - w).abs()
+        };
+        err = err.max(d);
+    }
+    let scale = want.iter().fold(1.0f32, |m, &w| m.max(w.abs()));
+    Ok((err, 1e-4 * scale))
+}
+
+/// FNV-1a 64 (offset 0xcbf29ce484222325, prime 0x100000001b3) over f32 values as
+/// little-endian bytes.
+pub fn fnv1a64(values: impl IntoIterator<Item = f32>) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in values {
+        for byte in v.to_le_bytes() {
+            hash ^= byte as u64;
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+/// The block configuration and weight keys described by golden-file metadata.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] for a missing or malformed entry, [`Error::UnknownMode`].
+pub fn config_from_metadata(meta: &HashMap<String, String>) -> Result<(NonLocalConfig, WeightKeys)> {
+    let get = |key: &str| -> Result<&str> {
+        meta.get(key)
+            .map(String::as_str)
+            .ok_or_else(|| Error::InvalidConfig { reason: format!("metadata has no {key:?}") })
+    };
+    fn parse<T: std::str::FromStr>(key: &str, text: &str) -> Result<T> {
+        text.trim().parse().map_err(|_| Error::InvalidConfig { reason: format!("metadata {key} = {text:?} is malformed") })
+    }
+    let flag = |key: &str, default: bool| -> Result<bool> {
+        match meta.get(key).map(|s| s.trim().to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(s) if s == "true" || s == "1" => Ok(true),
+            Some(s) if s == "false" || s == "0" => Ok(false),
+            Some(s) => Err(Error::InvalidConfig { reason: format!("metadata {key} = {s:?} is not a boolean") }),
+        }
+    };
+    let mode: Mode = get("mode")?.parse()?;
+    let in_channels: usize = parse("in_channels", get("in_channels")?)?;
+    let mut config = NonLocalConfig::new(in_channels).mode(mode);
+    if let Some(ci) = meta.get("inter_channels") {
+        config.inter_channels = parse("inter_channels", ci)?;
+    }
+    if let Some(sub) = meta.get("sub_sample") {
+        config.sub_sample = parse_sub_sample(sub)?;
+    }
+    config.use_scale = flag("use_scale", false)?;
+    config.bn_layer = flag("bn_layer", true)?;
+    if let Some(eps) = meta.get("bn_eps") {
+        config.bn_eps = parse("bn_eps", eps)?;
+    }
+    if let Some(dims) = meta.get("dims") {
+        config.conv_dims = parse("dims", dims)?;
+    }
+    config.validate()?;
+    let naming: Naming = meta.get("naming").map_or(Ok(Naming::AlexHex7), |s| s.parse())?;
+    let prefix = meta.get("prefix").cloned().unwrap_or_default();
+    Ok((config, WeightKeys { naming, prefix }))
+}

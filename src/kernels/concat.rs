@@ -1,0 +1,113 @@
+//! Concatenation attention in O(M log M + N·(log M + C')) instead of O(N·M·C').
+//!
+//! With `a_i = w_θ·θ_i` and `b_j = w_φ·φ_j`, `y_i = Σ_j ReLU(a_i + b_j)·g_j / M`. The ReLU is
+//! non-zero exactly for the keys with `b_j > −a_i`: sorting keys by `b_j` (descending) makes
+//! that set a prefix, so with prefix sums `G_k = Σ_{r<k} g_(r)` and `H_k = Σ_{r<k} b_(r)·g_(r)`,
+//! `y_i = (a_i·G_k + H_k) / M` where k counts the active keys (one binary search). Prefix sums
+//! are kept in f64, so long prefixes lose no accuracy.
+
+use rayon::prelude::*;
+
+use super::gemm::MatRef;
+
+/// Keys sorted by `b` and the prefix sums of `g` and `b·g` in that order.
+pub struct SortedKeys {
+    /// `b` sorted descending.
+    b_sorted: Vec<f32>,
+    /// (M + 1) × dv prefix sums of g.
+    g_prefix: Vec<f64>,
+    /// (M + 1) × dv prefix sums of b·g.
+    bg_prefix: Vec<f64>,
+    dv: usize,
+    m: usize,
+}
+
+impl SortedKeys {
+    /// Sorts the keys by `b` (M) and builds the prefix sums of `v` (M × dv).
+    pub fn new(b: &[f32], v: MatRef<'_>) -> Self {
+        let (m, dv) = (b.len(), v.cols());
+        assert_eq!(v.rows(), m);
+        let mut order: Vec<usize> = (0..m).collect();
+        // total_cmp: a NaN key sorts to one end instead of breaking the sort.
+        order.sort_by(|&i, &j| b[j].total_cmp(&b[i]));
+        let mut g_prefix = vec![0.0f64; (m + 1) * dv];
+        let mut bg_prefix = vec![0.0f64; (m + 1) * dv];
+        let mut row = vec![0.0f32; dv];
+        for (r, &j) in order.iter().enumerate() {
+            v.copy_row(j, &mut row);
+            let bj = b[j] as f64;
+            let (done, next) = g_prefix.split_at_mut((r + 1) * dv);
+            let (bdone, bnext) = bg_prefix.split_at_mut((r + 1) * dv);
+            for c in 0..dv {
+                next[c] = done[r * dv + c] + row[c] as f64;
+                bnext[c] = bdone[r * dv + c] + bj * row[c] as f64;
+            }
+        }
+        let b_sorted = order.iter().map(|&j| b[j]).collect();
+        SortedKeys { b_sorted, g_prefix, bg_prefix, dv, m }
+    }
+
+    /// How many keys are active for a query with `a` (those with `a + b_j > 0`).
+    pub fn active(&self, a: f32) -> usize {
+        self.b_sorted.partition_point(|&b| a + b > 0.0)
+    }
+
+    /// `out ← Σ_j ReLU(a + b_j)·v_j · scale`, for one query.
+    pub fn attend(&self, a: f32, scale: f64, out: &mut [f32]) {
+        let k = self.active(a);
+        let (a, dv) = (a as f64, self.dv);
+        let g = &self.g_prefix[k * dv..(k + 1) * dv];
+        let bg = &self.bg_prefix[k * dv..(k + 1) * dv];
+        for c in 0..dv {
+            out[c] = ((a * g[c] + bg[c]) * scale) as f32;
+        }
+    }
+
+    /// The number of keys M.
+    pub fn len(&self) -> usize {
+        self.m
+    }
+
+    /// Whether there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.m == 0
+    }
+}
+
+/// `out_i ← Σ_j ReLU(a_i + b_j)·v_j / M` for every query i: `a` is N × 1, `b` has M entries,
+/// `v` is M × dv, `out` is N × dv row-major.
+pub fn concat_attention(a: MatRef<'_>, b: &[f32], v: MatRef<'_>, out: &mut [f32]) {
+    let dv = v.cols();
+    assert_eq!(out.len(), a.rows() * dv);
+    let keys = SortedKeys::new(b, v);
+    let scale = 1.0 / b.len() as f64;
+    out.par_chunks_mut(dv.max(1) * 256).enumerate().for_each(|(t, tile)| {
+        for (r, row) in tile.chunks_mut(dv.max(1)).enumerate() {
+            keys.attend(a.at(t * 256 + r, 0), scale, row);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_the_direct_sum() {
+        let (n, m, dv) = (40, 23, 3);
+        let a: Vec<f32> = (0..n).map(|i| (i as f32 - 20.0) * 0.37).collect();
+        let b: Vec<f32> = (0..m).map(|j| ((j * 7) % 23) as f32 * 0.5 - 5.0).collect();
+        let v: Vec<f32> = (0..m * dv).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+        let mut out = vec![f32::NAN; n * dv];
+        concat_attention(MatRef::new(&a, 0, n, 1, 1), &b, MatRef::new(&v, 0, m, dv, dv), &mut out);
+        for i in 0..n {
+            for c in 0..dv {
+                let want: f64 = (0..m)
+                    .map(|j| (a[i] as f64 + b[j] as f64).max(0.0) * v[j * dv + c] as f64)
+                    .sum::<f64>()
+                    / m as f64;
+                assert!((out[i * dv + c] as f64 - want).abs() < 1e-5, "({i},{c})");
+            }
+        }
+    }
+}

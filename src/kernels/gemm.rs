@@ -1,0 +1,263 @@
+//! Matrix views and the GEMM driver: `C ← α·A·B + β·C` through matrixmultiply's sgemm, one
+//! thread per call, with rayon over row blocks of C for the large products.
+//!
+//! matrixmultiply's own threading is deliberately not used: inside rayon tasks it would start
+//! more threads than there are cores. Each element of C is the same k-ordered sum whichever
+//! row block it falls in, so splitting rows by thread count does not change any bit.
+
+use std::marker::PhantomData;
+
+use rayon::prelude::*;
+
+/// A read-only strided matrix view: element (i, j) is at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    ptr: *const f32,
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+    _data: PhantomData<&'a [f32]>,
+}
+
+// SAFETY: a `MatRef` is a shared borrow of f32 data, like `&[f32]`.
+unsafe impl Send for MatRef<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for MatRef<'_> {}
+
+impl<'a> MatRef<'a> {
+    /// A row-major view of `rows × cols` elements of `data` starting at `offset`, rows `ld`
+    /// apart.
+    ///
+    /// # Panics
+    /// If the view does not fit in `data` (an internal error).
+    pub fn new(data: &'a [f32], offset: usize, rows: usize, cols: usize, ld: usize) -> Self {
+        if rows > 0 && cols > 0 {
+            let last = offset + (rows - 1) * ld + cols - 1;
+            assert!(last < data.len(), "MatRef out of bounds: {last} >= {}", data.len());
+        }
+        MatRef {
+            ptr: data.as_ptr().wrapping_add(offset),
+            rows,
+            cols,
+            rs: ld as isize,
+            cs: 1,
+            _data: PhantomData,
+        }
+    }
+
+    /// A view of a 2-d ndarray view, with its strides.
+    pub fn from_view(view: &ndarray::ArrayView2<'a, f32>) -> Self {
+        let s = view.strides();
+        MatRef { ptr: view.as_ptr(), rows: view.nrows(), cols: view.ncols(), rs: s[0], cs: s[1], _data: PhantomData }
+    }
+
+    /// A view from raw parts.
+    ///
+    /// # Safety
+    /// Every element (i, j) with i < rows, j < cols at `ptr + i·rs + j·cs` must be readable
+    /// for `'a`.
+    pub unsafe fn from_raw(ptr: *const f32, rows: usize, cols: usize, rs: isize, cs: isize) -> Self {
+        MatRef { ptr, rows, cols, rs, cs, _data: PhantomData }
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The transpose (no copy).
+    pub fn t(self) -> Self {
+        MatRef { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
+    }
+
+    /// Rows `start..end`.
+    pub fn rows_range(self, start: usize, end: usize) -> Self {
+        assert!(start <= end && end <= self.rows);
+        MatRef { ptr: self.ptr.wrapping_offset(start as isize * self.rs), rows: end - start, ..self }
+    }
+
+    /// Columns `start..end`.
+    pub fn cols_range(self, start: usize, end: usize) -> Self {
+        assert!(start <= end && end <= self.cols);
+        MatRef { ptr: self.ptr.wrapping_offset(start as isize * self.cs), cols: end - start, ..self }
+    }
+
+    /// Element (i, j).
+    #[inline]
+    pub fn at(&self, i: usize, j: usize) -> f32 {
+        assert!(i < self.rows && j < self.cols);
+        // SAFETY: in bounds, checked above; the constructor guarantees readability.
+        unsafe { *self.ptr.offset(i as isize * self.rs + j as isize * self.cs) }
+    }
+
+    /// Row `i` as a slice, when columns are contiguous.
+    #[inline]
+    pub fn row(&self, i: usize) -> Option<&'a [f32]> {
+        assert!(i < self.rows);
+        (self.cs == 1 || self.cols <= 1).then(|| {
+            // SAFETY: `cols` contiguous readable elements start at row i.
+            unsafe { std::slice::from_raw_parts(self.ptr.offset(i as isize * self.rs), self.cols) }
+        })
+    }
+
+    /// Copies row `i` into `out` (length `cols`).
+    #[inline]
+    pub fn copy_row(&self, i: usize, out: &mut [f32]) {
+        match self.row(i) {
+            Some(r) => out.copy_from_slice(r),
+            None => out.iter_mut().enumerate().for_each(|(j, o)| *o = self.at(i, j)),
+        }
+    }
+}
+
+/// A mutable row-major matrix over a slice: element (i, j) at `data[i·ld + j]`.
+#[derive(Debug)]
+pub struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+}
+
+impl<'a> MatMut<'a> {
+    /// A `rows × cols` view of `data`, rows `ld` apart.
+    ///
+    /// # Panics
+    /// If the view does not fit in `data` or `ld < cols` (an internal error).
+    pub fn new(data: &'a mut [f32], rows: usize, cols: usize, ld: usize) -> Self {
+        assert!(ld >= cols);
+        if rows > 0 && cols > 0 {
+            assert!((rows - 1) * ld + cols <= data.len(), "MatMut out of bounds");
+        }
+        MatMut { data, rows, cols, ld }
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The underlying slice.
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        self.data
+    }
+
+    /// The same memory as a read-only view.
+    pub fn as_ref(&self) -> MatRef<'_> {
+        MatRef::new(self.data, 0, self.rows, self.cols, self.ld)
+    }
+}
+
+/// `C ← α·A·B + β·C` on one thread. With β = 0, C is only written (NaN in it is ignored).
+///
+/// # Panics
+/// If the dimensions do not agree (an internal error).
+pub fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut MatMut<'_>) {
+    assert_eq!(a.cols, b.rows, "gemm: inner dimensions");
+    assert_eq!((a.rows, b.cols), (c.rows, c.cols), "gemm: output shape");
+    if c.rows == 0 || c.cols == 0 {
+        return;
+    }
+    if a.cols == 0 {
+        // matrixmultiply scales C by β in this case too, but be explicit.
+        for i in 0..c.rows {
+            for v in &mut c.data[i * c.ld..i * c.ld + c.cols] {
+                *v = if beta == 0.0 { 0.0 } else { *v * beta };
+            }
+        }
+        return;
+    }
+    // SAFETY: A and B are readable over their dimensions (their constructors check it); C is
+    // an exclusive borrow covering rows × cols with row stride ld (checked in `MatMut::new`).
+    unsafe {
+        matrixmultiply::sgemm(
+            a.rows, a.cols, b.cols, alpha, a.ptr, a.rs, a.cs, b.ptr, b.rs, b.cs, beta,
+            c.data.as_mut_ptr(), c.ld as isize, 1,
+        );
+    }
+}
+
+/// The row-block height for splitting `rows` over the current rayon pool: a multiple of 8
+/// (the sgemm micro-tile) with about two blocks per thread.
+pub fn row_block(rows: usize, min_block: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let block = rows.div_ceil(2 * threads).next_multiple_of(8);
+    block.max(min_block).max(1)
+}
+
+/// `C ← α·A·B + β·C`, rows of C split over the rayon pool, each block one sgemm call.
+pub fn par_gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut MatMut<'_>) {
+    assert_eq!((a.rows, b.cols), (c.rows, c.cols), "par_gemm: output shape");
+    // Small products are not worth the fork.
+    if c.rows * c.cols * a.cols < 1 << 18 {
+        return gemm(alpha, a, b, beta, c);
+    }
+    let block = row_block(c.rows, 32);
+    let (rows, cols, ld) = (c.rows, c.cols, c.ld);
+    c.data.par_chunks_mut(block * ld).enumerate().for_each(|(i, chunk)| {
+        let start = i * block;
+        let end = (start + block).min(rows);
+        if start >= end {
+            return;
+        }
+        let mut c_block = MatMut::new(chunk, end - start, cols, ld);
+        gemm(alpha, a.rows_range(start, end), b, beta, &mut c_block);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f64> {
+        let mut out = vec![0.0; a.rows() * b.cols()];
+        for i in 0..a.rows() {
+            for j in 0..b.cols() {
+                out[i * b.cols() + j] = (0..a.cols()).map(|k| a.at(i, k) as f64 * b.at(k, j) as f64).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn gemm_matches_naive_on_awkward_sizes_and_strides() {
+        for (m, k, n) in [(1, 1, 1), (3, 5, 7), (13, 1, 9), (17, 33, 2), (70, 40, 90), (300, 64, 50)] {
+            // Integer-valued entries make the sums exact.
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
+            let a = MatRef::new(&a, 0, m, k, k);
+            // B stored transposed, read through strides.
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let bv = MatRef::new(&bt, 0, n, k, k).t();
+            let want = naive(a, bv);
+            for parallel in [false, true] {
+                // NaN pre-fill proves β = 0 overwrites everything; padding proves nothing past
+                // each row is touched.
+                let ld = n + 3;
+                let mut c = vec![f32::NAN; m * ld];
+                let mut cm = MatMut::new(&mut c, m, n, ld);
+                if parallel {
+                    par_gemm(1.0, a, bv, 0.0, &mut cm);
+                } else {
+                    gemm(1.0, a, bv, 0.0, &mut cm);
+                }
+                for i in 0..m {
+                    for j in 0..ld {
+                        let got = c[i * ld + j];
+                        if j < n {
+                            assert_eq!(got as f64, want[i * n + j], "({m},{k},{n}) at ({i},{j})");
+                        } else {
+                            assert!(got.is_nan(), "padding written at ({i},{j})");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! The compute kernels behind [`NonLocalBlock`](crate::NonLocalBlock), each with a plain
+//! reference in its tests.
+
+pub mod concat;
+pub mod dot_product;
+pub mod exp;
+pub mod gemm;
+pub mod pool;
+pub mod softmax_attention;
+pub mod tiles;

@@ -1,0 +1,138 @@
+//! Max-pooling over (T, H, W) of channels-last features, kernel = stride, floor on sizes that
+//! do not divide (PyTorch's `MaxPool3d(kernel, stride=kernel)`).
+
+use rayon::prelude::*;
+
+use super::gemm::MatRef;
+
+/// The pooled grid: `floor(size / kernel)` per axis.
+pub fn pooled_grid(grid: [usize; 3], kernel: [usize; 3]) -> [usize; 3] {
+    [grid[0] / kernel[0], grid[1] / kernel[1], grid[2] / kernel[2]]
+}
+
+/// Max-pools `src` (N × c, rows in (t, h, w) row-major order over `grid`) into `out`
+/// (M × c row-major, M = product of the pooled grid). Within a window the first maximum wins;
+/// a NaN anywhere in a window makes that output NaN, as in PyTorch.
+pub fn max_pool(src: MatRef<'_>, grid: [usize; 3], kernel: [usize; 3], out: &mut [f32]) {
+    let c = src.cols();
+    let [pt, ph, pw] = pooled_grid(grid, kernel);
+    let [_, h, w] = grid;
+    let [kt, kh, kw] = kernel;
+    assert_eq!(src.rows(), grid.iter().product::<usize>());
+    assert_eq!(out.len(), pt * ph * pw * c);
+    if c == 0 {
+        return;
+    }
+    out.par_chunks_mut(c * pw.max(1)).enumerate().for_each(|(row, dst_row)| {
+        let (to, ho) = (row / ph.max(1), row % ph.max(1));
+        let mut scratch = vec![0.0f32; c];
+        for (wo, dst) in dst_row.chunks_mut(c).enumerate() {
+            let mut first = true;
+            for dt in 0..kt {
+                for dh in 0..kh {
+                    for dw in 0..kw {
+                        let n = ((to * kt + dt) * h + ho * kh + dh) * w + wo * kw + dw;
+                        let values = match src.row(n) {
+                            Some(r) => r,
+                            None => {
+                                src.copy_row(n, &mut scratch);
+                                &scratch
+                            }
+                        };
+                        if first {
+                            dst.copy_from_slice(values);
+                            first = false;
+                        } else {
+                            for (d, &v) in dst.iter_mut().zip(values) {
+                                *d = if v > *d || v.is_nan() { v } else { *d };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// For each pooled position and channel, the index (into `src`'s rows) of the maximum that
+/// [`max_pool`] picked: the first maximum in (t, h, w) order, or the first NaN.
+pub fn max_pool_argmax(src: MatRef<'_>, grid: [usize; 3], kernel: [usize; 3]) -> Vec<u32> {
+    let c = src.cols();
+    let [pt, ph, pw] = pooled_grid(grid, kernel);
+    let [_, h, w] = grid;
+    let [kt, kh, kw] = kernel;
+    let mut arg = vec![0u32; pt * ph * pw * c];
+    let mut best = vec![0.0f32; c];
+    for (m, arg_row) in arg.chunks_mut(c.max(1)).enumerate().take(pt * ph * pw) {
+        let (to, rest) = (m / (ph * pw), m % (ph * pw));
+        let (ho, wo) = (rest / pw, rest % pw);
+        let mut first = true;
+        for dt in 0..kt {
+            for dh in 0..kh {
+                for dw in 0..kw {
+                    let n = ((to * kt + dt) * h + ho * kh + dh) * w + wo * kw + dw;
+                    for ch in 0..c {
+                        let v = src.at(n, ch);
+                        let take = first || (!best[ch].is_nan() && (v > best[ch] || v.is_nan()));
+                        if take {
+                            best[ch] = v;
+                            arg_row[ch] = n as u32;
+                        }
+                    }
+                    first = false;
+                }
+            }
+        }
+    }
+    arg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_with_floor_and_strided_source() {
+        // grid (2, 3, 5), kernel (1, 2, 2): pooled (2, 1, 2); the last row and column drop.
+        let grid = [2, 3, 5];
+        let n: usize = grid.iter().product();
+        let c = 3;
+        // Stored with 2 padding columns to make the source rows strided.
+        let ld = c + 2;
+        let data: Vec<f32> = (0..n * ld).map(|i| ((i * 37) % 101) as f32).collect();
+        let src = MatRef::new(&data, 1, n, c, ld);
+        let mut out = vec![f32::NAN; 2 * 2 * c];
+        max_pool(src, grid, [1, 2, 2], &mut out);
+        for t in 0..2 {
+            for wo in 0..2 {
+                for ch in 0..c {
+                    let mut want = f32::NEG_INFINITY;
+                    for hh in 0..2 {
+                        for ww in 0..2 {
+                            want = want.max(src.at((t * 3 + hh) * 5 + wo * 2 + ww, ch));
+                        }
+                    }
+                    assert_eq!(out[(t * 2 + wo) * c + ch], want);
+                }
+            }
+        }
+        let arg = max_pool_argmax(src, grid, [1, 2, 2]);
+        for (i, &a) in arg.iter().enumerate() {
+            assert_eq!(src.at(a as usize, i % c), out[i]);
+        }
+    }
+
+    #[test]
+    fn nan_propagates_and_ties_take_the_first() {
+        let data = [1.0, f32::NAN, 2.0, 2.0, 5.0, 5.0, 0.0, 1.0];
+        let src = MatRef::new(&data, 0, 4, 2, 2);
+        let mut out = vec![0.0; 4];
+        // grid (1, 1, 4), kernel (1, 1, 2): windows {0, 1} and {2, 3}.
+        max_pool(src, [1, 1, 4], [1, 1, 2], &mut out);
+        assert_eq!(out[0], 2.0);
+        assert!(out[1].is_nan());
+        assert_eq!(&out[2..], &[5.0, 5.0]);
+        let arg = max_pool_argmax(src, [1, 1, 4], [1, 1, 2]);
+        assert_eq!(arg, vec![1, 0, 2, 2]);
+    }
+}

@@ -1,0 +1,81 @@
+//! Non-local blocks (Wang, Girshick, Gupta, He, [*Non-local Neural Networks*][paper], CVPR
+//! 2018) on the CPU: every position of a video or image feature map attends to every other,
+//!
+//! ```text
+//! y_i = 1/C(x) · Σ_j f(x_i, x_j) · g(x_j),        z_i = BN(W_z·y_i) + x_i
+//! ```
+//!
+//! where θ, φ, g and `W_z` are 1x1x1 convolutions (θ, φ, g reduce C channels to C' = C/2 by
+//! default) and `f`/`C` is one of four pairwise functions ([`Mode`]):
+//!
+//! | mode | f(x_i, x_j) | C(x) |
+//! |---|---|---|
+//! | embedded Gaussian | exp(θ(x_i)ᵀφ(x_j)), optionally scaled by 1/√C' | Σ_j f (a softmax over j) |
+//! | Gaussian | exp(x_iᵀx_j) (no θ/φ) | Σ_j f |
+//! | dot product | θ(x_i)ᵀφ(x_j) | M, the number of keys |
+//! | concatenation | ReLU(w_fᵀ[θ(x_i); φ(x_j)]) | M |
+//!
+//! **Sub-sampling** ([`NonLocalConfig::sub_sample`]) max-pools φ and g (in Gaussian mode: the
+//! keys x and g) with kernel = stride, 1x2x2 by default, floor on odd sizes like PyTorch, so
+//! there are M = N/4 keys. `W_z` is followed by eval-mode BatchNorm, folded into `W_z` for
+//! inference; a new block has it zeroed, so it starts as the identity.
+//!
+//! Inputs are f32 and channels-last, `(B, T, H, W, C)` or `(T, H, W, C)`, in any ndarray
+//! layout; query positions are numbered in (t, h, w) row-major order.
+//!
+//! # Weights from PyTorch
+//! [`NonLocalBlock::from_safetensors_file`] loads a `state_dict` saved with safetensors, under
+//! the keys of AlexHex7's `Non-local_pytorch` ([`Naming::AlexHex7`]: `theta.weight`,
+//! `phi.0.weight`, `W.1.running_var`, …) or of mmcv's `NonLocal1d/2d/3d` ([`Naming::Mmcv`]:
+//! `theta.conv.weight`, `g.0.conv.bias`, `conv_out.bn.weight`, …), optionally under a prefix
+//! inside a whole-model checkpoint. F32, F16, BF16 and F64 tensors are converted to f32.
+//! Every mismatch is a typed [`Error`] naming the key and both shapes.
+//!
+//! # Attention maps
+//! [`NonLocalBlock::attention`] returns the normalised weights `f(x_i, x_j)/C(x)` for all
+//! queries (PyTorch's `return_nl_map`); [`NonLocalBlock::attention_rows`] computes only the
+//! rows you ask for, without the N×M matrix.
+//!
+//! # Speed and memory
+//! The forward pass never builds the N×M matrix: the Gaussian modes use a fused online-softmax
+//! kernel (as FlashAttention), dot product uses `θ·(φᵀg)`, concatenation a sort and prefix
+//! sums. Work is spread over the current rayon pool; results are bit-identical for any
+//! thread count. See the README for figures.
+//!
+//! # Example
+//! ```
+//! use ndarray::Array5;
+//! use nonlocal::{Mode, NonLocalBlock, NonLocalConfig};
+//!
+//! let config = NonLocalConfig::new(32).mode(Mode::EmbeddedGaussian).sub_sample(Some([1, 2, 2]));
+//! let block = NonLocalBlock::new(config)?;
+//! let x = Array5::<f32>::from_shape_fn((2, 4, 8, 8, 32), |(b, t, h, w, c)| {
+//!     ((b + t * 3 + h * 5 + w * 7 + c) % 11) as f32 * 0.1
+//! });
+//! let z = block.forward(&x)?;
+//! assert_eq!(z.shape(), x.shape());
+//! // One query's attention over the 4·4·4 = 64 pooled keys sums to 1.
+//! let a = block.attention_rows(&x, &[0])?;
+//! assert_eq!(a.shape(), &[2, 1, 64]);
+//! assert!((a.slice(ndarray::s![0, 0, ..]).sum() - 1.0).abs() < 1e-5);
+//! # Ok::<(), nonlocal::Error>(())
+//! ```
+//!
+//! [paper]: https://arxiv.org/abs/1711.07971
+
+#![warn(missing_docs)]
+
+mod block;
+mod config;
+mod error;
+pub mod kernels;
+mod params;
+pub mod golden;
+pub mod reference;
+mod weights;
+
+pub use block::NonLocalBlock;
+pub use config::{parse_sub_sample, Mode, NonLocalConfig};
+pub use error::{Error, Result};
+pub use params::{BatchNorm, Conv1x1, Parameters};
+pub use weights::{detect_naming, Naming, TensorFile, WeightKeys};

@@ -1,0 +1,369 @@
+//! Reading PyTorch `state_dict`s from safetensors files, under AlexHex7's or mmcv's key names.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use ndarray::{Array1, Array2, ArrayD, IxDyn};
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+use safetensors::SafeTensors;
+
+use crate::config::{Mode, NonLocalConfig};
+use crate::error::{Error, Result};
+use crate::params::{BatchNorm, Conv1x1, Parameters};
+
+/// The key scheme of a PyTorch non-local block's `state_dict`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Naming {
+    /// AlexHex7/Non-local_pytorch: `theta.weight`, `phi.0.weight` (pooled), `W.0.weight`,
+    /// `W.1.running_var` (BatchNorm), `concat_project.0.weight`.
+    AlexHex7,
+    /// mmcv's `NonLocal1d/2d/3d`: `theta.conv.weight`, `g.0.conv.bias` (pooled),
+    /// `conv_out.conv.weight`, `conv_out.bn.weight`, `concat_project.conv.weight`.
+    Mmcv,
+}
+
+impl Naming {
+    /// The name used in golden-file metadata: `alexhex7` or `mmcv`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Naming::AlexHex7 => "alexhex7",
+            Naming::Mmcv => "mmcv",
+        }
+    }
+}
+
+impl fmt::Display for Naming {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Naming {
+    type Err = Error;
+
+    /// Parses `alexhex7` or `mmcv` (any case).
+    fn from_str(s: &str) -> Result<Naming> {
+        match s.to_ascii_lowercase().as_str() {
+            "alexhex7" => Ok(Naming::AlexHex7),
+            "mmcv" => Ok(Naming::Mmcv),
+            _ => Err(Error::InvalidConfig { reason: format!("unknown naming {s:?}: expected alexhex7 or mmcv") }),
+        }
+    }
+}
+
+/// Where a block's parameters sit in a checkpoint: the key scheme and a key prefix (empty for
+/// a file holding the block alone, e.g. `backbone.layer3.1.non_local_block.` inside a model).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeightKeys {
+    /// The key scheme.
+    pub naming: Naming,
+    /// Prepended to every key.
+    pub prefix: String,
+}
+
+impl WeightKeys {
+    /// AlexHex7 keys, no prefix.
+    pub fn alexhex7() -> Self {
+        WeightKeys { naming: Naming::AlexHex7, prefix: String::new() }
+    }
+
+    /// mmcv keys, no prefix.
+    pub fn mmcv() -> Self {
+        WeightKeys { naming: Naming::Mmcv, prefix: String::new() }
+    }
+
+    /// The same scheme under a prefix such as `backbone.layer3.1.non_local_block.`.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    fn conv(&self, name: &str, pooled: bool) -> String {
+        let stage = if pooled { ".0" } else { "" };
+        match self.naming {
+            Naming::AlexHex7 => format!("{}{name}{stage}", self.prefix),
+            Naming::Mmcv => format!("{}{name}{stage}.conv", self.prefix),
+        }
+    }
+
+    /// The key stem of θ, φ, g (`theta`, `phi.0`, `g.0.conv`…), before `.weight`/`.bias`.
+    pub(crate) fn embedding(&self, name: &str, pooled: bool) -> String {
+        self.conv(name, pooled && name != "theta")
+    }
+
+    /// The key stem of `W_z`.
+    pub(crate) fn w_z(&self, bn: bool) -> String {
+        match (self.naming, bn) {
+            (Naming::AlexHex7, true) => format!("{}W.0", self.prefix),
+            (Naming::AlexHex7, false) => format!("{}W", self.prefix),
+            (Naming::Mmcv, _) => format!("{}conv_out.conv", self.prefix),
+        }
+    }
+
+    /// The key stem of the BatchNorm after `W_z`.
+    pub(crate) fn bn(&self) -> String {
+        match self.naming {
+            Naming::AlexHex7 => format!("{}W.1", self.prefix),
+            Naming::Mmcv => format!("{}conv_out.bn", self.prefix),
+        }
+    }
+
+    /// The key of the concatenation projection's weight.
+    pub(crate) fn concat_project(&self) -> String {
+        match self.naming {
+            Naming::AlexHex7 => format!("{}concat_project.0.weight", self.prefix),
+            Naming::Mmcv => format!("{}concat_project.conv.weight", self.prefix),
+        }
+    }
+}
+
+/// A safetensors file held in memory, its header checked once: tensors are converted to f32
+/// on demand.
+pub struct TensorFile {
+    bytes: Vec<u8>,
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+    metadata: HashMap<String, String>,
+}
+
+impl fmt::Debug for TensorFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TensorFile")
+            .field("bytes", &self.bytes.len())
+            .field("tensors", &self.tensors.len())
+            .field("metadata", &self.metadata)
+            .finish()
+    }
+}
+
+impl TensorFile {
+    /// Reads and checks a safetensors file.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be read, [`Error::Format`] when it is not valid
+    /// safetensors (truncated, bad header, offsets out of range…).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        Self::from_bytes(bytes)
+    }
+
+    /// Checks safetensors bytes and keeps them.
+    ///
+    /// # Errors
+    /// [`Error::Format`] when the bytes are not valid safetensors.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self> {
+        // `deserialize` validates the header and every tensor's offsets against the buffer.
+        SafeTensors::deserialize(&bytes)?;
+        let (header_len, metadata): (usize, Metadata) = SafeTensors::read_metadata(&bytes)?;
+        let tensors = metadata.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
+        let extra = metadata.metadata().clone().unwrap_or_default();
+        Ok(TensorFile { data_start: 8 + header_len, bytes, tensors, metadata: extra })
+    }
+
+    /// The header's `__metadata__` strings (empty when it has none).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// Whether the file holds a tensor under `key`.
+    pub fn contains(&self, key: &str) -> bool {
+        self.tensors.contains_key(key)
+    }
+
+    /// The tensor names, sorted.
+    pub fn keys(&self) -> Vec<&str> {
+        let mut keys: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// The shape of the tensor under `key`.
+    ///
+    /// # Errors
+    /// [`Error::MissingKey`] when there is no such tensor.
+    pub fn shape(&self, key: &str) -> Result<&[usize]> {
+        Ok(&self.info(key)?.shape)
+    }
+
+    fn info(&self, key: &str) -> Result<&TensorInfo> {
+        self.tensors.get(key).ok_or_else(|| Error::MissingKey { key: key.into() })
+    }
+
+    /// The tensor under `key`, converted to f32 (from F32, F16, BF16 or F64).
+    ///
+    /// # Errors
+    /// [`Error::MissingKey`] or [`Error::UnsupportedDtype`].
+    pub fn tensor(&self, key: &str) -> Result<ArrayD<f32>> {
+        let info = self.info(key)?;
+        let (start, end) = info.data_offsets;
+        let data = &self.bytes[self.data_start + start..self.data_start + end];
+        let values = decode_f32(key, info.dtype, data)?;
+        let count = values.len();
+        ArrayD::from_shape_vec(IxDyn(&info.shape), values).map_err(|_| Error::WrongShape {
+            key: key.into(),
+            expected: info.shape.clone(),
+            actual: vec![count],
+        })
+    }
+}
+
+fn decode_f32(key: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
+    fn each<const N: usize>(data: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
+        data.chunks_exact(N).map(|c| f(c.try_into().expect("chunks_exact gives N bytes"))).collect()
+    }
+    Ok(match dtype {
+        Dtype::F32 => each(data, f32::from_le_bytes),
+        Dtype::F64 => each(data, |b| f64::from_le_bytes(b) as f32),
+        Dtype::F16 => each(data, |b| half::f16::from_le_bytes(b).to_f32()),
+        Dtype::BF16 => each(data, |b| half::bf16::from_le_bytes(b).to_f32()),
+        other => return Err(Error::UnsupportedDtype { key: key.into(), dtype: format!("{other:?}") }),
+    })
+}
+
+/// Reads one 1x1 conv weight: shape (out, in) followed by `conv_dims` singleton dims.
+fn read_conv_weight(file: &TensorFile, key: &str, out: usize, inp: usize, conv_dims: usize) -> Result<Array2<f32>> {
+    let shape = file.shape(key)?;
+    let mut expected = vec![out, inp];
+    expected.resize(2 + conv_dims, 1);
+    if shape != expected.as_slice() {
+        // Same (out, in) with another number of trailing 1s: a different conv rank.
+        let rank_only = shape.len() >= 3 && shape[..2] == [out, inp] && shape[2..].iter().all(|&d| d == 1);
+        if rank_only {
+            return Err(Error::ConfigMismatch {
+                what: "conv_dims",
+                config: conv_dims.to_string(),
+                weights: format!("{} (weight {key} has shape {shape:?})", shape.len() - 2),
+            });
+        }
+        return Err(Error::WrongShape { key: key.into(), expected, actual: shape.to_vec() });
+    }
+    let t = file.tensor(key)?;
+    Ok(to_2d(t, out, inp))
+}
+
+fn read_vector(file: &TensorFile, key: &str, len: usize) -> Result<Array1<f32>> {
+    crate::params::check_shape(key, file.shape(key)?, &[len])?;
+    Ok(Array1::from_vec(file.tensor(key)?.into_raw_vec_and_offset().0))
+}
+
+fn to_2d(t: ArrayD<f32>, rows: usize, cols: usize) -> Array2<f32> {
+    let (data, _) = t.into_raw_vec_and_offset();
+    Array2::from_shape_vec((rows, cols), data).expect("element count checked against the shape")
+}
+
+fn read_conv(file: &TensorFile, stem: &str, out: usize, inp: usize, dims: usize, bias_required: bool) -> Result<Conv1x1> {
+    let weight = read_conv_weight(file, &format!("{stem}.weight"), out, inp, dims)?;
+    let bias_key = format!("{stem}.bias");
+    let bias = if bias_required || file.contains(&bias_key) {
+        Some(read_vector(file, &bias_key, out)?)
+    } else {
+        None
+    };
+    Ok(Conv1x1 { weight, bias })
+}
+
+/// Reads a block's parameters from `file` under `keys`, checking them against `config`.
+///
+/// Whether BatchNorm is present and whether φ/g are pooled are read from the keys and must
+/// agree with the configuration; so must the conv rank and the channel counts.
+pub(crate) fn load_parameters(file: &TensorFile, config: &NonLocalConfig, keys: &WeightKeys) -> Result<Parameters> {
+    config.validate()?;
+    let (c, ci, dims) = (config.in_channels, config.inter_channels, config.conv_dims);
+    let pooled = config.sub_sample.is_some();
+    check_layout(file, config, keys)?;
+
+    let embed = |name: &str| read_conv(file, &keys.embedding(name, pooled), ci, c, dims, true);
+    let (theta, phi) = if config.mode.has_theta_phi() {
+        (Some(embed("theta")?), Some(embed("phi")?))
+    } else {
+        (None, None)
+    };
+    let g = embed("g")?;
+    // mmcv's conv_out has no bias when BatchNorm follows; AlexHex7's always has one.
+    let w_z_bias_required = !(config.bn_layer && keys.naming == Naming::Mmcv);
+    let w_z = read_conv(file, &keys.w_z(config.bn_layer), c, ci, dims, w_z_bias_required)?;
+    let bn = if config.bn_layer {
+        let stem = keys.bn();
+        let v = |name: &str| read_vector(file, &format!("{stem}.{name}"), c);
+        Some(BatchNorm { weight: v("weight")?, bias: v("bias")?, running_mean: v("running_mean")?, running_var: v("running_var")? })
+    } else {
+        None
+    };
+    let concat_project = if config.mode == Mode::Concatenation {
+        let key = keys.concat_project();
+        crate::params::check_shape(&key, file.shape(&key)?, &[1, 2 * ci, 1, 1])?;
+        Some(Array1::from_vec(file.tensor(&key)?.into_raw_vec_and_offset().0))
+    } else {
+        None
+    };
+    let params = Parameters { theta, phi, g, w_z, bn, concat_project };
+    params.validate(config).map_err(|e| rename_key(e, keys, config))?;
+    Ok(params)
+}
+
+/// Errors from [`Parameters::validate`] name parts generically (`bn.running_var`); give
+/// them the checkpoint's full key.
+fn rename_key(e: Error, keys: &WeightKeys, config: &NonLocalConfig) -> Error {
+    let full = |key: &str| -> String {
+        let pooled = config.sub_sample.is_some();
+        let (part, field) = key.split_once('.').unwrap_or((key, ""));
+        let stem = match part {
+            "theta" | "phi" | "g" => keys.embedding(part, pooled),
+            "w_z" => keys.w_z(config.bn_layer),
+            "bn" => keys.bn(),
+            "concat_project" => return keys.concat_project(),
+            _ => return key.to_string(),
+        };
+        format!("{stem}.{field}")
+    };
+    match e {
+        Error::InvalidParameter { key, reason } => Error::InvalidParameter { key: full(&key), reason },
+        Error::WrongShape { key, expected, actual } => Error::WrongShape { key: full(&key), expected, actual },
+        other => other,
+    }
+}
+
+/// Reads pooling and BatchNorm presence off the keys and compares with the configuration.
+fn check_layout(file: &TensorFile, config: &NonLocalConfig, keys: &WeightKeys) -> Result<()> {
+    let has = |stem: String| file.contains(&format!("{stem}.weight"));
+    let pooled_in_file = has(keys.embedding("g", true));
+    let unpooled_in_file = has(keys.embedding("g", false));
+    let pooled = config.sub_sample.is_some();
+    if pooled_in_file != unpooled_in_file && pooled_in_file != pooled {
+        return Err(Error::ConfigMismatch {
+            what: "sub_sample",
+            config: match config.sub_sample {
+                Some(k) => format!("{k:?}"),
+                None => "none".into(),
+            },
+            weights: if pooled_in_file { "pooled φ/g (`.0.` keys)".into() } else { "unpooled φ/g".into() },
+        });
+    }
+    let bn_in_file = has(keys.bn());
+    let w_z_in_file = has(keys.w_z(config.bn_layer)) || has(keys.w_z(!config.bn_layer));
+    if w_z_in_file && bn_in_file != config.bn_layer {
+        return Err(Error::ConfigMismatch {
+            what: "bn_layer",
+            config: config.bn_layer.to_string(),
+            weights: if bn_in_file { "BatchNorm keys".into() } else { "no BatchNorm keys".into() },
+        });
+    }
+    Ok(())
+}
+
+/// Guesses the key scheme of a checkpoint from the keys under `prefix`: mmcv keys contain
+/// `.conv.`; AlexHex7 keys do not.
+///
+/// # Errors
+/// [`Error::MissingKey`] when neither scheme's `g` convolution is found under the prefix.
+pub fn detect_naming(file: &TensorFile, prefix: &str) -> Result<Naming> {
+    for naming in [Naming::Mmcv, Naming::AlexHex7] {
+        let keys = WeightKeys { naming, prefix: prefix.into() };
+        if [true, false].iter().any(|&p| file.contains(&format!("{}.weight", keys.embedding("g", p)))) {
+            return Ok(naming);
+        }
+    }
+    Err(Error::MissingKey { key: format!("{prefix}g.weight") })
+}
