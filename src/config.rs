@@ -20,12 +20,7 @@ pub enum Mode {
 
 impl Mode {
     /// All four modes, in the order of the paper's table.
-    pub const ALL: [Mode; 4] = [
-        Mode::EmbeddedGaussian,
-        Mode::Gaussian,
-        Mode::DotProduct,
-        Mode::Concatenation,
-    ];
+    pub const ALL: [Mode; 4] = [Mode::EmbeddedGaussian, Mode::Gaussian, Mode::DotProduct, Mode::Concatenation];
 
     /// The name PyTorch implementations use (`embedded_gaussian`, `gaussian`, `dot_product`,
     /// `concatenation`).
@@ -222,13 +217,9 @@ pub fn parse_sub_sample(text: &str) -> Result<Option<[usize; 3]>> {
     if text.eq_ignore_ascii_case("none") || text.eq_ignore_ascii_case("false") {
         return Ok(None);
     }
-    let bad = || Error::InvalidConfig {
-        reason: format!("sub_sample {text:?} is neither \"none\" nor \"kt,kh,kw\""),
-    };
-    let parts: Vec<usize> = text
-        .split(',')
-        .map(|p| p.trim().parse::<usize>().map_err(|_| bad()))
-        .collect::<Result<_>>()?;
+    let bad = || Error::InvalidConfig { reason: format!("sub_sample {text:?} is neither \"none\" nor \"kt,kh,kw\"") };
+    let parts: Vec<usize> =
+        text.split(',').map(|p| p.trim().parse::<usize>().map_err(|_| bad())).collect::<Result<_>>()?;
     let kernel: [usize; 3] = parts.try_into().map_err(|_| bad())?;
     Ok(Some(kernel))
 }

@@ -132,12 +132,20 @@ impl GoldenCase {
 /// [`Error::WrongShape`] when the shapes differ.
 pub fn compare(key: &str, got: &ArrayD<f32>, want: &ArrayD<f32>) -> Result<(f32, f32)> {
     if got.shape() != want.shape() {
-        return Err(Error::WrongShape { key: key.into(), expected: want.shape().to_vec(), actual: got.shape().to_vec() });
+        return Err(Error::WrongShape {
+            key: key.into(),
+            expected: want.shape().to_vec(),
+            actual: got.shape().to_vec(),
+        });
     }
     let mut err = 0.0f32;
     for (&g, &w) in got.iter().zip(want.iter()) {
         let d = if g.is_nan() || w.is_nan() {
-            if g.is_nan() && w.is_nan() { 0.0 } else { f32::INFINITY }
+            if g.is_nan() && w.is_nan() {
+                0.0
+            } else {
+                f32::INFINITY
+            }
         } else {
             (g - w).abs()
         };
@@ -171,7 +179,9 @@ pub fn config_from_metadata(meta: &HashMap<String, String>) -> Result<(NonLocalC
             .ok_or_else(|| Error::InvalidConfig { reason: format!("metadata has no {key:?}") })
     };
     fn parse<T: std::str::FromStr>(key: &str, text: &str) -> Result<T> {
-        text.trim().parse().map_err(|_| Error::InvalidConfig { reason: format!("metadata {key} = {text:?} is malformed") })
+        text.trim()
+            .parse()
+            .map_err(|_| Error::InvalidConfig { reason: format!("metadata {key} = {text:?} is malformed") })
     }
     let flag = |key: &str, default: bool| -> Result<bool> {
         match meta.get(key).map(|s| s.trim().to_ascii_lowercase()) {

@@ -68,9 +68,9 @@
 mod block;
 mod config;
 mod error;
+pub mod golden;
 pub mod kernels;
 mod params;
-pub mod golden;
 pub mod reference;
 mod weights;
 

@@ -23,10 +23,7 @@ impl Conv1x1 {
 
     /// An all-zero convolution with a zero bias.
     pub fn zeros(out_channels: usize, in_channels: usize) -> Self {
-        Conv1x1 {
-            weight: Array2::zeros((out_channels, in_channels)),
-            bias: Some(Array1::zeros(out_channels)),
-        }
+        Conv1x1 { weight: Array2::zeros((out_channels, in_channels)), bias: Some(Array1::zeros(out_channels)) }
     }
 
     fn check(&self, name: &str, out_channels: usize, in_channels: usize) -> Result<()> {
@@ -126,11 +123,8 @@ impl Parameters {
         let theta = with_theta_phi.then(|| conv(ci, c));
         let phi = with_theta_phi.then(|| conv(ci, c));
         let g = conv(ci, c);
-        let (w_z, bn) = if config.bn_layer {
-            (conv(c, ci), Some(BatchNorm::zero_init(c)))
-        } else {
-            (Conv1x1::zeros(c, ci), None)
-        };
+        let (w_z, bn) =
+            if config.bn_layer { (conv(c, ci), Some(BatchNorm::zero_init(c))) } else { (Conv1x1::zeros(c, ci), None) };
         let concat_project = (config.mode == Mode::Concatenation).then(|| {
             let bound = 1.0 / ((2 * ci) as f64).sqrt();
             Array1::from_shape_fn(2 * ci, |_| rng.uniform(bound))
@@ -171,9 +165,7 @@ impl Parameters {
                 check_finite("concat_project", w.iter())?;
             }
             (None, true) => return Err(Error::MissingKey { key: "concat_project".into() }),
-            (Some(_), false) => {
-                return Err(mismatch("mode", config.mode, "a concatenation projection"))
-            }
+            (Some(_), false) => return Err(mismatch("mode", config.mode, "a concatenation projection")),
             (None, false) => {}
         }
         Ok(())

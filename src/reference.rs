@@ -21,9 +21,7 @@ pub fn forward(config: &NonLocalConfig, params: &Parameters, x: ArrayView5<'_, f
     let mut attention = Array3::<f64>::zeros((b, n, m));
     for s in 0..b {
         // Positions in (t, h, w) row-major order.
-        let xs = Array2::from_shape_fn((n, c), |(i, ch)| {
-            x[[s, i / (h * w), (i / w) % h, i % w, ch]] as f64
-        });
+        let xs = Array2::from_shape_fn((n, c), |(i, ch)| x[[s, i / (h * w), (i / w) % h, i % w, ch]] as f64);
         let pool = |feat: &Array2<f64>| -> Array2<f64> {
             if config.sub_sample.is_none() {
                 return feat.clone();

@@ -253,14 +253,17 @@ fn to_2d(t: ArrayD<f32>, rows: usize, cols: usize) -> Array2<f32> {
     Array2::from_shape_vec((rows, cols), data).expect("element count checked against the shape")
 }
 
-fn read_conv(file: &TensorFile, stem: &str, out: usize, inp: usize, dims: usize, bias_required: bool) -> Result<Conv1x1> {
+fn read_conv(
+    file: &TensorFile,
+    stem: &str,
+    out: usize,
+    inp: usize,
+    dims: usize,
+    bias_required: bool,
+) -> Result<Conv1x1> {
     let weight = read_conv_weight(file, &format!("{stem}.weight"), out, inp, dims)?;
     let bias_key = format!("{stem}.bias");
-    let bias = if bias_required || file.contains(&bias_key) {
-        Some(read_vector(file, &bias_key, out)?)
-    } else {
-        None
-    };
+    let bias = if bias_required || file.contains(&bias_key) { Some(read_vector(file, &bias_key, out)?) } else { None };
     Ok(Conv1x1 { weight, bias })
 }
 
@@ -275,11 +278,8 @@ pub(crate) fn load_parameters(file: &TensorFile, config: &NonLocalConfig, keys: 
     check_layout(file, config, keys)?;
 
     let embed = |name: &str| read_conv(file, &keys.embedding(name, pooled), ci, c, dims, true);
-    let (theta, phi) = if config.mode.has_theta_phi() {
-        (Some(embed("theta")?), Some(embed("phi")?))
-    } else {
-        (None, None)
-    };
+    let (theta, phi) =
+        if config.mode.has_theta_phi() { (Some(embed("theta")?), Some(embed("phi")?)) } else { (None, None) };
     let g = embed("g")?;
     // mmcv's conv_out has no bias when BatchNorm follows; AlexHex7's always has one.
     let w_z_bias_required = !(config.bn_layer && keys.naming == Naming::Mmcv);
@@ -287,7 +287,12 @@ pub(crate) fn load_parameters(file: &TensorFile, config: &NonLocalConfig, keys: 
     let bn = if config.bn_layer {
         let stem = keys.bn();
         let v = |name: &str| read_vector(file, &format!("{stem}.{name}"), c);
-        Some(BatchNorm { weight: v("weight")?, bias: v("bias")?, running_mean: v("running_mean")?, running_var: v("running_var")? })
+        Some(BatchNorm {
+            weight: v("weight")?,
+            bias: v("bias")?,
+            running_mean: v("running_mean")?,
+            running_var: v("running_var")?,
+        })
     } else {
         None
     };

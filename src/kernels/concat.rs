@@ -102,10 +102,8 @@ mod tests {
         concat_attention(MatRef::new(&a, 0, n, 1, 1), &b, MatRef::new(&v, 0, m, dv, dv), &mut out);
         for i in 0..n {
             for c in 0..dv {
-                let want: f64 = (0..m)
-                    .map(|j| (a[i] as f64 + b[j] as f64).max(0.0) * v[j * dv + c] as f64)
-                    .sum::<f64>()
-                    / m as f64;
+                let want: f64 =
+                    (0..m).map(|j| (a[i] as f64 + b[j] as f64).max(0.0) * v[j * dv + c] as f64).sum::<f64>() / m as f64;
                 assert!((out[i * dv + c] as f64 - want).abs() < 1e-5, "({i},{c})");
             }
         }

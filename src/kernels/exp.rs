@@ -42,7 +42,7 @@ fn exp_lane<const FMA: bool>(x: f32) -> f32 {
     p = fmadd::<FMA>(p, r, 8.333_452e-3);
     p = fmadd::<FMA>(p, r, 4.166_579_6e-2);
     p = fmadd::<FMA>(p, r, 1.666_666_5e-1);
-    p = fmadd::<FMA>(p, r, 5.000_000_1e-1);
+    p = fmadd::<FMA>(p, r, 0.5);
     let e = fmadd::<FMA>(p, r * r, r) + 1.0;
     // n sits in the low bits of t; move it to the exponent field with the bias 127.
     let n_bits = t.to_bits().wrapping_sub(ROUNDER.to_bits());

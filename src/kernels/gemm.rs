@@ -36,14 +36,7 @@ impl<'a> MatRef<'a> {
             let last = offset + (rows - 1) * ld + cols - 1;
             assert!(last < data.len(), "MatRef out of bounds: {last} >= {}", data.len());
         }
-        MatRef {
-            ptr: data.as_ptr().wrapping_add(offset),
-            rows,
-            cols,
-            rs: ld as isize,
-            cs: 1,
-            _data: PhantomData,
-        }
+        MatRef { ptr: data.as_ptr().wrapping_add(offset), rows, cols, rs: ld as isize, cs: 1, _data: PhantomData }
     }
 
     /// A view of a 2-d ndarray view, with its strides.
@@ -64,6 +57,11 @@ impl<'a> MatRef<'a> {
     /// Number of rows.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Pointer to element (0, 0).
+    pub fn as_ptr(&self) -> *const f32 {
+        self.ptr
     }
 
     /// Number of columns.
@@ -177,8 +175,20 @@ pub fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut MatMut<
     // an exclusive borrow covering rows × cols with row stride ld (checked in `MatMut::new`).
     unsafe {
         matrixmultiply::sgemm(
-            a.rows, a.cols, b.cols, alpha, a.ptr, a.rs, a.cs, b.ptr, b.rs, b.cs, beta,
-            c.data.as_mut_ptr(), c.ld as isize, 1,
+            a.rows,
+            a.cols,
+            b.cols,
+            alpha,
+            a.ptr,
+            a.rs,
+            a.cs,
+            b.ptr,
+            b.rs,
+            b.cs,
+            beta,
+            c.data.as_mut_ptr(),
+            c.ld as isize,
+            1,
         );
     }
 }

@@ -24,7 +24,14 @@ pub fn softmax_attention(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, scale: f32
 
 /// As [`softmax_attention`], and writes each row's log-sum-exp `s·m + ln l` into `lse` (N),
 /// so the attention weights can be recomputed later as `exp(s·q·k − lse)`.
-pub fn softmax_attention_lse(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, scale: f32, out: &mut [f32], lse: &mut [f32]) {
+pub fn softmax_attention_lse(
+    q: MatRef<'_>,
+    k: MatRef<'_>,
+    v: MatRef<'_>,
+    scale: f32,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
     softmax_attention_impl(q, k, v, scale, out, Some(lse));
 }
 
@@ -106,7 +113,6 @@ fn attend_tile(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, scale: f32, out: &mu
         gemm(1.0, p, v.rows_range(start, end), if first { 0.0 } else { 1.0 }, &mut acc);
         start = end;
     }
-    drop(acc);
     for r in 0..rows {
         let inv = 1.0 / run_sum[r];
         for a in &mut out[r * dv..(r + 1) * dv] {
@@ -129,7 +135,7 @@ mod tests {
     use super::*;
 
     /// Softmax attention in f64, straight from the definition.
-    fn reference(q: &[f32], k: &[f32], v: &[f32], n: usize, m: usize, d: usize, dv: usize, scale: f64) -> Vec<f64> {
+    fn reference(q: &[f32], k: &[f32], v: &[f32], (n, m, d, dv): (usize, usize, usize, usize), scale: f64) -> Vec<f64> {
         let mut out = vec![0.0; n * dv];
         for i in 0..n {
             let logits: Vec<f64> = (0..m)
@@ -162,12 +168,9 @@ mod tests {
     #[test]
     fn matches_reference_across_tiles_and_odd_sizes() {
         // m > KEY_TILE exercises the running-max rescaling; n > QUERY_TILE several tiles.
-        for &(n, m, d, dv, amp, scale) in &[
-            (1, 1, 1, 1, 1.0, 1.0),
-            (7, 3, 5, 2, 1.0, 0.5),
-            (300, 1100, 9, 6, 2.0, 1.0),
-            (33, 700, 16, 8, 6.0, 0.25),
-        ] {
+        for &(n, m, d, dv, amp, scale) in
+            &[(1, 1, 1, 1, 1.0, 1.0), (7, 3, 5, 2, 1.0, 0.5), (300, 1100, 9, 6, 2.0, 1.0), (33, 700, 16, 8, 6.0, 0.25)]
+        {
             let q = pseudo_random(n * d, 1, amp);
             let k = pseudo_random(m * d, 2, amp);
             let v = pseudo_random(m * dv, 3, 1.0);
@@ -181,7 +184,7 @@ mod tests {
                 &mut out,
                 &mut lse,
             );
-            let want = reference(&q, &k, &v, n, m, d, dv, scale as f64);
+            let want = reference(&q, &k, &v, (n, m, d, dv), scale as f64);
             for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
                 assert!((g as f64 - w).abs() < 2e-5, "({n},{m},{d},{dv}) [{i}]: {g} vs {w}");
             }
