@@ -2,18 +2,20 @@
 
 use std::path::Path;
 
-use ndarray::{Array, Array3, ArrayBase, ArrayView4, ArrayView5, ArrayViewD, Axis, Data, Dimension, Ix5};
+use ndarray::{Array, Array3, ArrayBase, ArrayView4, ArrayView5, ArrayViewD, Axis, Data, DataMut, Dimension, Ix5};
 
 use crate::config::{Mode, NonLocalConfig};
 use crate::error::{Error, Result};
 use crate::kernels::concat::concat_attention;
 use crate::kernels::dot_product::key_value_product;
 use crate::kernels::exp::{exp_sum, row_max};
-use crate::kernels::gemm::{gemm, par_gemm, MatMut, MatRef};
+use crate::kernels::gemm::{gemm, par_gemm, row_block, MatMut, MatRef};
 use crate::kernels::pool::{max_pool, pooled_grid};
 use crate::kernels::softmax_attention::softmax_attention;
 use crate::params::Parameters;
 use crate::weights::{load_parameters, TensorFile, WeightKeys};
+use crate::workspace::{Scratch, Workspace};
+use rayon::prelude::*;
 
 /// Seed of the weight init of [`NonLocalBlock::new`].
 const DEFAULT_SEED: u64 = 0x6e6f_6e6c_6f63_616c;
@@ -42,6 +44,7 @@ pub struct NonLocalBlock {
     params: Parameters,
     keys: Option<WeightKeys>,
     compiled: Compiled,
+    workspace: Workspace,
 }
 
 /// Parameters rearranged for the kernels: projections stacked, BatchNorm folded.
@@ -63,20 +66,29 @@ struct Compiled {
 /// - embedded Gaussian, dot product: `[θ | φ | g]`;
 /// - Gaussian: `[g]`;
 /// - concatenation: `[φ | g | a]` with `a = w_θ·θ` folded into one column `(W_θᵀ w_θ)·x`.
+///
+/// The key-side columns (φ and g) are contiguous, `key_start..key_start + key_width`: only
+/// they are pooled.
 #[derive(Clone, Copy, Debug)]
 struct Columns {
     theta: Option<usize>,
     phi: Option<usize>,
     g: usize,
     a: Option<usize>,
+    key_start: usize,
+    key_width: usize,
 }
 
 impl Columns {
     fn of(mode: Mode, ci: usize) -> Self {
         match mode {
-            Mode::EmbeddedGaussian | Mode::DotProduct => Columns { theta: Some(0), phi: Some(ci), g: 2 * ci, a: None },
-            Mode::Gaussian => Columns { theta: None, phi: None, g: 0, a: None },
-            Mode::Concatenation => Columns { theta: None, phi: Some(0), g: ci, a: Some(2 * ci) },
+            Mode::EmbeddedGaussian | Mode::DotProduct => {
+                Columns { theta: Some(0), phi: Some(ci), g: 2 * ci, a: None, key_start: ci, key_width: 2 * ci }
+            }
+            Mode::Gaussian => Columns { theta: None, phi: None, g: 0, a: None, key_start: 0, key_width: ci },
+            Mode::Concatenation => {
+                Columns { theta: None, phi: Some(0), g: ci, a: Some(2 * ci), key_start: 0, key_width: 2 * ci }
+            }
         }
     }
 }
@@ -140,31 +152,31 @@ impl Compiled {
 }
 
 /// Per-sample intermediate results: the projections and the pooled keys and values.
-struct Prepared<'x> {
-    x: MatRef<'x>,
+struct Prepared<'a> {
+    x: MatRef<'a>,
     /// N × `proj_cols` row-major.
-    proj: Vec<f32>,
+    proj: Scratch<'a>,
     proj_cols: usize,
-    /// Pooled projections (M × `proj_cols`), empty without sub-sampling.
-    pooled: Vec<f32>,
+    /// The pooled key-side columns (M × `cols.key_width`), when sub-sampling.
+    pooled: Option<Scratch<'a>>,
     /// Gaussian mode with sub-sampling: the pooled input, M × C.
-    pooled_x: Vec<f32>,
+    pooled_x: Option<Scratch<'a>>,
     m: usize,
     cols: Columns,
     ci: usize,
 }
 
-impl<'x> Prepared<'x> {
+impl Prepared<'_> {
     fn proj_view(&self) -> MatRef<'_> {
         MatRef::new(&self.proj, 0, self.x.rows(), self.proj_cols, self.proj_cols)
     }
 
-    /// The key-side projections: pooled when sub-sampling, else the projections themselves.
+    /// The key-side columns (φ, g), pooled when sub-sampling; column 0 is `key_start`.
     fn key_side(&self) -> MatRef<'_> {
-        if self.pooled.is_empty() {
-            self.proj_view()
-        } else {
-            MatRef::new(&self.pooled, 0, self.m, self.proj_cols, self.proj_cols)
+        let (start, width) = (self.cols.key_start, self.cols.key_width);
+        match &self.pooled {
+            Some(pooled) => MatRef::new(pooled, 0, self.m, width, width),
+            None => self.proj_view().cols_range(start, start + width),
         }
     }
 
@@ -176,15 +188,17 @@ impl<'x> Prepared<'x> {
     }
 
     fn keys(&self) -> MatRef<'_> {
-        match self.cols.phi {
-            Some(p) => self.key_side().cols_range(p, p + self.ci),
-            None if self.pooled_x.is_empty() => self.x,
-            None => MatRef::new(&self.pooled_x, 0, self.m, self.x.cols(), self.x.cols()),
+        let start = self.cols.key_start;
+        match (self.cols.phi, &self.pooled_x) {
+            (Some(p), _) => self.key_side().cols_range(p - start, p - start + self.ci),
+            (None, None) => self.x,
+            (None, Some(px)) => MatRef::new(px, 0, self.m, self.x.cols(), self.x.cols()),
         }
     }
 
     fn values(&self) -> MatRef<'_> {
-        self.key_side().cols_range(self.cols.g, self.cols.g + self.ci)
+        let g = self.cols.g - self.cols.key_start;
+        self.key_side().cols_range(g, g + self.ci)
     }
 
     /// Concatenation: `a_i = w_θ·θ_i` as an N × 1 view.
@@ -228,7 +242,7 @@ impl NonLocalBlock {
     pub fn from_parameters(config: NonLocalConfig, params: Parameters) -> Result<Self> {
         params.validate(&config)?;
         let compiled = Compiled::new(&config, &params);
-        Ok(NonLocalBlock { config, params, keys: None, compiled })
+        Ok(NonLocalBlock { config, params, keys: None, compiled, workspace: Workspace::default() })
     }
 
     /// A block with parameters read from a safetensors checkpoint under `keys`.
@@ -309,13 +323,49 @@ impl NonLocalBlock {
         D: Dimension,
     {
         let x5 = self.check_input(x.view().into_dyn())?;
-        let (b, t, h, w, c) = x5.dim();
+        let mut out = buffer(x5.len(), "output")?;
+        self.forward_checked(x5, &mut out)?;
+        Ok(Array::from_shape_vec(x.raw_dim(), out).expect("output has the input's element count"))
+    }
+
+    /// Runs the block into `out`, an array of the input's shape: no output allocation, for
+    /// loops that reuse their buffers. Same results as [`NonLocalBlock::forward`].
+    ///
+    /// # Errors
+    /// As [`NonLocalBlock::forward`], and [`Error::WrongShape`] when `out`'s shape is not the
+    /// input's.
+    pub fn forward_into<S, D, So>(&self, x: &ArrayBase<S, D>, out: &mut ArrayBase<So, D>) -> Result<()>
+    where
+        S: Data<Elem = f32>,
+        So: DataMut<Elem = f32>,
+        D: Dimension,
+    {
+        if out.shape() != x.shape() {
+            return Err(Error::WrongShape {
+                key: "out".into(),
+                expected: x.shape().to_vec(),
+                actual: out.shape().to_vec(),
+            });
+        }
+        let x5 = self.check_input(x.view().into_dyn())?;
+        match out.as_slice_mut() {
+            Some(slice) => self.forward_checked(x5, slice),
+            None => {
+                let mut tmp = buffer(x5.len(), "output")?;
+                self.forward_checked(x5, &mut tmp)?;
+                out.iter_mut().zip(tmp).for_each(|(o, v)| *o = v);
+                Ok(())
+            }
+        }
+    }
+
+    fn forward_checked(&self, x5: ArrayView5<'_, f32>, out: &mut [f32]) -> Result<()> {
+        let (_, t, h, w, c) = x5.dim();
         let n = t * h * w;
-        let mut out = buffer(b * n * c, "output")?;
         for (sample, out_sample) in x5.outer_iter().zip(out.chunks_mut(n * c)) {
             self.forward_sample(sample, out_sample)?;
         }
-        Ok(Array::from_shape_vec(x.raw_dim(), out).expect("output has the input's element count"))
+        Ok(())
     }
 
     /// The normalised attention weights `f(x_i, x_j)/C(x)` for every query i and key j:
@@ -414,28 +464,30 @@ impl NonLocalBlock {
         let (n, ci) = (x.rows(), self.config.inter_channels);
         match self.config.mode {
             Mode::EmbeddedGaussian | Mode::Gaussian => {
-                let mut y = buffer(n * ci, "y")?;
+                let mut y = self.workspace.take(n * ci, "y")?;
                 let scale = self.config.logit_scale();
                 softmax_attention(prepared.queries(), prepared.keys(), prepared.values(), scale, &mut y);
                 self.output(x, MatRef::new(&y, 0, n, ci, ci), None, out);
             }
             Mode::DotProduct => {
-                // z = x + θ·(φᵀg/M)·W_outᵀ + b_out: fold the C'×C' product into W_out.
-                let m = prepared.m;
-                let kv = key_value_product(prepared.keys(), prepared.values(), 1.0 / m as f32);
+                // y = θ·(φᵀg/M): the C'×C' product replaces the N×M matrix.
+                let kv = key_value_product(prepared.keys(), prepared.values(), 1.0 / prepared.m as f32);
+                let kv = MatRef::new(&kv, 0, ci, ci, ci);
                 let c = self.config.in_channels;
-                let mut folded = vec![0.0f32; ci * c];
-                gemm(
-                    1.0,
-                    MatRef::new(&kv, 0, ci, ci, ci),
-                    self.w_out_t(),
-                    0.0,
-                    &mut MatMut::new(&mut folded, ci, c, c),
-                );
-                self.output(x, prepared.queries(), Some(MatRef::new(&folded, 0, ci, c, c)), out);
+                if n > c {
+                    // Fold it into the output projection too (C'²·C work instead of N·C'²):
+                    // z = x + θ·((φᵀg/M)·W_outᵀ) + b_out.
+                    let mut folded = vec![0.0f32; ci * c];
+                    par_gemm(1.0, kv, self.w_out_t(), 0.0, &mut MatMut::new(&mut folded, ci, c, c));
+                    self.output(x, prepared.queries(), Some(MatRef::new(&folded, 0, ci, c, c)), out);
+                } else {
+                    let mut y = self.workspace.take(n * ci, "y")?;
+                    par_gemm(1.0, prepared.queries(), kv, 0.0, &mut MatMut::new(&mut y, n, ci, ci));
+                    self.output(x, MatRef::new(&y, 0, n, ci, ci), None, out);
+                }
             }
             Mode::Concatenation => {
-                let mut y = buffer(n * ci, "y")?;
+                let mut y = self.workspace.take(n * ci, "y")?;
                 let b = prepared.concat_b(&self.compiled.w_phi);
                 concat_attention(prepared.concat_a(), &b, prepared.values(), &mut y);
                 self.output(x, MatRef::new(&y, 0, n, ci, ci), None, out);
@@ -453,39 +505,46 @@ impl NonLocalBlock {
     /// `out ← x + y·W + b_out` with W = `w` (C' × C) or `W_outᵀ`.
     fn output(&self, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
         let (n, c) = (x.rows(), x.cols());
-        for (i, row) in out.chunks_mut(c).enumerate().take(n) {
-            x.copy_row(i, row);
-            for (o, b) in row.iter_mut().zip(&self.compiled.b_out) {
-                *o += b;
+        let block = row_block(n, 64);
+        out.par_chunks_mut(block * c).enumerate().for_each(|(b, rows)| {
+            for (r, row) in rows.chunks_mut(c).enumerate() {
+                x.copy_row(b * block + r, row);
+                for (o, bias) in row.iter_mut().zip(&self.compiled.b_out) {
+                    *o += bias;
+                }
             }
-        }
+        });
         let w = w.unwrap_or_else(|| self.w_out_t());
         par_gemm(1.0, y, w, 1.0, &mut MatMut::new(out, n, c, c));
     }
 
     /// Projections and pooling for one sample.
-    fn prepare<'x>(&self, x: MatRef<'x>, grid: [usize; 3]) -> Result<Prepared<'x>> {
+    fn prepare<'a>(&'a self, x: MatRef<'a>, grid: [usize; 3]) -> Result<Prepared<'a>> {
         let (n, c) = (x.rows(), x.cols());
         let k = self.compiled.proj_cols;
-        let mut proj = buffer(n * k, "projections")?;
-        for row in proj.chunks_mut(k) {
-            row.copy_from_slice(&self.compiled.b_proj);
-        }
+        let mut proj = self.workspace.take(n * k, "projections")?;
+        let bias = &self.compiled.b_proj;
+        proj.par_chunks_mut(row_block(n, 64) * k).for_each(|rows| {
+            rows.chunks_mut(k).for_each(|row| row.copy_from_slice(bias));
+        });
         let w_t = MatRef::new(&self.compiled.w_proj, 0, k, c, c).t();
         par_gemm(1.0, x, w_t, 1.0, &mut MatMut::new(&mut proj, n, k, k));
+        let cols = Columns::of(self.config.mode, self.config.inter_channels);
         let kernel = self.config.pool_kernel();
-        let key_grid = pooled_grid(grid, kernel);
-        let m: usize = key_grid.iter().product();
-        let (mut pooled, mut pooled_x) = (Vec::new(), Vec::new());
+        let m: usize = pooled_grid(grid, kernel).iter().product();
+        let (mut pooled, mut pooled_x) = (None, None);
         if self.config.sub_sample.is_some() {
-            pooled = buffer(m * k, "pooled projections")?;
-            max_pool(MatRef::new(&proj, 0, n, k, k), grid, kernel, &mut pooled);
+            let (start, width) = (cols.key_start, cols.key_width);
+            let mut buf = self.workspace.take(m * width, "pooled projections")?;
+            let key_cols = MatRef::new(&proj, 0, n, k, k).cols_range(start, start + width);
+            max_pool(key_cols, grid, kernel, &mut buf);
+            pooled = Some(buf);
             if self.config.mode == Mode::Gaussian {
-                pooled_x = buffer(m * c, "pooled input")?;
-                max_pool(x, grid, kernel, &mut pooled_x);
+                let mut buf = self.workspace.take(m * c, "pooled input")?;
+                max_pool(x, grid, kernel, &mut buf);
+                pooled_x = Some(buf);
             }
         }
-        let cols = Columns::of(self.config.mode, self.config.inter_channels);
         Ok(Prepared { x, proj, proj_cols: k, pooled, pooled_x, m, cols, ci: self.config.inter_channels })
     }
 

@@ -73,6 +73,7 @@ pub mod kernels;
 mod params;
 pub mod reference;
 mod weights;
+mod workspace;
 
 pub use block::NonLocalBlock;
 pub use config::{parse_sub_sample, Mode, NonLocalConfig};

@@ -1,0 +1,174 @@
+//! Throughput of the block on the paper's shapes, as a fraction of the sgemm peak measured in
+//! the same process.
+//!
+//! ```text
+//! cargo run --release --example bench -- [--shape NAME] [--mode eg|dp|concat|gauss] [--reps N]
+//! ```
+//!
+//! First measures the sgemm peak: matrixmultiply sgemm 2048×2048×2048 split over the same rayon
+//! threads the block uses (one single-threaded sgemm per row block, as the block runs its own
+//! GEMMs), best of 5. Then runs each case and prints
+//! `shape=… mode=… ms=<median> gflops=<nominal/median> sgemm_gflops=<peak> pct_peak=…`.
+//! Nominal FLOPs are the direct algorithm's (see `nominal_flops`), so implementations that do
+//! less work (dot product, concatenation) can exceed 100%.
+
+use std::time::Instant;
+
+use ndarray::Array5;
+use nonlocal::kernels::gemm::{par_gemm, MatMut, MatRef};
+use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters};
+
+/// (name, C, T, H, W) with B = 1, sub-sampling 1x2x2, C' = C/2, BatchNorm.
+const SHAPES: [(&str, usize, usize, usize, usize); 4] = [
+    ("video-res4", 1024, 4, 14, 14),
+    ("video-res3", 512, 4, 28, 28),
+    ("detect-res4", 1024, 1, 50, 84),
+    ("video-res2", 256, 8, 56, 56),
+];
+
+const MODES: [(&str, Mode); 4] = [
+    ("eg", Mode::EmbeddedGaussian),
+    ("dp", Mode::DotProduct),
+    ("concat", Mode::Concatenation),
+    ("gauss", Mode::Gaussian),
+];
+
+struct Args {
+    shape: Option<String>,
+    mode: Option<String>,
+    reps: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args { shape: None, mode: None, reps: 5 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--shape" => args.shape = Some(value()?),
+            "--mode" => args.mode = Some(value()?),
+            "--reps" => args.reps = value()?.parse().map_err(|e| format!("--reps: {e}"))?,
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if let Some(s) = &args.shape {
+        if !SHAPES.iter().any(|(n, ..)| n == s) {
+            return Err(format!("unknown shape {s}"));
+        }
+    }
+    if let Some(m) = &args.mode {
+        if !MODES.iter().any(|(n, _)| n == m) {
+            return Err(format!("unknown mode {m}: eg, dp, concat or gauss"));
+        }
+    }
+    Ok(args)
+}
+
+/// Best-of-5 GFLOP/s of a 2048³ sgemm over the rayon pool.
+fn sgemm_peak() -> f64 {
+    let n = 2048;
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut c = vec![0.0f32; n * n];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        par_gemm(1.0, MatRef::new(&a, 0, n, n, n), MatRef::new(&b, 0, n, n, n), 0.0, &mut MatMut::new(&mut c, n, n, n));
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+/// The direct algorithm's FLOPs: projections 2·N·C·C' each (θ, φ, g; Gaussian only g) and
+/// 2·N·C'·C for W_z; pairwise 2·N·M·d (d = C' for EG/DP, C for Gaussian, 2C' for
+/// concatenation); aggregation 2·N·M·C'.
+fn nominal_flops(mode: Mode, c: usize, n: usize, m: usize) -> f64 {
+    let (c, ci, n, m) = (c as f64, (c / 2) as f64, n as f64, m as f64);
+    let projections = if mode == Mode::Gaussian { 1.0 } else { 3.0 };
+    let d = match mode {
+        Mode::EmbeddedGaussian | Mode::DotProduct => ci,
+        Mode::Gaussian => c,
+        Mode::Concatenation => 2.0 * ci,
+    };
+    2.0 * n * c * ci * projections + 2.0 * n * ci * c + 2.0 * n * m * d + 2.0 * n * m * ci
+}
+
+/// A block with every parameter non-trivial (so no work can be skipped).
+fn bench_block(mode: Mode, c: usize) -> NonLocalBlock {
+    let config = NonLocalConfig::new(c).mode(mode).sub_sample(Some([1, 2, 2]));
+    let ci = config.inter_channels;
+    let mut state = 0x1234_5678_9abc_def0u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let mut matrix = |r: usize, k: usize| ndarray::Array2::from_shape_fn((r, k), |_| next() / (k as f32).sqrt());
+    let theta = Conv1x1::new(matrix(ci, c), Some(ndarray::Array1::zeros(ci)));
+    let phi = Conv1x1::new(matrix(ci, c), Some(ndarray::Array1::zeros(ci)));
+    let g = Conv1x1::new(matrix(ci, c), Some(ndarray::Array1::zeros(ci)));
+    let w_z = Conv1x1::new(matrix(c, ci), Some(ndarray::Array1::zeros(c)));
+    let bn = BatchNorm {
+        weight: ndarray::Array1::ones(c),
+        bias: ndarray::Array1::zeros(c),
+        running_mean: ndarray::Array1::zeros(c),
+        running_var: ndarray::Array1::ones(c),
+    };
+    let theta_phi = mode != Mode::Gaussian;
+    let params = Parameters {
+        theta: theta_phi.then_some(theta),
+        phi: theta_phi.then_some(phi),
+        g,
+        w_z,
+        bn: Some(bn),
+        concat_project: (mode == Mode::Concatenation).then(|| matrix(1, 2 * ci).into_shape_with_order(2 * ci).unwrap()),
+    };
+    NonLocalBlock::from_parameters(config, params).expect("bench parameters fit")
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let threads = rayon::current_num_threads();
+    let peak = sgemm_peak();
+    eprintln!("threads={threads} simd={:?} sgemm 2048^3 peak {peak:.1} GFLOP/s", nonlocal::kernels::exp::simd());
+    for (name, c, t, h, w) in SHAPES {
+        if args.shape.as_deref().is_some_and(|s| s != name) {
+            continue;
+        }
+        let x = Array5::<f32>::from_shape_fn((1, t, h, w, c), |(_, ti, hi, wi, ci)| {
+            (((ti * 31 + hi * 17 + wi * 7 + ci * 3) % 29) as f32 / 29.0 - 0.5) * 2.0
+        });
+        let (n, m) = (t * h * w, t * (h / 2) * (w / 2));
+        for (mode_name, mode) in MODES {
+            if args.mode.as_deref().is_some_and(|s| s != mode_name) {
+                continue;
+            }
+            let block = bench_block(mode, c);
+            let _ = block.forward(&x).expect("bench forward");
+            let mut times: Vec<f64> = (0..args.reps.max(1))
+                .map(|_| {
+                    let start = Instant::now();
+                    let z = block.forward(&x).expect("bench forward");
+                    let elapsed = start.elapsed().as_secs_f64();
+                    std::hint::black_box(z);
+                    elapsed
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            let gflops = nominal_flops(mode, c, n, m) / median / 1e9;
+            println!(
+                "shape={name} mode={mode_name} ms={:.2} gflops={gflops:.1} sgemm_gflops={peak:.1} pct_peak={:.1}",
+                median * 1e3,
+                100.0 * gflops / peak
+            );
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Scratch buffers kept between calls, so large intermediate results (projections, pooled
+//! keys, the attention output) do not pay for fresh pages on every forward pass.
+
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+/// At most this many idle buffers are kept.
+const MAX_IDLE: usize = 8;
+
+/// A pool of f32 buffers. Concurrent callers each get their own buffers; a caller that finds
+/// none idle allocates new ones, and returns them for the next call.
+#[derive(Debug, Default)]
+pub(crate) struct Workspace {
+    idle: Mutex<Vec<Vec<f32>>>,
+}
+
+impl Clone for Workspace {
+    /// A clone starts with no buffers of its own.
+    fn clone(&self) -> Self {
+        Workspace::default()
+    }
+}
+
+/// A buffer taken from a [`Workspace`], given back when dropped.
+pub(crate) struct Scratch<'w> {
+    buf: Vec<f32>,
+    home: &'w Workspace,
+}
+
+impl std::ops::Deref for Scratch<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for Scratch<'_> {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf
+    }
+}
+
+impl Drop for Scratch<'_> {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        if let Ok(mut idle) = self.home.idle.lock() {
+            if idle.len() < MAX_IDLE {
+                idle.push(buf);
+            }
+        }
+    }
+}
+
+impl Workspace {
+    /// A buffer of `len` floats with unspecified (but initialised) contents: callers
+    /// overwrite it.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] when a new buffer cannot be allocated.
+    pub(crate) fn take(&self, len: usize, what: &'static str) -> Result<Scratch<'_>> {
+        let reused = self.idle.lock().ok().and_then(|mut idle| {
+            // The smallest idle buffer that is large enough, else the largest one.
+            let best = (0..idle.len())
+                .filter(|&i| idle[i].capacity() >= len)
+                .min_by_key(|&i| idle[i].capacity())
+                .or_else(|| (0..idle.len()).max_by_key(|&i| idle[i].capacity()));
+            best.map(|i| idle.swap_remove(i))
+        });
+        let mut buf = reused.unwrap_or_default();
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.try_reserve_exact(len - buf.len()).map_err(|_| Error::TooLarge { what })?;
+            buf.resize(len, 0.0);
+        }
+        Ok(Scratch { buf, home: self })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_reused_and_sized() {
+        let ws = Workspace::default();
+        let ptr = {
+            let mut a = ws.take(1000, "a").unwrap();
+            a[999] = 1.0;
+            a.as_ptr()
+        };
+        let b = ws.take(500, "b").unwrap();
+        assert_eq!(b.len(), 500);
+        assert_eq!(b.as_ptr(), ptr, "the idle buffer is reused");
+        let c = ws.take(2000, "c").unwrap();
+        assert_eq!(c.len(), 2000);
+        assert!(ws.take(usize::MAX / 2, "huge").is_err());
+    }
+}
