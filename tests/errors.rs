@@ -1,0 +1,350 @@
+//! Every bad input comes back as the specific error, never a panic.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{random_block, Rng};
+use ndarray::{Array, Array5, IxDyn};
+use nonlocal::golden::GoldenCase;
+use nonlocal::{Error, Mode, NonLocalBlock, NonLocalConfig, TensorFile, WeightKeys};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+fn data_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+}
+
+/// A golden file's tensors as (dtype, shape, bytes), and its metadata, for editing.
+struct Editable {
+    tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    metadata: HashMap<String, String>,
+}
+
+impl Editable {
+    fn open(name: &str) -> Self {
+        let bytes = std::fs::read(data_path(name)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let tensors =
+            st.tensors().into_iter().map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+        Editable { tensors, metadata: meta.metadata().clone().unwrap_or_default() }
+    }
+
+    fn remove(mut self, key: &str) -> Self {
+        let before = self.tensors.len();
+        self.tensors.retain(|t| t.0 != key);
+        assert_eq!(self.tensors.len(), before - 1, "{key} was in the file");
+        self
+    }
+
+    fn replace_f32(mut self, key: &str, shape: &[usize], values: &[f32]) -> Self {
+        let t = self.tensors.iter_mut().find(|t| t.0 == key).unwrap_or_else(|| panic!("{key} in file"));
+        t.1 = Dtype::F32;
+        t.2 = shape.to_vec();
+        t.3 = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self
+    }
+
+    fn retype(mut self, key: &str, dtype: Dtype) -> Self {
+        let t = self.tensors.iter_mut().find(|t| t.0 == key).unwrap();
+        t.1 = dtype;
+        self
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let views: Vec<(String, TensorView<'_>)> =
+            self.tensors.iter().map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+        safetensors::serialize(views, Some(self.metadata.clone())).unwrap()
+    }
+
+    fn load(&self, config: NonLocalConfig) -> Result<NonLocalBlock, Error> {
+        let file = TensorFile::from_bytes(self.bytes())?;
+        NonLocalBlock::from_safetensors(config, &file, &WeightKeys::alexhex7())
+    }
+}
+
+/// eg_video: AlexHex7, C = 8, C' = 4, pooled 1x2x2, BatchNorm.
+fn eg_config() -> NonLocalConfig {
+    NonLocalConfig::new(8).inter_channels(4)
+}
+
+#[test]
+fn unmodified_file_loads() {
+    Editable::open("eg_video.safetensors").load(eg_config()).unwrap();
+}
+
+#[test]
+fn broken_files_are_format_errors() {
+    let good = std::fs::read(data_path("eg_video.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let mut rng = Rng::new(3);
+    let random: Vec<u8> = (0..4096).map(|_| rng.next_u64() as u8).collect();
+    let mut huge_header = good.clone();
+    huge_header[..8].copy_from_slice(&(good.len() as u64 * 2).to_le_bytes());
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("seven bytes", good[..7].to_vec()),
+        ("truncated header", good[..8 + header_len / 2].to_vec()),
+        ("truncated data", good[..good.len() - 10].to_vec()),
+        ("random bytes", random),
+        ("header length past the end", huge_header),
+    ];
+    // A tensor whose offsets run past the end of the data.
+    let header = std::str::from_utf8(&good[8..8 + header_len]).unwrap();
+    let data_len = good.len() - 8 - header_len;
+    let bad_header = header.replacen(&format!(",{data_len}]"), &format!(",{}]", data_len + 64), 1);
+    assert_ne!(bad_header, header, "the last tensor's end offset is in the header");
+    let mut past_end = (bad_header.len() as u64).to_le_bytes().to_vec();
+    past_end.extend_from_slice(bad_header.as_bytes());
+    past_end.extend_from_slice(&good[8 + header_len..]);
+    cases.push(("offsets past the end", past_end));
+    for (what, bytes) in cases {
+        match TensorFile::from_bytes(bytes) {
+            Err(Error::Format(_)) => {}
+            other => panic!("{what}: expected Error::Format, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn missing_file_is_io_error() {
+    let err = TensorFile::open("/nonexistent/weights.safetensors").unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert!(err.to_string().contains("/nonexistent/weights.safetensors"));
+}
+
+#[test]
+fn unsupported_dtype_names_the_key() {
+    // Same byte count, declared I32.
+    let err = Editable::open("eg_video.safetensors").retype("theta.weight", Dtype::I32).load(eg_config()).unwrap_err();
+    match err {
+        Error::UnsupportedDtype { key, dtype } => {
+            assert_eq!(key, "theta.weight");
+            assert_eq!(dtype, "I32");
+        }
+        other => panic!("expected UnsupportedDtype, got {other}"),
+    }
+}
+
+#[test]
+fn missing_keys_are_named() {
+    for key in ["theta.weight", "theta.bias", "phi.0.weight", "g.0.bias", "W.0.weight", "W.1.running_var", "W.1.bias"] {
+        let err = Editable::open("eg_video.safetensors").remove(key).load(eg_config()).unwrap_err();
+        match err {
+            Error::MissingKey { key: k } => assert_eq!(k, key),
+            other => panic!("{key}: expected MissingKey, got {other}"),
+        }
+    }
+    // The concatenation projection.
+    let config = NonLocalConfig::new(6).inter_channels(3).mode(Mode::Concatenation);
+    let err = Editable::open("concat_video.safetensors").remove("concat_project.0.weight").load(config).unwrap_err();
+    assert!(matches!(err, Error::MissingKey { ref key } if key == "concat_project.0.weight"), "{err}");
+}
+
+#[test]
+fn wrong_shapes_name_key_and_both_shapes() {
+    let cases: Vec<(&str, Vec<usize>)> = vec![
+        ("theta.weight", vec![4, 7, 1, 1, 1]),
+        ("phi.0.weight", vec![3, 8, 1, 1, 1]),
+        ("g.0.weight", vec![4, 8, 2, 1, 1]),
+        ("W.0.weight", vec![8, 5, 1, 1, 1]),
+        ("theta.bias", vec![5]),
+        ("W.1.running_mean", vec![7]),
+        ("W.1.weight", vec![8, 1]),
+    ];
+    for (key, shape) in cases {
+        let len: usize = shape.iter().product();
+        let err = Editable::open("eg_video.safetensors")
+            .replace_f32(key, &shape, &vec![0.1; len])
+            .load(eg_config())
+            .unwrap_err();
+        match &err {
+            Error::WrongShape { key: k, actual, expected } => {
+                assert_eq!(k, key);
+                assert_eq!(actual, &shape);
+                assert_ne!(expected, &shape);
+                let msg = err.to_string();
+                assert!(msg.contains(key) && msg.contains(&format!("{shape:?}")), "{msg}");
+            }
+            other => panic!("{key}: expected WrongShape, got {other}"),
+        }
+    }
+    let config = NonLocalConfig::new(6).inter_channels(3).mode(Mode::Concatenation);
+    let err = Editable::open("concat_video.safetensors")
+        .replace_f32("concat_project.0.weight", &[1, 5, 1, 1], &[0.1; 5])
+        .load(config)
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::WrongShape { key, expected, .. } if key == "concat_project.0.weight" && expected == &[1, 6, 1, 1]),
+        "{err}"
+    );
+}
+
+#[test]
+fn channel_counts_that_disagree_with_the_weights() {
+    let file = Editable::open("eg_video.safetensors");
+    for config in [NonLocalConfig::new(8).inter_channels(3), NonLocalConfig::new(6).inter_channels(4)] {
+        let err = file.load(config).unwrap_err();
+        assert!(matches!(err, Error::WrongShape { ref key, .. } if key == "theta.weight"), "{err}");
+    }
+}
+
+#[test]
+fn configuration_that_disagrees_with_the_keys() {
+    let file = Editable::open("eg_video.safetensors");
+    for (config, what) in [
+        (eg_config().bn_layer(false), "bn_layer"),
+        (eg_config().sub_sample(None), "sub_sample"),
+        (eg_config().conv_dims(2), "conv_dims"),
+    ] {
+        match file.load(config) {
+            Err(Error::ConfigMismatch { what: w, .. }) => assert_eq!(w, what),
+            other => panic!("{what}: expected ConfigMismatch, got {other:?}"),
+        }
+    }
+    let nobn = Editable::open("eg_nobn_nopool.safetensors");
+    let config = NonLocalConfig::new(10).inter_channels(3).sub_sample(None);
+    nobn.load(config.clone().bn_layer(false)).unwrap();
+    assert!(matches!(nobn.load(config.clone()), Err(Error::ConfigMismatch { what: "bn_layer", .. })));
+    assert!(matches!(
+        nobn.load(config.bn_layer(false).sub_sample(Some([1, 2, 2]))),
+        Err(Error::ConfigMismatch { what: "sub_sample", .. })
+    ));
+}
+
+#[test]
+fn non_finite_or_negative_variance_is_rejected() {
+    for bad in [f32::NAN, f32::INFINITY, -1.0] {
+        let mut var = vec![1.0f32; 8];
+        var[5] = bad;
+        let err = Editable::open("eg_video.safetensors")
+            .replace_f32("W.1.running_var", &[8], &var)
+            .load(eg_config())
+            .unwrap_err();
+        match err {
+            Error::InvalidParameter { key, .. } => assert_eq!(key, "W.1.running_var"),
+            other => panic!("{bad}: expected InvalidParameter, got {other}"),
+        }
+    }
+    let mut w = vec![0.1f32; 32];
+    w[3] = f32::NAN;
+    let err = Editable::open("eg_video.safetensors")
+        .replace_f32("theta.weight", &[4, 8, 1, 1, 1], &w)
+        .load(eg_config())
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidParameter { ref key, .. } if key == "theta.weight"), "{err}");
+}
+
+#[test]
+fn bad_configurations() {
+    let cases = [
+        NonLocalConfig::new(0),
+        NonLocalConfig::new(8).inter_channels(0),
+        NonLocalConfig::new(8).sub_sample(Some([1, 0, 2])),
+        NonLocalConfig::new(8).conv_dims(4),
+        NonLocalConfig::new(8).bn_eps(f64::NAN),
+    ];
+    for config in cases {
+        let err = NonLocalBlock::new(config.clone()).unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig { .. }), "{config:?}: {err}");
+    }
+    let err = "softmax".parse::<Mode>().unwrap_err();
+    assert!(matches!(err, Error::UnknownMode { ref name } if name == "softmax"), "{err}");
+    let err = nonlocal::parse_sub_sample("2x2").unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig { .. }));
+    let too_big = NonLocalConfig::new(usize::MAX / 2).inter_channels(usize::MAX / 4);
+    assert!(matches!(NonLocalBlock::new(too_big), Err(Error::TooLarge { .. })));
+}
+
+#[test]
+fn bad_inputs() {
+    let mut rng = Rng::new(5);
+    let block = random_block(NonLocalConfig::new(4).inter_channels(2), &mut rng);
+    let rank3 = Array::<f32, _>::zeros((4, 4, 4));
+    assert!(matches!(block.forward(&rank3), Err(Error::InputRank { actual: 3, .. })));
+    let rank6 = Array::<f32, _>::zeros(IxDyn(&[1, 1, 2, 2, 2, 4]));
+    assert!(matches!(block.forward(&rank6), Err(Error::InputRank { actual: 6, .. })));
+    let wrong_c = Array5::<f32>::zeros((1, 1, 4, 4, 5));
+    assert!(matches!(block.forward(&wrong_c), Err(Error::InputChannels { expected: 4, actual: 5 })));
+    for (axis, shape) in [(0, [0, 1, 4, 4, 4]), (1, [1, 0, 4, 4, 4]), (3, [1, 1, 4, 0, 4])] {
+        let x = Array5::<f32>::zeros(shape);
+        match block.forward(&x) {
+            Err(Error::EmptyInput { axis: a, .. }) => assert_eq!(a, axis),
+            other => panic!("{shape:?}: expected EmptyInput, got {other:?}"),
+        }
+    }
+    let x4 = Array::<f32, _>::zeros((1, 0, 4, 4));
+    assert!(matches!(block.forward(&x4), Err(Error::EmptyInput { axis: 1, name: "H", .. })));
+    // 1x2x2 pooling needs H, W ≥ 2.
+    let small = Array5::<f32>::zeros((1, 3, 1, 5, 4));
+    assert!(matches!(block.forward(&small), Err(Error::NoKeys { size: [3, 1, 5], kernel: [1, 2, 2] })));
+    assert!(matches!(block.attention(&small), Err(Error::NoKeys { .. })));
+    // A broadcast view claims a huge shape without memory: sizes must be checked, not allocated.
+    let one = ndarray::Array1::<f32>::zeros(4);
+    let huge = one.broadcast((1usize << 20, 1usize << 12, 1usize << 12, 2, 4)).unwrap();
+    assert!(matches!(block.forward(&huge), Err(Error::TooLarge { .. })));
+    // Attention queries out of range.
+    let x = Array5::<f32>::zeros((1, 1, 4, 4, 4));
+    assert!(matches!(block.attention_rows(&x, &[3, 16]), Err(Error::QueryOutOfRange { index: 16, positions: 16 })));
+    // forward_into with the wrong output shape.
+    let mut out = Array5::<f32>::zeros((1, 1, 4, 2, 4));
+    assert!(matches!(block.forward_into(&x, &mut out), Err(Error::WrongShape { .. })));
+}
+
+#[test]
+fn non_finite_inputs_propagate_without_panicking() {
+    let mut rng = Rng::new(9);
+    for mode in Mode::ALL {
+        let block = random_block(NonLocalConfig::new(4).inter_channels(2).mode(mode), &mut rng);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut x = rng.input((1, 2, 4, 4, 4), 1.0);
+            x[[0, 1, 2, 3, 1]] = bad;
+            let z = block.forward(&x).unwrap();
+            // The residual carries the bad value to its own position at least.
+            assert!(!z[[0, 1, 2, 3, 1]].is_finite(), "{mode}: {bad} vanished from the output");
+            block.attention(&x).unwrap();
+        }
+    }
+}
+
+#[test]
+fn golden_check_reports_errors_for_bad_cases() {
+    // Rank-4 input in a golden file is an error, not a reshape.
+    let mut e = Editable::open("eg_video.safetensors");
+    let input = e.tensors.iter().find(|t| t.0 == "input").unwrap().clone();
+    let values: Vec<f32> = input.3.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    e = e.replace_f32("input", &input.2[1..], &values);
+    let case = GoldenCase::from_file(TensorFile::from_bytes(e.bytes()).unwrap()).unwrap();
+    assert!(matches!(case.check(), Err(Error::InputRank { actual: 4, .. })));
+    // Metadata that disagrees with the parameters.
+    let mut e = Editable::open("eg_video.safetensors");
+    e.metadata.insert("inter_channels".into(), "3".into());
+    let case = GoldenCase::from_file(TensorFile::from_bytes(e.bytes()).unwrap()).unwrap();
+    assert!(matches!(case.check(), Err(Error::WrongShape { .. })));
+    // An unknown mode in the metadata.
+    let mut e = Editable::open("eg_video.safetensors");
+    e.metadata.insert("mode".into(), "attention".into());
+    let err = GoldenCase::from_file(TensorFile::from_bytes(e.bytes()).unwrap()).unwrap_err();
+    assert!(matches!(err, Error::UnknownMode { .. }));
+}
+
+#[test]
+fn golden_example_exits_1_on_a_bad_file() {
+    // The example binary is built by `cargo test` next to the test binaries.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap().join("examples");
+    let golden = dir.join(format!("golden{}", std::env::consts::EXE_SUFFIX));
+    if !golden.exists() {
+        panic!("examples/golden not built at {}", golden.display());
+    }
+    let bad = std::env::temp_dir().join(format!("nonlocal-bad-{}.safetensors", std::process::id()));
+    std::fs::write(&bad, b"not a safetensors file").unwrap();
+    let out = std::process::Command::new(&golden).arg(data_path("eg_video.safetensors")).arg(&bad).output().unwrap();
+    std::fs::remove_file(&bad).ok();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("PASS"), "{stdout}");
+    assert!(stdout.contains("error:") && stdout.contains("FAIL"), "{stdout}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
