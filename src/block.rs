@@ -40,25 +40,36 @@ const DEFAULT_SEED: u64 = 0x6e6f_6e6c_6f63_616c;
 /// ```
 #[derive(Clone, Debug)]
 pub struct NonLocalBlock {
-    config: NonLocalConfig,
-    params: Parameters,
-    keys: Option<WeightKeys>,
-    compiled: Compiled,
-    workspace: Workspace,
+    pub(crate) config: NonLocalConfig,
+    pub(crate) params: Parameters,
+    pub(crate) keys: Option<WeightKeys>,
+    pub(crate) compiled: Compiled,
+    pub(crate) workspace: Workspace,
+    /// Identifies the current parameters, so a training context can tell it is stale.
+    pub(crate) generation: u64,
+}
+
+/// Source of [`NonLocalBlock::generation`] values.
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_generation() -> u64 {
+    GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Parameters rearranged for the kernels: projections stacked, BatchNorm folded.
 #[derive(Clone, Debug)]
-struct Compiled {
+pub(crate) struct Compiled {
     /// Stacked projection weights, `proj_cols` × C row-major, and their bias.
-    w_proj: Vec<f32>,
-    b_proj: Vec<f32>,
-    proj_cols: usize,
+    pub(crate) w_proj: Vec<f32>,
+    pub(crate) b_proj: Vec<f32>,
+    pub(crate) proj_cols: usize,
     /// `W_z` with BatchNorm folded in: C × C' row-major, and the folded bias (C).
-    w_out: Vec<f32>,
-    b_out: Vec<f32>,
+    pub(crate) w_out: Vec<f32>,
+    pub(crate) b_out: Vec<f32>,
     /// Concatenation: `w_φ` (C').
-    w_phi: Vec<f32>,
+    pub(crate) w_phi: Vec<f32>,
+    /// Per output channel, the BatchNorm factor γ/√(var + eps) (1 without BatchNorm).
+    pub(crate) bn_scale: Vec<f32>,
 }
 
 /// Where each quantity sits among the projection columns, per mode.
@@ -70,17 +81,17 @@ struct Compiled {
 /// The key-side columns (φ and g) are contiguous, `key_start..key_start + key_width`: only
 /// they are pooled.
 #[derive(Clone, Copy, Debug)]
-struct Columns {
-    theta: Option<usize>,
-    phi: Option<usize>,
-    g: usize,
-    a: Option<usize>,
-    key_start: usize,
-    key_width: usize,
+pub(crate) struct Columns {
+    pub(crate) theta: Option<usize>,
+    pub(crate) phi: Option<usize>,
+    pub(crate) g: usize,
+    pub(crate) a: Option<usize>,
+    pub(crate) key_start: usize,
+    pub(crate) key_width: usize,
 }
 
 impl Columns {
-    fn of(mode: Mode, ci: usize) -> Self {
+    pub(crate) fn of(mode: Mode, ci: usize) -> Self {
         match mode {
             Mode::EmbeddedGaussian | Mode::DotProduct => {
                 Columns { theta: Some(0), phi: Some(ci), g: 2 * ci, a: None, key_start: ci, key_width: 2 * ci }
@@ -135,6 +146,7 @@ impl Compiled {
         // BatchNorm folding, in f64: W' = W·γ/√(var+eps), b' = (b − mean)·γ/√(var+eps) + β.
         let mut w_out = Vec::with_capacity(c * ci);
         let mut b_out = Vec::with_capacity(c);
+        let mut bn_scale = Vec::with_capacity(c);
         for o in 0..c {
             let bias = params.w_z.bias.as_ref().map_or(0.0, |b| b[o] as f64);
             let (scale, shift) = match &params.bn {
@@ -146,33 +158,34 @@ impl Compiled {
             };
             w_out.extend((0..ci).map(|i| (params.w_z.weight[[o, i]] as f64 * scale) as f32));
             b_out.push(shift as f32);
+            bn_scale.push(scale as f32);
         }
-        Compiled { w_proj, b_proj, proj_cols, w_out, b_out, w_phi }
+        Compiled { w_proj, b_proj, proj_cols, w_out, b_out, w_phi, bn_scale }
     }
 }
 
 /// Per-sample intermediate results: the projections and the pooled keys and values.
-struct Prepared<'a> {
-    x: MatRef<'a>,
+pub(crate) struct Prepared<'a> {
+    pub(crate) x: MatRef<'a>,
     /// N × `proj_cols` row-major.
-    proj: Scratch<'a>,
-    proj_cols: usize,
+    pub(crate) proj: Scratch<'a>,
+    pub(crate) proj_cols: usize,
     /// The pooled key-side columns (M × `cols.key_width`), when sub-sampling.
-    pooled: Option<Scratch<'a>>,
+    pub(crate) pooled: Option<Scratch<'a>>,
     /// Gaussian mode with sub-sampling: the pooled input, M × C.
-    pooled_x: Option<Scratch<'a>>,
-    m: usize,
-    cols: Columns,
-    ci: usize,
+    pub(crate) pooled_x: Option<Scratch<'a>>,
+    pub(crate) m: usize,
+    pub(crate) cols: Columns,
+    pub(crate) ci: usize,
 }
 
 impl Prepared<'_> {
-    fn proj_view(&self) -> MatRef<'_> {
+    pub(crate) fn proj_view(&self) -> MatRef<'_> {
         MatRef::new(&self.proj, 0, self.x.rows(), self.proj_cols, self.proj_cols)
     }
 
     /// The key-side columns (φ, g), pooled when sub-sampling; column 0 is `key_start`.
-    fn key_side(&self) -> MatRef<'_> {
+    pub(crate) fn key_side(&self) -> MatRef<'_> {
         let (start, width) = (self.cols.key_start, self.cols.key_width);
         match &self.pooled {
             Some(pooled) => MatRef::new(pooled, 0, self.m, width, width),
@@ -180,14 +193,14 @@ impl Prepared<'_> {
         }
     }
 
-    fn queries(&self) -> MatRef<'_> {
+    pub(crate) fn queries(&self) -> MatRef<'_> {
         match self.cols.theta {
             Some(t) => self.proj_view().cols_range(t, t + self.ci),
             None => self.x,
         }
     }
 
-    fn keys(&self) -> MatRef<'_> {
+    pub(crate) fn keys(&self) -> MatRef<'_> {
         let start = self.cols.key_start;
         match (self.cols.phi, &self.pooled_x) {
             (Some(p), _) => self.key_side().cols_range(p - start, p - start + self.ci),
@@ -196,19 +209,19 @@ impl Prepared<'_> {
         }
     }
 
-    fn values(&self) -> MatRef<'_> {
+    pub(crate) fn values(&self) -> MatRef<'_> {
         let g = self.cols.g - self.cols.key_start;
         self.key_side().cols_range(g, g + self.ci)
     }
 
     /// Concatenation: `a_i = w_θ·θ_i` as an N × 1 view.
-    fn concat_a(&self) -> MatRef<'_> {
+    pub(crate) fn concat_a(&self) -> MatRef<'_> {
         let a = self.cols.a.expect("concatenation has an `a` column");
         self.proj_view().cols_range(a, a + 1)
     }
 
     /// Concatenation: `b_j = w_φ·φ_j` for every key.
-    fn concat_b(&self, w_phi: &[f32]) -> Vec<f32> {
+    pub(crate) fn concat_b(&self, w_phi: &[f32]) -> Vec<f32> {
         let keys = self.keys();
         let mut row = vec![0.0f32; keys.cols()];
         (0..keys.rows())
@@ -242,7 +255,14 @@ impl NonLocalBlock {
     pub fn from_parameters(config: NonLocalConfig, params: Parameters) -> Result<Self> {
         params.validate(&config)?;
         let compiled = Compiled::new(&config, &params);
-        Ok(NonLocalBlock { config, params, keys: None, compiled, workspace: Workspace::default() })
+        Ok(NonLocalBlock {
+            config,
+            params,
+            keys: None,
+            compiled,
+            workspace: Workspace::default(),
+            generation: next_generation(),
+        })
     }
 
     /// A block with parameters read from a safetensors checkpoint under `keys`.
@@ -293,7 +313,31 @@ impl NonLocalBlock {
         params.validate(&self.config)?;
         self.compiled = Compiled::new(&self.config, &params);
         self.params = params;
+        self.generation = next_generation();
         Ok(())
+    }
+
+    /// The parameters as a safetensors file, under exactly the keys they were loaded with
+    /// (AlexHex7 keys, no prefix, for a block not loaded from a file), with PyTorch's shapes
+    /// (conv weights with [`NonLocalConfig::conv_dims`] trailing 1s). BatchNorm running
+    /// statistics and `num_batches_tracked` (as 0) are included; a parameter the block does
+    /// not have (mmcv's `W_z` bias when BatchNorm follows) is absent.
+    ///
+    /// # Errors
+    /// [`Error::Format`] if serialisation fails.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let keys = self.keys.clone().unwrap_or_else(WeightKeys::alexhex7);
+        crate::weights::export(&keys, &self.config, &self.params)
+    }
+
+    /// Writes [`NonLocalBlock::to_safetensors`] to `path`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be written, or as [`NonLocalBlock::to_safetensors`].
+    pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        std::fs::write(path, self.to_safetensors()?)
+            .map_err(|source| Error::Io { path: path.display().to_string(), source })
     }
 
     /// The key grid (T', H', W') for an input grid (T, H, W): the pooled grid with
@@ -420,7 +464,7 @@ impl NonLocalBlock {
     }
 
     /// Checks the input and views it as rank 5.
-    fn check_input<'a>(&self, x: ArrayViewD<'a, f32>) -> Result<ArrayView5<'a, f32>> {
+    pub(crate) fn check_input<'a>(&self, x: ArrayViewD<'a, f32>) -> Result<ArrayView5<'a, f32>> {
         let shape = x.shape().to_vec();
         let x = match x.ndim() {
             5 => x,
@@ -497,13 +541,13 @@ impl NonLocalBlock {
     }
 
     /// `W_outᵀ` (C' × C) as a view.
-    fn w_out_t(&self) -> MatRef<'_> {
+    pub(crate) fn w_out_t(&self) -> MatRef<'_> {
         let (c, ci) = (self.config.in_channels, self.config.inter_channels);
         MatRef::new(&self.compiled.w_out, 0, c, ci, ci).t()
     }
 
     /// `out ← x + y·W + b_out` with W = `w` (C' × C) or `W_outᵀ`.
-    fn output(&self, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
+    pub(crate) fn output(&self, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
         let (n, c) = (x.rows(), x.cols());
         let block = row_block(n, 64);
         out.par_chunks_mut(block * c).enumerate().for_each(|(b, rows)| {
@@ -519,7 +563,7 @@ impl NonLocalBlock {
     }
 
     /// Projections and pooling for one sample.
-    fn prepare<'a>(&'a self, x: MatRef<'a>, grid: [usize; 3]) -> Result<Prepared<'a>> {
+    pub(crate) fn prepare<'a>(&'a self, x: MatRef<'a>, grid: [usize; 3]) -> Result<Prepared<'a>> {
         let (n, c) = (x.rows(), x.cols());
         let k = self.compiled.proj_cols;
         let mut proj = self.workspace.take(n * k, "projections")?;
@@ -585,7 +629,7 @@ impl NonLocalBlock {
 
 /// The sample (T, H, W, C) as an N × C matrix: a view of the input when its positions have
 /// one common stride, else a contiguous copy in `copy`.
-fn sample_matrix<'a>(sample: ArrayView4<'a, f32>, copy: &'a mut Vec<f32>) -> MatRef<'a> {
+pub(crate) fn sample_matrix<'a>(sample: ArrayView4<'a, f32>, copy: &'a mut Vec<f32>) -> MatRef<'a> {
     let (t, h, w, c) = sample.dim();
     let n = t * h * w;
     let strides = sample.strides();

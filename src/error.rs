@@ -116,6 +116,9 @@ pub enum Error {
         /// Which product overflowed.
         what: &'static str,
     },
+    /// A training context was used with parameters other than those of its forward pass.
+    #[error("the training context is stale: the block's parameters changed after forward_train")]
+    StaleContext,
     /// A query position asked of the attention API is out of range.
     #[error("query position {index} is out of range: the input has {positions} positions")]
     QueryOutOfRange {

@@ -43,12 +43,20 @@ pub struct GoldenReport {
     pub attention_err: Option<f32>,
     /// FNV-1a 64 of the output's f32 values as little-endian bytes, row-major.
     pub bits: u64,
+    /// Gradient cases: max |got − want| over ∂L/∂input, and its tolerance.
+    pub grad_input: Option<(f32, f32)>,
+    /// Gradient cases: the largest per-tensor parameter-gradient error, each relative to
+    /// max(1, max |want|); passes at ≤ 1e-4.
+    pub grad_param_err: Option<f32>,
 }
 
 impl GoldenReport {
     /// Whether the output and (if present) the attention are within tolerance.
     pub fn passed(&self) -> bool {
-        self.output_err <= self.tol && self.attention_err.is_none_or(|e| e <= ATTENTION_TOLERANCE)
+        self.output_err <= self.tol
+            && self.attention_err.is_none_or(|e| e <= ATTENTION_TOLERANCE)
+            && self.grad_input.is_none_or(|(e, tol)| e <= tol)
+            && self.grad_param_err.is_none_or(|e| e <= 1e-4)
     }
 }
 
@@ -57,6 +65,12 @@ impl fmt::Display for GoldenReport {
         write!(f, "output_err={:.3e} tol={:.3e}", self.output_err, self.tol)?;
         if let Some(e) = self.attention_err {
             write!(f, " attention_err={e:.3e}")?;
+        }
+        if let Some((e, _)) = self.grad_input {
+            write!(f, " grad_input_err={e:.3e}")?;
+        }
+        if let Some(e) = self.grad_param_err {
+            write!(f, " grad_param_err={e:.3e}")?;
         }
         write!(f, " bits={:016x} {}", self.bits, if self.passed() { "PASS" } else { "FAIL" })
     }
@@ -122,7 +136,46 @@ impl GoldenCase {
         } else {
             None
         };
-        Ok(GoldenReport { output_err, tol, attention_err, bits: got_bits })
+        let (grad_input, grad_param_err) = if self.file.contains("grad_output") {
+            let (input_err, param_err) = self.check_gradients(&block, &input)?;
+            (Some(input_err), Some(param_err))
+        } else {
+            (None, None)
+        };
+        Ok(GoldenReport { output_err, tol, attention_err, bits: got_bits, grad_input, grad_param_err })
+    }
+
+    /// Runs the training forward and backward with `grad_output` and compares ∂L/∂input and
+    /// every `grad.<key>` of the file with the block's gradients.
+    fn check_gradients(&self, block: &NonLocalBlock, input: &ndarray::Array5<f32>) -> Result<((f32, f32), f32)> {
+        let grad_output = self.file.tensor("grad_output")?;
+        let (_, ctx) = block.forward_train(input)?;
+        let grads = block.backward(
+            &ctx,
+            &grad_output.into_dimensionality::<Ix5>().map_err(|_| Error::WrongShape {
+                key: "grad_output".into(),
+                expected: input.shape().to_vec(),
+                actual: vec![],
+            })?,
+        )?;
+        let input_err = compare("grad_input", &grads.input.into_dyn(), &self.file.tensor("grad_input")?)?;
+        let mut ours: HashMap<String, ArrayD<f32>> = HashMap::new();
+        for (name, g) in grads.params.named() {
+            let (key, shape) = crate::weights::checkpoint_entry(&self.keys, &self.config, &name);
+            let g = g.to_owned().into_shape_with_order(ndarray::IxDyn(&shape)).expect("same element count");
+            ours.insert(format!("grad.{key}"), g);
+        }
+        let mut worst = 0.0f32;
+        for key in self.file.keys().into_iter().filter(|k| k.starts_with("grad.")) {
+            let want = self.file.tensor(key)?;
+            let got = ours.remove(key).ok_or_else(|| Error::MissingKey { key: format!("{key} (no such gradient)") })?;
+            let (err, tol) = compare(key, &got, &want)?;
+            worst = worst.max(err / tol * 1e-4);
+        }
+        if let Some(extra) = ours.keys().next() {
+            return Err(Error::MissingKey { key: format!("{extra} (gradient missing from the file)") });
+        }
+        Ok((input_err, worst))
     }
 }
 

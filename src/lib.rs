@@ -72,6 +72,7 @@ pub mod golden;
 pub mod kernels;
 mod params;
 pub mod reference;
+mod train;
 mod weights;
 mod workspace;
 
@@ -79,4 +80,5 @@ pub use block::NonLocalBlock;
 pub use config::{parse_sub_sample, Mode, NonLocalConfig};
 pub use error::{Error, Result};
 pub use params::{BatchNorm, Conv1x1, Parameters};
+pub use train::{Gradients, ParameterGradients, TrainContext};
 pub use weights::{detect_naming, Naming, TensorFile, WeightKeys};

@@ -372,3 +372,62 @@ pub fn detect_naming(file: &TensorFile, prefix: &str) -> Result<Naming> {
     }
     Err(Error::MissingKey { key: format!("{prefix}g.weight") })
 }
+
+/// The checkpoint key and PyTorch shape of a parameter named as in
+/// [`Parameters::trainable_mut`](crate::Parameters::trainable_mut) (`theta.weight`,
+/// `bn.bias`, …, plus `bn.running_mean` and `bn.running_var`).
+pub(crate) fn checkpoint_entry(keys: &WeightKeys, config: &NonLocalConfig, name: &str) -> (String, Vec<usize>) {
+    let (c, ci) = (config.in_channels, config.inter_channels);
+    let pooled = config.sub_sample.is_some();
+    let conv_shape = |out: usize, inp: usize| {
+        let mut shape = vec![out, inp];
+        shape.resize(2 + config.conv_dims, 1);
+        shape
+    };
+    let (part, field) = name.split_once('.').unwrap_or((name, ""));
+    match (part, field) {
+        ("concat_project", _) => (keys.concat_project(), vec![1, 2 * ci, 1, 1]),
+        ("bn", f) => (format!("{}.{f}", keys.bn()), vec![c]),
+        ("w_z", "weight") => (format!("{}.weight", keys.w_z(config.bn_layer)), conv_shape(c, ci)),
+        ("w_z", f) => (format!("{}.{f}", keys.w_z(config.bn_layer)), vec![c]),
+        (p, "weight") => (format!("{}.weight", keys.embedding(p, pooled)), conv_shape(ci, c)),
+        (p, f) => (format!("{}.{f}", keys.embedding(p, pooled)), vec![ci]),
+    }
+}
+
+/// A block's parameters as a safetensors file under `keys`: every tensor the checkpoint
+/// scheme has for this configuration (BatchNorm running statistics and
+/// `num_batches_tracked` included, so PyTorch's strict `load_state_dict` accepts it), F32.
+pub(crate) fn export(keys: &WeightKeys, config: &NonLocalConfig, params: &Parameters) -> Result<Vec<u8>> {
+    let mut params = params.clone();
+    let mut entries: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let stats: Vec<(String, Vec<f32>)> = params
+        .bn
+        .as_ref()
+        .map(|bn| {
+            vec![
+                ("bn.running_mean".to_string(), bn.running_mean.to_vec()),
+                ("bn.running_var".to_string(), bn.running_var.to_vec()),
+            ]
+        })
+        .unwrap_or_default();
+    let mut tensors: Vec<(String, Vec<f32>)> =
+        params.trainable_mut().into_iter().map(|(name, t)| (name, t.iter().copied().collect())).collect();
+    tensors.extend(stats);
+    for (name, values) in tensors {
+        let (key, shape) = checkpoint_entry(keys, config, &name);
+        entries.push((key, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()));
+    }
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = entries
+        .iter()
+        .map(|(k, shape, bytes)| {
+            Ok((k.clone(), safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)?))
+        })
+        .collect::<Result<_>>()?;
+    let counter = 0i64.to_le_bytes();
+    if config.bn_layer {
+        let key = format!("{}.num_batches_tracked", keys.bn());
+        views.push((key, safetensors::tensor::TensorView::new(Dtype::I64, vec![], &counter)?));
+    }
+    Ok(safetensors::serialize(views, None)?)
+}

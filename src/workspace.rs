@@ -41,9 +41,19 @@ impl std::ops::DerefMut for Scratch<'_> {
     }
 }
 
+impl Scratch<'_> {
+    /// Keeps the buffer instead of returning it to the workspace.
+    pub(crate) fn into_vec(mut self) -> Vec<f32> {
+        std::mem::take(&mut self.buf)
+    }
+}
+
 impl Drop for Scratch<'_> {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.buf);
+        if buf.capacity() == 0 {
+            return;
+        }
         if let Ok(mut idle) = self.home.idle.lock() {
             if idle.len() < MAX_IDLE {
                 idle.push(buf);

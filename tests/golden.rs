@@ -4,9 +4,10 @@
 use nonlocal::golden::GoldenCase;
 
 fn golden_files() -> Vec<std::path::PathBuf> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("tests/data exists")
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut files: Vec<_> = [root.clone(), root.join("grad")]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).expect("tests/data and tests/data/grad exist"))
         .map(|e| e.expect("readable entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect();
@@ -17,12 +18,15 @@ fn golden_files() -> Vec<std::path::PathBuf> {
 #[test]
 fn every_golden_case_passes() {
     let files = golden_files();
-    assert!(files.len() >= 16, "expected the vendored golden cases, found {}", files.len());
+    assert!(files.len() >= 21, "expected the vendored golden cases, found {}", files.len());
+    let mut gradient_cases = 0;
     for path in files {
         let case = GoldenCase::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let report = case.check().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(report.passed(), "{}: {report}", path.display());
+        gradient_cases += report.grad_param_err.is_some() as usize;
     }
+    assert!(gradient_cases >= 5, "gradient cases checked: {gradient_cases}");
 }
 
 #[test]

@@ -87,6 +87,18 @@ pub fn max_pool_argmax(src: MatRef<'_>, grid: [usize; 3], kernel: [usize; 3]) ->
     arg
 }
 
+/// The backward of [`max_pool`]: adds each pooled gradient (M × c) to the source row that won
+/// its window (`argmax` from [`max_pool_argmax`]), in `out` (N × c with row stride `ld`,
+/// columns starting at `col`). Windows do not overlap, so no two gradients meet.
+pub fn max_unpool_add(grad: &[f32], argmax: &[u32], c: usize, out: &mut [f32], ld: usize, col: usize) {
+    assert_eq!(grad.len(), argmax.len());
+    for (g_row, a_row) in grad.chunks(c.max(1)).zip(argmax.chunks(c.max(1))) {
+        for (ch, (&g, &n)) in g_row.iter().zip(a_row).enumerate() {
+            out[n as usize * ld + col + ch] += g;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +146,9 @@ mod tests {
         assert_eq!(&out[2..], &[5.0, 5.0]);
         let arg = max_pool_argmax(src, [1, 1, 4], [1, 1, 2]);
         assert_eq!(arg, vec![1, 0, 2, 2]);
+        // Gradients go back to the winners, into a wider matrix at column 1.
+        let mut back = vec![0.0f32; 4 * 3];
+        max_unpool_add(&[1.0, 2.0, 3.0, 4.0], &arg, 2, &mut back, 3, 1);
+        assert_eq!(back, vec![0.0, 0.0, 2.0, 0.0, 1.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0, 0.0]);
     }
 }

@@ -130,6 +130,124 @@ fn acc_row<'b>(acc: &'b mut MatMut<'_>, r: usize, dv: usize) -> &'b mut [f32] {
     &mut acc.data_mut()[r * dv..(r + 1) * dv]
 }
 
+/// Number of query chunks whose key-side gradient partial sums are kept apart in the
+/// backward pass: fixed (not the thread count), so the final sums have one order.
+pub const BACKWARD_QUERY_CHUNKS: usize = 8;
+
+/// Gradients of `Y = softmax(scale · Q·Kᵀ)·V` (the backward of [`softmax_attention_lse`]),
+/// recomputing the attention tile by tile from the saved log-sum-exp, as FlashAttention-2.
+///
+/// Inputs: `q` N × d, `k` M × d, `v` M × dv, `lse` (N) from the forward pass, `y` (N × dv,
+/// the forward output) and `dy` (N × dv). Outputs, overwritten: `dq` N × d, `dk` M × d,
+/// `dv` M × dv, all row-major.
+///
+/// Queries are split into at most [`BACKWARD_QUERY_CHUNKS`] chunks of whole query tiles;
+/// each chunk sums its own key-side partials, and the partials are added in chunk order, so
+/// the result does not depend on the thread count.
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_attention_backward(
+    q: MatRef<'_>,
+    k: MatRef<'_>,
+    v: MatRef<'_>,
+    scale: f32,
+    lse: &[f32],
+    y: MatRef<'_>,
+    dy: MatRef<'_>,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
+    assert!(m > 0);
+    assert_eq!((dq.len(), dk.len(), dv.len(), lse.len()), (n * d, m * d, m * dvc, n));
+    let tiles = n.div_ceil(QUERY_TILE);
+    let chunks = tiles.clamp(1, BACKWARD_QUERY_CHUNKS);
+    let chunk_rows = tiles.div_ceil(chunks) * QUERY_TILE;
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dq
+        .par_chunks_mut(chunk_rows * d)
+        .enumerate()
+        .map(|(c, dq_chunk)| {
+            let start = c * chunk_rows;
+            let end = (start + chunk_rows).min(n);
+            let mut dk_part = vec![0.0f32; m * d];
+            let mut dv_part = vec![0.0f32; m * dvc];
+            let mut tile_start = start;
+            while tile_start < end {
+                let tile_end = (tile_start + QUERY_TILE).min(end);
+                let local = (tile_start - start) * d..(tile_end - start) * d;
+                backward_tile(
+                    (q.rows_range(tile_start, tile_end), k, v, scale),
+                    &lse[tile_start..tile_end],
+                    y.rows_range(tile_start, tile_end),
+                    dy.rows_range(tile_start, tile_end),
+                    &mut dq_chunk[local],
+                    &mut dk_part,
+                    &mut dv_part,
+                );
+                tile_start = tile_end;
+            }
+            (dk_part, dv_part)
+        })
+        .collect();
+    dk.fill(0.0);
+    dv.fill(0.0);
+    for (dk_part, dv_part) in &partials {
+        dk.iter_mut().zip(dk_part).for_each(|(a, b)| *a += b);
+        dv.iter_mut().zip(dv_part).for_each(|(a, b)| *a += b);
+    }
+}
+
+/// One query tile against all keys: writes the tile's `dq` and adds to `dk`, `dv`.
+fn backward_tile(
+    (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
+    lse: &[f32],
+    y: MatRef<'_>,
+    dy: MatRef<'_>,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (rows, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
+    let key_tile = KEY_TILE.min(m);
+    // D_i = dy_i · y_i: the softmax Jacobian's diagonal correction.
+    let mut row_y = vec![0.0f32; dvc];
+    let mut row_dy = vec![0.0f32; dvc];
+    let delta: Vec<f32> = (0..rows)
+        .map(|r| {
+            y.copy_row(r, &mut row_y);
+            dy.copy_row(r, &mut row_dy);
+            row_y.iter().zip(&row_dy).map(|(a, b)| a * b).sum()
+        })
+        .collect();
+    let mut p = vec![0.0f32; rows * key_tile];
+    let mut dp = vec![0.0f32; rows * key_tile];
+    let mut start = 0;
+    while start < m {
+        let end = (start + key_tile).min(m);
+        let width = end - start;
+        let (k_t, v_t) = (k.rows_range(start, end), v.rows_range(start, end));
+        gemm(1.0, q, k_t.t(), 0.0, &mut MatMut::new(&mut p, rows, width, width));
+        for r in 0..rows {
+            // P = exp(s·S − lse): the normalised weights, exactly as in the forward pass.
+            exp_sum(&mut p[r * width..(r + 1) * width], scale, lse[r]);
+        }
+        gemm(1.0, dy, v_t.t(), 0.0, &mut MatMut::new(&mut dp, rows, width, width));
+        let p_view = MatRef::new(&p, 0, rows, width, width);
+        gemm(1.0, p_view.t(), dy, 1.0, &mut MatMut::new(&mut dv[start * dvc..end * dvc], width, dvc, dvc));
+        // dS = P ⊙ (dP − D), stored over dP.
+        for r in 0..rows {
+            let (pr, dpr) = (&p[r * width..(r + 1) * width], &mut dp[r * width..(r + 1) * width]);
+            for (g, &w) in dpr.iter_mut().zip(pr) {
+                *g = w * (*g - delta[r]);
+            }
+        }
+        let ds = MatRef::new(&dp, 0, rows, width, width);
+        gemm(scale, ds, k_t, if start == 0 { 0.0 } else { 1.0 }, &mut MatMut::new(dq, rows, d, d));
+        gemm(scale, ds.t(), q, 1.0, &mut MatMut::new(&mut dk[start * d..end * d], width, d, d));
+        start = end;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +314,62 @@ mod tests {
                 })
                 .sum();
             assert!((total - 1.0).abs() < 1e-4, "lse gives total weight {total}");
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_of_the_reference() {
+        let (n, m, d, dv) = (300, 530, 5, 3);
+        let scale = 0.7;
+        let q = pseudo_random(n * d, 11, 1.5);
+        let k = pseudo_random(m * d, 12, 1.5);
+        let v = pseudo_random(m * dv, 13, 1.0);
+        let dy = pseudo_random(n * dv, 14, 1.0);
+        let (qm, km, vm) = (MatRef::new(&q, 0, n, d, d), MatRef::new(&k, 0, m, d, d), MatRef::new(&v, 0, m, dv, dv));
+        let mut y = vec![0.0f32; n * dv];
+        let mut lse = vec![0.0f32; n];
+        softmax_attention_lse(qm, km, vm, scale, &mut y, &mut lse);
+        let (mut dq, mut dk, mut dvv) = (vec![f32::NAN; n * d], vec![f32::NAN; m * d], vec![f32::NAN; m * dv]);
+        softmax_attention_backward(
+            qm,
+            km,
+            vm,
+            scale,
+            &lse,
+            MatRef::new(&y, 0, n, dv, dv),
+            MatRef::new(&dy, 0, n, dv, dv),
+            &mut dq,
+            &mut dk,
+            &mut dvv,
+        );
+        // L = Σ dy ⊙ Y in f64; central differences on a few entries of each input.
+        let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
+            let y = reference(q, k, v, (n, m, d, dv), scale as f64);
+            y.iter().zip(&dy).map(|(a, &b)| a * b as f64).sum()
+        };
+        let h = 1e-2f32;
+        let check = |which: usize, idx: usize, got: f32| {
+            let (mut q2, mut k2, mut v2) = (q.clone(), k.clone(), v.clone());
+            let target = [&mut q2, &mut k2, &mut v2];
+            let t = target.into_iter().nth(which).unwrap();
+            let orig = t[idx];
+            t[idx] = orig + h;
+            let up = loss(&q2, &k2, &v2);
+            let (mut q3, mut k3, mut v3) = (q.clone(), k.clone(), v.clone());
+            let t = [&mut q3, &mut k3, &mut v3].into_iter().nth(which).unwrap();
+            t[idx] = orig - h;
+            let down = loss(&q3, &k3, &v3);
+            let fd = (up - down) / (2.0 * h as f64);
+            assert!((fd - got as f64).abs() < 2e-3 * fd.abs().max(1.0), "input {which}[{idx}]: fd {fd} vs {got}");
+        };
+        for idx in [0, 7, n * d - 1] {
+            check(0, idx, dq[idx]);
+        }
+        for idx in [0, 511 * d + 2, m * d - 1] {
+            check(1, idx, dk[idx]);
+        }
+        for idx in [0, 515 * dv + 1, m * dv - 1] {
+            check(2, idx, dvv[idx]);
         }
     }
 }

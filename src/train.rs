@@ -1,0 +1,486 @@
+//! Training: a forward pass that saves what the backward pass needs, and the exact backward
+//! pass for the input and every parameter.
+//!
+//! BatchNorm is in inference form (frozen running statistics), as when fine-tuning: its
+//! weight and bias get gradients, its running mean and variance do not change.
+//!
+//! Memory stays O(N·C) per sample: the (embedded) Gaussian modes save each query's
+//! log-sum-exp and recompute attention tiles in the backward pass (FlashAttention-2); dot
+//! product runs `y = θ·(φᵀg)/M` backwards; concatenation uses sorted prefix sums both ways.
+//! Key-side gradients are sums over all queries, added over a fixed number of query chunks in
+//! a fixed order, so results are bit-identical for any thread count.
+
+use ndarray::{Array, Array1, Array2, ArrayBase, ArrayViewD, ArrayViewMutD, Data, Dimension};
+
+use crate::block::{buffer, Columns, NonLocalBlock};
+use crate::config::Mode;
+use crate::error::{Error, Result};
+use crate::kernels::concat::{concat_attention, concat_attention_backward};
+use crate::kernels::dot_product::key_value_product;
+use crate::kernels::gemm::{par_gemm, MatMut, MatRef};
+use crate::kernels::pool::{max_pool_argmax, max_unpool_add};
+use crate::kernels::softmax_attention::{softmax_attention_backward, softmax_attention_lse};
+use crate::params::{Conv1x1, Parameters};
+
+/// What [`NonLocalBlock::forward_train`] saves for [`NonLocalBlock::backward`]: a copy of the
+/// input and, per sample, the projections, pooled keys with their arg-max, y, and the
+/// softmax log-sum-exp. O(N·C) floats per sample; never the N×M attention.
+#[derive(Debug)]
+pub struct TrainContext {
+    shape: Vec<usize>,
+    grid: [usize; 3],
+    generation: u64,
+    /// The input, contiguous (B·N·C).
+    x: Vec<f32>,
+    samples: Vec<Saved>,
+}
+
+#[derive(Debug)]
+struct Saved {
+    proj: Vec<f32>,
+    /// Pooled key-side columns and, per pooled element, the winning row.
+    pooled: Option<(Vec<f32>, Vec<u32>)>,
+    /// Gaussian mode with pooling: the pooled input and its arg-max.
+    pooled_x: Option<(Vec<f32>, Vec<u32>)>,
+    /// y (N × C').
+    y: Vec<f32>,
+    /// Softmax modes: per-query log-sum-exp.
+    lse: Vec<f32>,
+    m: usize,
+}
+
+/// Gradients of the parameters, shaped like [`Parameters`] (BatchNorm: weight and bias only).
+/// A part the block does not have, or a bias it does not have, has no gradient.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParameterGradients {
+    /// Gradient of θ (weight (C', C), bias (C')).
+    pub theta: Option<Conv1x1>,
+    /// Gradient of φ.
+    pub phi: Option<Conv1x1>,
+    /// Gradient of g.
+    pub g: Conv1x1,
+    /// Gradient of `W_z` (weight (C, C'), bias when the block has one).
+    pub w_z: Conv1x1,
+    /// Gradient of the BatchNorm weight γ and bias β.
+    pub bn: Option<(Array1<f32>, Array1<f32>)>,
+    /// Gradient of the concatenation projection (2C').
+    pub concat_project: Option<Array1<f32>>,
+}
+
+/// The result of [`NonLocalBlock::backward`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gradients<D: Dimension> {
+    /// ∂L/∂x, the input's shape.
+    pub input: Array<f32, D>,
+    /// ∂L/∂θ for every trainable parameter.
+    pub params: ParameterGradients,
+}
+
+fn conv_tensors<'a>(name: &'static str, conv: &'a Conv1x1, out: &mut Vec<(String, ArrayViewD<'a, f32>)>) {
+    out.push((format!("{name}.weight"), conv.weight.view().into_dyn()));
+    if let Some(b) = &conv.bias {
+        out.push((format!("{name}.bias"), b.view().into_dyn()));
+    }
+}
+
+fn conv_tensors_mut<'a>(name: &'static str, conv: &'a mut Conv1x1, out: &mut Vec<(String, ArrayViewMutD<'a, f32>)>) {
+    out.push((format!("{name}.weight"), conv.weight.view_mut().into_dyn()));
+    if let Some(b) = &mut conv.bias {
+        out.push((format!("{name}.bias"), b.view_mut().into_dyn()));
+    }
+}
+
+impl ParameterGradients {
+    /// The gradients by name (`theta.weight`, `g.bias`, `w_z.weight`, `bn.weight`,
+    /// `concat_project`, …), in the order of [`Parameters::trainable_mut`].
+    pub fn named(&self) -> Vec<(String, ArrayViewD<'_, f32>)> {
+        let mut out = Vec::new();
+        if let Some(c) = &self.theta {
+            conv_tensors("theta", c, &mut out);
+        }
+        if let Some(c) = &self.phi {
+            conv_tensors("phi", c, &mut out);
+        }
+        conv_tensors("g", &self.g, &mut out);
+        conv_tensors("w_z", &self.w_z, &mut out);
+        if let Some((w, b)) = &self.bn {
+            out.push(("bn.weight".into(), w.view().into_dyn()));
+            out.push(("bn.bias".into(), b.view().into_dyn()));
+        }
+        if let Some(p) = &self.concat_project {
+            out.push(("concat_project".into(), p.view().into_dyn()));
+        }
+        out
+    }
+}
+
+impl Parameters {
+    /// The trainable tensors by name, mutable, in the order of [`ParameterGradients::named`]
+    /// (BatchNorm running statistics are not trainable). For optimisers:
+    /// ```
+    /// # use nonlocal::{NonLocalBlock, NonLocalConfig};
+    /// # let block = NonLocalBlock::new(NonLocalConfig::new(4))?;
+    /// # let x = ndarray::Array5::<f32>::ones((1, 1, 2, 2, 4));
+    /// let (z, ctx) = block.forward_train(&x)?;
+    /// let grads = block.backward(&ctx, &z)?; // L = ½|z|²
+    /// let mut params = block.parameters().clone();
+    /// for ((name, mut p), (_, g)) in params.trainable_mut().into_iter().zip(grads.params.named()) {
+    ///     p.zip_mut_with(&g, |p, g| *p -= 0.01 * g);
+    /// }
+    /// # Ok::<(), nonlocal::Error>(())
+    /// ```
+    pub fn trainable_mut(&mut self) -> Vec<(String, ArrayViewMutD<'_, f32>)> {
+        let mut out = Vec::new();
+        if let Some(c) = &mut self.theta {
+            conv_tensors_mut("theta", c, &mut out);
+        }
+        if let Some(c) = &mut self.phi {
+            conv_tensors_mut("phi", c, &mut out);
+        }
+        conv_tensors_mut("g", &mut self.g, &mut out);
+        conv_tensors_mut("w_z", &mut self.w_z, &mut out);
+        if let Some(bn) = &mut self.bn {
+            out.push(("bn.weight".into(), bn.weight.view_mut().into_dyn()));
+            out.push(("bn.bias".into(), bn.bias.view_mut().into_dyn()));
+        }
+        if let Some(p) = &mut self.concat_project {
+            out.push(("concat_project".into(), p.view_mut().into_dyn()));
+        }
+        out
+    }
+}
+
+impl NonLocalBlock {
+    /// The forward pass for training: the output (same as [`NonLocalBlock::forward`]) and the
+    /// context [`NonLocalBlock::backward`] needs. The context holds a copy of the input and
+    /// O(N·C) floats per sample; never the N×M attention.
+    ///
+    /// # Errors
+    /// As [`NonLocalBlock::forward`].
+    pub fn forward_train<S, D>(&self, x: &ArrayBase<S, D>) -> Result<(Array<f32, D>, TrainContext)>
+    where
+        S: Data<Elem = f32>,
+        D: Dimension,
+    {
+        let x5 = self.check_input(x.view().into_dyn())?;
+        let (b, t, h, w, c) = x5.dim();
+        let (n, grid) = (t * h * w, [t, h, w]);
+        let mut xs = buffer(x5.len(), "input copy")?;
+        xs.iter_mut().zip(x5.iter()).for_each(|(d, &s)| *d = s);
+        let mut out = buffer(x5.len(), "output")?;
+        let mut samples = Vec::with_capacity(b);
+        for (s, out_sample) in out.chunks_mut(n * c).enumerate() {
+            let xm = MatRef::new(&xs, s * n * c, n, c, c);
+            samples.push(self.forward_train_sample(xm, grid, out_sample)?);
+        }
+        let z = Array::from_shape_vec(x.raw_dim(), out).expect("output has the input's element count");
+        let ctx = TrainContext { shape: x.shape().to_vec(), grid, generation: self.generation, x: xs, samples };
+        Ok((z, ctx))
+    }
+
+    fn forward_train_sample(&self, x: MatRef<'_>, grid: [usize; 3], out: &mut [f32]) -> Result<Saved> {
+        let p = self.prepare(x, grid)?;
+        let (n, ci, m) = (x.rows(), self.config.inter_channels, p.m);
+        let kernel = self.config.pool_kernel();
+        let mut y = buffer(n * ci, "y")?;
+        let mut lse = Vec::new();
+        match self.config.mode {
+            Mode::EmbeddedGaussian | Mode::Gaussian => {
+                lse = buffer(n, "log-sum-exp")?;
+                softmax_attention_lse(p.queries(), p.keys(), p.values(), self.config.logit_scale(), &mut y, &mut lse);
+            }
+            Mode::DotProduct => {
+                let kv = key_value_product(p.keys(), p.values(), 1.0 / m as f32);
+                par_gemm(1.0, p.queries(), MatRef::new(&kv, 0, ci, ci, ci), 0.0, &mut MatMut::new(&mut y, n, ci, ci));
+            }
+            Mode::Concatenation => {
+                let b = p.concat_b(&self.compiled.w_phi);
+                concat_attention(p.concat_a(), &b, p.values(), &mut y);
+            }
+        }
+        self.output(x, MatRef::new(&y, 0, n, ci, ci), None, out);
+        let cols = p.cols;
+        let k = p.proj_cols;
+        let pooled = match p.pooled {
+            Some(pooled) => {
+                let key_cols =
+                    MatRef::new(&p.proj, 0, n, k, k).cols_range(cols.key_start, cols.key_start + cols.key_width);
+                Some((pooled.into_vec(), max_pool_argmax(key_cols, grid, kernel)))
+            }
+            None => None,
+        };
+        let pooled_x = p.pooled_x.map(|px| (px.into_vec(), max_pool_argmax(x, grid, kernel)));
+        Ok(Saved { proj: p.proj.into_vec(), pooled, pooled_x, y, lse, m })
+    }
+
+    /// The backward pass: gradients of a loss L with respect to the input and every
+    /// trainable parameter, given `grad_output` = ∂L/∂z (the output's shape).
+    ///
+    /// # Errors
+    /// [`Error::WrongShape`] when `grad_output` is not the shape of the forward input,
+    /// [`Error::StaleContext`] when the parameters changed since `forward_train`,
+    /// [`Error::TooLarge`] when buffers cannot be allocated.
+    pub fn backward<S, D>(&self, ctx: &TrainContext, grad_output: &ArrayBase<S, D>) -> Result<Gradients<D>>
+    where
+        S: Data<Elem = f32>,
+        D: Dimension,
+    {
+        if grad_output.shape() != ctx.shape.as_slice() {
+            return Err(Error::WrongShape {
+                key: "grad_output".into(),
+                expected: ctx.shape.clone(),
+                actual: grad_output.shape().to_vec(),
+            });
+        }
+        if ctx.generation != self.generation {
+            return Err(Error::StaleContext);
+        }
+        let (c, ci) = (self.config.in_channels, self.config.inter_channels);
+        let [t, h, w] = ctx.grid;
+        let n = t * h * w;
+        let k = self.compiled.proj_cols;
+        let mut dz = buffer(ctx.x.len(), "grad_output copy")?;
+        dz.iter_mut().zip(grad_output.iter()).for_each(|(d, &s)| *d = s);
+        let mut dx = buffer(ctx.x.len(), "input gradient")?;
+        let mut acc = Accumulators {
+            dz_y: vec![0.0; c * ci],
+            dz_sum: vec![0.0; c],
+            d_proj_w: vec![0.0; k * c],
+            d_proj_b: vec![0.0; k],
+            d_w_phi: vec![0.0; ci],
+        };
+        for (s, saved) in ctx.samples.iter().enumerate() {
+            let range = s * n * c..(s + 1) * n * c;
+            let x = MatRef::new(&ctx.x[range.clone()], 0, n, c, c);
+            let dz_s = MatRef::new(&dz[range.clone()], 0, n, c, c);
+            self.backward_sample(x, saved, dz_s, &mut dx[range], &mut acc)?;
+        }
+        let params = self.parameter_gradients(&acc);
+        let input = Array::from_shape_vec(grad_output.raw_dim(), dx).expect("input gradient has the input's size");
+        Ok(Gradients { input, params })
+    }
+
+    fn backward_sample(
+        &self,
+        x: MatRef<'_>,
+        saved: &Saved,
+        dz: MatRef<'_>,
+        dx: &mut [f32],
+        acc: &mut Accumulators,
+    ) -> Result<()> {
+        let (n, c, ci, m) = (x.rows(), x.cols(), self.config.inter_channels, saved.m);
+        let k = self.compiled.proj_cols;
+        let cols = Columns::of(self.config.mode, ci);
+        let y = MatRef::new(&saved.y, 0, n, ci, ci);
+        // Output side: z = x + y·W_outᵀ + b_out.
+        let mut dy = buffer(n * ci, "y gradient")?;
+        let w_out = MatRef::new(&self.compiled.w_out, 0, c, ci, ci);
+        par_gemm(1.0, dz, w_out, 0.0, &mut MatMut::new(&mut dy, n, ci, ci));
+        par_gemm(1.0, dz.t(), y, 1.0, &mut MatMut::new(&mut acc.dz_y, c, ci, ci));
+        column_sums(dz, &mut acc.dz_sum);
+        let dy = MatRef::new(&dy, 0, n, ci, ci);
+
+        // Attention side, into dP (N × proj_cols) and, for Gaussian, straight into dx.
+        let proj = MatRef::new(&saved.proj, 0, n, k, k);
+        let (kstart, kwidth) = (cols.key_start, cols.key_width);
+        let key_side = match &saved.pooled {
+            Some((pooled, _)) => MatRef::new(pooled, 0, m, kwidth, kwidth),
+            None => proj.cols_range(kstart, kstart + kwidth),
+        };
+        let values = key_side.cols_range(cols.g - kstart, cols.g - kstart + ci);
+        let mut dp = buffer(n * k, "projection gradient")?;
+        // Key-side gradients (M × key_width, same column order as the key side).
+        let mut dkey = vec![0.0f32; m * kwidth];
+        dx.iter_mut().zip(dz_rows(dz)).for_each(|(d, s)| *d = s);
+        match self.config.mode {
+            Mode::EmbeddedGaussian | Mode::Gaussian => {
+                let scale = self.config.logit_scale();
+                let (q, keys) = match cols.theta {
+                    Some(th) => {
+                        let phi = cols.phi.expect("θ comes with φ") - kstart;
+                        (proj.cols_range(th, th + ci), key_side.cols_range(phi, phi + ci))
+                    }
+                    None => match &saved.pooled_x {
+                        Some((px, _)) => (x, MatRef::new(px, 0, m, c, c)),
+                        None => (x, x),
+                    },
+                };
+                let d = q.cols();
+                let (mut dq, mut dk, mut dv) = (buffer(n * d, "dq")?, buffer(m * d, "dk")?, buffer(m * ci, "dv")?);
+                softmax_attention_backward(q, keys, values, scale, &saved.lse, y, dy, &mut dq, &mut dk, &mut dv);
+                set_block(&mut dkey, kwidth, cols.g - kstart, &dv, ci);
+                match cols.theta {
+                    Some(th) => {
+                        set_block(&mut dp, k, th, &dq, ci);
+                        set_block(&mut dkey, kwidth, cols.phi.expect("φ") - kstart, &dk, ci);
+                    }
+                    None => {
+                        // Gaussian: queries and keys are the input itself.
+                        dx.iter_mut().zip(&dq).for_each(|(a, b)| *a += b);
+                        match &saved.pooled_x {
+                            Some((_, arg)) => max_unpool_add(&dk, arg, c, dx, c, 0),
+                            None => dx.iter_mut().zip(&dk).for_each(|(a, b)| *a += b),
+                        }
+                    }
+                }
+            }
+            Mode::DotProduct => {
+                // y = θ·A with A = φ̂ᵀĝ/M.
+                let th = cols.theta.expect("dot product has θ");
+                let phi_col = cols.phi.expect("dot product has φ") - kstart;
+                let theta = proj.cols_range(th, th + ci);
+                let phi = key_side.cols_range(phi_col, phi_col + ci);
+                let inv_m = 1.0 / m as f32;
+                let a = key_value_product(phi, values, inv_m);
+                let mut dtheta = vec![0.0f32; n * ci];
+                par_gemm(1.0, dy, MatRef::new(&a, 0, ci, ci, ci).t(), 0.0, &mut MatMut::new(&mut dtheta, n, ci, ci));
+                set_block(&mut dp, k, th, &dtheta, ci);
+                // dA' = θᵀ·dy/M; dφ̂ = ĝ·dA'ᵀ; dĝ = φ̂·dA'.
+                let mut da = vec![0.0f32; ci * ci];
+                par_gemm(inv_m, theta.t(), dy, 0.0, &mut MatMut::new(&mut da, ci, ci, ci));
+                let da = MatRef::new(&da, 0, ci, ci, ci);
+                let (mut dphi, mut dg) = (vec![0.0f32; m * ci], vec![0.0f32; m * ci]);
+                par_gemm(1.0, values, da.t(), 0.0, &mut MatMut::new(&mut dphi, m, ci, ci));
+                par_gemm(1.0, phi, da, 0.0, &mut MatMut::new(&mut dg, m, ci, ci));
+                set_block(&mut dkey, kwidth, phi_col, &dphi, ci);
+                set_block(&mut dkey, kwidth, cols.g - kstart, &dg, ci);
+            }
+            Mode::Concatenation => {
+                let a_col = cols.a.expect("concatenation has an `a` column");
+                let a = proj.cols_range(a_col, a_col + 1);
+                let phi_col = cols.phi.expect("concatenation has φ") - kstart;
+                let phi = key_side.cols_range(phi_col, phi_col + ci);
+                let w_phi = &self.compiled.w_phi;
+                let mut row = vec![0.0f32; ci];
+                let b: Vec<f32> = (0..m)
+                    .map(|j| {
+                        phi.copy_row(j, &mut row);
+                        row.iter().zip(w_phi).map(|(&p, &w)| p as f64 * w as f64).sum::<f64>() as f32
+                    })
+                    .collect();
+                let (mut da, mut db, mut dv) = (vec![0.0f32; n], vec![0.0f32; m], vec![0.0f32; m * ci]);
+                concat_attention_backward(a, &b, values, dy, (&mut da, &mut db, &mut dv));
+                for (i, &v) in da.iter().enumerate() {
+                    dp[i * k + a_col] = v;
+                }
+                // b_j = w_φ·φ̂_j: dφ̂_j = db_j·w_φ, and w_φ collects Σ_j db_j·φ̂_j.
+                let mut dphi = vec![0.0f32; m * ci];
+                for j in 0..m {
+                    phi.copy_row(j, &mut row);
+                    for ch in 0..ci {
+                        dphi[j * ci + ch] = db[j] * w_phi[ch];
+                        acc.d_w_phi[ch] += (db[j] as f64 * row[ch] as f64) as f32;
+                    }
+                }
+                set_block(&mut dkey, kwidth, phi_col, &dphi, ci);
+                set_block(&mut dkey, kwidth, cols.g - kstart, &dv, ci);
+            }
+        }
+        // Key-side gradients back through the pooling (or straight, without it).
+        match &saved.pooled {
+            Some((_, arg)) => max_unpool_add(&dkey, arg, kwidth, &mut dp, k, kstart),
+            None => {
+                for i in 0..n {
+                    for ch in 0..kwidth {
+                        dp[i * k + kstart + ch] += dkey[i * kwidth + ch];
+                    }
+                }
+            }
+        }
+        // Projection side: P = x·W_allᵀ + b_all.
+        let dp_m = MatRef::new(&dp, 0, n, k, k);
+        par_gemm(1.0, dp_m.t(), x, 1.0, &mut MatMut::new(&mut acc.d_proj_w, k, c, c));
+        column_sums(dp_m, &mut acc.d_proj_b);
+        let w_all = MatRef::new(&self.compiled.w_proj, 0, k, c, c);
+        par_gemm(1.0, dp_m, w_all, 1.0, &mut MatMut::new(dx, n, c, c));
+        Ok(())
+    }
+
+    /// Maps the accumulated sums back onto the parameters' shapes.
+    fn parameter_gradients(&self, acc: &Accumulators) -> ParameterGradients {
+        let (c, ci) = (self.config.in_channels, self.config.inter_channels);
+        let params = &self.params;
+        let cols = Columns::of(self.config.mode, ci);
+        let k = self.compiled.proj_cols;
+        let proj_w = |start: usize| Array2::from_shape_fn((ci, c), |(o, i)| acc.d_proj_w[(start + o) * c + i]);
+        let proj_b = |start: usize| Array1::from_shape_fn(ci, |o| acc.d_proj_b[start + o]);
+        let conv_grad = |start: usize, conv: &Conv1x1| Conv1x1 {
+            weight: proj_w(start),
+            bias: conv.bias.as_ref().map(|_| proj_b(start)),
+        };
+        let g = conv_grad(cols.g, &params.g);
+        let mut theta = cols.theta.zip(params.theta.as_ref()).map(|(s, p)| conv_grad(s, p));
+        let phi = cols.phi.zip(params.phi.as_ref()).map(|(s, p)| conv_grad(s, p));
+        let mut concat_project = None;
+        if let (Some(a), Some(w), Some(th)) = (cols.a, &params.concat_project, &params.theta) {
+            // a_i = u·x_i + w_θ·b_θ with u = W_θᵀ w_θ: r = Σ_i da_i x_i, ra = Σ_i da_i.
+            let r = &acc.d_proj_w[a * c..(a + 1) * c];
+            let ra = acc.d_proj_b[a];
+            debug_assert_eq!(a + 1, k);
+            theta = Some(Conv1x1 {
+                weight: Array2::from_shape_fn((ci, c), |(o, i)| w[o] * r[i]),
+                bias: th.bias.as_ref().map(|_| Array1::from_shape_fn(ci, |o| w[o] * ra)),
+            });
+            let mut grad = Array1::<f32>::zeros(2 * ci);
+            for o in 0..ci {
+                let dot: f64 = (0..c).map(|i| th.weight[[o, i]] as f64 * r[i] as f64).sum();
+                let bias = th.bias.as_ref().map_or(0.0, |b| b[o] as f64 * ra as f64);
+                grad[o] = (dot + bias) as f32;
+                grad[ci + o] = acc.d_w_phi[o];
+            }
+            concat_project = Some(grad);
+        }
+        // z = x + s ⊙ (W_z·y + b_z − mean) + β with s = γ/√(var + eps).
+        let s = &self.compiled.bn_scale;
+        let w_z = Conv1x1 {
+            weight: Array2::from_shape_fn((c, ci), |(o, i)| s[o] * acc.dz_y[o * ci + i]),
+            bias: params.w_z.bias.as_ref().map(|_| Array1::from_shape_fn(c, |o| s[o] * acc.dz_sum[o])),
+        };
+        let bn = params.bn.as_ref().map(|bn| {
+            let weight = Array1::from_shape_fn(c, |o| {
+                let sigma = (bn.running_var[o] as f64 + self.config.bn_eps).sqrt();
+                let wy: f64 = (0..ci).map(|i| params.w_z.weight[[o, i]] as f64 * acc.dz_y[o * ci + i] as f64).sum();
+                let b = params.w_z.bias.as_ref().map_or(0.0, |b| b[o] as f64);
+                ((wy + (b - bn.running_mean[o] as f64) * acc.dz_sum[o] as f64) / sigma) as f32
+            });
+            (weight, Array1::from_vec(acc.dz_sum.clone()))
+        });
+        ParameterGradients { theta, phi, g, w_z, bn, concat_project }
+    }
+}
+
+/// Sums over the samples of a batch.
+struct Accumulators {
+    /// Σ dzᵀ·y (C × C').
+    dz_y: Vec<f32>,
+    /// Σ dz over positions (C).
+    dz_sum: Vec<f32>,
+    /// Σ dPᵀ·x (proj_cols × C) and Σ dP (proj_cols).
+    d_proj_w: Vec<f32>,
+    d_proj_b: Vec<f32>,
+    /// Concatenation: Σ db_j·φ̂_j (C').
+    d_w_phi: Vec<f32>,
+}
+
+/// Adds the column sums of `m` to `out`, each in f64 over rows in order.
+fn column_sums(m: MatRef<'_>, out: &mut [f32]) {
+    let mut sums = vec![0.0f64; m.cols()];
+    let mut row = vec![0.0f32; m.cols()];
+    for i in 0..m.rows() {
+        m.copy_row(i, &mut row);
+        sums.iter_mut().zip(&row).for_each(|(s, &v)| *s += v as f64);
+    }
+    out.iter_mut().zip(sums).for_each(|(o, s)| *o = (*o as f64 + s) as f32);
+}
+
+/// The rows of a contiguous matrix view, flattened.
+fn dz_rows(dz: MatRef<'_>) -> impl Iterator<Item = f32> + '_ {
+    (0..dz.rows()).flat_map(move |i| (0..dz.cols()).map(move |j| dz.at(i, j)))
+}
+
+/// Writes `src` (rows × width) into columns `col..col + width` of `dst` (row stride `ld`).
+fn set_block(dst: &mut [f32], ld: usize, col: usize, src: &[f32], width: usize) {
+    for (d, s) in dst.chunks_mut(ld).zip(src.chunks(width)) {
+        d[col..col + width].copy_from_slice(s);
+    }
+}

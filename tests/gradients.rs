@@ -1,0 +1,182 @@
+//! The backward pass against central finite differences of the f64 reference, in every mode
+//! with and without pooling and BatchNorm; plus determinism, stale contexts and weight export.
+
+mod common;
+
+use common::{random_params, Rng};
+use ndarray::{Array5, ArrayViewMutD};
+use nonlocal::{reference, Error, Mode, NonLocalBlock, NonLocalConfig, Parameters, TensorFile, WeightKeys};
+
+/// L = Σ z ⊙ r in f64, from the reference implementation.
+fn reference_loss(config: &NonLocalConfig, params: &Parameters, x: &Array5<f32>, r: &Array5<f32>) -> f64 {
+    let (z, _) = reference::forward(config, params, x.view());
+    z.iter().zip(r.iter()).map(|(a, &b)| a * b as f64).sum()
+}
+
+/// Central difference of the loss along one element, with the step actually taken in f32.
+fn central_difference(mut loss_at: impl FnMut(f32) -> f64, value: f32, h: f32) -> f64 {
+    let (up, down) = (value + h, value - h);
+    (loss_at(up) - loss_at(down)) / (up as f64 - down as f64)
+}
+
+fn check_mode(mode: Mode, sub_sample: Option<[usize; 3]>, bn: bool, seed: u64) {
+    let what = format!("{mode} sub_sample={sub_sample:?} bn={bn}");
+    let mut rng = Rng::new(seed);
+    let config = NonLocalConfig::new(5).inter_channels(3).mode(mode).sub_sample(sub_sample).bn_layer(bn);
+    let params = random_params(&config, &mut rng);
+    let block = NonLocalBlock::from_parameters(config.clone(), params.clone()).unwrap();
+    let x = rng.input((2, 2, 4, 5, 5), 1.0);
+    let r = rng.input((2, 2, 4, 5, 5), 1.0);
+    let (z, ctx) = block.forward_train(&x).unwrap();
+    // Dot product associates its products differently in inference (folded into W_z), so
+    // the two forward passes agree to rounding, not to the bit.
+    let z_inference = block.forward(&x).unwrap();
+    let diff = z.iter().zip(z_inference.iter()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= 1e-5, "{what}: training forward differs by {diff}");
+    let grads = block.backward(&ctx, &r).unwrap();
+    // Concatenation's ReLU has kinks at a_i + b_j = 0: a wide step straddles some of the
+    // N·M pairs and biases the difference (by ~4% at h = 1e-3 here), so step finely. The
+    // reference runs in f64 and the step actually taken is used, so that is safe.
+    let h = if mode == Mode::Concatenation { 1e-5f32 } else { 1e-3f32 };
+    let tol = |fd: f64| 2e-3 * fd.abs().max(1.0);
+    // The input: a spread of elements.
+    for idx in (0..x.len()).step_by(37) {
+        let mut xp = x.clone();
+        let flat = xp.as_slice_mut().unwrap();
+        let value = flat[idx];
+        let fd = central_difference(
+            |v| {
+                let mut xv = x.clone();
+                xv.as_slice_mut().unwrap()[idx] = v;
+                reference_loss(&config, &params, &xv, &r)
+            },
+            value,
+            h,
+        );
+        let got = grads.input.as_slice().unwrap()[idx] as f64;
+        assert!((fd - got).abs() <= tol(fd), "{what}: input[{idx}] fd {fd} vs {got}");
+    }
+    // Every trainable tensor: a few elements each.
+    let named = grads.params.named();
+    let mut probe = params.clone();
+    let names: Vec<String> = probe.trainable_mut().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, named.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(), "{what}: gradient names");
+    for (t, (name, grad)) in named.iter().enumerate() {
+        let len = grad.len();
+        for idx in [0, len / 2, len - 1] {
+            let value = params.clone().trainable_mut()[t].1.iter().nth(idx).copied().unwrap();
+            let fd = central_difference(
+                |v| {
+                    let mut p = params.clone();
+                    set_element(&mut p.trainable_mut()[t].1, idx, v);
+                    reference_loss(&config, &p, &x, &r)
+                },
+                value,
+                h,
+            );
+            let got = grad.iter().nth(idx).copied().unwrap() as f64;
+            assert!((fd - got).abs() <= tol(fd), "{what}: {name}[{idx}] fd {fd} vs {got}");
+        }
+    }
+}
+
+fn set_element(t: &mut ArrayViewMutD<'_, f32>, idx: usize, v: f32) {
+    *t.iter_mut().nth(idx).unwrap() = v;
+}
+
+#[test]
+fn gradients_match_finite_differences_in_every_configuration() {
+    let mut seed = 100;
+    for mode in Mode::ALL {
+        for sub in [None, Some([1, 2, 2]), Some([2, 2, 2])] {
+            for bn in [true, false] {
+                check_mode(mode, sub, bn, seed);
+                seed += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn gradient_bits_do_not_depend_on_thread_count() {
+    for mode in Mode::ALL {
+        let mut rng = Rng::new(7);
+        let config = NonLocalConfig::new(12).mode(mode);
+        let block = NonLocalBlock::from_parameters(config.clone(), random_params(&config, &mut rng)).unwrap();
+        // 2·20·24 = 960 queries: several query tiles and backward chunks.
+        let x = rng.input((1, 2, 20, 24, 12), 1.0);
+        let r = rng.input((1, 2, 20, 24, 12), 1.0);
+        let runs: Vec<Vec<u32>> = [1, 2, 3]
+            .iter()
+            .map(|&threads| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| {
+                    let (_, ctx) = block.forward_train(&x).unwrap();
+                    let g = block.backward(&ctx, &r).unwrap();
+                    let mut bits: Vec<u32> = g.input.iter().map(|v| v.to_bits()).collect();
+                    for (_, t) in g.params.named() {
+                        bits.extend(t.iter().map(|v| v.to_bits()));
+                    }
+                    bits
+                })
+            })
+            .collect();
+        assert_eq!(runs[0], runs[1], "{mode}: 1 vs 2 threads");
+        assert_eq!(runs[0], runs[2], "{mode}: 1 vs 3 threads");
+    }
+}
+
+#[test]
+fn stale_context_and_wrong_gradient_shape_are_errors() {
+    let mut rng = Rng::new(3);
+    let config = NonLocalConfig::new(4);
+    let mut block = NonLocalBlock::from_parameters(config.clone(), random_params(&config, &mut rng)).unwrap();
+    let x = rng.input((1, 1, 4, 4, 4), 1.0);
+    let (z, ctx) = block.forward_train(&x).unwrap();
+    let wrong = Array5::<f32>::zeros((1, 1, 4, 2, 4));
+    assert!(matches!(block.backward(&ctx, &wrong), Err(Error::WrongShape { .. })));
+    block.set_parameters(random_params(&config, &mut rng)).unwrap();
+    assert!(matches!(block.backward(&ctx, &z), Err(Error::StaleContext)));
+}
+
+#[test]
+fn export_round_trips_under_the_loaded_keys() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    for (file, keys, config) in [
+        ("eg_video.safetensors", WeightKeys::alexhex7(), NonLocalConfig::new(8).inter_channels(4)),
+        (
+            "eg_checkpoint_prefix.safetensors",
+            WeightKeys::mmcv().with_prefix("backbone.layer3.1.non_local_block."),
+            NonLocalConfig::new(8).inter_channels(4).use_scale(true).conv_dims(2),
+        ),
+        (
+            "concat_mmcv.safetensors",
+            WeightKeys::mmcv(),
+            NonLocalConfig::new(8).inter_channels(4).mode(Mode::Concatenation),
+        ),
+        (
+            "gauss_nopool.safetensors",
+            WeightKeys::alexhex7(),
+            NonLocalConfig::new(6).inter_channels(3).mode(Mode::Gaussian).sub_sample(None).bn_layer(false),
+        ),
+    ] {
+        let original = TensorFile::open(dir.join(file)).unwrap();
+        let block = NonLocalBlock::from_safetensors(config.clone(), &original, &keys).unwrap();
+        let exported = TensorFile::from_bytes(block.to_safetensors().unwrap()).unwrap();
+        // Exactly the parameter keys of the original (not its input/output or other tensors).
+        let param_keys: Vec<&str> = original
+            .keys()
+            .into_iter()
+            .filter(|k| k.starts_with(&keys.prefix) && !["input", "output", "attention"].contains(k))
+            .collect();
+        assert_eq!(exported.keys(), param_keys, "{file}: exported keys");
+        for key in exported.keys() {
+            assert_eq!(exported.shape(key).unwrap(), original.shape(key).unwrap(), "{file}: {key} shape");
+            if !key.ends_with("num_batches_tracked") {
+                assert_eq!(exported.tensor(key).unwrap(), original.tensor(key).unwrap(), "{file}: {key} values");
+            }
+        }
+        let reloaded = NonLocalBlock::from_safetensors(config, &exported, &keys).unwrap();
+        assert_eq!(reloaded.parameters(), block.parameters(), "{file}: round trip");
+    }
+}
