@@ -2,7 +2,7 @@
 //! the same process.
 //!
 //! ```text
-//! cargo run --release --example bench -- [--shape NAME] [--mode eg|dp|concat|gauss] [--reps N]
+//! cargo run --release --example bench -- [--shape NAME] [--mode eg|dp|concat|gauss] [--reps N] [--backward]
 //! ```
 //!
 //! First measures the sgemm peak: matrixmultiply sgemm 2048×2048×2048 split over the same rayon
@@ -11,6 +11,9 @@
 //! `shape=… mode=… ms=<median> gflops=<nominal/median> sgemm_gflops=<peak> pct_peak=…`.
 //! Nominal FLOPs are the direct algorithm's (see `nominal_flops`), so implementations that do
 //! less work (dot product, concatenation) can exceed 100%.
+//!
+//! With `--backward`, each case adds a line
+//! `shape=… mode=… pass=train ms=<median forward_train + backward> gflops=<3 × nominal / ms> …`.
 
 use std::time::Instant;
 
@@ -37,16 +40,18 @@ struct Args {
     shape: Option<String>,
     mode: Option<String>,
     reps: usize,
+    backward: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { shape: None, mode: None, reps: 5 };
+    let mut args = Args { shape: None, mode: None, reps: 5, backward: false };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
             "--shape" => args.shape = Some(value()?),
             "--mode" => args.mode = Some(value()?),
+            "--backward" => args.backward = true,
             "--reps" => args.reps = value()?.parse().map_err(|e| format!("--reps: {e}"))?,
             other => return Err(format!("unknown argument {other}")),
         }
@@ -127,6 +132,20 @@ fn bench_block(mode: Mode, c: usize) -> NonLocalBlock {
     NonLocalBlock::from_parameters(config, params).expect("bench parameters fit")
 }
 
+/// Median wall time of `reps` runs after one warm-up run.
+fn median_seconds(reps: usize, mut run: impl FnMut()) -> f64 {
+    run();
+    let mut times: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            run();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
 fn main() {
     let args = match parse_args() {
         Ok(a) => a,
@@ -151,24 +170,30 @@ fn main() {
                 continue;
             }
             let block = bench_block(mode, c);
-            let _ = block.forward(&x).expect("bench forward");
-            let mut times: Vec<f64> = (0..args.reps.max(1))
-                .map(|_| {
-                    let start = Instant::now();
-                    let z = block.forward(&x).expect("bench forward");
-                    let elapsed = start.elapsed().as_secs_f64();
-                    std::hint::black_box(z);
-                    elapsed
-                })
-                .collect();
-            times.sort_by(f64::total_cmp);
-            let median = times[times.len() / 2];
-            let gflops = nominal_flops(mode, c, n, m) / median / 1e9;
+            let flops = nominal_flops(mode, c, n, m);
+            let median = median_seconds(args.reps, || {
+                std::hint::black_box(block.forward(&x).expect("bench forward"));
+            });
+            let gflops = flops / median / 1e9;
             println!(
                 "shape={name} mode={mode_name} ms={:.2} gflops={gflops:.1} sgemm_gflops={peak:.1} pct_peak={:.1}",
                 median * 1e3,
                 100.0 * gflops / peak
             );
+            if args.backward {
+                let grad_output = x.mapv(|v| v * 0.5);
+                let median = median_seconds(args.reps, || {
+                    let (z, ctx) = block.forward_train(&x).expect("bench forward_train");
+                    std::hint::black_box(z);
+                    std::hint::black_box(block.backward(&ctx, &grad_output).expect("bench backward"));
+                });
+                let gflops = 3.0 * flops / median / 1e9;
+                println!(
+                    "shape={name} mode={mode_name} pass=train ms={:.2} gflops={gflops:.1} sgemm_gflops={peak:.1} pct_peak={:.1}",
+                    median * 1e3,
+                    100.0 * gflops / peak
+                );
+            }
         }
     }
 }
