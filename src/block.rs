@@ -44,7 +44,7 @@ pub struct NonLocalBlock {
     pub(crate) params: Parameters,
     pub(crate) keys: Option<WeightKeys>,
     pub(crate) compiled: Compiled,
-    pub(crate) workspace: Workspace,
+    pub(crate) workspace: std::sync::Arc<Workspace>,
     /// Identifies the current parameters, so a training context can tell it is stale.
     pub(crate) generation: u64,
 }
@@ -260,7 +260,7 @@ impl NonLocalBlock {
             params,
             keys: None,
             compiled,
-            workspace: Workspace::default(),
+            workspace: Default::default(),
             generation: next_generation(),
         })
     }

@@ -12,6 +12,8 @@
 
 use ndarray::{Array, Array1, Array2, ArrayBase, ArrayViewD, ArrayViewMutD, Data, Dimension};
 
+use std::sync::Arc;
+
 use crate::block::{buffer, Columns, NonLocalBlock};
 use crate::config::Mode;
 use crate::error::{Error, Result};
@@ -21,6 +23,8 @@ use crate::kernels::gemm::{par_gemm, MatMut, MatRef};
 use crate::kernels::pool::{max_pool_argmax, max_unpool_add};
 use crate::kernels::softmax_attention::{softmax_attention_backward, softmax_attention_lse};
 use crate::params::{Conv1x1, Parameters};
+use crate::workspace::Workspace;
+use rayon::prelude::*;
 
 /// What [`NonLocalBlock::forward_train`] saves for [`NonLocalBlock::backward`]: a copy of the
 /// input and, per sample, the projections, pooled keys with their arg-max, y, and the
@@ -33,6 +37,20 @@ pub struct TrainContext {
     /// The input, contiguous (B·N·C).
     x: Vec<f32>,
     samples: Vec<Saved>,
+    /// The block's scratch pool: the buffers go back to it when the context is dropped, so
+    /// a training loop does not pay for fresh pages every step.
+    home: Arc<Workspace>,
+}
+
+impl Drop for TrainContext {
+    fn drop(&mut self) {
+        self.home.give(std::mem::take(&mut self.x));
+        for saved in self.samples.drain(..) {
+            for buf in [Some(saved.proj), saved.pooled.map(|p| p.0), saved.pooled_x.map(|p| p.0), Some(saved.y)] {
+                self.home.give(buf.unwrap_or_default());
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -165,8 +183,11 @@ impl NonLocalBlock {
         let x5 = self.check_input(x.view().into_dyn())?;
         let (b, t, h, w, c) = x5.dim();
         let (n, grid) = (t * h * w, [t, h, w]);
-        let mut xs = buffer(x5.len(), "input copy")?;
-        xs.iter_mut().zip(x5.iter()).for_each(|(d, &s)| *d = s);
+        let mut xs = self.workspace.take(x5.len(), "input copy")?.into_vec();
+        match x5.as_slice() {
+            Some(contiguous) => xs.copy_from_slice(contiguous),
+            None => xs.iter_mut().zip(x5.iter()).for_each(|(d, &s)| *d = s),
+        }
         let mut out = buffer(x5.len(), "output")?;
         let mut samples = Vec::with_capacity(b);
         for (s, out_sample) in out.chunks_mut(n * c).enumerate() {
@@ -174,7 +195,14 @@ impl NonLocalBlock {
             samples.push(self.forward_train_sample(xm, grid, out_sample)?);
         }
         let z = Array::from_shape_vec(x.raw_dim(), out).expect("output has the input's element count");
-        let ctx = TrainContext { shape: x.shape().to_vec(), grid, generation: self.generation, x: xs, samples };
+        let ctx = TrainContext {
+            shape: x.shape().to_vec(),
+            grid,
+            generation: self.generation,
+            x: xs,
+            samples,
+            home: self.workspace.clone(),
+        };
         Ok((z, ctx))
     }
 
@@ -182,7 +210,7 @@ impl NonLocalBlock {
         let p = self.prepare(x, grid)?;
         let (n, ci, m) = (x.rows(), self.config.inter_channels, p.m);
         let kernel = self.config.pool_kernel();
-        let mut y = buffer(n * ci, "y")?;
+        let mut y = self.workspace.take(n * ci, "y")?.into_vec();
         let mut lse = Vec::new();
         match self.config.mode {
             Mode::EmbeddedGaussian | Mode::Gaussian => {
@@ -239,8 +267,14 @@ impl NonLocalBlock {
         let [t, h, w] = ctx.grid;
         let n = t * h * w;
         let k = self.compiled.proj_cols;
-        let mut dz = buffer(ctx.x.len(), "grad_output copy")?;
-        dz.iter_mut().zip(grad_output.iter()).for_each(|(d, &s)| *d = s);
+        let dz_copy: Vec<f32>;
+        let dz: &[f32] = match grad_output.as_slice() {
+            Some(contiguous) => contiguous,
+            None => {
+                dz_copy = grad_output.iter().copied().collect();
+                &dz_copy
+            }
+        };
         let mut dx = buffer(ctx.x.len(), "input gradient")?;
         let mut acc = Accumulators {
             dz_y: vec![0.0; c * ci],
@@ -273,7 +307,8 @@ impl NonLocalBlock {
         let cols = Columns::of(self.config.mode, ci);
         let y = MatRef::new(&saved.y, 0, n, ci, ci);
         // Output side: z = x + y·W_outᵀ + b_out.
-        let mut dy = buffer(n * ci, "y gradient")?;
+        let ws = &self.workspace;
+        let mut dy = ws.take(n * ci, "y gradient")?;
         let w_out = MatRef::new(&self.compiled.w_out, 0, c, ci, ci);
         par_gemm(1.0, dz, w_out, 0.0, &mut MatMut::new(&mut dy, n, ci, ci));
         par_gemm(1.0, dz.t(), y, 1.0, &mut MatMut::new(&mut acc.dz_y, c, ci, ci));
@@ -288,10 +323,12 @@ impl NonLocalBlock {
             None => proj.cols_range(kstart, kstart + kwidth),
         };
         let values = key_side.cols_range(cols.g - kstart, cols.g - kstart + ci);
-        let mut dp = buffer(n * k, "projection gradient")?;
-        // Key-side gradients (M × key_width, same column order as the key side).
-        let mut dkey = vec![0.0f32; m * kwidth];
-        dx.iter_mut().zip(dz_rows(dz)).for_each(|(d, s)| *d = s);
+        let mut dp = ws.take(n * k, "projection gradient")?;
+        dp.fill(0.0);
+        // Key-side gradients (M × key_width, same column order as the key side); every
+        // column is written below.
+        let mut dkey = ws.take(m * kwidth, "key gradient")?;
+        dx.par_chunks_mut(c).enumerate().for_each(|(i, row)| dz.copy_row(i, row));
         match self.config.mode {
             Mode::EmbeddedGaussian | Mode::Gaussian => {
                 let scale = self.config.logit_scale();
@@ -306,7 +343,7 @@ impl NonLocalBlock {
                     },
                 };
                 let d = q.cols();
-                let (mut dq, mut dk, mut dv) = (buffer(n * d, "dq")?, buffer(m * d, "dk")?, buffer(m * ci, "dv")?);
+                let (mut dq, mut dk, mut dv) = (ws.take(n * d, "dq")?, ws.take(m * d, "dk")?, ws.take(m * ci, "dv")?);
                 softmax_attention_backward(q, keys, values, scale, &saved.lse, y, dy, &mut dq, &mut dk, &mut dv);
                 set_block(&mut dkey, kwidth, cols.g - kstart, &dv, ci);
                 match cols.theta {
@@ -316,10 +353,10 @@ impl NonLocalBlock {
                     }
                     None => {
                         // Gaussian: queries and keys are the input itself.
-                        dx.iter_mut().zip(&dq).for_each(|(a, b)| *a += b);
+                        dx.iter_mut().zip(dq.iter()).for_each(|(a, b)| *a += b);
                         match &saved.pooled_x {
                             Some((_, arg)) => max_unpool_add(&dk, arg, c, dx, c, 0),
-                            None => dx.iter_mut().zip(&dk).for_each(|(a, b)| *a += b),
+                            None => dx.iter_mut().zip(dk.iter()).for_each(|(a, b)| *a += b),
                         }
                     }
                 }
@@ -462,20 +499,20 @@ struct Accumulators {
     d_w_phi: Vec<f32>,
 }
 
-/// Adds the column sums of `m` to `out`, each in f64 over rows in order.
+/// Adds the column sums of `m` to `out`, each in f64 over rows in order (columns in
+/// parallel blocks, so the order per column is fixed).
 fn column_sums(m: MatRef<'_>, out: &mut [f32]) {
-    let mut sums = vec![0.0f64; m.cols()];
-    let mut row = vec![0.0f32; m.cols()];
-    for i in 0..m.rows() {
-        m.copy_row(i, &mut row);
-        sums.iter_mut().zip(&row).for_each(|(s, &v)| *s += v as f64);
-    }
-    out.iter_mut().zip(sums).for_each(|(o, s)| *o = (*o as f64 + s) as f32);
-}
-
-/// The rows of a contiguous matrix view, flattened.
-fn dz_rows(dz: MatRef<'_>) -> impl Iterator<Item = f32> + '_ {
-    (0..dz.rows()).flat_map(move |i| (0..dz.cols()).map(move |j| dz.at(i, j)))
+    const BLOCK: usize = 64;
+    out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, out_block)| {
+        let cols = m.cols_range(b * BLOCK, b * BLOCK + out_block.len());
+        let mut sums = vec![0.0f64; out_block.len()];
+        let mut row = vec![0.0f32; out_block.len()];
+        for i in 0..cols.rows() {
+            cols.copy_row(i, &mut row);
+            sums.iter_mut().zip(&row).for_each(|(s, &v)| *s += v as f64);
+        }
+        out_block.iter_mut().zip(sums).for_each(|(o, s)| *o = (*o as f64 + s) as f32);
+    });
 }
 
 /// Writes `src` (rows × width) into columns `col..col + width` of `dst` (row stride `ld`).

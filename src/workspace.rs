@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use crate::error::{Error, Result};
 
 /// At most this many idle buffers are kept.
-const MAX_IDLE: usize = 8;
+const MAX_IDLE: usize = 16;
 
 /// A pool of f32 buffers. Concurrent callers each get their own buffers; a caller that finds
 /// none idle allocates new ones, and returns them for the next call.
@@ -50,19 +50,23 @@ impl Scratch<'_> {
 
 impl Drop for Scratch<'_> {
     fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.buf);
+        self.home.give(std::mem::take(&mut self.buf));
+    }
+}
+
+impl Workspace {
+    /// Keeps `buf` for a later [`Workspace::take`] (up to a few idle buffers).
+    pub(crate) fn give(&self, buf: Vec<f32>) {
         if buf.capacity() == 0 {
             return;
         }
-        if let Ok(mut idle) = self.home.idle.lock() {
+        if let Ok(mut idle) = self.idle.lock() {
             if idle.len() < MAX_IDLE {
                 idle.push(buf);
             }
         }
     }
-}
 
-impl Workspace {
     /// A buffer of `len` floats with unspecified (but initialised) contents: callers
     /// overwrite it.
     ///

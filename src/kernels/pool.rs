@@ -62,17 +62,22 @@ pub fn max_pool_argmax(src: MatRef<'_>, grid: [usize; 3], kernel: [usize; 3]) ->
     let [_, h, w] = grid;
     let [kt, kh, kw] = kernel;
     let mut arg = vec![0u32; pt * ph * pw * c];
-    let mut best = vec![0.0f32; c];
-    for (m, arg_row) in arg.chunks_mut(c.max(1)).enumerate().take(pt * ph * pw) {
+    if c == 0 {
+        return arg;
+    }
+    arg.par_chunks_mut(c).enumerate().for_each(|(m, arg_row)| {
         let (to, rest) = (m / (ph * pw), m % (ph * pw));
         let (ho, wo) = (rest / pw, rest % pw);
+        let mut best = vec![0.0f32; c];
+        let mut values = vec![0.0f32; c];
         let mut first = true;
         for dt in 0..kt {
             for dh in 0..kh {
                 for dw in 0..kw {
                     let n = ((to * kt + dt) * h + ho * kh + dh) * w + wo * kw + dw;
+                    src.copy_row(n, &mut values);
                     for ch in 0..c {
-                        let v = src.at(n, ch);
+                        let v = values[ch];
                         let take = first || (!best[ch].is_nan() && (v > best[ch] || v.is_nan()));
                         if take {
                             best[ch] = v;
@@ -83,7 +88,7 @@ pub fn max_pool_argmax(src: MatRef<'_>, grid: [usize; 3], kernel: [usize; 3]) ->
                 }
             }
         }
-    }
+    });
     arg
 }
 
