@@ -508,10 +508,20 @@ impl NonLocalBlock {
         let (n, ci) = (x.rows(), self.config.inter_channels);
         match self.config.mode {
             Mode::EmbeddedGaussian | Mode::Gaussian => {
-                let mut y = self.workspace.take(n * ci, "y")?;
                 let scale = self.config.logit_scale();
-                softmax_attention(prepared.queries(), prepared.keys(), prepared.values(), scale, &mut y);
-                self.output(x, MatRef::new(&y, 0, n, ci, ci), None, out);
+                let (m, c) = (prepared.m, self.config.in_channels);
+                if values_fold_pays(n, m, c, ci) {
+                    // W_out·Σ_j a_ij ĝ_j = Σ_j a_ij (W_out ĝ_j): apply W_z to the M keys
+                    // instead of the N outputs, and aggregate C columns instead of C'.
+                    let mut vw = self.workspace.take(m * c, "projected values")?;
+                    par_gemm(1.0, prepared.values(), self.w_out_t(), 0.0, &mut MatMut::new(&mut vw, m, c, c));
+                    softmax_attention(prepared.queries(), prepared.keys(), MatRef::new(&vw, 0, m, c, c), scale, out);
+                    self.add_residual(x, out);
+                } else {
+                    let mut y = self.workspace.take(n * ci, "y")?;
+                    softmax_attention(prepared.queries(), prepared.keys(), prepared.values(), scale, &mut y);
+                    self.output(x, MatRef::new(&y, 0, n, ci, ci), None, out);
+                }
             }
             Mode::DotProduct => {
                 // y = θ·(φᵀg/M): the C'×C' product replaces the N×M matrix.
@@ -549,17 +559,30 @@ impl NonLocalBlock {
     /// `out ← x + y·W + b_out` with W = `w` (C' × C) or `W_outᵀ`.
     pub(crate) fn output(&self, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
         let (n, c) = (x.rows(), x.cols());
+        self.residual_rows(x, out, |row, residual| row.copy_from_slice(residual));
+        let w = w.unwrap_or_else(|| self.w_out_t());
+        par_gemm(1.0, y, w, 1.0, &mut MatMut::new(out, n, c, c));
+    }
+
+    /// `out ← out + x + b_out`.
+    fn add_residual(&self, x: MatRef<'_>, out: &mut [f32]) {
+        self.residual_rows(x, out, |row, residual| row.iter_mut().zip(residual).for_each(|(o, r)| *o += r));
+    }
+
+    /// Applies `combine(out_row, x_row)` to every row, then adds `b_out`, rows in parallel.
+    fn residual_rows(&self, x: MatRef<'_>, out: &mut [f32], combine: impl Fn(&mut [f32], &[f32]) + Sync) {
+        let (n, c) = (x.rows(), x.cols());
         let block = row_block(n, 64);
         out.par_chunks_mut(block * c).enumerate().for_each(|(b, rows)| {
+            let mut residual = vec![0.0f32; c];
             for (r, row) in rows.chunks_mut(c).enumerate() {
-                x.copy_row(b * block + r, row);
+                x.copy_row(b * block + r, &mut residual);
+                combine(row, &residual);
                 for (o, bias) in row.iter_mut().zip(&self.compiled.b_out) {
                     *o += bias;
                 }
             }
         });
-        let w = w.unwrap_or_else(|| self.w_out_t());
-        par_gemm(1.0, y, w, 1.0, &mut MatMut::new(out, n, c, c));
     }
 
     /// Projections and pooling for one sample.
@@ -654,6 +677,14 @@ pub(crate) fn sample_matrix<'a>(sample: ArrayView4<'a, f32>, copy: &'a mut Vec<f
     }
     copy.extend(sample.iter().copied());
     MatRef::new(copy, 0, n, c, c)
+}
+
+/// Whether applying `W_z` to the M values before the softmax aggregation (C·C'·M + N·M·C
+/// multiply-adds) costs less than applying it to the N outputs after (N·M·C' + N·C'·C): true
+/// when there are few keys and many channels, as at video-res4.
+fn values_fold_pays(n: usize, m: usize, c: usize, ci: usize) -> bool {
+    let (n, m, c, ci) = (n as f64, m as f64, c as f64, ci as f64);
+    c * ci * m + n * m * c < n * m * ci + n * ci * c
 }
 
 /// A zeroed f32 buffer, or [`Error::TooLarge`] when it cannot be allocated.

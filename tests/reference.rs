@@ -130,3 +130,17 @@ fn large_logits_stay_exact() {
         assert_matches_reference(&block, x.view(), &format!("{mode} large logits"));
     }
 }
+
+#[test]
+fn wide_channels_with_few_keys() {
+    // Many channels, few keys: the softmax modes apply W_z to the keys' values before the
+    // aggregation instead of to the outputs after it.
+    let mut rng = Rng::new(31);
+    for mode in Mode::ALL {
+        for sub in [Some([1, 2, 2]), None] {
+            let block = random_block(config(mode, 40, 20, sub, true), &mut rng);
+            let x = rng.input((2, 1, 4, 6, 40), 1.0);
+            assert_matches_reference(&block, x.view(), &format!("{mode} wide, {sub:?}"));
+        }
+    }
+}
