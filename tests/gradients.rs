@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{random_params, Rng};
+use common::{bits, on_1_2_3_threads, random_params, Rng};
 use ndarray::{Array5, ArrayViewMutD};
 use nonlocal::{reference, Error, Mode, NonLocalBlock, NonLocalConfig, Parameters, TensorFile, WeightKeys};
 
@@ -106,21 +106,15 @@ fn gradient_bits_do_not_depend_on_thread_count() {
         // 2·20·24 = 960 queries: several query tiles and backward chunks.
         let x = rng.input((1, 2, 20, 24, 12), 1.0);
         let r = rng.input((1, 2, 20, 24, 12), 1.0);
-        let runs: Vec<Vec<u32>> = [1, 2, 3]
-            .iter()
-            .map(|&threads| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                pool.install(|| {
-                    let (_, ctx) = block.forward_train(&x).unwrap();
-                    let g = block.backward(&ctx, &r).unwrap();
-                    let mut bits: Vec<u32> = g.input.iter().map(|v| v.to_bits()).collect();
-                    for (_, t) in g.params.named() {
-                        bits.extend(t.iter().map(|v| v.to_bits()));
-                    }
-                    bits
-                })
-            })
-            .collect();
+        let runs = on_1_2_3_threads(|| {
+            let (_, ctx) = block.forward_train(&x).unwrap();
+            let g = block.backward(&ctx, &r).unwrap();
+            let mut all = bits(g.input.iter());
+            for (_, t) in g.params.named() {
+                all.extend(bits(t.iter()));
+            }
+            all
+        });
         assert_eq!(runs[0], runs[1], "{mode}: 1 vs 2 threads");
         assert_eq!(runs[0], runs[2], "{mode}: 1 vs 3 threads");
     }

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{max_err, random_params, Rng};
+use common::{bits, max_err, on_1_2_3_threads, random_params, Rng};
 use ndarray::{s, Array5, Axis};
 use nonlocal::{reference, Mode, NonLocalBlock, NonLocalConfig};
 use proptest::prelude::*;
@@ -114,13 +114,7 @@ proptest! {
     #[test]
     fn bits_do_not_depend_on_thread_count(case in prop_oneof![case(true), case(false)]) {
         let (block, x) = build(&case);
-        let runs: Vec<Vec<u32>> = [1, 2, 3]
-            .iter()
-            .map(|&threads| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                pool.install(|| block.forward(&x).unwrap().iter().map(|v| v.to_bits()).collect())
-            })
-            .collect();
+        let runs = on_1_2_3_threads(|| bits(block.forward(&x).unwrap().iter()));
         prop_assert_eq!(&runs[0], &runs[1]);
         prop_assert_eq!(&runs[0], &runs[2]);
     }
@@ -147,13 +141,7 @@ fn bits_do_not_depend_on_thread_count_at_larger_sizes() {
         let config = NonLocalConfig::new(24).mode(mode);
         let block = NonLocalBlock::from_parameters(config.clone(), random_params(&config, &mut rng)).unwrap();
         let x = rng.input((1, 3, 30, 34, 24), 1.0);
-        let runs: Vec<Vec<u32>> = [1, 2, 3]
-            .iter()
-            .map(|&threads| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                pool.install(|| block.forward(&x).unwrap().iter().map(|v| v.to_bits()).collect())
-            })
-            .collect();
+        let runs = on_1_2_3_threads(|| bits(block.forward(&x).unwrap().iter()));
         assert_eq!(runs[0], runs[1], "{mode}: 1 vs 2 threads");
         assert_eq!(runs[0], runs[2], "{mode}: 1 vs 3 threads");
     }

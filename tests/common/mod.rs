@@ -94,3 +94,19 @@ pub fn assert_matches_reference(block: &NonLocalBlock, x: ArrayView5<'_, f32>, w
     let (err, _) = max_err(attention.iter(), want_attention.iter());
     assert!(err <= 5e-5, "{what}: attention error {err:.3e}");
 }
+
+/// Runs `f` in local rayon pools of 1, 2 and 3 threads and returns the three results.
+pub fn on_1_2_3_threads<T: Send>(f: impl Fn() -> T + Sync) -> Vec<T> {
+    [1, 2, 3]
+        .iter()
+        .map(|&threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
+            pool.install(&f)
+        })
+        .collect()
+}
+
+/// The bit patterns of f32 values, for exact comparisons.
+pub fn bits<'a>(values: impl IntoIterator<Item = &'a f32>) -> Vec<u32> {
+    values.into_iter().map(|v| v.to_bits()).collect()
+}
