@@ -6,7 +6,7 @@ use ndarray::{Array, Array3, ArrayBase, ArrayView4, ArrayView5, ArrayViewD, Axis
 
 use crate::config::{Mode, NonLocalConfig};
 use crate::error::{Error, Result};
-use crate::kernels::concat::concat_attention;
+use crate::kernels::concat::{concat_attention, key_scores};
 use crate::kernels::dot_product::key_value_product;
 use crate::kernels::exp::{exp_sum, row_max};
 use crate::kernels::gemm::{gemm, par_gemm, row_block, MatMut, MatRef};
@@ -222,14 +222,7 @@ impl Prepared<'_> {
 
     /// Concatenation: `b_j = w_φ·φ_j` for every key.
     pub(crate) fn concat_b(&self, w_phi: &[f32]) -> Vec<f32> {
-        let keys = self.keys();
-        let mut row = vec![0.0f32; keys.cols()];
-        (0..keys.rows())
-            .map(|j| {
-                keys.copy_row(j, &mut row);
-                row.iter().zip(w_phi).map(|(&p, &w)| p as f64 * w as f64).sum::<f64>() as f32
-            })
-            .collect()
+        key_scores(self.keys(), w_phi)
     }
 }
 
@@ -490,12 +483,11 @@ impl NonLocalBlock {
         }
         // Every buffer is at most max(C, proj_cols, C') floats per position.
         let width = c.max(self.compiled.proj_cols).max(self.config.inter_channels);
-        let floats = [b, t, h, w, width]
+        [b, t, h, w, width]
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .filter(|&f| f <= isize::MAX as usize / 4)
+            .filter(|&floats| floats <= isize::MAX as usize / 4)
             .ok_or(Error::TooLarge { what: "B·T·H·W·channels" })?;
-        debug_assert!(floats > 0);
         Ok(x)
     }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use crate::block::{buffer, Columns, NonLocalBlock};
 use crate::config::Mode;
 use crate::error::{Error, Result};
-use crate::kernels::concat::{concat_attention, concat_attention_backward};
+use crate::kernels::concat::{concat_attention, concat_attention_backward, key_scores};
 use crate::kernels::dot_product::key_value_product;
 use crate::kernels::gemm::{par_gemm, MatMut, MatRef};
 use crate::kernels::pool::{max_pool_argmax, max_unpool_add};
@@ -388,13 +388,8 @@ impl NonLocalBlock {
                 let phi_col = cols.phi.expect("concatenation has φ") - kstart;
                 let phi = key_side.cols_range(phi_col, phi_col + ci);
                 let w_phi = &self.compiled.w_phi;
+                let b = key_scores(phi, w_phi);
                 let mut row = vec![0.0f32; ci];
-                let b: Vec<f32> = (0..m)
-                    .map(|j| {
-                        phi.copy_row(j, &mut row);
-                        row.iter().zip(w_phi).map(|(&p, &w)| p as f64 * w as f64).sum::<f64>() as f32
-                    })
-                    .collect();
                 let (mut da, mut db, mut dv) = (vec![0.0f32; n], vec![0.0f32; m], vec![0.0f32; m * ci]);
                 concat_attention_backward(a, &b, values, dy, (&mut da, &mut db, &mut dv));
                 for (i, &v) in da.iter().enumerate() {

@@ -80,6 +80,17 @@ impl SortedKeys {
     }
 }
 
+/// The key scores `b_j = w_φ·φ_j` for every row of `phi` (M × C'), each summed in f64.
+pub fn key_scores(phi: MatRef<'_>, w_phi: &[f32]) -> Vec<f32> {
+    let mut row = vec![0.0f32; phi.cols()];
+    (0..phi.rows())
+        .map(|j| {
+            phi.copy_row(j, &mut row);
+            row.iter().zip(w_phi).map(|(&p, &w)| p as f64 * w as f64).sum::<f64>() as f32
+        })
+        .collect()
+}
+
 /// `out_i ← Σ_j ReLU(a_i + b_j)·v_j / M` for every query i: `a` is N × 1, `b` has M entries,
 /// `v` is M × dv, `out` is N × dv row-major.
 pub fn concat_attention(a: MatRef<'_>, b: &[f32], v: MatRef<'_>, out: &mut [f32]) {
