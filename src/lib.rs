@@ -36,6 +36,15 @@
 //! queries (PyTorch's `return_nl_map`); [`NonLocalBlock::attention_rows`] computes only the
 //! rows you ask for, without the N×M matrix.
 //!
+//! # Training
+//! [`NonLocalBlock::forward_train`] returns the output and a [`TrainContext`];
+//! [`NonLocalBlock::backward`] turns ∂L/∂z into [`Gradients`] for the input and every
+//! trainable parameter ([`ParameterGradients`], shaped like [`Parameters`]). BatchNorm is in
+//! inference form (frozen running statistics), as when fine-tuning. Memory stays O(N·C): the
+//! softmax modes recompute attention tiles from a saved log-sum-exp (FlashAttention-2).
+//! [`NonLocalBlock::save_safetensors`] writes the parameters back under the keys they were
+//! loaded with, for PyTorch.
+//!
 //! # Speed and memory
 //! The forward pass never builds the N×M matrix: the Gaussian modes use a fused online-softmax
 //! kernel (as FlashAttention), dot product uses `θ·(φᵀg)`, concatenation a sort and prefix

@@ -169,8 +169,9 @@ impl Parameters {
 }
 
 impl NonLocalBlock {
-    /// The forward pass for training: the output (same as [`NonLocalBlock::forward`]) and the
-    /// context [`NonLocalBlock::backward`] needs. The context holds a copy of the input and
+    /// The forward pass for training: the output and the context [`NonLocalBlock::backward`]
+    /// needs. The output equals [`NonLocalBlock::forward`]'s up to float rounding (inference
+    /// may fold `W_z` into other products, which changes the order of operations). The context holds a copy of the input and
     /// O(N·C) floats per sample; never the N×M attention.
     ///
     /// # Errors
