@@ -320,7 +320,16 @@ impl NonLocalBlock {
     /// [`Error::Format`] if serialisation fails.
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
         let keys = self.keys.clone().unwrap_or_else(WeightKeys::alexhex7);
-        crate::weights::export(&keys, &self.config, &self.params)
+        self.to_safetensors_with_keys(&keys)
+    }
+
+    /// As [`NonLocalBlock::to_safetensors`], under other keys: for example to convert an
+    /// AlexHex7 checkpoint to mmcv's key names, or to put the block under a model's prefix.
+    ///
+    /// # Errors
+    /// [`Error::Format`] if serialisation fails.
+    pub fn to_safetensors_with_keys(&self, keys: &WeightKeys) -> Result<Vec<u8>> {
+        crate::weights::export(keys, &self.config, &self.params)
     }
 
     /// Writes [`NonLocalBlock::to_safetensors`] to `path`.

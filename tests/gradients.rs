@@ -174,3 +174,25 @@ fn export_round_trips_under_the_loaded_keys() {
         assert_eq!(reloaded.parameters(), block.parameters(), "{file}: round trip");
     }
 }
+
+#[test]
+fn export_converts_between_key_schemes() {
+    let mut rng = Rng::new(21);
+    for (bn, mode) in [(false, Mode::EmbeddedGaussian), (true, Mode::Concatenation), (false, Mode::Gaussian)] {
+        let config =
+            NonLocalConfig::new(6).inter_channels(3).mode(mode).bn_layer(bn).conv_dims(1).sub_sample(Some([1, 1, 2]));
+        let block = NonLocalBlock::from_parameters(config.clone(), random_params(&config, &mut rng)).unwrap();
+        let x = rng.input((1, 1, 1, 10, 6), 1.0);
+        let keys = WeightKeys::mmcv().with_prefix("neck.nl.");
+        let file = TensorFile::from_bytes(block.to_safetensors_with_keys(&keys).unwrap()).unwrap();
+        assert_eq!(nonlocal::detect_naming(&file, "neck.nl.").unwrap(), nonlocal::Naming::Mmcv);
+        // mmcv's conv_out has a bias exactly when no BatchNorm follows (here the random
+        // parameters always carry one, so it is written).
+        assert!(file.contains("neck.nl.conv_out.conv.bias"));
+        assert_eq!(file.contains("neck.nl.conv_out.bn.weight"), bn);
+        assert_eq!(file.shape("neck.nl.g.0.conv.weight").unwrap(), &[3, 6, 1]);
+        let loaded = NonLocalBlock::from_safetensors(config, &file, &keys).unwrap();
+        assert_eq!(loaded.forward(&x).unwrap(), block.forward(&x).unwrap());
+        assert_eq!(loaded.weight_keys(), Some(&keys));
+    }
+}
