@@ -6,15 +6,16 @@ use ndarray::{Array, Array3, ArrayBase, ArrayView4, ArrayView5, ArrayViewD, Axis
 
 use crate::config::{Mode, NonLocalConfig};
 use crate::error::{Error, Result};
-use crate::kernels::concat::{concat_attention, key_scores};
+use crate::kernels::concat::concat_attention;
 use crate::kernels::dot_product::key_value_product;
 use crate::kernels::exp::{exp_sum, row_max};
 use crate::kernels::gemm::{gemm, par_gemm, row_block, MatMut, MatRef};
-use crate::kernels::pool::{max_pool, pooled_grid};
+use crate::kernels::pool::pooled_grid;
 use crate::kernels::softmax_attention::softmax_attention;
 use crate::params::Parameters;
+use crate::plan::{Compiled, Prepared};
 use crate::weights::{load_parameters, TensorFile, WeightKeys};
-use crate::workspace::{Scratch, Workspace};
+use crate::workspace::Workspace;
 use rayon::prelude::*;
 
 /// Seed of the weight init of [`NonLocalBlock::new`].
@@ -54,176 +55,6 @@ static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 
 fn next_generation() -> u64 {
     GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Parameters rearranged for the kernels: projections stacked, BatchNorm folded.
-#[derive(Clone, Debug)]
-pub(crate) struct Compiled {
-    /// Stacked projection weights, `proj_cols` × C row-major, and their bias.
-    pub(crate) w_proj: Vec<f32>,
-    pub(crate) b_proj: Vec<f32>,
-    pub(crate) proj_cols: usize,
-    /// `W_z` with BatchNorm folded in: C × C' row-major, and the folded bias (C).
-    pub(crate) w_out: Vec<f32>,
-    pub(crate) b_out: Vec<f32>,
-    /// Concatenation: `w_φ` (C').
-    pub(crate) w_phi: Vec<f32>,
-    /// Per output channel, the BatchNorm factor γ/√(var + eps) (1 without BatchNorm).
-    pub(crate) bn_scale: Vec<f32>,
-}
-
-/// Where each quantity sits among the projection columns, per mode.
-///
-/// - embedded Gaussian, dot product: `[θ | φ | g]`;
-/// - Gaussian: `[g]`;
-/// - concatenation: `[φ | g | a]` with `a = w_θ·θ` folded into one column `(W_θᵀ w_θ)·x`.
-///
-/// The key-side columns (φ and g) are contiguous, `key_start..key_start + key_width`: only
-/// they are pooled.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Columns {
-    pub(crate) theta: Option<usize>,
-    pub(crate) phi: Option<usize>,
-    pub(crate) g: usize,
-    pub(crate) a: Option<usize>,
-    pub(crate) key_start: usize,
-    pub(crate) key_width: usize,
-}
-
-impl Columns {
-    pub(crate) fn of(mode: Mode, ci: usize) -> Self {
-        match mode {
-            Mode::EmbeddedGaussian | Mode::DotProduct => {
-                Columns { theta: Some(0), phi: Some(ci), g: 2 * ci, a: None, key_start: ci, key_width: 2 * ci }
-            }
-            Mode::Gaussian => Columns { theta: None, phi: None, g: 0, a: None, key_start: 0, key_width: ci },
-            Mode::Concatenation => {
-                Columns { theta: None, phi: Some(0), g: ci, a: Some(2 * ci), key_start: 0, key_width: 2 * ci }
-            }
-        }
-    }
-}
-
-impl Compiled {
-    fn new(config: &NonLocalConfig, params: &Parameters) -> Self {
-        let (c, ci) = (config.in_channels, config.inter_channels);
-        let mut w_proj: Vec<f32> = Vec::new();
-        let mut b_proj: Vec<f32> = Vec::new();
-        let mut push = |conv: &crate::params::Conv1x1| {
-            w_proj.extend(conv.weight.iter());
-            match &conv.bias {
-                Some(b) => b_proj.extend(b.iter()),
-                None => b_proj.extend(std::iter::repeat_n(0.0, conv.weight.nrows())),
-            }
-        };
-        let mut w_phi = Vec::new();
-        match config.mode {
-            Mode::EmbeddedGaussian | Mode::DotProduct => {
-                push(params.theta.as_ref().expect("validated: θ present"));
-                push(params.phi.as_ref().expect("validated: φ present"));
-                push(&params.g);
-            }
-            Mode::Gaussian => push(&params.g),
-            Mode::Concatenation => {
-                push(params.phi.as_ref().expect("validated: φ present"));
-                push(&params.g);
-                let project = params.concat_project.as_ref().expect("validated: projection present");
-                let theta = params.theta.as_ref().expect("validated: θ present");
-                // a_i = w_θ·(W_θ x_i + b_θ) = (W_θᵀ w_θ)·x_i + w_θ·b_θ: one column instead of C'.
-                for col in 0..c {
-                    let u: f64 = (0..ci).map(|o| project[o] as f64 * theta.weight[[o, col]] as f64).sum();
-                    w_proj.push(u as f32);
-                }
-                let bias: f64 = match &theta.bias {
-                    Some(b) => (0..ci).map(|o| project[o] as f64 * b[o] as f64).sum(),
-                    None => 0.0,
-                };
-                b_proj.push(bias as f32);
-                w_phi = project.iter().skip(ci).copied().collect();
-            }
-        }
-        let proj_cols = b_proj.len();
-        // BatchNorm folding, in f64: W' = W·γ/√(var+eps), b' = (b − mean)·γ/√(var+eps) + β.
-        let mut w_out = Vec::with_capacity(c * ci);
-        let mut b_out = Vec::with_capacity(c);
-        let mut bn_scale = Vec::with_capacity(c);
-        for o in 0..c {
-            let bias = params.w_z.bias.as_ref().map_or(0.0, |b| b[o] as f64);
-            let (scale, shift) = match &params.bn {
-                Some(bn) => {
-                    let s = bn.weight[o] as f64 / (bn.running_var[o] as f64 + config.bn_eps).sqrt();
-                    (s, (bias - bn.running_mean[o] as f64) * s + bn.bias[o] as f64)
-                }
-                None => (1.0, bias),
-            };
-            w_out.extend((0..ci).map(|i| (params.w_z.weight[[o, i]] as f64 * scale) as f32));
-            b_out.push(shift as f32);
-            bn_scale.push(scale as f32);
-        }
-        Compiled { w_proj, b_proj, proj_cols, w_out, b_out, w_phi, bn_scale }
-    }
-}
-
-/// Per-sample intermediate results: the projections and the pooled keys and values.
-pub(crate) struct Prepared<'a> {
-    pub(crate) x: MatRef<'a>,
-    /// N × `proj_cols` row-major.
-    pub(crate) proj: Scratch<'a>,
-    pub(crate) proj_cols: usize,
-    /// The pooled key-side columns (M × `cols.key_width`), when sub-sampling.
-    pub(crate) pooled: Option<Scratch<'a>>,
-    /// Gaussian mode with sub-sampling: the pooled input, M × C.
-    pub(crate) pooled_x: Option<Scratch<'a>>,
-    pub(crate) m: usize,
-    pub(crate) cols: Columns,
-    pub(crate) ci: usize,
-}
-
-impl Prepared<'_> {
-    pub(crate) fn proj_view(&self) -> MatRef<'_> {
-        MatRef::new(&self.proj, 0, self.x.rows(), self.proj_cols, self.proj_cols)
-    }
-
-    /// The key-side columns (φ, g), pooled when sub-sampling; column 0 is `key_start`.
-    pub(crate) fn key_side(&self) -> MatRef<'_> {
-        let (start, width) = (self.cols.key_start, self.cols.key_width);
-        match &self.pooled {
-            Some(pooled) => MatRef::new(pooled, 0, self.m, width, width),
-            None => self.proj_view().cols_range(start, start + width),
-        }
-    }
-
-    pub(crate) fn queries(&self) -> MatRef<'_> {
-        match self.cols.theta {
-            Some(t) => self.proj_view().cols_range(t, t + self.ci),
-            None => self.x,
-        }
-    }
-
-    pub(crate) fn keys(&self) -> MatRef<'_> {
-        let start = self.cols.key_start;
-        match (self.cols.phi, &self.pooled_x) {
-            (Some(p), _) => self.key_side().cols_range(p - start, p - start + self.ci),
-            (None, None) => self.x,
-            (None, Some(px)) => MatRef::new(px, 0, self.m, self.x.cols(), self.x.cols()),
-        }
-    }
-
-    pub(crate) fn values(&self) -> MatRef<'_> {
-        let g = self.cols.g - self.cols.key_start;
-        self.key_side().cols_range(g, g + self.ci)
-    }
-
-    /// Concatenation: `a_i = w_θ·θ_i` as an N × 1 view.
-    pub(crate) fn concat_a(&self) -> MatRef<'_> {
-        let a = self.cols.a.expect("concatenation has an `a` column");
-        self.proj_view().cols_range(a, a + 1)
-    }
-
-    /// Concatenation: `b_j = w_φ·φ_j` for every key.
-    pub(crate) fn concat_b(&self, w_phi: &[f32]) -> Vec<f32> {
-        key_scores(self.keys(), w_phi)
-    }
 }
 
 impl NonLocalBlock {
@@ -584,36 +415,6 @@ impl NonLocalBlock {
                 }
             }
         });
-    }
-
-    /// Projections and pooling for one sample.
-    pub(crate) fn prepare<'a>(&'a self, x: MatRef<'a>, grid: [usize; 3]) -> Result<Prepared<'a>> {
-        let (n, c) = (x.rows(), x.cols());
-        let k = self.compiled.proj_cols;
-        let mut proj = self.workspace.take(n * k, "projections")?;
-        let bias = &self.compiled.b_proj;
-        proj.par_chunks_mut(row_block(n, 64) * k).for_each(|rows| {
-            rows.chunks_mut(k).for_each(|row| row.copy_from_slice(bias));
-        });
-        let w_t = MatRef::new(&self.compiled.w_proj, 0, k, c, c).t();
-        par_gemm(1.0, x, w_t, 1.0, &mut MatMut::new(&mut proj, n, k, k));
-        let cols = Columns::of(self.config.mode, self.config.inter_channels);
-        let kernel = self.config.pool_kernel();
-        let m: usize = pooled_grid(grid, kernel).iter().product();
-        let (mut pooled, mut pooled_x) = (None, None);
-        if self.config.sub_sample.is_some() {
-            let (start, width) = (cols.key_start, cols.key_width);
-            let mut buf = self.workspace.take(m * width, "pooled projections")?;
-            let key_cols = MatRef::new(&proj, 0, n, k, k).cols_range(start, start + width);
-            max_pool(key_cols, grid, kernel, &mut buf);
-            pooled = Some(buf);
-            if self.config.mode == Mode::Gaussian {
-                let mut buf = self.workspace.take(m * c, "pooled input")?;
-                max_pool(x, grid, kernel, &mut buf);
-                pooled_x = Some(buf);
-            }
-        }
-        Ok(Prepared { x, proj, proj_cols: k, pooled, pooled_x, m, cols, ci: self.config.inter_channels })
     }
 
     /// Attention weights of chosen queries for one sample into `out` (len × M).

@@ -80,6 +80,7 @@ mod error;
 pub mod golden;
 pub mod kernels;
 mod params;
+mod plan;
 pub mod reference;
 mod train;
 mod weights;

@@ -14,7 +14,7 @@ use ndarray::{Array, Array1, Array2, ArrayBase, ArrayViewD, ArrayViewMutD, Data,
 
 use std::sync::Arc;
 
-use crate::block::{buffer, Columns, NonLocalBlock};
+use crate::block::{buffer, NonLocalBlock};
 use crate::config::Mode;
 use crate::error::{Error, Result};
 use crate::kernels::concat::{concat_attention, concat_attention_backward, key_scores};
@@ -23,6 +23,7 @@ use crate::kernels::gemm::{par_gemm, MatMut, MatRef};
 use crate::kernels::pool::{max_pool_argmax, max_unpool_add};
 use crate::kernels::softmax_attention::{softmax_attention_backward, softmax_attention_lse};
 use crate::params::{Conv1x1, Parameters};
+use crate::plan::Columns;
 use crate::workspace::Workspace;
 use rayon::prelude::*;
 
