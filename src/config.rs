@@ -123,43 +123,88 @@ impl NonLocalConfig {
         }
     }
 
-    /// Sets the pairwise function.
+    /// Sets the pairwise function. Default [`Mode::EmbeddedGaussian`].
+    ///
+    /// ```
+    /// # use nonlocal::{Mode, NonLocalConfig};
+    /// let config = NonLocalConfig::new(64).mode(Mode::DotProduct);
+    /// assert_eq!(config.mode.name(), "dot_product");
+    /// ```
     pub fn mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
         self
     }
 
-    /// Sets C', the inter channels.
+    /// Sets C', the inter channels. Default `max(C / 2, 1)`.
+    ///
+    /// ```
+    /// # use nonlocal::NonLocalConfig;
+    /// assert_eq!(NonLocalConfig::new(64).inter_channels, 32);
+    /// assert_eq!(NonLocalConfig::new(64).inter_channels(16).inter_channels, 16);
+    /// ```
     pub fn inter_channels(mut self, inter_channels: usize) -> Self {
         self.inter_channels = inter_channels;
         self
     }
 
-    /// Sets the sub-sampling max-pool kernel, or `None` for no sub-sampling.
+    /// Sets the sub-sampling max-pool kernel `(kt, kh, kw)` (stride = kernel), or `None`
+    /// for no sub-sampling. Default `Some([1, 2, 2])`; mmcv's `NonLocal1d` corresponds to
+    /// `[1, 1, 2]` on (1, 1, L) inputs, `NonLocal2d` to `[1, 2, 2]` on (1, H, W).
+    ///
+    /// ```
+    /// # use nonlocal::{NonLocalBlock, NonLocalConfig};
+    /// let block = NonLocalBlock::new(NonLocalConfig::new(8).sub_sample(Some([2, 2, 2])))?;
+    /// // Floor on sizes that do not divide, as PyTorch's max-pool: 5x7x9 → 2x3x4 keys.
+    /// assert_eq!(block.key_grid([5, 7, 9]), [2, 3, 4]);
+    /// # Ok::<(), nonlocal::Error>(())
+    /// ```
     pub fn sub_sample(mut self, kernel: Option<[usize; 3]>) -> Self {
         self.sub_sample = kernel;
         self
     }
 
-    /// Sets whether embedded-Gaussian logits are divided by √C'.
+    /// Sets whether embedded-Gaussian logits are divided by √C'. Default `false` (the paper,
+    /// AlexHex7); mmcv's blocks default to `true`.
+    ///
+    /// ```
+    /// # use nonlocal::NonLocalConfig;
+    /// assert_eq!(NonLocalConfig::new(32).use_scale(true).logit_scale(), 0.25);
+    /// ```
     pub fn use_scale(mut self, use_scale: bool) -> Self {
         self.use_scale = use_scale;
         self
     }
 
-    /// Sets whether BatchNorm follows `W_z`.
+    /// Sets whether BatchNorm follows `W_z`. Default `true`.
+    ///
+    /// ```
+    /// # use nonlocal::NonLocalConfig;
+    /// assert!(!NonLocalConfig::new(8).bn_layer(false).bn_layer);
+    /// ```
     pub fn bn_layer(mut self, bn_layer: bool) -> Self {
         self.bn_layer = bn_layer;
         self
     }
 
-    /// Sets the BatchNorm epsilon.
+    /// Sets the BatchNorm epsilon. Default `1e-5` (PyTorch's).
+    ///
+    /// ```
+    /// # use nonlocal::NonLocalConfig;
+    /// assert_eq!(NonLocalConfig::new(8).bn_eps(1e-3).bn_eps, 1e-3);
+    /// ```
     pub fn bn_eps(mut self, eps: f64) -> Self {
         self.bn_eps = eps;
         self
     }
 
-    /// Sets the rank of the 1x1 convolutions as stored in checkpoints (1, 2 or 3).
+    /// Sets the rank of the 1x1 convolutions as stored in checkpoints (1, 2 or 3). Default 3.
+    ///
+    /// ```
+    /// # use nonlocal::NonLocalConfig;
+    /// // An mmcv NonLocal2d checkpoint stores conv weights as (out, in, 1, 1).
+    /// NonLocalConfig::new(8).conv_dims(2).validate()?;
+    /// # Ok::<(), nonlocal::Error>(())
+    /// ```
     pub fn conv_dims(mut self, dims: usize) -> Self {
         self.conv_dims = dims;
         self
