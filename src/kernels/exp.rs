@@ -19,7 +19,7 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 const ROUNDER: f32 = 12_582_912.0;
 
 #[inline(always)]
-fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+pub(crate) fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA {
         a.mul_add(b, c)
     } else {
@@ -30,7 +30,7 @@ fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// `exp(x)` for x ≤ 88: Cody–Waite reduction x = n·ln2 + r, |r| ≤ ln2/2, Cephes' degree-6
 /// polynomial for e^r, then scaling by 2^n through the exponent bits. NaN stays NaN.
 #[inline(always)]
-fn exp_lane<const FMA: bool>(x: f32) -> f32 {
+pub(crate) fn exp_lane<const FMA: bool>(x: f32) -> f32 {
     let xc = if x < EXP_LOW { EXP_LOW } else { x };
     let xc = if xc > EXP_HIGH { EXP_HIGH } else { xc };
     let t = fmadd::<FMA>(xc, LOG2E, ROUNDER);

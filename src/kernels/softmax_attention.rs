@@ -16,9 +16,35 @@ use super::tiles::{KEY_TILE, QUERY_TILE};
 
 /// `out ← softmax(scale · q·kᵀ)·v` with `out` row-major N × dv (row stride dv).
 ///
-/// `q`: N × d, `k`: M × d, `v`: M × dv, M ≥ 1. Also returns nothing else; see
-/// [`softmax_attention_lse`] for the per-row log-sum-exp.
+/// `q`: N × d, `k`: M × d, `v`: M × dv, M ≥ 1. See [`softmax_attention_lse`] for the per-row
+/// log-sum-exp as well.
+///
+/// On AVX2+FMA machines (without AVX-512) and up to
+/// [`MAX_VALUE_CHANNELS`](super::flash_avx2::MAX_VALUE_CHANNELS) value channels this runs the
+/// packed kernel of [`flash_avx2`](super::flash_avx2); otherwise the sgemm-based kernel of this
+/// module.
 pub fn softmax_attention(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, scale: f32, out: &mut [f32]) {
+    dispatch(q, k, v, scale, out, None);
+}
+
+/// Runs the packed AVX2 kernel where it applies, else the sgemm-based one.
+fn dispatch(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, scale: f32, out: &mut [f32], lse: Option<&mut [f32]>) {
+    // The packed kernel keeps Oᵀ (dv × query tile) in L2; wider values (W_z folded into
+    // them at video-res4) run faster through sgemm.
+    #[cfg(target_arch = "x86_64")]
+    if super::exp::simd() == super::exp::Simd::Avx2Fma && v.cols() <= super::flash_avx2::MAX_VALUE_CHANNELS {
+        assert!(k.rows() > 0, "softmax attention needs at least one key");
+        assert_eq!((q.cols(), v.rows(), out.len()), (k.cols(), k.rows(), q.rows() * v.cols()));
+        assert!(lse.as_ref().is_none_or(|l| l.len() == q.rows()));
+        // SAFETY: `simd()` detected AVX2 and FMA.
+        unsafe { super::flash_avx2::softmax_attention(q, k, v, scale, out, lse, query_tile(q.rows())) };
+        return;
+    }
+    softmax_attention_impl(q, k, v, scale, out, lse);
+}
+
+/// The sgemm-based kernel, whatever the CPU (for tests comparing the two).
+pub fn softmax_attention_portable(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, scale: f32, out: &mut [f32]) {
     softmax_attention_impl(q, k, v, scale, out, None);
 }
 
@@ -32,7 +58,7 @@ pub fn softmax_attention_lse(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    softmax_attention_impl(q, k, v, scale, out, Some(lse));
+    dispatch(q, k, v, scale, out, Some(lse));
 }
 
 fn softmax_attention_impl(
@@ -292,28 +318,40 @@ mod tests {
             let q = pseudo_random(n * d, 1, amp);
             let k = pseudo_random(m * d, 2, amp);
             let v = pseudo_random(m * dv, 3, 1.0);
-            let mut out = vec![f32::NAN; n * dv];
-            let mut lse = vec![f32::NAN; n];
-            softmax_attention_lse(
-                MatRef::new(&q, 0, n, d, d),
-                MatRef::new(&k, 0, m, d, d),
-                MatRef::new(&v, 0, m, dv, dv),
-                scale,
-                &mut out,
-                &mut lse,
-            );
+            let (qm, km, vm) =
+                (MatRef::new(&q, 0, n, d, d), MatRef::new(&k, 0, m, d, d), MatRef::new(&v, 0, m, dv, dv));
             let want = reference(&q, &k, &v, (n, m, d, dv), scale as f64);
-            for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
-                assert!((g as f64 - w).abs() < 2e-5, "({n},{m},{d},{dv}) [{i}]: {g} vs {w}");
+            type Kernel = fn(MatRef<'_>, MatRef<'_>, MatRef<'_>, f32, &mut [f32]);
+            for kernel in [softmax_attention as Kernel, softmax_attention_portable] {
+                let mut out = vec![f32::NAN; n * dv];
+                kernel(qm, km, vm, scale, &mut out);
+                for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
+                    assert!((g as f64 - w).abs() < 2e-5, "({n},{m},{d},{dv}) [{i}]: {g} vs {w}");
+                }
             }
-            // The log-sum-exp recomputes row 0's weights: they must sum to 1.
-            let total: f64 = (0..m)
-                .map(|j| {
-                    let dot: f64 = (0..d).map(|c| q[c] as f64 * k[j * d + c] as f64).sum();
-                    (scale as f64 * dot - lse[0] as f64).exp()
-                })
-                .sum();
-            assert!((total - 1.0).abs() < 1e-4, "lse gives total weight {total}");
+            // Both kernels with the log-sum-exp: the dispatched one and the sgemm-based one.
+            for portable in [false, true] {
+                let mut out = vec![f32::NAN; n * dv];
+                let mut lse = vec![f32::NAN; n];
+                if portable {
+                    softmax_attention_impl(qm, km, vm, scale, &mut out, Some(&mut lse));
+                } else {
+                    softmax_attention_lse(qm, km, vm, scale, &mut out, &mut lse);
+                }
+                for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
+                    assert!((g as f64 - w).abs() < 2e-5, "({n},{m},{d},{dv}) [{i}]: {g} vs {w}");
+                }
+                // The log-sum-exp recomputes each row's weights: they must sum to 1.
+                for row in [0, n - 1] {
+                    let total: f64 = (0..m)
+                        .map(|j| {
+                            let dot: f64 = (0..d).map(|c| q[row * d + c] as f64 * k[j * d + c] as f64).sum();
+                            (scale as f64 * dot - lse[row] as f64).exp()
+                        })
+                        .sum();
+                    assert!((total - 1.0).abs() < 1e-4, "lse of row {row} gives total weight {total}");
+                }
+            }
         }
     }
 
