@@ -35,35 +35,28 @@ const KEY_TILE: usize = 252;
 /// sgemm).
 pub const MAX_VALUE_CHANNELS: usize = 512;
 
-/// Packs `src` (rows × depth) into panels of MR rows: panel q is `depth` groups of MR values
-/// (rows q·MR.., zero past the last row); `depth` is padded with zeros to `depth_pad`.
-fn pack_rows(src: MatRef<'_>, depth_pad: usize) -> Vec<f32> {
+/// Packs `src` (rows × depth) into `out` in panels of `width` rows: panel q holds `depth_pad`
+/// groups of `width` values, group p being element p of rows q·width.. (zero past the last
+/// row and past `depth`).
+fn pack_panels(src: MatRef<'_>, width: usize, depth_pad: usize, out: &mut [f32]) {
     let (rows, depth) = (src.rows(), src.cols());
-    let panels = rows.div_ceil(MR);
-    let mut out = vec![0.0f32; panels * depth_pad * MR];
-    let mut row = vec![0.0f32; depth];
-    for r in 0..rows {
-        src.copy_row(r, &mut row);
-        let panel = &mut out[(r / MR) * depth_pad * MR..];
-        for (p, &v) in row.iter().enumerate() {
-            panel[p * MR + r % MR] = v;
-        }
-    }
-    out
-}
-
-/// Packs `src` (rows × depth, rows = queries) into panels of NR rows, `depth` groups of NR.
-fn pack_queries(src: MatRef<'_>, out: &mut [f32]) {
-    let (rows, depth) = (src.rows(), src.cols());
+    debug_assert!(depth <= depth_pad && out.len() >= rows.div_ceil(width) * depth_pad * width);
     out.fill(0.0);
     let mut row = vec![0.0f32; depth];
     for r in 0..rows {
         src.copy_row(r, &mut row);
-        let panel = &mut out[(r / NR) * depth * NR..];
+        let panel = &mut out[(r / width) * depth_pad * width..];
         for (p, &v) in row.iter().enumerate() {
-            panel[p * NR + r % NR] = v;
+            panel[p * width + r % width] = v;
         }
     }
+}
+
+/// [`pack_panels`] into a new buffer, in panels of MR rows.
+fn pack_rows(src: MatRef<'_>, depth_pad: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; src.rows().div_ceil(MR) * depth_pad * MR];
+    pack_panels(src, MR, depth_pad, &mut out);
+    out
 }
 
 /// `C[0..6, 0..16] (+)= Σ_p a[p][0..6] ⊗ b[p][0..16]`, C rows `ldc` apart.
@@ -148,7 +141,7 @@ unsafe fn attend_tile(
     let m_pad = m.next_multiple_of(MR);
     let dv_panels = dv.div_ceil(MR);
     let mut q_packed = vec![0.0f32; qpanels * d * NR];
-    pack_queries(q, &mut q_packed);
+    pack_panels(q, NR, d, &mut q_packed);
     // P: [query panel][KEY_TILE keys][16 queries]; Oᵀ: [dv_panels·6 channels][width queries].
     let mut p = vec![0.0f32; qpanels * KEY_TILE * NR];
     let mut o_t = vec![0.0f32; dv_panels * MR * width];
