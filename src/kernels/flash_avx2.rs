@@ -147,6 +147,12 @@ unsafe fn attend_tile(
     let mut o_t = vec![0.0f32; dv_panels * MR * width];
     let mut run_max = vec![f32::NEG_INFINITY; width];
     let mut run_sum = vec![0.0f32; width];
+    // SAFETY (the pointer arithmetic below): `start` is a multiple of MR and
+    // start + kpanels·MR ≤ m_pad, so every K panel read (d·MR floats) lies inside `k_packed`
+    // (⌈m/MR⌉ panels) and every V read (kpanels·MR groups of MR from `start`) inside its
+    // panel of m_pad groups; P tiles (MR·NR floats at kp·MR·NR, kp < kpanels ≤ KEY_TILE/MR)
+    // stay inside their query panel of KEY_TILE·NR floats, and Oᵀ tiles (MR rows of NR at
+    // vp·MR, qp·NR, row stride `width`) inside dv_panels·MR rows of `width`.
     let mut start = 0;
     while start < m {
         let end = (start + KEY_TILE).min(m);
