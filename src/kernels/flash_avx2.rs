@@ -255,3 +255,218 @@ fn softmax_panel(
     run_max.copy_from_slice(&new_max);
     correction
 }
+
+/// The backward of [`softmax_attention`] (with its log-sum-exp), as
+/// [`softmax_attention_backward`](super::softmax_attention::softmax_attention_backward):
+/// writes `dq` (N × d), `dk` (M × d), `dv` (M × dv).
+///
+/// Per (query tile, key tile) the same micro-kernel computes `Sᵀ = K·Qᵀ` and
+/// `dPᵀ = V·dYᵀ` (keys × queries, 16 queries in the lanes, where `P = exp(s·S − lse)` and
+/// `dS = P ⊙ (dP − D)` are formed), `dQᵀ += Kᵀ·dSᵀ`, and, after P and dS are re-packed with
+/// the queries as depth, `dV += P·dY` and `dK += dS·Q`. Queries are split into the same fixed
+/// chunks as the sgemm-based kernel, key-side partial sums added in chunk order.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn softmax_attention_backward(
+    (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
+    lse: &[f32],
+    y: MatRef<'_>,
+    dy: MatRef<'_>,
+    (query_tile, chunks_max): (usize, usize),
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
+    let m_pad = m.next_multiple_of(MR);
+    let packed = BackwardPacked {
+        k_rows: pack_rows(k, d),
+        v_rows: pack_rows(v, dvc),
+        k_cols: pack_rows(k.t(), m_pad),
+        m,
+        d_pad: d.next_multiple_of(NR),
+        dv_pad: dvc.next_multiple_of(NR),
+    };
+    let tiles = n.div_ceil(query_tile);
+    let chunks = tiles.clamp(1, chunks_max);
+    let chunk_rows = tiles.div_ceil(chunks) * query_tile;
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dq
+        .par_chunks_mut(chunk_rows * d)
+        .enumerate()
+        .map(|(c, dq_chunk)| {
+            let start = c * chunk_rows;
+            let end = (start + chunk_rows).min(n);
+            let mut dk_part = vec![0.0f32; m_pad * packed.d_pad];
+            let mut dv_part = vec![0.0f32; m_pad * packed.dv_pad];
+            let mut tile_start = start;
+            while tile_start < end {
+                let tile_end = (tile_start + query_tile).min(end);
+                let local = (tile_start - start) * d..(tile_end - start) * d;
+                // SAFETY: the caller guarantees AVX2 and FMA.
+                unsafe {
+                    backward_tile(
+                        &packed,
+                        (q.rows_range(tile_start, tile_end), scale),
+                        &lse[tile_start..tile_end],
+                        (y.rows_range(tile_start, tile_end), dy.rows_range(tile_start, tile_end)),
+                        &mut dq_chunk[local],
+                        &mut dk_part,
+                        &mut dv_part,
+                    )
+                };
+                tile_start = tile_end;
+            }
+            (dk_part, dv_part)
+        })
+        .collect();
+    dk.fill(0.0);
+    dv.fill(0.0);
+    for (dk_part, dv_part) in &partials {
+        for j in 0..m {
+            let (src, dst) = (&dk_part[j * packed.d_pad..][..d], &mut dk[j * d..(j + 1) * d]);
+            dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+            let (src, dst) = (&dv_part[j * packed.dv_pad..][..dvc], &mut dv[j * dvc..(j + 1) * dvc]);
+            dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+        }
+    }
+    dk.iter_mut().for_each(|v| *v *= scale);
+}
+
+/// K and V packed once per backward call.
+struct BackwardPacked {
+    /// K in panels of MR keys, depth d (A of `Sᵀ = K·Qᵀ`).
+    k_rows: Vec<f32>,
+    /// V in panels of MR keys, depth dv (A of `dPᵀ = V·dYᵀ`).
+    v_rows: Vec<f32>,
+    /// Kᵀ in panels of MR channels, depth m_pad keys (A of `dQᵀ = Kᵀ·dSᵀ`).
+    k_cols: Vec<f32>,
+    m: usize,
+    /// d and dv rounded up to NR: the row strides of the key-side partial sums.
+    d_pad: usize,
+    dv_pad: usize,
+}
+
+/// Repacks a `[query panel][key][NR queries]` tile (`keys` keys, `width` queries) into
+/// `[key panel][query][MR keys]`, the A operand with the queries as depth.
+fn repack_by_keys(src: &[f32], keys: usize, width: usize, out: &mut [f32]) {
+    let kpanels = keys.div_ceil(MR);
+    for kp in 0..kpanels {
+        let panel = &mut out[kp * width * MR..(kp + 1) * width * MR];
+        for qi in 0..width {
+            let (qp, l) = (qi / NR, qi % NR);
+            for r in 0..MR {
+                panel[qi * MR + r] = src[(qp * KEY_TILE + kp * MR + r) * NR + l];
+            }
+        }
+    }
+}
+
+/// One query tile of the backward pass against all keys.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn backward_tile(
+    packed: &BackwardPacked,
+    (q, scale): (MatRef<'_>, f32),
+    lse: &[f32],
+    (y, dy): (MatRef<'_>, MatRef<'_>),
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (rows, d, dvc, m) = (q.rows(), q.cols(), dy.cols(), packed.m);
+    let qpanels = rows.div_ceil(NR);
+    let width = qpanels * NR;
+    let m_pad = m.next_multiple_of(MR);
+    let d_panels6 = d.div_ceil(MR);
+    // Per-query values in lanes; padding queries get lse = +∞ so their P (and dS) is 0.
+    let mut lse_w = vec![f32::INFINITY; width];
+    lse_w[..rows].copy_from_slice(lse);
+    let mut delta = vec![0.0f32; width];
+    let (mut row_y, mut row_dy) = (vec![0.0f32; dvc], vec![0.0f32; dvc]);
+    for (r, dr) in delta.iter_mut().enumerate().take(rows) {
+        y.copy_row(r, &mut row_y);
+        dy.copy_row(r, &mut row_dy);
+        *dr = row_y.iter().zip(&row_dy).map(|(a, b)| a * b).sum();
+    }
+    // B operands with d or dv as depth (queries in panels of NR) ...
+    let mut q_by_d = vec![0.0f32; qpanels * d * NR];
+    pack_panels(q, NR, d, &mut q_by_d);
+    let mut dy_by_dv = vec![0.0f32; qpanels * dvc * NR];
+    pack_panels(dy, NR, dvc, &mut dy_by_dv);
+    // ... and with the queries as depth (channels in panels of NR).
+    let mut q_by_query = vec![0.0f32; d.div_ceil(NR) * width * NR];
+    pack_panels(q.t(), NR, width, &mut q_by_query);
+    let mut dy_by_query = vec![0.0f32; dvc.div_ceil(NR) * width * NR];
+    pack_panels(dy.t(), NR, width, &mut dy_by_query);
+    let mut p = vec![0.0f32; qpanels * KEY_TILE * NR];
+    let mut ds = vec![0.0f32; qpanels * KEY_TILE * NR];
+    let mut p_by_key = vec![0.0f32; (KEY_TILE / MR) * width * MR];
+    let mut ds_by_key = vec![0.0f32; (KEY_TILE / MR) * width * MR];
+    let mut dq_t = vec![0.0f32; d_panels6 * MR * width];
+    // SAFETY (pointer arithmetic below): as in `attend_tile`, `start` is a multiple of MR and
+    // start + kpanels·MR ≤ m_pad; key-side outputs have m_pad rows of d_pad / dv_pad floats,
+    // so MR rows of NR columns at (start + kp·MR, panel·NR) fit; dQᵀ has d_panels6·MR rows.
+    let mut start = 0;
+    while start < m {
+        let end = (start + KEY_TILE).min(m);
+        let keys = end - start;
+        let kpanels = keys.div_ceil(MR);
+        for qp in 0..qpanels {
+            let lanes = qp * NR..(qp + 1) * NR;
+            let (p_panel, ds_panel) = (p.as_mut_ptr().add(qp * KEY_TILE * NR), ds.as_mut_ptr().add(qp * KEY_TILE * NR));
+            for kp in 0..kpanels {
+                let key_panel = start / MR + kp;
+                let kq = packed.k_rows.as_ptr().add(key_panel * d * MR);
+                micro_kernel(d, kq, q_by_d.as_ptr().add(qp * d * NR), p_panel.add(kp * MR * NR), NR, false);
+                let vq = packed.v_rows.as_ptr().add(key_panel * dvc * MR);
+                micro_kernel(dvc, vq, dy_by_dv.as_ptr().add(qp * dvc * NR), ds_panel.add(kp * MR * NR), NR, false);
+            }
+            let p_rows = &mut p[qp * KEY_TILE * NR..][..kpanels * MR * NR];
+            let ds_rows = &mut ds[qp * KEY_TILE * NR..][..kpanels * MR * NR];
+            let (lse_l, delta_l) = (&lse_w[lanes.clone()], &delta[lanes]);
+            for (key, (pr, dr)) in p_rows.chunks_exact_mut(NR).zip(ds_rows.chunks_exact_mut(NR)).enumerate() {
+                if key >= keys {
+                    pr.fill(0.0);
+                    dr.fill(0.0);
+                    continue;
+                }
+                for l in 0..NR {
+                    let w = exp_lane::<true>(fmadd::<true>(pr[l], scale, -lse_l[l]));
+                    pr[l] = w;
+                    dr[l] = w * (dr[l] - delta_l[l]);
+                }
+            }
+        }
+        // dQᵀ += Kᵀ·dSᵀ (scaled at the end).
+        for cp in 0..d_panels6 {
+            let a = packed.k_cols.as_ptr().add(cp * m_pad * MR + start * MR);
+            for qp in 0..qpanels {
+                let c = dq_t.as_mut_ptr().add(cp * MR * width + qp * NR);
+                micro_kernel(kpanels * MR, a, ds.as_ptr().add(qp * KEY_TILE * NR), c, width, start > 0);
+            }
+        }
+        // dV += P·dY and dK += dS·Q, with the queries as depth.
+        repack_by_keys(&p, keys, width, &mut p_by_key);
+        repack_by_keys(&ds, keys, width, &mut ds_by_key);
+        for kp in 0..kpanels {
+            let row = start + kp * MR;
+            let (pa, dsa) = (p_by_key.as_ptr().add(kp * width * MR), ds_by_key.as_ptr().add(kp * width * MR));
+            for cp in 0..dvc.div_ceil(NR) {
+                let c = dv.as_mut_ptr().add(row * packed.dv_pad + cp * NR);
+                micro_kernel(width, pa, dy_by_query.as_ptr().add(cp * width * NR), c, packed.dv_pad, true);
+            }
+            for cp in 0..d.div_ceil(NR) {
+                let c = dk.as_mut_ptr().add(row * packed.d_pad + cp * NR);
+                micro_kernel(width, dsa, q_by_query.as_ptr().add(cp * width * NR), c, packed.d_pad, true);
+            }
+        }
+        start = end;
+    }
+    for r in 0..rows {
+        for ch in 0..d {
+            dq[r * d + ch] = scale * dq_t[ch * width + r];
+        }
+    }
+}

@@ -162,6 +162,8 @@ pub const BACKWARD_QUERY_CHUNKS: usize = 8;
 
 /// Gradients of `Y = softmax(scale · Q·Kᵀ)·V` (the backward of [`softmax_attention_lse`]),
 /// recomputing the attention tile by tile from the saved log-sum-exp, as FlashAttention-2.
+/// Dispatched like [`softmax_attention`]: the packed AVX2 kernel of
+/// [`flash_avx2`](super::flash_avx2) where it applies, else the sgemm-based one.
 ///
 /// Inputs: `q` N × d, `k` M × d, `v` M × dv, `lse` (N) from the forward pass, `y` (N × dv,
 /// the forward output) and `dy` (N × dv). Outputs, overwritten: `dq` N × d, `dk` M × d,
@@ -186,6 +188,42 @@ pub fn softmax_attention_backward(
     let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
     assert!(m > 0);
     assert_eq!((dq.len(), dk.len(), dv.len(), lse.len()), (n * d, m * d, m * dvc, n));
+    assert_eq!((y.rows(), y.cols(), dy.rows(), dy.cols()), (n, dvc, n, dvc));
+    #[cfg(target_arch = "x86_64")]
+    if super::exp::simd() == super::exp::Simd::Avx2Fma && dvc <= super::flash_avx2::MAX_VALUE_CHANNELS {
+        // SAFETY: `simd()` detected AVX2 and FMA.
+        unsafe {
+            super::flash_avx2::softmax_attention_backward(
+                (q, k, v, scale),
+                lse,
+                y,
+                dy,
+                (QUERY_TILE, BACKWARD_QUERY_CHUNKS),
+                dq,
+                dk,
+                dv,
+            )
+        };
+        return;
+    }
+    softmax_attention_backward_portable(q, k, v, scale, lse, y, dy, dq, dk, dv);
+}
+
+/// The sgemm-based backward, whatever the CPU (for tests comparing the two).
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_attention_backward_portable(
+    q: MatRef<'_>,
+    k: MatRef<'_>,
+    v: MatRef<'_>,
+    scale: f32,
+    lse: &[f32],
+    y: MatRef<'_>,
+    dy: MatRef<'_>,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
     let tiles = n.div_ceil(QUERY_TILE);
     let chunks = tiles.clamp(1, BACKWARD_QUERY_CHUNKS);
     let chunk_rows = tiles.div_ceil(chunks) * QUERY_TILE;
@@ -355,6 +393,9 @@ mod tests {
         }
     }
 
+    type Backward =
+        fn(MatRef<'_>, MatRef<'_>, MatRef<'_>, f32, &[f32], MatRef<'_>, MatRef<'_>, &mut [f32], &mut [f32], &mut [f32]);
+
     #[test]
     fn backward_matches_finite_differences_of_the_reference() {
         let (n, m, d, dv) = (300, 530, 5, 3);
@@ -367,19 +408,30 @@ mod tests {
         let mut y = vec![0.0f32; n * dv];
         let mut lse = vec![0.0f32; n];
         softmax_attention_lse(qm, km, vm, scale, &mut y, &mut lse);
-        let (mut dq, mut dk, mut dvv) = (vec![f32::NAN; n * d], vec![f32::NAN; m * d], vec![f32::NAN; m * dv]);
-        softmax_attention_backward(
-            qm,
-            km,
-            vm,
-            scale,
-            &lse,
-            MatRef::new(&y, 0, n, dv, dv),
-            MatRef::new(&dy, 0, n, dv, dv),
-            &mut dq,
-            &mut dk,
-            &mut dvv,
-        );
+        let mut grads = Vec::new();
+        for kernel in [softmax_attention_backward as Backward, softmax_attention_backward_portable] {
+            let (mut dq, mut dk, mut dvv) = (vec![f32::NAN; n * d], vec![f32::NAN; m * d], vec![f32::NAN; m * dv]);
+            kernel(
+                qm,
+                km,
+                vm,
+                scale,
+                &lse,
+                MatRef::new(&y, 0, n, dv, dv),
+                MatRef::new(&dy, 0, n, dv, dv),
+                &mut dq,
+                &mut dk,
+                &mut dvv,
+            );
+            grads.push((dq, dk, dvv));
+        }
+        // The two kernels agree closely everywhere; the finite differences check one of them.
+        for (a, b) in [(&grads[0].0, &grads[1].0), (&grads[0].1, &grads[1].1), (&grads[0].2, &grads[1].2)] {
+            for (x, y) in a.iter().zip(b.iter()) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "kernels disagree: {x} vs {y}");
+            }
+        }
+        let (dq, dk, dvv) = grads.swap_remove(0);
         // L = Σ dy ⊙ Y in f64; central differences on a few entries of each input.
         let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
             let y = reference(q, k, v, (n, m, d, dv), scale as f64);
