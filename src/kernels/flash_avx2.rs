@@ -21,6 +21,7 @@ use rayon::prelude::*;
 
 use super::exp::{exp_lane, fmadd};
 use super::gemm::MatRef;
+use super::softmax_attention::over_query_chunks;
 
 /// Keys (A rows) and value channels per micro-tile.
 const MR: usize = 6;
@@ -275,7 +276,7 @@ pub unsafe fn softmax_attention_backward(
     lse: &[f32],
     y: MatRef<'_>,
     dy: MatRef<'_>,
-    (query_tile, chunks_max): (usize, usize),
+    query_tile: usize,
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
@@ -290,38 +291,29 @@ pub unsafe fn softmax_attention_backward(
         d_pad: d.next_multiple_of(NR),
         dv_pad: dvc.next_multiple_of(NR),
     };
-    let tiles = n.div_ceil(query_tile);
-    let chunks = tiles.clamp(1, chunks_max);
-    let chunk_rows = tiles.div_ceil(chunks) * query_tile;
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = dq
-        .par_chunks_mut(chunk_rows * d)
-        .enumerate()
-        .map(|(c, dq_chunk)| {
-            let start = c * chunk_rows;
-            let end = (start + chunk_rows).min(n);
-            let mut dk_part = vec![0.0f32; m_pad * packed.d_pad];
-            let mut dv_part = vec![0.0f32; m_pad * packed.dv_pad];
-            let mut tile_start = start;
-            while tile_start < end {
-                let tile_end = (tile_start + query_tile).min(end);
-                let local = (tile_start - start) * d..(tile_end - start) * d;
-                // SAFETY: the caller guarantees AVX2 and FMA.
-                unsafe {
-                    backward_tile(
-                        &packed,
-                        (q.rows_range(tile_start, tile_end), scale),
-                        &lse[tile_start..tile_end],
-                        (y.rows_range(tile_start, tile_end), dy.rows_range(tile_start, tile_end)),
-                        &mut dq_chunk[local],
-                        &mut dk_part,
-                        &mut dv_part,
-                    )
-                };
-                tile_start = tile_end;
+    let d_pad = packed.d_pad;
+    let dv_pad = packed.dv_pad;
+    let partials = over_query_chunks(
+        n,
+        d,
+        query_tile,
+        dq,
+        || (vec![0.0f32; m_pad * d_pad], vec![0.0f32; m_pad * dv_pad]),
+        |rows, dq_tile, (dk_part, dv_part)| {
+            // SAFETY: the caller guarantees AVX2 and FMA.
+            unsafe {
+                backward_tile(
+                    &packed,
+                    (q.rows_range(rows.start, rows.end), scale),
+                    &lse[rows.clone()],
+                    (y.rows_range(rows.start, rows.end), dy.rows_range(rows.start, rows.end)),
+                    dq_tile,
+                    dk_part,
+                    dv_part,
+                )
             }
-            (dk_part, dv_part)
-        })
-        .collect();
+        },
+    );
     dk.fill(0.0);
     dv.fill(0.0);
     for (dk_part, dv_part) in &partials {

@@ -192,18 +192,7 @@ pub fn softmax_attention_backward(
     #[cfg(target_arch = "x86_64")]
     if super::exp::simd() == super::exp::Simd::Avx2Fma && dvc <= super::flash_avx2::MAX_VALUE_CHANNELS {
         // SAFETY: `simd()` detected AVX2 and FMA.
-        unsafe {
-            super::flash_avx2::softmax_attention_backward(
-                (q, k, v, scale),
-                lse,
-                y,
-                dy,
-                (QUERY_TILE, BACKWARD_QUERY_CHUNKS),
-                dq,
-                dk,
-                dv,
-            )
-        };
+        unsafe { super::flash_avx2::softmax_attention_backward((q, k, v, scale), lse, y, dy, QUERY_TILE, dq, dk, dv) };
         return;
     }
     softmax_attention_backward_portable(q, k, v, scale, lse, y, dy, dq, dk, dv);
@@ -224,41 +213,63 @@ pub fn softmax_attention_backward_portable(
     dv: &mut [f32],
 ) {
     let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
-    let tiles = n.div_ceil(QUERY_TILE);
-    let chunks = tiles.clamp(1, BACKWARD_QUERY_CHUNKS);
-    let chunk_rows = tiles.div_ceil(chunks) * QUERY_TILE;
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = dq
-        .par_chunks_mut(chunk_rows * d)
-        .enumerate()
-        .map(|(c, dq_chunk)| {
-            let start = c * chunk_rows;
-            let end = (start + chunk_rows).min(n);
-            let mut dk_part = vec![0.0f32; m * d];
-            let mut dv_part = vec![0.0f32; m * dvc];
-            let mut tile_start = start;
-            while tile_start < end {
-                let tile_end = (tile_start + QUERY_TILE).min(end);
-                let local = (tile_start - start) * d..(tile_end - start) * d;
-                backward_tile(
-                    (q.rows_range(tile_start, tile_end), k, v, scale),
-                    &lse[tile_start..tile_end],
-                    y.rows_range(tile_start, tile_end),
-                    dy.rows_range(tile_start, tile_end),
-                    &mut dq_chunk[local],
-                    &mut dk_part,
-                    &mut dv_part,
-                );
-                tile_start = tile_end;
-            }
-            (dk_part, dv_part)
-        })
-        .collect();
+    let partials = over_query_chunks(
+        n,
+        d,
+        QUERY_TILE,
+        dq,
+        || (vec![0.0f32; m * d], vec![0.0f32; m * dvc]),
+        |rows, dq_tile, (dk_part, dv_part)| {
+            backward_tile(
+                (q.rows_range(rows.start, rows.end), k, v, scale),
+                &lse[rows.clone()],
+                y.rows_range(rows.start, rows.end),
+                dy.rows_range(rows.start, rows.end),
+                dq_tile,
+                dk_part,
+                dv_part,
+            )
+        },
+    );
     dk.fill(0.0);
     dv.fill(0.0);
     for (dk_part, dv_part) in &partials {
         dk.iter_mut().zip(dk_part).for_each(|(a, b)| *a += b);
         dv.iter_mut().zip(dv_part).for_each(|(a, b)| *a += b);
     }
+}
+
+/// The query split of the backward passes: N queries in at most [`BACKWARD_QUERY_CHUNKS`]
+/// chunks of whole tiles of `tile` rows (fixed by N alone, not the thread count). Chunks run
+/// in parallel, each starting from `init()` and calling `per_tile(rows, dq rows, partials)`
+/// for its tiles in order; the partials come back in chunk order, to be added in that order.
+pub(crate) fn over_query_chunks<P: Send>(
+    n: usize,
+    d: usize,
+    tile: usize,
+    dq: &mut [f32],
+    init: impl Fn() -> P + Sync,
+    per_tile: impl Fn(std::ops::Range<usize>, &mut [f32], &mut P) + Sync,
+) -> Vec<P> {
+    let tiles = n.div_ceil(tile);
+    let chunks = tiles.clamp(1, BACKWARD_QUERY_CHUNKS);
+    let chunk_rows = tiles.div_ceil(chunks) * tile;
+    dq.par_chunks_mut(chunk_rows * d)
+        .enumerate()
+        .map(|(c, dq_chunk)| {
+            let start = c * chunk_rows;
+            let end = (start + chunk_rows).min(n);
+            let mut partials = init();
+            let mut tile_start = start;
+            while tile_start < end {
+                let tile_end = (tile_start + tile).min(end);
+                let local = (tile_start - start) * d..(tile_end - start) * d;
+                per_tile(tile_start..tile_end, &mut dq_chunk[local], &mut partials);
+                tile_start = tile_end;
+            }
+            partials
+        })
+        .collect()
 }
 
 /// One query tile against all keys: writes the tile's `dq` and adds to `dk`, `dv`.
