@@ -311,18 +311,7 @@ pub(crate) fn load_parameters(file: &TensorFile, config: &NonLocalConfig, keys: 
 /// Errors from [`Parameters::validate`] name parts generically (`bn.running_var`); give
 /// them the checkpoint's full key.
 fn rename_key(e: Error, keys: &WeightKeys, config: &NonLocalConfig) -> Error {
-    let full = |key: &str| -> String {
-        let pooled = config.sub_sample.is_some();
-        let (part, field) = key.split_once('.').unwrap_or((key, ""));
-        let stem = match part {
-            "theta" | "phi" | "g" => keys.embedding(part, pooled),
-            "w_z" => keys.w_z(config.bn_layer),
-            "bn" => keys.bn(),
-            "concat_project" => return keys.concat_project(),
-            _ => return key.to_string(),
-        };
-        format!("{stem}.{field}")
-    };
+    let full = |key: &str| checkpoint_entry(keys, config, key).0;
     match e {
         Error::InvalidParameter { key, reason } => Error::InvalidParameter { key: full(&key), reason },
         Error::WrongShape { key, expected, actual } => Error::WrongShape { key: full(&key), expected, actual },
