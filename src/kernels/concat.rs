@@ -19,7 +19,6 @@ pub struct SortedKeys {
     /// (M + 1) × dv prefix sums of b·g.
     bg_prefix: Vec<f64>,
     dv: usize,
-    m: usize,
 }
 
 impl SortedKeys {
@@ -44,7 +43,7 @@ impl SortedKeys {
             }
         }
         let b_sorted = order.iter().map(|&j| b[j]).collect();
-        SortedKeys { b_sorted, g_prefix, bg_prefix, dv, m }
+        SortedKeys { b_sorted, g_prefix, bg_prefix, dv }
     }
 
     /// How many keys are active for a query with `a` (those with `a + b_j > 0`).
@@ -67,16 +66,6 @@ impl SortedKeys {
     pub fn active_values(&self, a: f32) -> &[f64] {
         let k = self.active(a);
         &self.g_prefix[k * self.dv..(k + 1) * self.dv]
-    }
-
-    /// The number of keys M.
-    pub fn len(&self) -> usize {
-        self.m
-    }
-
-    /// Whether there are no keys.
-    pub fn is_empty(&self) -> bool {
-        self.m == 0
     }
 }
 

@@ -145,11 +145,6 @@ impl<'a> MatMut<'a> {
     pub fn data_mut(&mut self) -> &mut [f32] {
         self.data
     }
-
-    /// The same memory as a read-only view.
-    pub fn as_ref(&self) -> MatRef<'_> {
-        MatRef::new(self.data, 0, self.rows, self.cols, self.ld)
-    }
 }
 
 /// `C ← α·A·B + β·C` on one thread. With β = 0, C is only written (NaN in it is ignored).
