@@ -5,9 +5,12 @@
 //! cargo run --release --example bench -- [--shape NAME] [--mode eg|dp|concat|gauss] [--reps N] [--backward]
 //! ```
 //!
-//! First measures the sgemm peak: matrixmultiply sgemm 2048×2048×2048 split over the same rayon
-//! threads the block uses (one single-threaded sgemm per row block, as the block runs its own
-//! GEMMs), best of 5. Then runs each case and prints
+//! First measures the sgemm peak: the best 2048×2048×2048 sgemm a Rust crate runs on this
+//! machine over the same rayon threads the block uses (one single-threaded sgemm per row block,
+//! as the block runs its own GEMMs), best of 5 each: matrixmultiply, the `gemm` crate (with its
+//! AVX-512 kernels, feature `x86-v4`) and this crate's own GEMM (the packed AVX-512 kernel where
+//! it runs). It prints all three and the path the block uses (`simd=avx512|avx2|portable`, see
+//! `NONLOCAL_SIMD` in the README). Then runs each case and prints
 //! `shape=… mode=… ms=<median> gflops=<nominal/median> sgemm_gflops=<peak> pct_peak=…`.
 //! Nominal FLOPs are the direct algorithm's (see `nominal_flops`), so implementations that do
 //! less work (dot product, concatenation) can exceed 100%.
@@ -20,6 +23,7 @@ use std::time::Instant;
 use ndarray::Array5;
 use nonlocal::kernels::gemm::{par_gemm, MatMut, MatRef};
 use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters};
+use rayon::prelude::*;
 
 /// (name, C, T, H, W) with B = 1, sub-sampling 1x2x2, C' = C/2, BatchNorm.
 const SHAPES: [(&str, usize, usize, usize, usize); 4] = [
@@ -69,19 +73,78 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// Best-of-5 GFLOP/s of a 2048³ sgemm over the rayon pool.
-fn sgemm_peak() -> f64 {
+/// A single-threaded sgemm `C ← A·B` on row-major n×n blocks: rows of A and C, all of B.
+type Sgemm = fn(rows: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]);
+
+fn matrixmultiply_sgemm(rows: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    let ld = n as isize;
+    // SAFETY: a is rows × n, b n × n, c rows × n, all row-major.
+    unsafe { matrixmultiply::sgemm(rows, n, n, 1.0, a.as_ptr(), ld, 1, b.as_ptr(), ld, 1, 0.0, c.as_mut_ptr(), ld, 1) }
+}
+
+fn gemm_crate_sgemm(rows: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    let ld = n as isize;
+    // SAFETY: as above; `gemm` computes dst ← alpha·dst + beta·lhs·rhs (alpha 0, beta 1).
+    unsafe {
+        gemm::gemm(
+            rows,
+            n,
+            n,
+            c.as_mut_ptr(),
+            1,
+            ld,
+            false,
+            a.as_ptr(),
+            1,
+            ld,
+            b.as_ptr(),
+            1,
+            ld,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Best-of-5 GFLOP/s of a 2048³ sgemm over the rayon pool, one row block per thread, for
+/// matrixmultiply, the gemm crate and this crate's own `par_gemm`.
+fn sgemm_peaks() -> [(&'static str, f64); 3] {
     let n = 2048;
     let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
     let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.1).collect();
     let mut c = vec![0.0f32; n * n];
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let start = Instant::now();
-        par_gemm(1.0, MatRef::new(&a, 0, n, n, n), MatRef::new(&b, 0, n, n, n), 0.0, &mut MatMut::new(&mut c, n, n, n));
-        best = best.min(start.elapsed().as_secs_f64());
-    }
-    2.0 * (n * n * n) as f64 / best / 1e9
+    let flops = 2.0 * (n * n * n) as f64;
+    let best_of_5 = |c: &mut Vec<f32>, run: &dyn Fn(&mut Vec<f32>)| {
+        let times = (0..5).map(|_| {
+            let start = Instant::now();
+            run(c);
+            start.elapsed().as_secs_f64()
+        });
+        flops / times.fold(f64::MAX, f64::min) / 1e9
+    };
+    let (a, b) = (&a, &b);
+    let blocks = move |f: Sgemm| {
+        move |c: &mut Vec<f32>| {
+            let rows = n.div_ceil(rayon::current_num_threads()).next_multiple_of(8);
+            c.par_chunks_mut(rows * n).enumerate().for_each(|(i, c)| {
+                let r = c.len() / n;
+                f(r, n, &a[i * rows * n..(i * rows + r) * n], b, c)
+            });
+        }
+    };
+    let own = |c: &mut Vec<f32>| {
+        let (am, bm) = (MatRef::new(a, 0, n, n, n), MatRef::new(b, 0, n, n, n));
+        par_gemm(1.0, am, bm, 0.0, &mut MatMut::new(c, n, n, n));
+    };
+    [
+        ("matrixmultiply", best_of_5(&mut c, &blocks(matrixmultiply_sgemm))),
+        ("gemm", best_of_5(&mut c, &blocks(gemm_crate_sgemm))),
+        ("nonlocal", best_of_5(&mut c, &own)),
+    ]
 }
 
 /// The direct algorithm's FLOPs: projections 2·N·C·C' each (θ, φ, g; Gaussian only g) and
@@ -155,8 +218,14 @@ fn main() {
         }
     };
     let threads = rayon::current_num_threads();
-    let peak = sgemm_peak();
-    eprintln!("threads={threads} simd={:?} sgemm 2048^3 peak {peak:.1} GFLOP/s", nonlocal::kernels::exp::simd());
+    let peaks = sgemm_peaks();
+    let peak = peaks.iter().map(|p| p.1).fold(0.0, f64::max);
+    let each: Vec<String> = peaks.iter().map(|(name, g)| format!("{name}={g:.1}")).collect();
+    println!(
+        "threads={threads} simd={} sgemm 2048^3 GFLOP/s: {} peak={peak:.1}",
+        nonlocal::kernels::simd::isa(),
+        each.join(" ")
+    );
     for (name, c, t, h, w) in SHAPES {
         if args.shape.as_deref().is_some_and(|s| s != name) {
             continue;

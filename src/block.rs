@@ -6,12 +6,12 @@ use ndarray::{Array, Array3, ArrayBase, ArrayView4, ArrayView5, ArrayViewD, Axis
 
 use crate::config::{Mode, NonLocalConfig};
 use crate::error::{Error, Result};
+use crate::kernels::attention::softmax_attention;
 use crate::kernels::concat::concat_attention;
 use crate::kernels::dot_product::key_value_product;
 use crate::kernels::exp::{exp_sum, row_max};
 use crate::kernels::gemm::{gemm, par_gemm, row_block, MatMut, MatRef};
 use crate::kernels::pool::pooled_grid;
-use crate::kernels::softmax_attention::softmax_attention;
 use crate::params::Parameters;
 use crate::plan::{Compiled, Prepared};
 use crate::weights::{load_parameters, TensorFile, WeightKeys};
@@ -346,7 +346,7 @@ impl NonLocalBlock {
                     // W_out·Σ_j a_ij ĝ_j = Σ_j a_ij (W_out ĝ_j): apply W_z to the M keys
                     // instead of the N outputs, and aggregate C columns instead of C'.
                     let mut vw = self.workspace.take(m * c, "projected values")?;
-                    par_gemm(1.0, prepared.values(), self.w_out_t(), 0.0, &mut MatMut::new(&mut vw, m, c, c));
+                    self.compiled.w_out.apply(prepared.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c));
                     softmax_attention(prepared.queries(), prepared.keys(), MatRef::new(&vw, 0, m, c, c), scale, out);
                     self.add_residual(x, out);
                 } else {
@@ -384,16 +384,23 @@ impl NonLocalBlock {
 
     /// `W_outᵀ` (C' × C) as a view.
     pub(crate) fn w_out_t(&self) -> MatRef<'_> {
-        let (c, ci) = (self.config.in_channels, self.config.inter_channels);
-        MatRef::new(&self.compiled.w_out, 0, c, ci, ci).t()
+        self.compiled.w_out.view().t()
+    }
+
+    /// Projections and pooling for one sample (see [`crate::plan::prepare`]).
+    pub(crate) fn prepare<'a>(&'a self, x: MatRef<'a>, grid: [usize; 3]) -> Result<Prepared<'a>> {
+        crate::plan::prepare(&self.config, &self.compiled, &self.workspace, x, grid)
     }
 
     /// `out ← x + y·W + b_out` with W = `w` (C' × C) or `W_outᵀ`.
     pub(crate) fn output(&self, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
         let (n, c) = (x.rows(), x.cols());
         self.residual_rows(x, out, |row, residual| row.copy_from_slice(residual));
-        let w = w.unwrap_or_else(|| self.w_out_t());
-        par_gemm(1.0, y, w, 1.0, &mut MatMut::new(out, n, c, c));
+        let mut out = MatMut::new(out, n, c, c);
+        match w {
+            Some(w) => par_gemm(1.0, y, w, 1.0, &mut out),
+            None => self.compiled.w_out.apply(y, 1.0, &mut out),
+        }
     }
 
     /// `out ← out + x + b_out`.

@@ -73,6 +73,7 @@
 //! [paper]: https://arxiv.org/abs/1711.07971
 
 #![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
 mod block;
 mod config;

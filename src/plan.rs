@@ -4,24 +4,23 @@
 
 use rayon::prelude::*;
 
-use crate::block::NonLocalBlock;
 use crate::config::{Mode, NonLocalConfig};
 use crate::error::Result;
 use crate::kernels::concat::key_scores;
-use crate::kernels::gemm::{par_gemm, row_block, MatMut, MatRef};
+use crate::kernels::gemm::{row_block, MatMut, MatRef, Weights};
 use crate::kernels::pool::{max_pool, pooled_grid};
 use crate::params::Parameters;
-use crate::workspace::Scratch;
+use crate::workspace::{Scratch, Workspace};
 
 /// Parameters rearranged for the kernels: projections stacked, BatchNorm folded.
 #[derive(Clone, Debug)]
 pub(crate) struct Compiled {
-    /// Stacked projection weights, `proj_cols` × C row-major, and their bias.
-    pub(crate) w_proj: Vec<f32>,
+    /// Stacked projection weights, `proj_cols` × C, and their bias.
+    pub(crate) w_proj: Weights,
     pub(crate) b_proj: Vec<f32>,
     pub(crate) proj_cols: usize,
-    /// `W_z` with BatchNorm folded in: C × C' row-major, and the folded bias (C).
-    pub(crate) w_out: Vec<f32>,
+    /// `W_z` with BatchNorm folded in: C × C', and the folded bias (C).
+    pub(crate) w_out: Weights,
     pub(crate) b_out: Vec<f32>,
     /// Concatenation: `w_φ` (C').
     pub(crate) w_phi: Vec<f32>,
@@ -117,6 +116,7 @@ impl Compiled {
             b_out.push(shift as f32);
             bn_scale.push(scale as f32);
         }
+        let (w_proj, w_out) = (Weights::new(w_proj, proj_cols, c), Weights::new(w_out, c, ci));
         Compiled { w_proj, b_proj, proj_cols, w_out, b_out, w_phi, bn_scale }
     }
 }
@@ -183,34 +183,38 @@ impl Prepared<'_> {
     }
 }
 
-impl NonLocalBlock {
-    /// Projections and pooling for one sample.
-    pub(crate) fn prepare<'a>(&'a self, x: MatRef<'a>, grid: [usize; 3]) -> Result<Prepared<'a>> {
-        let (n, c) = (x.rows(), x.cols());
-        let k = self.compiled.proj_cols;
-        let mut proj = self.workspace.take(n * k, "projections")?;
-        let bias = &self.compiled.b_proj;
-        proj.par_chunks_mut(row_block(n, 64) * k).for_each(|rows| {
-            rows.chunks_mut(k).for_each(|row| row.copy_from_slice(bias));
-        });
-        let w_t = MatRef::new(&self.compiled.w_proj, 0, k, c, c).t();
-        par_gemm(1.0, x, w_t, 1.0, &mut MatMut::new(&mut proj, n, k, k));
-        let cols = Columns::of(self.config.mode, self.config.inter_channels);
-        let kernel = self.config.pool_kernel();
-        let m: usize = pooled_grid(grid, kernel).iter().product();
-        let (mut pooled, mut pooled_x) = (None, None);
-        if self.config.sub_sample.is_some() {
-            let (start, width) = (cols.key_start, cols.key_width);
-            let mut buf = self.workspace.take(m * width, "pooled projections")?;
-            let key_cols = MatRef::new(&proj, 0, n, k, k).cols_range(start, start + width);
-            max_pool(key_cols, grid, kernel, &mut buf);
-            pooled = Some(buf);
-            if self.config.mode == Mode::Gaussian {
-                let mut buf = self.workspace.take(m * c, "pooled input")?;
-                max_pool(x, grid, kernel, &mut buf);
-                pooled_x = Some(buf);
-            }
+/// Projections and pooling for one sample `x` (N × C) on the grid `grid`, buffers from
+/// `workspace`.
+pub(crate) fn prepare<'a>(
+    config: &NonLocalConfig,
+    compiled: &Compiled,
+    workspace: &'a Workspace,
+    x: MatRef<'a>,
+    grid: [usize; 3],
+) -> Result<Prepared<'a>> {
+    let (n, c) = (x.rows(), x.cols());
+    let k = compiled.proj_cols;
+    let mut proj = workspace.take(n * k, "projections")?;
+    let bias = &compiled.b_proj;
+    proj.par_chunks_mut(row_block(n, 64) * k).for_each(|rows| {
+        rows.chunks_mut(k).for_each(|row| row.copy_from_slice(bias));
+    });
+    compiled.w_proj.apply(x, 1.0, &mut MatMut::new(&mut proj, n, k, k));
+    let cols = Columns::of(config.mode, config.inter_channels);
+    let kernel = config.pool_kernel();
+    let m: usize = pooled_grid(grid, kernel).iter().product();
+    let (mut pooled, mut pooled_x) = (None, None);
+    if config.sub_sample.is_some() {
+        let (start, width) = (cols.key_start, cols.key_width);
+        let mut buf = workspace.take(m * width, "pooled projections")?;
+        let key_cols = MatRef::new(&proj, 0, n, k, k).cols_range(start, start + width);
+        max_pool(key_cols, grid, kernel, &mut buf);
+        pooled = Some(buf);
+        if config.mode == Mode::Gaussian {
+            let mut buf = workspace.take(m * c, "pooled input")?;
+            max_pool(x, grid, kernel, &mut buf);
+            pooled_x = Some(buf);
         }
-        Ok(Prepared { x, proj, proj_cols: k, pooled, pooled_x, m, cols, ci: self.config.inter_channels })
     }
+    Ok(Prepared { x, proj, proj_cols: k, pooled, pooled_x, m, cols, ci: config.inter_channels })
 }

@@ -17,11 +17,11 @@ use std::sync::Arc;
 use crate::block::{buffer, NonLocalBlock};
 use crate::config::Mode;
 use crate::error::{Error, Result};
+use crate::kernels::attention::{softmax_attention_backward, softmax_attention_lse};
 use crate::kernels::concat::{concat_attention, concat_attention_backward, key_scores};
 use crate::kernels::dot_product::key_value_product;
 use crate::kernels::gemm::{par_gemm, MatMut, MatRef};
 use crate::kernels::pool::{max_pool_argmax, max_unpool_add};
-use crate::kernels::softmax_attention::{softmax_attention_backward, softmax_attention_lse};
 use crate::params::{Conv1x1, Parameters};
 use crate::plan::Columns;
 use crate::workspace::Workspace;
@@ -311,7 +311,7 @@ impl NonLocalBlock {
         // Output side: z = x + y·W_outᵀ + b_out.
         let ws = &self.workspace;
         let mut dy = ws.take(n * ci, "y gradient")?;
-        let w_out = MatRef::new(&self.compiled.w_out, 0, c, ci, ci);
+        let w_out = self.compiled.w_out.view();
         par_gemm(1.0, dz, w_out, 0.0, &mut MatMut::new(&mut dy, n, ci, ci));
         par_gemm(1.0, dz.t(), y, 1.0, &mut MatMut::new(&mut acc.dz_y, c, ci, ci));
         column_sums(dz, &mut acc.dz_sum);
@@ -425,7 +425,7 @@ impl NonLocalBlock {
         let dp_m = MatRef::new(&dp, 0, n, k, k);
         par_gemm(1.0, dp_m.t(), x, 1.0, &mut MatMut::new(&mut acc.d_proj_w, k, c, c));
         column_sums(dp_m, &mut acc.d_proj_b);
-        let w_all = MatRef::new(&self.compiled.w_proj, 0, k, c, c);
+        let w_all = self.compiled.w_proj.view();
         par_gemm(1.0, dp_m, w_all, 1.0, &mut MatMut::new(dx, n, c, c));
         Ok(())
     }

@@ -1,5 +1,5 @@
-//! Vectorised `exp` for the softmax: full f32 accuracy (about 1 ulp), chosen once at run time
-//! for the widest SIMD the CPU has (AVX-512F, AVX2+FMA, or portable code).
+//! Vectorised `exp` for the softmax: full f32 accuracy (about 1 ulp), compiled for the
+//! instruction set [`isa`] chose (AVX-512F, AVX2+FMA, or portable code).
 //!
 //! The loops are written so the compiler vectorises them: fixed 16-lane chunks, branch-free
 //! lanes, and 16 independent partial sums added in a fixed order (so results do not depend
@@ -7,16 +7,21 @@
 
 use std::sync::OnceLock;
 
+use super::simd::{isa, Isa};
+
 const LANES: usize = 16;
 /// Below this, `exp` underflows past the smallest normal f32; we return 0.
-const EXP_LOW: f32 = -87.0;
+pub(crate) const EXP_LOW: f32 = -87.0;
 /// Above this, `exp` overflows; inputs are clamped (softmax never passes positive values).
-const EXP_HIGH: f32 = 88.0;
-const LOG2E: f32 = std::f32::consts::LOG2_E;
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
+pub(crate) const EXP_HIGH: f32 = 88.0;
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
 /// 1.5·2^23: adding it rounds to an integer and leaves that integer in the low mantissa bits.
-const ROUNDER: f32 = 12_582_912.0;
+pub(crate) const ROUNDER: f32 = 12_582_912.0;
+/// Cephes' degree-6 polynomial for e^r on |r| ≤ ln2/2, highest coefficient first (Horner).
+pub(crate) const EXP_POLY: [f32; 6] =
+    [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
 
 #[inline(always)]
 pub(crate) fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
@@ -37,12 +42,10 @@ pub(crate) fn exp_lane<const FMA: bool>(x: f32) -> f32 {
     let n = t - ROUNDER;
     let r = fmadd::<FMA>(n, -LN2_HI, xc);
     let r = fmadd::<FMA>(n, -LN2_LO, r);
-    let mut p = 1.987_569_1e-4_f32;
-    p = fmadd::<FMA>(p, r, 1.398_199_9e-3);
-    p = fmadd::<FMA>(p, r, 8.333_452e-3);
-    p = fmadd::<FMA>(p, r, 4.166_579_6e-2);
-    p = fmadd::<FMA>(p, r, 1.666_666_5e-1);
-    p = fmadd::<FMA>(p, r, 0.5);
+    let mut p = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        p = fmadd::<FMA>(p, r, c);
+    }
     let e = fmadd::<FMA>(p, r * r, r) + 1.0;
     // n sits in the low bits of t; move it to the exponent field with the bias 127.
     let n_bits = t.to_bits().wrapping_sub(ROUNDER.to_bits());
@@ -147,54 +150,27 @@ fn max_portable(row: &[f32]) -> f32 {
     max_body(row)
 }
 
-/// The instruction set the kernels were dispatched to, for reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Simd {
-    /// AVX-512F with FMA.
-    Avx512,
-    /// AVX2 with FMA.
-    Avx2Fma,
-    /// Portable code (whatever the compile target allows).
-    Portable,
-}
-
-/// Detects the SIMD level once.
-pub fn simd() -> Simd {
-    static LEVEL: OnceLock<Simd> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
-                return Simd::Avx512;
-            }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                return Simd::Avx2Fma;
-            }
-        }
-        Simd::Portable
-    })
-}
-
 fn exp_sum_fn() -> ExpSumFn {
     static F: OnceLock<ExpSumFn> = OnceLock::new();
-    *F.get_or_init(|| match simd() {
-        // SAFETY (both arms): `simd()` detected the features these functions enable.
+    *F.get_or_init(|| match isa() {
+        // SAFETY (both arms): `isa()` chose a path the CPU has, with the features these
+        // functions enable.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => |r, s, m| unsafe { x86::exp_sum_avx512(r, s, m) },
+        Isa::Avx512 => |r, s, m| unsafe { x86::exp_sum_avx512(r, s, m) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2Fma => |r, s, m| unsafe { x86::exp_sum_avx2(r, s, m) },
+        Isa::Avx2 => |r, s, m| unsafe { x86::exp_sum_avx2(r, s, m) },
         _ => exp_sum_portable,
     })
 }
 
 fn max_fn() -> MaxFn {
     static F: OnceLock<MaxFn> = OnceLock::new();
-    *F.get_or_init(|| match simd() {
-        // SAFETY (both arms): `simd()` detected the features these functions enable.
+    *F.get_or_init(|| match isa() {
+        // SAFETY (both arms): as in `exp_sum_fn`.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => |r| unsafe { x86::max_avx512(r) },
+        Isa::Avx512 => |r| unsafe { x86::max_avx512(r) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2Fma => |r| unsafe { x86::max_avx2(r) },
+        Isa::Avx2 => |r| unsafe { x86::max_avx2(r) },
         _ => max_portable,
     })
 }

@@ -1,5 +1,9 @@
-//! Matrix views and the GEMM driver: `C ← α·A·B + β·C` through matrixmultiply's sgemm, one
-//! thread per call, with rayon over row blocks of C for the large products.
+//! Matrix views and the GEMM entry points: `C ← α·A·B + β·C`.
+//!
+//! Large products run on the packed AVX-512 kernel of `packed_gemm`
+//! where [`isa`] chose AVX-512 (about 1.2× matrixmultiply's AVX-512 sgemm there), else on
+//! matrixmultiply's sgemm, one thread per call, with rayon over row blocks of C.
+//! Layer weights are `Weights`: packed once for the AVX-512 kernel when they are set.
 //!
 //! matrixmultiply's own threading is deliberately not used: inside rayon tasks it would start
 //! more threads than there are cores. Each element of C is the same k-ordered sum whichever
@@ -8,6 +12,11 @@
 use std::marker::PhantomData;
 
 use rayon::prelude::*;
+
+use super::packed_gemm::PackedB;
+use super::simd::{isa, Isa};
+#[cfg(target_arch = "x86_64")]
+use super::tiles::{AVX512_MR, AVX512_NV};
 
 /// A read-only strided matrix view: element (i, j) is at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy, Debug)]
@@ -30,11 +39,20 @@ impl<'a> MatRef<'a> {
     /// apart.
     ///
     /// # Panics
-    /// If the view does not fit in `data` (an internal error).
+    /// If the view does not fit in `data` or `ld` does not fit `isize` (an internal error);
+    /// the arithmetic is checked, so no overflow can make a view that does not fit look as if
+    /// it did.
     pub fn new(data: &'a [f32], offset: usize, rows: usize, cols: usize, ld: usize) -> Self {
+        assert!(ld <= isize::MAX as usize, "MatRef: row stride {ld} does not fit isize");
         if rows > 0 && cols > 0 {
-            let last = offset + (rows - 1) * ld + cols - 1;
-            assert!(last < data.len(), "MatRef out of bounds: {last} >= {}", data.len());
+            let end = view_end(offset, rows, cols, ld);
+            assert!(
+                end.is_some_and(|end| end <= data.len()),
+                "MatRef out of bounds: {rows}×{cols} rows {ld} apart from {offset} in {}",
+                data.len()
+            );
+        } else {
+            assert!(offset <= data.len(), "MatRef out of bounds: offset {offset} in {}", data.len());
         }
         MatRef { ptr: data.as_ptr().wrapping_add(offset), rows, cols, rs: ld as isize, cs: 1, _data: PhantomData }
     }
@@ -127,11 +145,17 @@ impl<'a> MatMut<'a> {
     /// A `rows × cols` view of `data`, rows `ld` apart.
     ///
     /// # Panics
-    /// If the view does not fit in `data` or `ld < cols` (an internal error).
+    /// If the view does not fit in `data`, `ld < cols` or `ld` does not fit `isize` (an
+    /// internal error); the arithmetic is checked.
     pub fn new(data: &'a mut [f32], rows: usize, cols: usize, ld: usize) -> Self {
-        assert!(ld >= cols);
+        assert!(ld >= cols && ld <= isize::MAX as usize, "MatMut: row stride {ld} for {cols} columns");
         if rows > 0 && cols > 0 {
-            assert!((rows - 1) * ld + cols <= data.len(), "MatMut out of bounds");
+            let end = view_end(0, rows, cols, ld);
+            assert!(
+                end.is_some_and(|end| end <= data.len()),
+                "MatMut out of bounds: {rows}×{cols} rows {ld} apart in {}",
+                data.len()
+            );
         }
         MatMut { data, rows, cols, ld }
     }
@@ -141,10 +165,26 @@ impl<'a> MatMut<'a> {
         self.rows
     }
 
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Distance between rows.
+    pub fn ld(&self) -> usize {
+        self.ld
+    }
+
     /// The underlying slice.
     pub fn data_mut(&mut self) -> &mut [f32] {
         self.data
     }
+}
+
+/// One past the last element of a `rows × cols` view (rows, cols ≥ 1) at `offset`, rows `ld`
+/// apart, or None when that overflows.
+fn view_end(offset: usize, rows: usize, cols: usize, ld: usize) -> Option<usize> {
+    (rows - 1).checked_mul(ld)?.checked_add(cols)?.checked_add(offset)
 }
 
 /// `C ← α·A·B + β·C` on one thread. With β = 0, C is only written (NaN in it is ignored).
@@ -196,13 +236,36 @@ pub fn row_block(rows: usize, min_block: usize) -> usize {
     block.max(min_block).max(1)
 }
 
-/// `C ← α·A·B + β·C`, rows of C split over the rayon pool, each block one sgemm call.
+/// Products smaller than this (multiply-adds) run on one thread through matrixmultiply.
+const SMALL_PRODUCT: usize = 1 << 18;
+
+/// `C ← α·A·B + β·C`, rows of C split over the rayon pool: the packed AVX-512 kernel (B packed
+/// on the way) where [`isa`] chose AVX-512, else one sgemm call per row block.
+///
+/// # Panics
+/// If the dimensions do not agree (an internal error).
 pub fn par_gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut MatMut<'_>) {
-    assert_eq!((a.rows, b.cols), (c.rows, c.cols), "par_gemm: output shape");
+    assert_eq!((a.rows, a.cols, b.cols), (c.rows, b.rows, c.cols), "par_gemm: shapes");
     // Small products are not worth the fork.
-    if c.rows * c.cols * a.cols < 1 << 18 {
+    if c.rows * c.cols * a.cols < SMALL_PRODUCT {
         return gemm(alpha, a, b, beta, c);
     }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = avx512_gemm(beta) {
+        let packed = PackedB::new(b, AVX512_NV * 16, alpha);
+        return super::packed_gemm::gemm_packed::<_, AVX512_MR, AVX512_NV>(simd, a, &packed, beta == 1.0, c);
+    }
+    sgemm_row_blocks(alpha, a, b, beta, c);
+}
+
+/// The AVX-512 token when that path runs and β is one the packed kernel takes (0 or 1).
+#[cfg(target_arch = "x86_64")]
+fn avx512_gemm(beta: f32) -> Option<super::simd::Avx512> {
+    (isa() == Isa::Avx512 && (beta == 0.0 || beta == 1.0)).then(super::simd::Avx512::detect).flatten()
+}
+
+/// [`par_gemm`] through matrixmultiply, one call per row block.
+fn sgemm_row_blocks(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut MatMut<'_>) {
     // One block per thread: each sgemm call packs all of B again, so fewer, larger blocks
     // win (measured: 784×1024×1536 at 170 GFLOP/s in 2 blocks, 160 in 4, 146 in 8).
     let threads = rayon::current_num_threads().max(1);
@@ -217,6 +280,51 @@ pub fn par_gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut Mat
         let mut c_block = MatMut::new(chunk, end - start, cols, ld);
         gemm(alpha, a.rows_range(start, end), b, beta, &mut c_block);
     });
+}
+
+/// A layer's weights W (`out × in`, row-major), used as the right-hand operand of `X·Wᵀ` many
+/// times: packed once for the AVX-512 GEMM kernel when that path runs.
+#[derive(Clone, Debug)]
+pub(crate) struct Weights {
+    data: Vec<f32>,
+    out: usize,
+    inp: usize,
+    /// Wᵀ packed for the AVX-512 kernel, when [`isa`] chose it.
+    packed_t: Option<PackedB>,
+}
+
+impl Weights {
+    /// W from `data` (`out × in`, row-major).
+    ///
+    /// # Panics
+    /// If `data` does not hold `out × in` floats.
+    pub(crate) fn new(data: Vec<f32>, out: usize, inp: usize) -> Weights {
+        assert_eq!(Some(data.len()), out.checked_mul(inp), "Weights: {out}×{inp}");
+        #[allow(unused_mut)]
+        let mut w = Weights { data, out, inp, packed_t: None };
+        #[cfg(target_arch = "x86_64")]
+        if isa() == Isa::Avx512 && out > 0 && inp > 0 {
+            w.packed_t = Some(PackedB::new(w.view().t(), AVX512_NV * 16, 1.0));
+        }
+        w
+    }
+
+    /// W as a view (`out × in`).
+    pub(crate) fn view(&self) -> MatRef<'_> {
+        MatRef::new(&self.data, 0, self.out, self.inp, self.inp)
+    }
+
+    /// `C ← X·Wᵀ + β·C` (β 0 or 1), rows of C in parallel.
+    pub(crate) fn apply(&self, x: MatRef<'_>, beta: f32, c: &mut MatMut<'_>) {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(packed), Some(simd)) = (&self.packed_t, avx512_gemm(beta)) {
+            debug_assert_eq!((packed.rows(), packed.cols(), packed.tile_width()), (self.inp, self.out, AVX512_NV * 16));
+            if c.rows * c.cols * x.cols >= SMALL_PRODUCT {
+                return super::packed_gemm::gemm_packed::<_, AVX512_MR, AVX512_NV>(simd, x, packed, beta == 1.0, c);
+            }
+        }
+        par_gemm(1.0, x, self.view().t(), beta, c);
+    }
 }
 
 #[cfg(test)]

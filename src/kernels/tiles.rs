@@ -1,9 +1,26 @@
-//! Tile sizes of the kernels, in one place.
+//! Tile sizes and register-tile geometries of the kernels, in one place.
 
-/// Query rows per tile of the fused softmax kernel (upper bound: the kernel shrinks tiles so
-/// they spread evenly over the threads).
-pub const QUERY_TILE: usize = 256;
+/// Query rows per tile of the attention kernels (upper bound: the kernels shrink tiles so
+/// they spread evenly over the threads). A multiple of every packed tile's width.
+pub(crate) const QUERY_TILE: usize = 256;
 
-/// Keys per tile of the fused softmax kernel. It fixes the order of the online-softmax
-/// updates, so it must not depend on the thread count.
-pub const KEY_TILE: usize = 512;
+/// Keys per tile of the attention kernels. It fixes the order of the online-softmax updates,
+/// so it must not depend on the thread count. A multiple of every packed tile's height.
+pub(crate) const KEY_TILE: usize = 252;
+
+/// Rows of the AVX-512 register tile (keys, value channels or GEMM rows).
+pub(crate) const AVX512_MR: usize = 12;
+/// 16-lane vectors per row of the AVX-512 register tile: 12 × 32 floats, 24 of the 32 vector
+/// registers (measured on an AVX-512 Xeon: 12×32 and 14×32 run at 104–108 GFLOP/s a core,
+/// 6×32 at 71–73; on AMD Zen 5 every shape from 6×32 to 14×32 runs at ~260).
+pub(crate) const AVX512_NV: usize = 2;
+
+/// Rows of the AVX2 register tile.
+pub(crate) const AVX2_MR: usize = 6;
+/// 8-lane vectors per row of the AVX2 register tile: 6 × 16 floats, 12 of the 16 registers.
+pub(crate) const AVX2_NV: usize = 2;
+
+const _: () = {
+    assert!(KEY_TILE.is_multiple_of(AVX512_MR) && KEY_TILE.is_multiple_of(AVX2_MR));
+    assert!(QUERY_TILE.is_multiple_of(AVX512_NV * 16) && QUERY_TILE.is_multiple_of(AVX2_NV * 8));
+};

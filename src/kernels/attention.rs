@@ -1,0 +1,444 @@
+//! Fused softmax attention for the (embedded) Gaussian modes,
+//! `Y = softmax(s · Q·Kᵀ) · V` without the N×M matrix: the one place that picks a kernel.
+//!
+//! The packed kernel of `flash` runs on AVX-512 (12×32 register tile) and
+//! AVX2 (6×16), the sgemm-based one of `sgemm_attention` on other
+//! CPUs and for values wider than `MAX_VALUE_CHANNELS` (512). Both check every shape before any
+//! work, so no call reaches memory outside its operands.
+
+use super::gemm::MatRef;
+use super::query_chunks::query_tile;
+#[cfg(target_arch = "x86_64")]
+use super::simd::{isa, Avx2, Avx512, Isa};
+#[cfg(target_arch = "x86_64")]
+use super::tiles::{AVX2_MR, AVX2_NV, AVX512_MR, AVX512_NV};
+use super::{flash, sgemm_attention};
+
+/// Widest values the packed kernels are used for: beyond, Oᵀ (value channels × query tile)
+/// outgrows L2 (measured with AVX2 at 784 queries, 1024 channels: 52% of the sgemm peak,
+/// against 90% through sgemm).
+pub(crate) const MAX_VALUE_CHANNELS: usize = 512;
+
+/// An attention kernel, for dispatch and for tests that run each one directly.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Kernel {
+    /// Packed, AVX-512 12×32 tiles.
+    #[cfg(target_arch = "x86_64")]
+    Avx512(Avx512),
+    /// Packed, AVX2 6×16 tiles.
+    #[cfg(target_arch = "x86_64")]
+    Avx2(Avx2),
+    /// One sgemm call per product and tile.
+    Sgemm,
+    /// The packed kernel with the AVX-512 geometry on portable 16-lane vectors (tests).
+    #[cfg(test)]
+    Portable16,
+    /// The packed kernel with the AVX2 geometry on portable 8-lane vectors (tests).
+    #[cfg(test)]
+    Portable8,
+}
+
+impl Kernel {
+    /// The kernel for values `dv` wide on the path of [`isa`].
+    fn choose(dv: usize) -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if dv <= MAX_VALUE_CHANNELS {
+            match isa() {
+                Isa::Avx512 => return Avx512::detect().map_or(Kernel::Sgemm, Kernel::Avx512),
+                Isa::Avx2 => return Avx2::detect().map_or(Kernel::Sgemm, Kernel::Avx2),
+                Isa::Portable => {}
+            }
+        }
+        let _ = dv;
+        Kernel::Sgemm
+    }
+
+    /// The forward pass, shapes checked (see [`softmax_attention_lse`]).
+    pub(crate) fn forward(
+        self,
+        qkv: (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
+        out: &mut [f32],
+        lse: Option<&mut [f32]>,
+    ) {
+        let (q, k, v, _) = qkv;
+        check_forward(q, k, v, out, lse.as_deref());
+        let tile = query_tile(q.rows());
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512(s) => flash::attention::<_, AVX512_MR, AVX512_NV>(s, qkv, out, lse, tile),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(s) => flash::attention::<_, AVX2_MR, AVX2_NV>(s, qkv, out, lse, tile),
+            Kernel::Sgemm => sgemm_attention::attention(q, k, v, qkv.3, out, lse),
+            #[cfg(test)]
+            Kernel::Portable16 => flash::attention::<_, 12, 2>(super::simd::Portable::<16>, qkv, out, lse, tile),
+            #[cfg(test)]
+            Kernel::Portable8 => flash::attention::<_, 6, 2>(super::simd::Portable::<8>, qkv, out, lse, tile),
+        }
+    }
+
+    /// The backward pass, shapes checked (see [`softmax_attention_backward`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward(
+        self,
+        qkv: (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
+        lse: &[f32],
+        (y, dy): (MatRef<'_>, MatRef<'_>),
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) {
+        let (q, k, v, _) = qkv;
+        let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
+        assert!(m > 0, "softmax attention needs at least one key");
+        assert_eq!((k.cols(), v.rows(), lse.len()), (d, m, n), "softmax_attention_backward: q, k, v, lse shapes");
+        assert_eq!((y.rows(), y.cols(), dy.rows(), dy.cols()), (n, dvc, n, dvc), "softmax_attention_backward: y, dy");
+        assert_eq!((dq.len(), dk.len(), dv.len()), (n * d, m * d, m * dvc), "softmax_attention_backward: outputs");
+        let yy = (y, dy);
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512(s) => flash::attention_backward::<_, AVX512_MR, AVX512_NV>(s, qkv, lse, yy, dq, dk, dv),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(s) => flash::attention_backward::<_, AVX2_MR, AVX2_NV>(s, qkv, lse, yy, dq, dk, dv),
+            Kernel::Sgemm => sgemm_attention::attention_backward(qkv, lse, yy, dq, dk, dv),
+            #[cfg(test)]
+            Kernel::Portable16 => {
+                flash::attention_backward::<_, 12, 2>(super::simd::Portable::<16>, qkv, lse, yy, dq, dk, dv)
+            }
+            #[cfg(test)]
+            Kernel::Portable8 => {
+                flash::attention_backward::<_, 6, 2>(super::simd::Portable::<8>, qkv, lse, yy, dq, dk, dv)
+            }
+        }
+    }
+}
+
+fn check_forward(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, out: &[f32], lse: Option<&[f32]>) {
+    let (n, m, d, dv) = (q.rows(), k.rows(), q.cols(), v.cols());
+    assert!(m > 0, "softmax attention needs at least one key");
+    assert_eq!((k.cols(), v.rows()), (d, m), "softmax_attention: q, k, v shapes");
+    assert_eq!(Some(out.len()), n.checked_mul(dv), "softmax_attention: output length");
+    assert!(lse.is_none_or(|l| l.len() == n), "softmax_attention: lse length");
+}
+
+/// `out ← softmax(scale · q·kᵀ)·v` with `out` row-major N × dv.
+///
+/// `q`: N × d, `k`: M × d, `v`: M × dv, M ≥ 1.
+///
+/// # Panics
+/// If the shapes disagree (checked before any work).
+pub fn softmax_attention(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, scale: f32, out: &mut [f32]) {
+    Kernel::choose(v.cols()).forward((q, k, v, scale), out, None);
+}
+
+/// As [`softmax_attention`], and writes each row's log-sum-exp `s·m + ln l` into `lse` (N),
+/// so the attention weights can be recomputed later as `exp(s·q·k − lse)`.
+///
+/// # Panics
+/// If the shapes disagree (checked before any work).
+pub fn softmax_attention_lse(
+    q: MatRef<'_>,
+    k: MatRef<'_>,
+    v: MatRef<'_>,
+    scale: f32,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    Kernel::choose(v.cols()).forward((q, k, v, scale), out, Some(lse));
+}
+
+/// Gradients of `Y = softmax(scale · Q·Kᵀ)·V` (the backward of [`softmax_attention_lse`]),
+/// recomputing the attention tile by tile from the saved log-sum-exp, as FlashAttention-2.
+///
+/// Inputs: `q` N × d, `k` M × d, `v` M × dv, `lse` (N) from the forward pass, `y` (N × dv,
+/// the forward output) and `dy` (N × dv). Outputs, overwritten: `dq` N × d, `dk` M × d,
+/// `dv` M × dv, all row-major. Queries are split into fixed chunks of 256-row
+/// tiles whose key-side partial sums are added in chunk order, so the result does not depend
+/// on the thread count.
+///
+/// # Panics
+/// If the shapes disagree (checked before any work).
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_attention_backward(
+    q: MatRef<'_>,
+    k: MatRef<'_>,
+    v: MatRef<'_>,
+    scale: f32,
+    lse: &[f32],
+    y: MatRef<'_>,
+    dy: MatRef<'_>,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    Kernel::choose(v.cols()).backward((q, k, v, scale), lse, (y, dy), dq, dk, dv);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Softmax attention in f64, straight from the definition.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], (n, m, d, dv): (usize, usize, usize, usize), scale: f64) -> Vec<f64> {
+        let mut out = vec![0.0; n * dv];
+        for i in 0..n {
+            let logits: Vec<f64> = (0..m)
+                .map(|j| scale * (0..d).map(|c| q[i * d + c] as f64 * k[j * d + c] as f64).sum::<f64>())
+                .collect();
+            let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+            let total: f64 = w.iter().sum();
+            for j in 0..m {
+                for c in 0..dv {
+                    out[i * dv + c] += w[j] / total * v[j * dv + c] as f64;
+                }
+            }
+        }
+        out
+    }
+
+    fn pseudo_random(len: usize, seed: u32, amp: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32 * 2.0 - 1.0) * amp
+            })
+            .collect()
+    }
+
+    /// Every kernel this CPU can run: the portable instantiations of both packed geometries
+    /// and the sgemm kernel everywhere, the real AVX-512 and AVX2 kernels where the CPU has
+    /// them (whatever path `isa()` chose).
+    fn kernels() -> Vec<Kernel> {
+        #[allow(unused_mut)]
+        let mut all = vec![Kernel::Sgemm, Kernel::Portable16, Kernel::Portable8];
+        #[cfg(target_arch = "x86_64")]
+        {
+            all.extend(Avx512::detect().map(Kernel::Avx512));
+            all.extend(Avx2::detect().map(Kernel::Avx2));
+        }
+        all
+    }
+
+    /// The portable kernel with the same geometry, when `kernel` is a real packed one.
+    fn portable_twin(kernel: Kernel) -> Option<Kernel> {
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512(_) => Some(Kernel::Portable16),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(_) => Some(Kernel::Portable8),
+            _ => None,
+        }
+    }
+
+    fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool").install(f)
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Q, K, V of the given sizes; Q read through a column stride of 2 (a strided view).
+    struct Case {
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        dims: (usize, usize, usize, usize),
+    }
+
+    impl Case {
+        fn new((n, m, d, dv): (usize, usize, usize, usize), amp: f32, seed: u32) -> Case {
+            Case {
+                q: pseudo_random(n * 2 * d, seed, amp),
+                k: pseudo_random(m * d, seed + 1, amp),
+                v: pseudo_random(m * dv, seed + 2, 1.0),
+                dims: (n, m, d, dv),
+            }
+        }
+        fn q(&self) -> MatRef<'_> {
+            let (n, _, d, _) = self.dims;
+            // SAFETY: n rows of 2·d floats, every other one read.
+            unsafe { MatRef::from_raw(self.q.as_ptr(), n, d, 2 * d as isize, 2) }
+        }
+        fn q_dense(&self) -> Vec<f32> {
+            let (n, _, d, _) = self.dims;
+            (0..n * d).map(|i| self.q[(i / d) * 2 * d + 2 * (i % d)]).collect()
+        }
+        fn k(&self) -> MatRef<'_> {
+            MatRef::new(&self.k, 0, self.dims.1, self.dims.2, self.dims.2)
+        }
+        fn v(&self) -> MatRef<'_> {
+            MatRef::new(&self.v, 0, self.dims.1, self.dims.3, self.dims.3)
+        }
+        fn forward(&self, kernel: Kernel, scale: f32) -> (Vec<f32>, Vec<f32>) {
+            let (n, _, _, dv) = self.dims;
+            let (mut out, mut lse) = (vec![f32::NAN; n * dv], vec![f32::NAN; n]);
+            kernel.forward((self.q(), self.k(), self.v(), scale), &mut out, Some(&mut lse));
+            (out, lse)
+        }
+    }
+
+    #[test]
+    fn every_kernel_matches_the_reference_across_tiles_and_odd_sizes() {
+        // m > KEY_TILE exercises the running-max rescaling; n > QUERY_TILE several tiles;
+        // sizes off every tile multiple test the edges and padding.
+        for &(dims, amp, scale) in &[
+            ((1, 1, 1, 1), 1.0, 1.0),
+            ((7, 3, 5, 2), 1.0, 0.5),
+            ((300, 1100, 9, 6), 2.0, 1.0),
+            ((33, 700, 16, 13), 6.0, 0.25),
+            ((70, 253, 33, 31), 1.0, 0.3),
+        ] {
+            let case = Case::new(dims, amp, 1);
+            let (n, m, d, dv) = dims;
+            let q = case.q_dense();
+            let want = reference(&q, &case.k, &case.v, dims, scale as f64);
+            for kernel in kernels() {
+                let (out, lse) = case.forward(kernel, scale);
+                for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
+                    assert!((g as f64 - w).abs() < 2e-5, "{kernel:?} {dims:?} [{i}]: {g} vs {w}");
+                }
+                // The log-sum-exp recomputes each row's weights: they must sum to 1.
+                for row in [0, n - 1] {
+                    let total: f64 = (0..m)
+                        .map(|j| {
+                            let dot: f64 = (0..d).map(|c| q[row * d + c] as f64 * case.k[j * d + c] as f64).sum();
+                            (scale as f64 * dot - lse[row] as f64).exp()
+                        })
+                        .sum();
+                    assert!((total - 1.0).abs() < 1e-4, "{kernel:?}: lse of row {row} gives total weight {total}");
+                }
+                let _ = dv;
+            }
+        }
+    }
+
+    #[test]
+    fn packed_kernels_equal_their_portable_twin_bit_for_bit_for_any_thread_count() {
+        let case = Case::new((517, 611, 40, 24), 3.0, 7);
+        for kernel in kernels() {
+            let runs: Vec<_> = [1, 2, 3].iter().map(|&t| in_pool(t, || case.forward(kernel, 0.7))).collect();
+            for run in &runs[1..] {
+                assert_eq!(bits(&run.0), bits(&runs[0].0), "{kernel:?}: output depends on the thread count");
+                assert_eq!(bits(&run.1), bits(&runs[0].1), "{kernel:?}: lse depends on the thread count");
+            }
+            if let Some(twin) = portable_twin(kernel) {
+                let portable = case.forward(twin, 0.7);
+                assert_eq!(bits(&portable.0), bits(&runs[0].0), "{kernel:?} differs from {twin:?}");
+                assert_eq!(bits(&portable.1), bits(&runs[0].1), "{kernel:?} lse differs from {twin:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_queries_poison_only_their_own_rows() {
+        let mut case = Case::new((40, 300, 8, 5), 1.0, 3);
+        case.q[3 * 16] = f32::NAN;
+        case.q[9 * 16 + 2] = f32::INFINITY;
+        for kernel in kernels() {
+            let (out, _) = case.forward(kernel, 1.0);
+            for (r, row) in out.chunks(5).enumerate() {
+                let poisoned = r == 3 || r == 9;
+                assert_eq!(row.iter().all(|v| v.is_nan()), poisoned, "{kernel:?} row {r}: {row:?}");
+                assert!(poisoned || row.iter().all(|v| v.is_finite()), "{kernel:?} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "q, k, v")]
+    fn mismatched_depth_is_refused_before_any_work() {
+        let (q, k, v) = (vec![0.0f32; 8 * 4], vec![0.0f32; 5 * 3], vec![0.0f32; 5 * 2]);
+        let mut out = vec![0.0f32; 8 * 2];
+        let qm = MatRef::new(&q, 0, 8, 4, 4);
+        softmax_attention(qm, MatRef::new(&k, 0, 5, 3, 3), MatRef::new(&v, 0, 5, 2, 2), 1.0, &mut out);
+    }
+
+    #[test]
+    #[should_panic(expected = "q, k, v")]
+    fn backward_with_too_few_value_rows_is_refused_before_any_work() {
+        let (n, m, d, dv) = (20, 9, 4, 3);
+        let (q, k, v) = (vec![0.1f32; n * d], vec![0.1f32; m * d], vec![0.1f32; (m - 1) * dv]);
+        let (y, dy, lse) = (vec![0.0f32; n * dv], vec![0.0f32; n * dv], vec![0.0f32; n]);
+        let (mut dq, mut dk, mut dvv) = (vec![0.0; n * d], vec![0.0; m * d], vec![0.0; m * dv]);
+        softmax_attention_backward(
+            MatRef::new(&q, 0, n, d, d),
+            MatRef::new(&k, 0, m, d, d),
+            MatRef::new(&v, 0, m - 1, dv, dv),
+            1.0,
+            &lse,
+            MatRef::new(&y, 0, n, dv, dv),
+            MatRef::new(&dy, 0, n, dv, dv),
+            &mut dq,
+            &mut dk,
+            &mut dvv,
+        );
+    }
+
+    #[test]
+    fn backward_of_every_kernel_matches_finite_differences_and_is_thread_independent() {
+        let (n, m, d, dv) = (300, 530, 5, 3);
+        let scale = 0.7;
+        let q = pseudo_random(n * d, 11, 1.5);
+        let k = pseudo_random(m * d, 12, 1.5);
+        let v = pseudo_random(m * dv, 13, 1.0);
+        let dy = pseudo_random(n * dv, 14, 1.0);
+        let (qm, km, vm) = (MatRef::new(&q, 0, n, d, d), MatRef::new(&k, 0, m, d, d), MatRef::new(&v, 0, m, dv, dv));
+        let mut y = vec![0.0f32; n * dv];
+        let mut lse = vec![0.0f32; n];
+        Kernel::Sgemm.forward((qm, km, vm, scale), &mut y, Some(&mut lse));
+        let backward = |kernel: Kernel| {
+            let (mut dq, mut dk, mut dvv) = (vec![f32::NAN; n * d], vec![f32::NAN; m * d], vec![f32::NAN; m * dv]);
+            let yy = (MatRef::new(&y, 0, n, dv, dv), MatRef::new(&dy, 0, n, dv, dv));
+            kernel.backward((qm, km, vm, scale), &lse, yy, &mut dq, &mut dk, &mut dvv);
+            [dq, dk, dvv]
+        };
+        let sgemm = backward(Kernel::Sgemm);
+        for kernel in kernels() {
+            let runs: Vec<_> = [1, 2, 3].iter().map(|&t| in_pool(t, || backward(kernel))).collect();
+            for run in &runs[1..] {
+                for (a, b) in run.iter().zip(&runs[0]) {
+                    assert_eq!(bits(a), bits(b), "{kernel:?}: gradients depend on the thread count");
+                }
+            }
+            if let Some(twin) = portable_twin(kernel) {
+                for (a, b) in backward(twin).iter().zip(&runs[0]) {
+                    assert_eq!(bits(a), bits(b), "{kernel:?} gradients differ from {twin:?}");
+                }
+            }
+            for (a, b) in runs[0].iter().zip(&sgemm) {
+                for (x, y) in a.iter().zip(b) {
+                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{kernel:?} disagrees with sgemm: {x} vs {y}");
+                }
+            }
+        }
+        let [dq, dk, dvv] = sgemm;
+        // L = Σ dy ⊙ Y in f64; central differences on a few entries of each input.
+        let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
+            let y = reference(q, k, v, (n, m, d, dv), scale as f64);
+            y.iter().zip(&dy).map(|(a, &b)| a * b as f64).sum()
+        };
+        let h = 1e-2f32;
+        let check = |which: usize, idx: usize, got: f32| {
+            let diff = |delta: f32| {
+                let (mut q2, mut k2, mut v2) = (q.clone(), k.clone(), v.clone());
+                [&mut q2, &mut k2, &mut v2][which][idx] += delta;
+                loss(&q2, &k2, &v2)
+            };
+            let fd = (diff(h) - diff(-h)) / (2.0 * h as f64);
+            assert!((fd - got as f64).abs() < 2e-3 * fd.abs().max(1.0), "input {which}[{idx}]: fd {fd} vs {got}");
+        };
+        for idx in [0, 7, n * d - 1] {
+            check(0, idx, dq[idx]);
+        }
+        for idx in [0, 511 * d + 2, m * d - 1] {
+            check(1, idx, dk[idx]);
+        }
+        for idx in [0, 515 * dv + 1, m * dv - 1] {
+            check(2, idx, dvv[idx]);
+        }
+    }
+}

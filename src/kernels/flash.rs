@@ -1,0 +1,470 @@
+//! The packed softmax attention, forward and backward, written once over the vector
+//! operations of [`Simd`] and a register tile of MR rows × NV vectors (see
+//! [`microkernel`](super::microkernel)); [`attention`](super::attention) instantiates it for
+//! AVX-512 (12×32) and AVX2 (6×16), and the tests for portable vectors of both geometries.
+//!
+//! Every operand is packed once instead of on every GEMM call, and one micro-kernel does both
+//! products, transposed so that its outputs land where the next step wants them:
+//! - `Sᵀ = K·Qᵀ` per (MR keys × NR queries) tile, with K packed once per call in panels of MR
+//!   keys and each query tile packed once in panels of NR queries. The MR output rows are keys,
+//!   each NR queries wide, so they are stored straight into `P` laid out as
+//!   `[query panel][key][NR queries]`: exactly the packed B operand of the second product;
+//! - the online softmax runs down the keys of that layout with the NR queries in the vector
+//!   lanes (per-query maximum, sum and rescaling are plain vector operations);
+//! - `Oᵀ += Vᵀ·Pᵀ` per (MR value channels × NR queries) tile, with V packed once per call in
+//!   panels of MR channels.
+//!
+//! Every sum runs in a fixed order (over d for a logit, over key tiles for an output), so the
+//! results do not depend on how queries are split between threads.
+
+use rayon::prelude::*;
+
+use super::gemm::MatRef;
+use super::microkernel::{packed_panels, tile};
+use super::query_chunks::over_query_chunks;
+use super::simd::{Job, Simd};
+use super::tiles::{KEY_TILE, QUERY_TILE};
+
+/// `out ← softmax(scale · q·kᵀ)·v`, `out` row-major N × dv, and, when asked, each row's
+/// log-sum-exp `s·max + ln(sum)` in `lse` (N). Query tiles of `tile` rows (rounded up to NR,
+/// at most [`QUERY_TILE`]) run in parallel.
+///
+/// # Panics
+/// If the shapes disagree: `q` N × d, `k` M × d with M ≥ 1, `v` M × dv, `out` N·dv, `lse` N.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention<S: Simd, const MR: usize, const NV: usize>(
+    s: S,
+    (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+    tile: usize,
+) {
+    let nr = NV * S::LANES;
+    const { assert!(KEY_TILE.is_multiple_of(MR) && QUERY_TILE.is_multiple_of(NV * S::LANES)) };
+    let (n, m, d, dv) = (q.rows(), k.rows(), q.cols(), v.cols());
+    assert!(m > 0, "softmax attention needs at least one key");
+    assert_eq!((k.cols(), v.rows(), out.len()), (d, m, n * dv), "attention: shapes");
+    assert!(lse.as_ref().is_none_or(|l| l.len() == n), "attention: lse length");
+    let m_pad = m.next_multiple_of(MR);
+    let k_packed = packed_panels(k, MR, d);
+    let v_packed = packed_panels(v.t(), MR, m_pad);
+    let tile = tile.next_multiple_of(nr).min(QUERY_TILE);
+    let work = |i: usize, out: &mut [f32], lse: Option<&mut [f32]>| {
+        let start = i * tile;
+        let q = q.rows_range(start, (start + tile).min(n));
+        s.vectorize(AttendTile::<MR, NV> { q, k: (&k_packed, m), v: (&v_packed, dv), scale, out, lse });
+    };
+    match lse {
+        Some(lse) => out
+            .par_chunks_mut(tile * dv)
+            .zip(lse.par_chunks_mut(tile))
+            .enumerate()
+            .for_each(|(i, (o, l))| work(i, o, Some(l))),
+        None => out.par_chunks_mut(tile * dv).enumerate().for_each(|(i, o)| work(i, o, None)),
+    }
+}
+
+/// One query tile against all keys: `q` (rows × d) with K and V packed.
+struct AttendTile<'a, const MR: usize, const NV: usize> {
+    q: MatRef<'a>,
+    /// K packed in panels of MR keys (depth d), and M.
+    k: (&'a [f32], usize),
+    /// Vᵀ packed in panels of MR channels (depth M rounded up to MR), and dv.
+    v: (&'a [f32], usize),
+    scale: f32,
+    out: &'a mut [f32],
+    lse: Option<&'a mut [f32]>,
+}
+
+impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
+    type Out = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let AttendTile { q, k: (k_packed, m), v: (v_packed, dv), scale, out, lse } = self;
+        let nr = NV * S::LANES;
+        let (rows, d) = (q.rows(), q.cols());
+        let qpanels = rows.div_ceil(nr);
+        let width = qpanels * nr;
+        let m_pad = m.next_multiple_of(MR);
+        let dv_panels = dv.div_ceil(MR);
+        let q_packed = packed_panels(q, nr, d);
+        // P: [query panel][KEY_TILE keys][nr queries]; Oᵀ: [dv_panels·MR channels][width queries].
+        let mut p = vec![0.0f32; qpanels * KEY_TILE * nr];
+        let mut o_t = vec![0.0f32; dv_panels * MR * width];
+        let mut run_max = vec![f32::NEG_INFINITY; width];
+        let mut run_sum = vec![0.0f32; width];
+        let mut correction = vec![1.0f32; nr];
+        let mut start = 0;
+        while start < m {
+            let end = (start + KEY_TILE).min(m);
+            let keys = end - start;
+            let kpanels = keys.div_ceil(MR);
+            let first = start == 0;
+            for qp in 0..qpanels {
+                let panel = &mut p[qp * KEY_TILE * nr..][..kpanels * MR * nr];
+                for kp in 0..kpanels {
+                    let a = &k_packed[(start / MR + kp) * d * MR..][..d * MR];
+                    // SAFETY: `a` holds d·MR floats, the query panel d·nr, and the P tile is
+                    // MR rows of nr inside `panel` (kp < kpanels).
+                    unsafe {
+                        tile::<S, MR, NV>(
+                            s,
+                            d,
+                            a.as_ptr(),
+                            q_packed[qp * d * nr..][..d * nr].as_ptr(),
+                            panel[kp * MR * nr..][..MR * nr].as_mut_ptr(),
+                            nr,
+                            false,
+                        )
+                    };
+                }
+                let lanes = qp * nr..(qp + 1) * nr;
+                let grew = softmax_panel::<S, NV>(
+                    s,
+                    panel,
+                    keys,
+                    scale,
+                    (&mut run_max[lanes.clone()], &mut run_sum[lanes]),
+                    first,
+                    &mut correction,
+                );
+                if grew {
+                    for ch in 0..dv {
+                        let row = &mut o_t[ch * width + qp * nr..][..nr];
+                        row.iter_mut().zip(&correction).for_each(|(o, c)| *o *= c);
+                    }
+                }
+            }
+            // Value panels outer: each stays in L1 while the query panels of P pass by.
+            for vp in 0..dv_panels {
+                let a = &v_packed[vp * m_pad * MR + start * MR..][..kpanels * MR * MR];
+                for qp in 0..qpanels {
+                    let b = &p[qp * KEY_TILE * nr..][..kpanels * MR * nr];
+                    let c = &mut o_t[vp * MR * width + qp * nr..][..(MR - 1) * width + nr];
+                    // SAFETY: `a` holds kpanels·MR groups of MR, `b` as many groups of nr, and
+                    // `c` MR rows of nr floats `width` apart.
+                    unsafe {
+                        tile::<S, MR, NV>(s, kpanels * MR, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), width, !first)
+                    };
+                }
+            }
+            start = end;
+        }
+        for r in 0..rows {
+            let inv = 1.0 / run_sum[r];
+            for ch in 0..dv {
+                out[r * dv + ch] = o_t[ch * width + r] * inv;
+            }
+        }
+        if let Some(lse) = lse {
+            for r in 0..rows {
+                lse[r] = scale * run_max[r] + run_sum[r].ln();
+            }
+        }
+    }
+}
+
+/// The online-softmax step for one panel of NR queries over `keys` keys (rows of NR):
+/// updates the running maximum and sum, turns the logits into `exp(s·logit − s·max)` (zero for
+/// the padding rows past `keys`) and, when the maximum grew in some lane, writes the rescaling
+/// of earlier sums into `correction` and returns true.
+#[inline(always)]
+fn softmax_panel<S: Simd, const NV: usize>(
+    s: S,
+    panel: &mut [f32],
+    keys: usize,
+    scale: f32,
+    (run_max, run_sum): (&mut [f32], &mut [f32]),
+    first: bool,
+    correction: &mut [f32],
+) -> bool {
+    let (lanes, nr) = (S::LANES, NV * S::LANES);
+    let mut grew = false;
+    for v in 0..NV {
+        let group = v * lanes..(v + 1) * lanes;
+        let (mut best, mut probe) = (s.splat(f32::NEG_INFINITY), s.zero());
+        let zero = s.zero();
+        for key in 0..keys {
+            let x = s.load_slice(&panel[key * nr + v * lanes..]);
+            best = s.max(x, best);
+            // x·0 is NaN exactly when x is NaN or ±∞: such a query's softmax is NaN, as in
+            // PyTorch.
+            probe = s.add(probe, s.mul(x, zero));
+        }
+        let tile_max = s.add(best, probe);
+        let old = s.load_slice(&run_max[group.clone()]);
+        // NaN in the tile wins; a NaN from earlier tiles already poisoned the sums.
+        let new = s.max(old, tile_max);
+        let shift = s.mul(s.splat(-scale), new);
+        let vscale = s.splat(scale);
+        let mut sum = s.zero();
+        for key in 0..keys {
+            let row = &mut panel[key * nr + v * lanes..][..lanes];
+            let e = s.exp(s.fmadd(s.load_slice(row), vscale, shift));
+            s.store_slice(row, e);
+            sum = s.add(sum, e);
+        }
+        let run = s.load_slice(&run_sum[group.clone()]);
+        let total = if first {
+            sum
+        } else {
+            let corr = s.exp(s.mul(vscale, s.add(old, s.mul(new, s.splat(-1.0)))));
+            s.store_slice(&mut correction[group.clone()], corr);
+            grew |= correction[group.clone()].iter().any(|&c| c != 1.0);
+            s.add(s.mul(run, corr), sum)
+        };
+        s.store_slice(&mut run_sum[group.clone()], total);
+        s.store_slice(&mut run_max[group], new);
+    }
+    panel[keys * nr..].fill(0.0);
+    grew
+}
+
+/// The backward of [`attention`] (with its log-sum-exp): writes `dq` (N × d), `dk` (M × d),
+/// `dv` (M × dv) from the forward output `y` and its gradient `dy` (N × dv).
+///
+/// Per (query tile, key tile) the same micro-kernel computes `Sᵀ = K·Qᵀ` and `dPᵀ = V·dYᵀ`
+/// (keys × queries, NR queries in the lanes, where `P = exp(s·S − lse)` and
+/// `dS = P ⊙ (dP − D)` are formed), `dQᵀ += Kᵀ·dSᵀ`, and, after P and dS are re-packed with
+/// the queries as depth, `dV += P·dY` and `dK += dS·Q`. Queries are split into fixed chunks
+/// (see [`over_query_chunks`]), key-side partial sums added in chunk order.
+///
+/// # Panics
+/// If the shapes disagree.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_backward<S: Simd, const MR: usize, const NV: usize>(
+    s: S,
+    (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
+    lse: &[f32],
+    (y, dy): (MatRef<'_>, MatRef<'_>),
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let nr = NV * S::LANES;
+    let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
+    assert!(m > 0, "softmax attention needs at least one key");
+    assert_eq!((k.cols(), v.rows(), lse.len()), (d, m, n), "attention_backward: shapes");
+    assert_eq!((y.rows(), y.cols(), dy.rows(), dy.cols()), (n, dvc, n, dvc), "attention_backward: y, dy");
+    assert_eq!((dq.len(), dk.len(), dv.len()), (n * d, m * d, m * dvc), "attention_backward: outputs");
+    let m_pad = m.next_multiple_of(MR);
+    let packed = BackwardPacked {
+        k_rows: packed_panels(k, MR, d),
+        v_rows: packed_panels(v, MR, dvc),
+        k_cols: packed_panels(k.t(), MR, m_pad),
+        m,
+        d_pad: d.next_multiple_of(nr),
+        dv_pad: dvc.next_multiple_of(nr),
+    };
+    let (d_pad, dv_pad) = (packed.d_pad, packed.dv_pad);
+    let partials = over_query_chunks(
+        n,
+        d,
+        QUERY_TILE,
+        dq,
+        || (vec![0.0f32; m_pad * d_pad], vec![0.0f32; m_pad * dv_pad]),
+        |rows, dq_tile, (dk_part, dv_part)| {
+            let q = q.rows_range(rows.start, rows.end);
+            let (y, dy) = (y.rows_range(rows.start, rows.end), dy.rows_range(rows.start, rows.end));
+            let lse = &lse[rows];
+            s.vectorize(BackwardTile::<MR, NV> {
+                packed: &packed,
+                q,
+                scale,
+                lse,
+                y,
+                dy,
+                dq: dq_tile,
+                dk: dk_part,
+                dv: dv_part,
+            });
+        },
+    );
+    dk.fill(0.0);
+    dv.fill(0.0);
+    for (dk_part, dv_part) in &partials {
+        for j in 0..m {
+            let (src, dst) = (&dk_part[j * d_pad..][..d], &mut dk[j * d..(j + 1) * d]);
+            dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+            let (src, dst) = (&dv_part[j * dv_pad..][..dvc], &mut dv[j * dvc..(j + 1) * dvc]);
+            dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+        }
+    }
+    dk.iter_mut().for_each(|v| *v *= scale);
+}
+
+/// K and V packed once per backward call.
+struct BackwardPacked {
+    /// K in panels of MR keys, depth d (A of `Sᵀ = K·Qᵀ`).
+    k_rows: Vec<f32>,
+    /// V in panels of MR keys, depth dv (A of `dPᵀ = V·dYᵀ`).
+    v_rows: Vec<f32>,
+    /// Kᵀ in panels of MR channels, depth m_pad keys (A of `dQᵀ = Kᵀ·dSᵀ`).
+    k_cols: Vec<f32>,
+    m: usize,
+    /// d and dv rounded up to NR: the row strides of the key-side partial sums.
+    d_pad: usize,
+    dv_pad: usize,
+}
+
+/// One query tile of the backward pass against all keys: writes the tile's `dq`, adds to the
+/// key-side partials `dk`, `dv` (rows `d_pad`, `dv_pad` apart).
+struct BackwardTile<'a, const MR: usize, const NV: usize> {
+    packed: &'a BackwardPacked,
+    q: MatRef<'a>,
+    scale: f32,
+    lse: &'a [f32],
+    y: MatRef<'a>,
+    dy: MatRef<'a>,
+    dq: &'a mut [f32],
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
+}
+
+impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
+    type Out = ();
+
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let BackwardTile { packed, q, scale, lse, y, dy, dq, dk, dv } = self;
+        let (lanes, nr) = (S::LANES, NV * S::LANES);
+        let (rows, d, dvc, m) = (q.rows(), q.cols(), dy.cols(), packed.m);
+        let qpanels = rows.div_ceil(nr);
+        let width = qpanels * nr;
+        let m_pad = m.next_multiple_of(MR);
+        let d_panels = d.div_ceil(MR);
+        // Per-query values in lanes; padding queries get lse = +∞ so their P (and dS) is 0.
+        let mut lse_w = vec![f32::INFINITY; width];
+        lse_w[..rows].copy_from_slice(lse);
+        let mut delta = vec![0.0f32; width];
+        let (mut row_y, mut row_dy) = (vec![0.0f32; dvc], vec![0.0f32; dvc]);
+        for (r, dr) in delta.iter_mut().enumerate().take(rows) {
+            y.copy_row(r, &mut row_y);
+            dy.copy_row(r, &mut row_dy);
+            *dr = row_y.iter().zip(&row_dy).map(|(a, b)| a * b).sum();
+        }
+        // B operands with d or dv as depth (queries in panels of NR) ...
+        let q_by_d = packed_panels(q, nr, d);
+        let dy_by_dv = packed_panels(dy, nr, dvc);
+        // ... and with the queries as depth (channels in panels of NR).
+        let q_by_query = packed_panels(q.t(), nr, width);
+        let dy_by_query = packed_panels(dy.t(), nr, width);
+        let mut p = vec![0.0f32; qpanels * KEY_TILE * nr];
+        let mut ds = vec![0.0f32; qpanels * KEY_TILE * nr];
+        let mut p_by_key = vec![0.0f32; (KEY_TILE / MR) * width * MR];
+        let mut ds_by_key = vec![0.0f32; (KEY_TILE / MR) * width * MR];
+        let mut dq_t = vec![0.0f32; d_panels * MR * width];
+        let vscale = s.splat(scale);
+        let mut start = 0;
+        while start < m {
+            let end = (start + KEY_TILE).min(m);
+            let keys = end - start;
+            let kpanels = keys.div_ceil(MR);
+            for qp in 0..qpanels {
+                let p_panel = &mut p[qp * KEY_TILE * nr..][..kpanels * MR * nr];
+                let ds_panel = &mut ds[qp * KEY_TILE * nr..][..kpanels * MR * nr];
+                for kp in 0..kpanels {
+                    let key_panel = start / MR + kp;
+                    let kq = &packed.k_rows[key_panel * d * MR..][..d * MR];
+                    let vq = &packed.v_rows[key_panel * dvc * MR..][..dvc * MR];
+                    let (qb, dyb) = (&q_by_d[qp * d * nr..][..d * nr], &dy_by_dv[qp * dvc * nr..][..dvc * nr]);
+                    // SAFETY: each operand slice holds what the tile reads; the outputs are MR
+                    // rows of nr inside the panels (kp < kpanels).
+                    unsafe {
+                        tile::<S, MR, NV>(
+                            s,
+                            d,
+                            kq.as_ptr(),
+                            qb.as_ptr(),
+                            p_panel[kp * MR * nr..].as_mut_ptr(),
+                            nr,
+                            false,
+                        );
+                        tile::<S, MR, NV>(
+                            s,
+                            dvc,
+                            vq.as_ptr(),
+                            dyb.as_ptr(),
+                            ds_panel[kp * MR * nr..].as_mut_ptr(),
+                            nr,
+                            false,
+                        );
+                    }
+                }
+                for v in 0..NV {
+                    let lanes_at = qp * nr + v * lanes;
+                    let neg_lse = s.mul(s.splat(-1.0), s.load_slice(&lse_w[lanes_at..]));
+                    let neg_delta = s.mul(s.splat(-1.0), s.load_slice(&delta[lanes_at..]));
+                    for key in 0..keys {
+                        let at = key * nr + v * lanes;
+                        // P = exp(s·S − lse): the normalised weights, as in the forward pass.
+                        let w = s.exp(s.fmadd(s.load_slice(&p_panel[at..]), vscale, neg_lse));
+                        s.store_slice(&mut p_panel[at..], w);
+                        let g = s.mul(w, s.add(s.load_slice(&ds_panel[at..]), neg_delta));
+                        s.store_slice(&mut ds_panel[at..], g);
+                    }
+                }
+                p_panel[keys * nr..].fill(0.0);
+                ds_panel[keys * nr..].fill(0.0);
+            }
+            // dQᵀ += Kᵀ·dSᵀ (scaled at the end).
+            for cp in 0..d_panels {
+                let a = &packed.k_cols[cp * m_pad * MR + start * MR..][..kpanels * MR * MR];
+                for qp in 0..qpanels {
+                    let b = &ds[qp * KEY_TILE * nr..][..kpanels * MR * nr];
+                    let c = &mut dq_t[cp * MR * width + qp * nr..][..(MR - 1) * width + nr];
+                    // SAFETY: as in the forward pass.
+                    unsafe {
+                        tile::<S, MR, NV>(s, kpanels * MR, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), width, start > 0)
+                    };
+                }
+            }
+            // dV += P·dY and dK += dS·Q, with the queries as depth.
+            repack_by_keys::<MR>(&p, keys, (width, nr), &mut p_by_key);
+            repack_by_keys::<MR>(&ds, keys, (width, nr), &mut ds_by_key);
+            for kp in 0..kpanels {
+                let row = start + kp * MR;
+                let pa = &p_by_key[kp * width * MR..][..width * MR];
+                let dsa = &ds_by_key[kp * width * MR..][..width * MR];
+                for cp in 0..dvc.div_ceil(nr) {
+                    let b = &dy_by_query[cp * width * nr..][..width * nr];
+                    let c = &mut dv[row * packed.dv_pad + cp * nr..][..(MR - 1) * packed.dv_pad + nr];
+                    // SAFETY: `pa` holds width groups of MR, `b` width groups of nr, `c` MR rows
+                    // of nr floats dv_pad apart (row + MR ≤ m_pad rows of the partials).
+                    unsafe {
+                        tile::<S, MR, NV>(s, width, pa.as_ptr(), b.as_ptr(), c.as_mut_ptr(), packed.dv_pad, true)
+                    };
+                }
+                for cp in 0..d.div_ceil(nr) {
+                    let b = &q_by_query[cp * width * nr..][..width * nr];
+                    let c = &mut dk[row * packed.d_pad + cp * nr..][..(MR - 1) * packed.d_pad + nr];
+                    // SAFETY: as above, with d_pad.
+                    unsafe {
+                        tile::<S, MR, NV>(s, width, dsa.as_ptr(), b.as_ptr(), c.as_mut_ptr(), packed.d_pad, true)
+                    };
+                }
+            }
+            start = end;
+        }
+        for r in 0..rows {
+            for ch in 0..d {
+                dq[r * d + ch] = scale * dq_t[ch * width + r];
+            }
+        }
+    }
+}
+
+/// Repacks a `[query panel][key][nr queries]` tile (`keys` keys, `width` queries) into
+/// `[key panel][query][MR keys]`, the A operand with the queries as depth.
+fn repack_by_keys<const MR: usize>(src: &[f32], keys: usize, (width, nr): (usize, usize), out: &mut [f32]) {
+    for kp in 0..keys.div_ceil(MR) {
+        let panel = &mut out[kp * width * MR..(kp + 1) * width * MR];
+        for qi in 0..width {
+            let (qp, l) = (qi / nr, qi % nr);
+            for r in 0..MR {
+                panel[qi * MR + r] = src[(qp * KEY_TILE + kp * MR + r) * nr + l];
+            }
+        }
+    }
+}

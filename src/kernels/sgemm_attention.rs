@@ -1,0 +1,205 @@
+//! The sgemm-based softmax attention: `Y = softmax(s · Q·Kᵀ) · V`, row by row, without ever
+//! holding the N×M matrix, on any CPU (the leaf under [`attention`](super::attention); the
+//! packed kernels of [`flash`](super::flash) run instead where the CPU has AVX2 or AVX-512).
+//!
+//! Queries are processed in tiles; for each tile the keys stream by in tiles of
+//! [`KEY_TILE`]. Per query row we keep the running maximum `m`, the running sum `l` of
+//! `exp(s·(q·k) − s·m)` and the running weighted sum of values, rescaled by `exp(s·(m_old − m))`
+//! whenever the maximum grows (the online softmax of FlashAttention). Both products are
+//! single-threaded sgemm calls on the tile; rayon spreads the query tiles over threads. The
+//! key tiling is fixed, so every output row is the same sum whatever the thread count.
+
+use rayon::prelude::*;
+
+use super::exp::{exp_sum, row_max};
+use super::gemm::{gemm, MatMut, MatRef};
+use super::query_chunks::{over_query_chunks, query_tile};
+use super::tiles::{KEY_TILE, QUERY_TILE};
+
+/// `out ← softmax(scale · q·kᵀ)·v` (N × dv, row-major), and each row's log-sum-exp in `lse`
+/// when asked.
+///
+/// # Panics
+/// If the shapes disagree (`q` N × d, `k` M × d with M ≥ 1, `v` M × dv).
+pub(crate) fn attention(
+    q: MatRef<'_>,
+    k: MatRef<'_>,
+    v: MatRef<'_>,
+    scale: f32,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) {
+    let (n, m, dv) = (q.rows(), k.rows(), v.cols());
+    assert_eq!(q.cols(), k.cols());
+    assert_eq!(v.rows(), m);
+    assert!(m > 0, "softmax attention needs at least one key");
+    assert_eq!(out.len(), n * dv);
+    let tile = query_tile(n);
+    let work = |(i, out_tile): (usize, &mut [f32]), lse_tile: Option<&mut [f32]>| {
+        let start = i * tile;
+        let end = (start + tile).min(n);
+        attend_tile(q.rows_range(start, end), k, v, scale, out_tile, lse_tile);
+    };
+    match lse {
+        Some(lse) => {
+            assert_eq!(lse.len(), n);
+            out.par_chunks_mut(tile * dv)
+                .zip(lse.par_chunks_mut(tile))
+                .enumerate()
+                .for_each(|(i, (o, l))| work((i, o), Some(l)));
+        }
+        None => out.par_chunks_mut(tile * dv).enumerate().for_each(|p| work(p, None)),
+    }
+}
+
+/// One query tile against all keys.
+fn attend_tile(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, scale: f32, out: &mut [f32], lse: Option<&mut [f32]>) {
+    let (rows, m, dv) = (q.rows(), k.rows(), v.cols());
+    let key_tile = KEY_TILE.min(m);
+    let mut scores = vec![0.0f32; rows * key_tile];
+    let mut run_max = vec![f32::NEG_INFINITY; rows];
+    let mut run_sum = vec![0.0f32; rows];
+    let mut acc = MatMut::new(out, rows, dv, dv);
+    let mut start = 0;
+    while start < m {
+        let end = (start + key_tile).min(m);
+        let width = end - start;
+        let mut s = MatMut::new(&mut scores, rows, width, width);
+        gemm(1.0, q, k.rows_range(start, end).t(), 0.0, &mut s);
+        let first = start == 0;
+        for r in 0..rows {
+            let row = &mut scores[r * width..(r + 1) * width];
+            // Scale is positive, so the max of the raw scores gives the max of the logits.
+            let tile_max = row_max(row);
+            let old = run_max[r];
+            let new = if tile_max > old || tile_max.is_nan() { tile_max } else { old };
+            let sum = exp_sum(row, scale, scale * new);
+            if first {
+                run_sum[r] = sum;
+            } else if new != old || new.is_nan() {
+                let correction = (scale * (old - new)).exp();
+                run_sum[r] = run_sum[r] * correction + sum;
+                for a in &mut acc_row(&mut acc, r, dv)[..] {
+                    *a *= correction;
+                }
+            } else {
+                run_sum[r] += sum;
+            }
+            run_max[r] = new;
+        }
+        let p = MatRef::new(&scores, 0, rows, width, width);
+        gemm(1.0, p, v.rows_range(start, end), if first { 0.0 } else { 1.0 }, &mut acc);
+        start = end;
+    }
+    for r in 0..rows {
+        let inv = 1.0 / run_sum[r];
+        for a in &mut out[r * dv..(r + 1) * dv] {
+            *a *= inv;
+        }
+    }
+    if let Some(lse) = lse {
+        for r in 0..rows {
+            lse[r] = scale * run_max[r] + run_sum[r].ln();
+        }
+    }
+}
+
+fn acc_row<'b>(acc: &'b mut MatMut<'_>, r: usize, dv: usize) -> &'b mut [f32] {
+    &mut acc.data_mut()[r * dv..(r + 1) * dv]
+}
+
+/// The backward of [`attention`] from its log-sum-exp (see
+/// [`softmax_attention_backward`](super::attention::softmax_attention_backward)), one sgemm
+/// call per product on each (query tile, key tile).
+///
+/// # Panics
+/// If the shapes disagree.
+pub(crate) fn attention_backward(
+    (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
+    lse: &[f32],
+    (y, dy): (MatRef<'_>, MatRef<'_>),
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
+    assert!(m > 0, "softmax attention needs at least one key");
+    assert_eq!((k.cols(), v.rows(), lse.len()), (d, m, n), "attention_backward: shapes");
+    assert_eq!((y.rows(), y.cols(), dy.rows(), dy.cols()), (n, dvc, n, dvc), "attention_backward: y, dy");
+    assert_eq!((dq.len(), dk.len(), dv.len()), (n * d, m * d, m * dvc), "attention_backward: outputs");
+    let partials = over_query_chunks(
+        n,
+        d,
+        QUERY_TILE,
+        dq,
+        || (vec![0.0f32; m * d], vec![0.0f32; m * dvc]),
+        |rows, dq_tile, (dk_part, dv_part)| {
+            backward_tile(
+                (q.rows_range(rows.start, rows.end), k, v, scale),
+                &lse[rows.clone()],
+                y.rows_range(rows.start, rows.end),
+                dy.rows_range(rows.start, rows.end),
+                dq_tile,
+                dk_part,
+                dv_part,
+            )
+        },
+    );
+    dk.fill(0.0);
+    dv.fill(0.0);
+    for (dk_part, dv_part) in &partials {
+        dk.iter_mut().zip(dk_part).for_each(|(a, b)| *a += b);
+        dv.iter_mut().zip(dv_part).for_each(|(a, b)| *a += b);
+    }
+}
+
+/// One query tile against all keys: writes the tile's `dq` and adds to `dk`, `dv`.
+fn backward_tile(
+    (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
+    lse: &[f32],
+    y: MatRef<'_>,
+    dy: MatRef<'_>,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (rows, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
+    let key_tile = KEY_TILE.min(m);
+    // D_i = dy_i · y_i: the softmax Jacobian's diagonal correction.
+    let mut row_y = vec![0.0f32; dvc];
+    let mut row_dy = vec![0.0f32; dvc];
+    let delta: Vec<f32> = (0..rows)
+        .map(|r| {
+            y.copy_row(r, &mut row_y);
+            dy.copy_row(r, &mut row_dy);
+            row_y.iter().zip(&row_dy).map(|(a, b)| a * b).sum()
+        })
+        .collect();
+    let mut p = vec![0.0f32; rows * key_tile];
+    let mut dp = vec![0.0f32; rows * key_tile];
+    let mut start = 0;
+    while start < m {
+        let end = (start + key_tile).min(m);
+        let width = end - start;
+        let (k_t, v_t) = (k.rows_range(start, end), v.rows_range(start, end));
+        gemm(1.0, q, k_t.t(), 0.0, &mut MatMut::new(&mut p, rows, width, width));
+        for r in 0..rows {
+            // P = exp(s·S − lse): the normalised weights, exactly as in the forward pass.
+            exp_sum(&mut p[r * width..(r + 1) * width], scale, lse[r]);
+        }
+        gemm(1.0, dy, v_t.t(), 0.0, &mut MatMut::new(&mut dp, rows, width, width));
+        let p_view = MatRef::new(&p, 0, rows, width, width);
+        gemm(1.0, p_view.t(), dy, 1.0, &mut MatMut::new(&mut dv[start * dvc..end * dvc], width, dvc, dvc));
+        // dS = P ⊙ (dP − D), stored over dP.
+        for r in 0..rows {
+            let (pr, dpr) = (&p[r * width..(r + 1) * width], &mut dp[r * width..(r + 1) * width]);
+            for (g, &w) in dpr.iter_mut().zip(pr) {
+                *g = w * (*g - delta[r]);
+            }
+        }
+        let ds = MatRef::new(&dp, 0, rows, width, width);
+        gemm(scale, ds, k_t, if start == 0 { 0.0 } else { 1.0 }, &mut MatMut::new(dq, rows, d, d));
+        gemm(scale, ds.t(), q, 1.0, &mut MatMut::new(&mut dk[start * d..end * d], width, d, d));
+        start = end;
+    }
+}

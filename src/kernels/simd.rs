@@ -1,0 +1,489 @@
+//! The instruction-set layer: the few vector operations the packed kernels are written in
+//! (`Simd`), implemented for AVX-512, for AVX2+FMA, and portably over arrays of the same
+//! widths, plus the run-time choice of one of them ([`Isa`], [`isa`]).
+//!
+//! The kernels (`microkernel`, `flash`, `packed_gemm`) are written once, generic over
+//! `Simd`. A value of an x86 implementation is a token proving the CPU has the instructions
+//! (it can only be obtained from detection), so the arithmetic methods are safe; a kernel is
+//! entered through `Simd::vectorize`, which runs a `Job` inside a function compiled with
+//! the instruction set enabled, everything below it inlined.
+//!
+//! `Portable` rounds every lane exactly as the hardware does (IEEE add, multiply and fused
+//! multiply-add; exact integer steps), so a kernel instantiated with `Portable<16>` computes
+//! bit for bit what its AVX-512 instantiation computes with the same tile geometry: tests run
+//! the AVX-512 layout on any CPU and compare the real thing with it where both run.
+
+use std::sync::OnceLock;
+
+/// The vector operations of the packed kernels, on vectors of [`Simd::LANES`] f32.
+///
+/// Every method is `#[inline(always)]` in the implementations, so a kernel inlined into
+/// [`Simd::vectorize`] is compiled for the instruction set as a whole.
+pub(crate) trait Simd: Copy + Send + Sync + 'static {
+    /// Floats per vector.
+    const LANES: usize;
+    /// A vector of [`Simd::LANES`] floats.
+    type V: Copy;
+
+    /// Runs `job` in a function compiled for this instruction set.
+    fn vectorize<J: Job>(self, job: J) -> J::Out;
+
+    /// All lanes 0.
+    fn zero(self) -> Self::V;
+    /// All lanes `x`.
+    fn splat(self, x: f32) -> Self::V;
+    /// Loads [`Simd::LANES`] floats.
+    ///
+    /// # Safety
+    /// `ptr` must be readable for [`Simd::LANES`] floats (no alignment needed).
+    unsafe fn load(self, ptr: *const f32) -> Self::V;
+    /// Stores [`Simd::LANES`] floats.
+    ///
+    /// # Safety
+    /// `ptr` must be writable for [`Simd::LANES`] floats (no alignment needed).
+    unsafe fn store(self, ptr: *mut f32, v: Self::V);
+    /// `a + b`.
+    fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a · b`.
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a · b + c`, rounded once.
+    fn fmadd(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// Per lane `if a > b { a } else { b }` (so `max(lo, NaN)` is NaN).
+    fn max(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Per lane `if a < b { a } else { b }`.
+    fn min(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Per lane `if x < bound { 0 } else { y }`.
+    fn zero_below(self, x: Self::V, bound: Self::V, y: Self::V) -> Self::V;
+    /// Per lane `2^n` where the integer n sits in the low mantissa bits of `t = n + 1.5·2^23`.
+    fn pow2_rounded(self, t: Self::V) -> Self::V;
+
+    /// Loads `ptr[..LANES]`, reading only slice elements (a safe [`Simd::load`]).
+    ///
+    /// # Panics
+    /// If `src` is shorter than [`Simd::LANES`].
+    #[inline(always)]
+    fn load_slice(self, src: &[f32]) -> Self::V {
+        assert!(src.len() >= Self::LANES);
+        // SAFETY: checked above.
+        unsafe { self.load(src.as_ptr()) }
+    }
+
+    /// Stores into `dst[..LANES]` (a safe [`Simd::store`]).
+    ///
+    /// # Panics
+    /// If `dst` is shorter than [`Simd::LANES`].
+    #[inline(always)]
+    fn store_slice(self, dst: &mut [f32], v: Self::V) {
+        assert!(dst.len() >= Self::LANES);
+        // SAFETY: checked above.
+        unsafe { self.store(dst.as_mut_ptr(), v) }
+    }
+
+    /// `exp(x)` per lane, the same steps as [`exp_lane`](super::exp::exp_lane): about 1 ulp
+    /// for x ≤ 88, 0 below −87, NaN stays NaN.
+    #[inline(always)]
+    fn exp(self, x: Self::V) -> Self::V {
+        use super::exp::{EXP_HIGH, EXP_LOW, EXP_POLY, LN2_HI, LN2_LO, LOG2E, ROUNDER};
+        let low = self.splat(EXP_LOW);
+        let xc = self.min(self.splat(EXP_HIGH), self.max(low, x));
+        let rounder = self.splat(ROUNDER);
+        let t = self.fmadd(xc, self.splat(LOG2E), rounder);
+        // `t − ROUNDER` is exact: n as a float.
+        let n = self.add(t, self.splat(-ROUNDER));
+        let r = self.fmadd(n, self.splat(-LN2_HI), xc);
+        let r = self.fmadd(n, self.splat(-LN2_LO), r);
+        let mut p = self.splat(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
+            p = self.fmadd(p, r, self.splat(c));
+        }
+        let e = self.add(self.fmadd(p, self.mul(r, r), r), self.splat(1.0));
+        self.zero_below(x, low, self.mul(e, self.pow2_rounded(t)))
+    }
+}
+
+/// A computation to run under [`Simd::vectorize`]. Implementations mark `run`
+/// `#[inline(always)]`, so it is compiled for the instruction set of the caller.
+pub(crate) trait Job {
+    /// What the job returns.
+    type Out;
+    /// Runs the job with the vector operations of `simd`.
+    fn run<S: Simd>(self, simd: S) -> Self::Out;
+}
+
+/// Portable vectors of `L` lanes: plain arrays, each lane rounded as the hardware rounds it.
+/// Tests run the packed kernels' AVX-512 and AVX2 geometries on it, on any CPU.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Portable<const L: usize>;
+
+#[cfg(test)]
+impl<const L: usize> Portable<L> {
+    #[inline(always)]
+    fn lanes(a: [f32; L], b: [f32; L], f: impl Fn(f32, f32) -> f32) -> [f32; L] {
+        std::array::from_fn(|l| f(a[l], b[l]))
+    }
+}
+
+#[cfg(test)]
+impl<const L: usize> Simd for Portable<L> {
+    const LANES: usize = L;
+    type V = [f32; L];
+
+    #[inline(always)]
+    fn vectorize<J: Job>(self, job: J) -> J::Out {
+        job.run(self)
+    }
+    #[inline(always)]
+    fn zero(self) -> [f32; L] {
+        [0.0; L]
+    }
+    #[inline(always)]
+    fn splat(self, x: f32) -> [f32; L] {
+        [x; L]
+    }
+    #[inline(always)]
+    unsafe fn load(self, ptr: *const f32) -> [f32; L] {
+        // SAFETY: the caller guarantees L readable floats.
+        unsafe { std::ptr::read_unaligned(ptr as *const [f32; L]) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, ptr: *mut f32, v: [f32; L]) {
+        // SAFETY: the caller guarantees L writable floats.
+        unsafe { std::ptr::write_unaligned(ptr as *mut [f32; L], v) }
+    }
+    #[inline(always)]
+    fn add(self, a: [f32; L], b: [f32; L]) -> [f32; L] {
+        Self::lanes(a, b, |a, b| a + b)
+    }
+    #[inline(always)]
+    fn mul(self, a: [f32; L], b: [f32; L]) -> [f32; L] {
+        Self::lanes(a, b, |a, b| a * b)
+    }
+    #[inline(always)]
+    fn fmadd(self, a: [f32; L], b: [f32; L], c: [f32; L]) -> [f32; L] {
+        std::array::from_fn(|l| a[l].mul_add(b[l], c[l]))
+    }
+    #[inline(always)]
+    fn max(self, a: [f32; L], b: [f32; L]) -> [f32; L] {
+        Self::lanes(a, b, |a, b| if a > b { a } else { b })
+    }
+    #[inline(always)]
+    fn min(self, a: [f32; L], b: [f32; L]) -> [f32; L] {
+        Self::lanes(a, b, |a, b| if a < b { a } else { b })
+    }
+    #[inline(always)]
+    fn zero_below(self, x: [f32; L], bound: [f32; L], y: [f32; L]) -> [f32; L] {
+        std::array::from_fn(|l| if x[l] < bound[l] { 0.0 } else { y[l] })
+    }
+    #[inline(always)]
+    fn pow2_rounded(self, t: [f32; L]) -> [f32; L] {
+        let rounder = super::exp::ROUNDER.to_bits();
+        t.map(|t| f32::from_bits(t.to_bits().wrapping_sub(rounder).wrapping_add(127) << 23))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Avx2, Avx512};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Job, Simd};
+
+    /// AVX-512F (with AVX2 and FMA): 16 lanes. A value proves the CPU has them.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Avx512 {
+        _detected: (),
+    }
+
+    impl Avx512 {
+        /// The token, when the CPU has AVX-512F, AVX2 and FMA.
+        pub(crate) fn detect() -> Option<Self> {
+            (is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+                .then_some(Avx512 { _detected: () })
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn run_avx512<J: Job>(simd: Avx512, job: J) -> J::Out {
+        job.run(simd)
+    }
+
+    impl Simd for Avx512 {
+        const LANES: usize = 16;
+        type V = __m512;
+
+        #[inline(always)]
+        fn vectorize<J: Job>(self, job: J) -> J::Out {
+            // SAFETY: the token exists only where the CPU has the features.
+            unsafe { run_avx512(self, job) }
+        }
+        #[inline(always)]
+        fn zero(self) -> __m512 {
+            // SAFETY (this and every method below): the token proves AVX-512F.
+            unsafe { _mm512_setzero_ps() }
+        }
+        #[inline(always)]
+        fn splat(self, x: f32) -> __m512 {
+            unsafe { _mm512_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn load(self, ptr: *const f32) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable floats.
+            unsafe { _mm512_loadu_ps(ptr) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, ptr: *mut f32, v: __m512) {
+            // SAFETY: the caller guarantees 16 writable floats.
+            unsafe { _mm512_storeu_ps(ptr, v) }
+        }
+        #[inline(always)]
+        fn add(self, a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        fn mul(self, a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        fn fmadd(self, a: __m512, b: __m512, c: __m512) -> __m512 {
+            unsafe { _mm512_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        fn max(self, a: __m512, b: __m512) -> __m512 {
+            // maxps returns its second operand unless a > b: exactly `if a > b { a } else { b }`.
+            unsafe { _mm512_max_ps(a, b) }
+        }
+        #[inline(always)]
+        fn min(self, a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_min_ps(a, b) }
+        }
+        #[inline(always)]
+        fn zero_below(self, x: __m512, bound: __m512, y: __m512) -> __m512 {
+            unsafe {
+                let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, bound);
+                _mm512_mask_blend_ps(below, y, _mm512_setzero_ps())
+            }
+        }
+        #[inline(always)]
+        fn pow2_rounded(self, t: __m512) -> __m512 {
+            unsafe {
+                let n = _mm512_sub_epi32(
+                    _mm512_castps_si512(t),
+                    _mm512_set1_epi32(super::super::exp::ROUNDER.to_bits() as i32),
+                );
+                _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(n, _mm512_set1_epi32(127))))
+            }
+        }
+    }
+
+    /// AVX2 with FMA: 8 lanes. A value proves the CPU has them.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Avx2 {
+        _detected: (),
+    }
+
+    impl Avx2 {
+        /// The token, when the CPU has AVX2 and FMA.
+        pub(crate) fn detect() -> Option<Self> {
+            (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")).then_some(Avx2 { _detected: () })
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn run_avx2<J: Job>(simd: Avx2, job: J) -> J::Out {
+        job.run(simd)
+    }
+
+    impl Simd for Avx2 {
+        const LANES: usize = 8;
+        type V = __m256;
+
+        #[inline(always)]
+        fn vectorize<J: Job>(self, job: J) -> J::Out {
+            // SAFETY: the token exists only where the CPU has the features.
+            unsafe { run_avx2(self, job) }
+        }
+        #[inline(always)]
+        fn zero(self) -> __m256 {
+            // SAFETY (this and every method below): the token proves AVX2 and FMA.
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        fn splat(self, x: f32) -> __m256 {
+            unsafe { _mm256_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn load(self, ptr: *const f32) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable floats.
+            unsafe { _mm256_loadu_ps(ptr) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, ptr: *mut f32, v: __m256) {
+            // SAFETY: the caller guarantees 8 writable floats.
+            unsafe { _mm256_storeu_ps(ptr, v) }
+        }
+        #[inline(always)]
+        fn add(self, a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_add_ps(a, b) }
+        }
+        #[inline(always)]
+        fn mul(self, a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        fn fmadd(self, a: __m256, b: __m256, c: __m256) -> __m256 {
+            unsafe { _mm256_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        fn max(self, a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_max_ps(a, b) }
+        }
+        #[inline(always)]
+        fn min(self, a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_min_ps(a, b) }
+        }
+        #[inline(always)]
+        fn zero_below(self, x: __m256, bound: __m256, y: __m256) -> __m256 {
+            unsafe { _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps::<_CMP_LT_OQ>(x, bound)) }
+        }
+        #[inline(always)]
+        fn pow2_rounded(self, t: __m256) -> __m256 {
+            unsafe {
+                let n = _mm256_sub_epi32(
+                    _mm256_castps_si256(t),
+                    _mm256_set1_epi32(super::super::exp::ROUNDER.to_bits() as i32),
+                );
+                _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(n, _mm256_set1_epi32(127))))
+            }
+        }
+    }
+}
+
+/// The instruction set the kernels run on, chosen once per process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F (with AVX2 and FMA): packed 12×32 kernels for the attention and every large
+    /// GEMM.
+    Avx512,
+    /// AVX2 with FMA: packed 6×16 attention kernels; GEMMs through matrixmultiply.
+    Avx2,
+    /// Portable code: sgemm-based attention, GEMMs through matrixmultiply.
+    Portable,
+}
+
+impl Isa {
+    /// The name used by `NONLOCAL_SIMD` and in reports: `avx512`, `avx2` or `portable`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => Avx512::detect().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Avx2::detect().is_some(),
+            Isa::Portable => true,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The widest path this CPU can run.
+    pub fn best() -> Isa {
+        [Isa::Avx512, Isa::Avx2].into_iter().find(|isa| isa.available()).unwrap_or(Isa::Portable)
+    }
+
+    fn parse(name: &str) -> Option<Isa> {
+        [Isa::Avx512, Isa::Avx2, Isa::Portable].into_iter().find(|isa| isa.name() == name.trim().to_ascii_lowercase())
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The path the kernels use: [`Isa::best`], or the one named by the environment variable
+/// `NONLOCAL_SIMD` (`avx512`, `avx2` or `portable`) when the CPU can run it. A path the CPU
+/// lacks, or an unknown name, falls back to the best available with a message on stderr:
+/// never an illegal instruction.
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = Isa::best();
+        let Ok(requested) = std::env::var("NONLOCAL_SIMD") else { return best };
+        match Isa::parse(&requested) {
+            Some(isa) if isa.available() => isa,
+            Some(isa) => {
+                eprintln!("nonlocal: NONLOCAL_SIMD={requested}: this CPU has no {isa}; using {best}");
+                best
+            }
+            None => {
+                eprintln!("nonlocal: NONLOCAL_SIMD={requested} is not avx512, avx2 or portable; using {best}");
+                best
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `check` with every instruction set this CPU has, on vectors of its width.
+    struct ExpJob(Vec<f32>);
+    impl Job for ExpJob {
+        type Out = Vec<f32>;
+        #[inline(always)]
+        fn run<S: Simd>(self, s: S) -> Vec<f32> {
+            self.0
+                .chunks_exact(S::LANES)
+                .flat_map(|c| {
+                    let mut out = vec![0.0f32; S::LANES];
+                    s.store_slice(&mut out, s.exp(s.load_slice(c)));
+                    out
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn vector_exp_is_the_scalar_exp_bit_for_bit_on_every_isa() {
+        let mut xs: Vec<f32> = (0..4096).map(|i| -100.0 + 200.0 * i as f32 / 4096.0).collect();
+        xs.extend([f32::NAN, f32::NEG_INFINITY, f32::INFINITY, -87.0, -87.5, 88.0, 88.5, 0.0, -0.0, 1e-30, -1e-30]);
+        xs.resize(xs.len().next_multiple_of(16), 0.5);
+        let want: Vec<f32> = xs.iter().map(|&x| super::super::exp::exp_lane::<true>(x)).collect();
+        let mut results =
+            vec![Portable::<16>.vectorize(ExpJob(xs.clone())), Portable::<8>.vectorize(ExpJob(xs.clone()))];
+        #[cfg(target_arch = "x86_64")]
+        {
+            results.extend(Avx512::detect().map(|s| s.vectorize(ExpJob(xs.clone()))));
+            results.extend(Avx2::detect().map(|s| s.vectorize(ExpJob(xs.clone()))));
+        }
+        for got in results {
+            for ((x, g), w) in xs.iter().zip(&got).zip(&want) {
+                assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "exp({x}): {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn names_round_trip_and_portable_is_always_available() {
+        for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+            assert_eq!(Isa::parse(isa.name()), Some(isa));
+        }
+        assert_eq!(Isa::parse(" AVX512 "), Some(Isa::Avx512));
+        assert_eq!(Isa::parse("sse"), None);
+        assert!(Isa::Portable.available());
+        assert!(isa().available());
+    }
+}
