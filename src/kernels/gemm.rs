@@ -376,4 +376,27 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn views_whose_extent_overflows_are_refused() {
+        let data = [0.0f32; 4];
+        let mut out = [0.0f32; 4];
+        type Build = Box<dyn Fn() + std::panic::RefUnwindSafe>;
+        let cases: Vec<(&str, Build)> = vec![
+            ("row stride usize::MAX", Box::new(move || _ = MatRef::new(&data, 0, 2, 2, usize::MAX))),
+            ("row stride past isize", Box::new(move || _ = MatRef::new(&data, 0, 1, 1, isize::MAX as usize + 1))),
+            ("rows·ld overflowing", Box::new(move || _ = MatRef::new(&data, 0, usize::MAX / 2, 1, 3))),
+            ("offset overflowing", Box::new(move || _ = MatRef::new(&data, usize::MAX, 1, 2, 2))),
+            ("empty view past the end", Box::new(move || _ = MatRef::new(&data, 5, 0, 2, 2))),
+            ("mut row stride usize::MAX", Box::new(move || _ = MatMut::new(&mut out.clone(), 2, 2, usize::MAX))),
+            ("mut rows·ld overflowing", Box::new(move || _ = MatMut::new(&mut out.clone(), usize::MAX / 2, 1, 3))),
+        ];
+        for (what, build) in cases {
+            assert!(std::panic::catch_unwind(&*build).is_err(), "{what}: accepted");
+        }
+        // The largest views that fit are accepted.
+        assert_eq!(MatRef::new(&data, 0, 2, 2, 2).at(1, 1), 0.0);
+        assert_eq!(MatRef::new(&data, 4, 0, 3, 3).rows(), 0);
+        assert_eq!(MatMut::new(&mut out, 1, 4, 4).rows(), 1);
+    }
 }

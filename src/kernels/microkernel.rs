@@ -107,6 +107,31 @@ pub(crate) fn pack_panels(src: MatRef<'_>, width: usize, depth_pad: usize, out: 
     }
 }
 
+/// [`pack_panels`] for panels of a compile-time height: the same layout, faster where rows are
+/// contiguous (each depth step writes MR neighbouring floats read from MR row slices).
+///
+/// # Panics
+/// As [`pack_panels`].
+pub(crate) fn pack_rows<const MR: usize>(src: MatRef<'_>, depth_pad: usize, out: &mut [f32]) {
+    let (rows, depth) = (src.rows(), src.cols());
+    if rows == 0 || src.row(0).is_none() || depth != depth_pad {
+        return pack_panels(src, MR, depth_pad, out);
+    }
+    assert!(out.len() >= rows.div_ceil(MR) * depth * MR);
+    for (panel, dst) in out.chunks_exact_mut(depth * MR).take(rows.div_ceil(MR)).enumerate() {
+        let first = panel * MR;
+        if first + MR > rows {
+            return pack_panels(src.rows_range(first, rows), MR, depth, dst);
+        }
+        let row: [&[f32]; MR] = std::array::from_fn(|r| src.row(first + r).expect("contiguous rows"));
+        for (p, group) in dst.chunks_exact_mut(MR).enumerate() {
+            for (g, r) in group.iter_mut().zip(&row) {
+                *g = r[p];
+            }
+        }
+    }
+}
+
 /// [`pack_panels`] into a new buffer.
 pub(crate) fn packed_panels(src: MatRef<'_>, width: usize, depth_pad: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; src.rows().div_ceil(width) * depth_pad * width];

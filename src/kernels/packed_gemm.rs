@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{MatMut, MatRef};
-use super::microkernel::{edge_tile, pack_panels, tile};
+use super::microkernel::{edge_tile, pack_panels, pack_rows, tile};
 use super::simd::{Job, Simd};
 
 /// Depth per block: a B panel of `DEPTH_BLOCK × 32` floats is 32 KiB, inside L1.
@@ -30,22 +30,35 @@ pub(crate) struct PackedB {
 }
 
 impl PackedB {
-    /// Packs `alpha · b` for tiles `nr` wide.
+    /// Packs `alpha · b` for tiles `nr` wide, depth blocks in parallel.
     pub(crate) fn new(b: MatRef<'_>, nr: usize, alpha: f32) -> PackedB {
         let (k, n) = (b.rows(), b.cols());
         let n_pad = n.next_multiple_of(nr);
         let mut data = vec![0.0f32; k * n_pad];
-        let mut start = 0;
-        while start < k {
-            let depth = DEPTH_BLOCK.min(k - start);
-            // Column panels of B are row panels of Bᵀ.
-            let block = b.rows_range(start, start + depth).t();
-            pack_panels(block, nr, depth, &mut data[start * n_pad..(start + depth) * n_pad]);
-            start += depth;
-        }
-        if alpha != 1.0 {
-            data.iter_mut().for_each(|v| *v *= alpha);
-        }
+        data.par_chunks_mut(DEPTH_BLOCK * n_pad.max(1)).enumerate().for_each(|(i, block)| {
+            let start = i * DEPTH_BLOCK;
+            let depth = block.len() / n_pad;
+            let rows = b.rows_range(start, start + depth);
+            match rows.row(0).is_some() {
+                // Rows of B are contiguous: copy NR-wide runs of each row into its panels.
+                true => {
+                    for p in 0..depth {
+                        let row = rows.row(p).expect("contiguous rows");
+                        for (jp, run) in row.chunks(nr).enumerate() {
+                            let dst = &mut block[jp * depth * nr + p * nr..][..run.len()];
+                            dst.iter_mut().zip(run).for_each(|(d, &v)| *d = alpha * v);
+                        }
+                    }
+                }
+                // Column panels of B are row panels of Bᵀ.
+                false => {
+                    pack_panels(rows.t(), nr, depth, block);
+                    if alpha != 1.0 {
+                        block.iter_mut().for_each(|v| *v *= alpha);
+                    }
+                }
+            }
+        });
         PackedB { data, k, n, nr }
     }
 
@@ -118,7 +131,7 @@ impl<const MR: usize, const NV: usize> Job for GemmBlock<'_, MR, NV> {
         while start < k {
             let depth = DEPTH_BLOCK.min(k - start);
             let a_block = &mut a_packed[..a_panels * depth * MR];
-            pack_panels(a.cols_range(start, start + depth), MR, depth, a_block);
+            pack_rows::<MR>(a.cols_range(start, start + depth), depth, a_block);
             let add = accumulate || start > 0;
             for jp in 0..b_panels {
                 let b_panel = &b.data[start * n_pad + jp * depth * nr..][..depth * nr];
