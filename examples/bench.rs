@@ -18,7 +18,7 @@
 use std::time::Instant;
 
 use ndarray::Array5;
-use nonlocal::kernels::gemm::{par_gemm, MatMut, MatRef};
+use nonlocal::internal::kernels::gemm::{par_gemm, MatMut, MatRef};
 use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters};
 
 /// (name, C, T, H, W) with B = 1, sub-sampling 1x2x2, C' = C/2, BatchNorm.
@@ -156,7 +156,10 @@ fn main() {
     };
     let threads = rayon::current_num_threads();
     let peak = sgemm_peak();
-    eprintln!("threads={threads} simd={:?} sgemm 2048^3 peak {peak:.1} GFLOP/s", nonlocal::kernels::exp::simd());
+    eprintln!(
+        "threads={threads} simd={:?} sgemm 2048^3 peak {peak:.1} GFLOP/s",
+        nonlocal::internal::kernels::exp::simd()
+    );
     for (name, c, t, h, w) in SHAPES {
         if args.shape.as_deref().is_some_and(|s| s != name) {
             continue;

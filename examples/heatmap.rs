@@ -32,10 +32,9 @@ use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
 use ndarray::{s, Array1, Array2, Array5, ArrayView4};
-use nonlocal::golden::config_from_metadata;
-use nonlocal::{
-    parse_sub_sample, BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters, TensorFile, WeightKeys,
-};
+use nonlocal::internal::golden::config_from_metadata;
+use nonlocal::internal::parse_sub_sample;
+use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters, TensorFile, WeightKeys};
 
 /// Pixels per feature-map cell in the pictures.
 const SCALE: u32 = 6;

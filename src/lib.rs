@@ -77,18 +77,43 @@
 mod block;
 mod config;
 mod error;
-pub mod golden;
-pub mod kernels;
+mod golden;
+// Reached from outside only through the hidden `internal` module; its docs link freely
+// between kernels, some of them private.
+#[allow(rustdoc::private_intra_doc_links)]
+mod kernels;
 mod params;
 mod plan;
-pub mod reference;
+mod reference;
 mod train;
 mod weights;
 mod workspace;
 
 pub use block::NonLocalBlock;
-pub use config::{parse_sub_sample, Mode, NonLocalConfig};
+pub use config::{Mode, NonLocalConfig};
 pub use error::{Error, Result};
 pub use params::{BatchNorm, Conv1x1, Parameters};
 pub use train::{Gradients, ParameterGradients, TrainContext};
 pub use weights::{detect_naming, Naming, TensorFile, WeightKeys};
+
+/// Scaffolding for this crate's tests, benches and examples — not part of the API: no
+/// stability promise, and it may panic on input the API would reject.
+#[doc(hidden)]
+pub mod internal {
+    pub use crate::config::parse_sub_sample;
+
+    /// The golden-file harness: PyTorch reference cases (`examples/golden`, `tests/golden.rs`).
+    pub mod golden {
+        pub use crate::golden::*;
+    }
+
+    /// The plain f64 implementation the tests compare the kernels with.
+    pub mod reference {
+        pub use crate::reference::*;
+    }
+
+    /// The compute kernels, for the benches.
+    pub mod kernels {
+        pub use crate::kernels::{concat, dot_product, exp, gemm, pool, softmax_attention};
+    }
+}

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use common::{random_block, Rng};
 use ndarray::{Array, Array5, IxDyn};
-use nonlocal::golden::GoldenCase;
+use nonlocal::internal::golden::GoldenCase;
 use nonlocal::{Error, Mode, NonLocalBlock, NonLocalConfig, TensorFile, WeightKeys};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -251,7 +251,7 @@ fn bad_configurations() {
     }
     let err = "softmax".parse::<Mode>().unwrap_err();
     assert!(matches!(err, Error::UnknownMode { ref name } if name == "softmax"), "{err}");
-    let err = nonlocal::parse_sub_sample("2x2").unwrap_err();
+    let err = nonlocal::internal::parse_sub_sample("2x2").unwrap_err();
     assert!(matches!(err, Error::InvalidConfig { .. }));
     let too_big = NonLocalConfig::new(usize::MAX / 2).inter_channels(usize::MAX / 4);
     assert!(matches!(NonLocalBlock::new(too_big), Err(Error::TooLarge { .. })));

@@ -5,7 +5,8 @@ mod common;
 
 use common::{bits, on_1_2_3_threads, random_params, Rng};
 use ndarray::{Array5, ArrayViewMutD};
-use nonlocal::{reference, Error, Mode, NonLocalBlock, NonLocalConfig, Parameters, TensorFile, WeightKeys};
+use nonlocal::internal::reference;
+use nonlocal::{Error, Mode, NonLocalBlock, NonLocalConfig, Parameters, TensorFile, WeightKeys};
 
 /// L = Σ z ⊙ r in f64, from the reference implementation.
 fn reference_loss(config: &NonLocalConfig, params: &Parameters, x: &Array5<f32>, r: &Array5<f32>) -> f64 {
