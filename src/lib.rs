@@ -20,8 +20,36 @@
 //! there are M = N/4 keys. `W_z` is followed by eval-mode BatchNorm, folded into `W_z` for
 //! inference; a new block has it zeroed, so it starts as the identity.
 //!
-//! Inputs are f32 and channels-last, `(B, T, H, W, C)` or `(T, H, W, C)`, in any ndarray
-//! layout; query positions are numbered in (t, h, w) row-major order.
+//! # Inputs
+//! Inputs are f32 ndarrays, channels last and batch first, in any memory layout (views,
+//! slices, permuted axes). Each layout has its entry points, and the rank is checked, never
+//! guessed ([`Error::InputRank`]):
+//!
+//! | layout | PyTorch module | entry points |
+//! |---|---|---|
+//! | clips (B, T, H, W, C) | `NonLocal3d` on (B, C, T, H, W) | [`forward`], [`forward_into`], [`attention`], [`attention_rows`], [`forward_train`] |
+//! | image maps (B, H, W, C) | `NonLocal2d` on (B, C, H, W) | [`forward_images`]; the others on `x.insert_axis(Axis(1))` |
+//! | sequences (B, L, C) | `NonLocal1d` on (B, C, L) | [`forward_sequences`]; the others on (B, 1, 1, L, C) |
+//!
+//! An image map is read as a clip of one frame (T = 1), a sequence as a clip of one frame
+//! and one row (T = H = 1). With [`NonLocalConfig::conv_dims`] d a block attends over the last
+//! d of (T, H, W), as PyTorch's `NonLocal{d}d`, and the other axes must be 1: a 3-d block
+//! takes all three layouts, a 2-d block image maps and sequences (and clips of one frame), a
+//! 1-d block sequences; anything else is an [`Error::LayoutMismatch`], so frames are never
+//! attended across by a 2-d block. A channel count that does not match
+//! ([`Error::InputChannels`]) says so when the input looks channels-first.
+//!
+//! Query positions are numbered in (t, h, w) row-major order and keys likewise on the pooled
+//! grid: [`NonLocalBlock::query_index`], [`NonLocalBlock::key_position`] and
+//! [`NonLocalBlock::key_region`] convert.
+//!
+//! [`forward`]: NonLocalBlock::forward
+//! [`forward_into`]: NonLocalBlock::forward_into
+//! [`attention`]: NonLocalBlock::attention
+//! [`attention_rows`]: NonLocalBlock::attention_rows
+//! [`forward_train`]: NonLocalBlock::forward_train
+//! [`forward_images`]: NonLocalBlock::forward_images
+//! [`forward_sequences`]: NonLocalBlock::forward_sequences
 //!
 //! # Weights from PyTorch
 //! [`NonLocalBlock::from_safetensors_file`] loads a `state_dict` saved with safetensors, under
@@ -82,6 +110,7 @@ mod golden;
 // between kernels, some of them private.
 #[allow(rustdoc::private_intra_doc_links)]
 mod kernels;
+mod layout;
 mod params;
 mod plan;
 mod reference;

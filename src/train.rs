@@ -22,6 +22,7 @@ use crate::kernels::dot_product::key_value_product;
 use crate::kernels::gemm::{par_gemm, MatMut, MatRef};
 use crate::kernels::pool::{max_pool_argmax, max_unpool_add};
 use crate::kernels::softmax_attention::{softmax_attention_backward, softmax_attention_lse};
+use crate::layout::Layout;
 use crate::params::{Conv1x1, Parameters};
 use crate::plan::Columns;
 use crate::workspace::Workspace;
@@ -170,10 +171,12 @@ impl Parameters {
 }
 
 impl NonLocalBlock {
-    /// The forward pass for training: the output and the context [`NonLocalBlock::backward`]
-    /// needs. The output equals [`NonLocalBlock::forward`]'s up to float rounding (inference
-    /// may fold `W_z` into other products, which changes the order of operations). The context holds a copy of the input and
-    /// O(N·C) floats per sample; never the N×M attention.
+    /// The forward pass for training on clips `x` (B, T, H, W, C): the output and the context
+    /// [`NonLocalBlock::backward`] needs. The output equals [`NonLocalBlock::forward`]'s up to
+    /// float rounding (inference may fold `W_z` into other products, which changes the order
+    /// of operations). The context holds a copy of the input and O(N·C) floats per sample;
+    /// never the N×M attention. Image maps (B, H, W, C) are clips of one frame,
+    /// `x.insert_axis(Axis(1))`; the output and ∂L/∂x then have that shape too.
     ///
     /// # Errors
     /// As [`NonLocalBlock::forward`].
@@ -182,7 +185,7 @@ impl NonLocalBlock {
         S: Data<Elem = f32>,
         D: Dimension,
     {
-        let x5 = self.check_input(x.view().into_dyn())?;
+        let x5 = self.check_input(x.view().into_dyn(), Layout::Clips)?;
         let (b, t, h, w, c) = x5.dim();
         let (n, grid) = (t * h * w, [t, h, w]);
         let mut xs = self.workspace.take(x5.len(), "input copy")?.into_vec();
