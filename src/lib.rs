@@ -68,8 +68,10 @@
 //! [`NonLocalBlock::forward_train`] returns the output and a [`TrainContext`];
 //! [`NonLocalBlock::backward`] turns ∂L/∂z into [`Gradients`] for the input and every
 //! trainable parameter ([`ParameterGradients`], shaped like [`Parameters`]). BatchNorm is in
-//! inference form (frozen running statistics), as when fine-tuning. Memory stays O(N·C): the
-//! softmax modes recompute attention tiles from a saved log-sum-exp (FlashAttention-2).
+//! inference form (frozen running statistics), as when fine-tuning.
+//! [`NonLocalBlock::update_parameters`] applies an optimiser step in place, each parameter
+//! with its gradient by name. Memory stays O(N·C): the softmax modes recompute attention
+//! tiles from a saved log-sum-exp (FlashAttention-2).
 //! [`NonLocalBlock::save_safetensors`] writes the parameters back under the keys they were
 //! loaded with, for PyTorch.
 //!
