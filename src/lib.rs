@@ -148,3 +148,8 @@ pub mod internal {
         pub use crate::kernels::{concat, dot_product, exp, gemm, pool, softmax_attention};
     }
 }
+
+/// The README's code blocks, compiled and run by `cargo test`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
