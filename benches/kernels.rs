@@ -7,12 +7,12 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::Array5;
-use nonlocal::kernels::attention::softmax_attention;
-use nonlocal::kernels::concat::concat_attention;
-use nonlocal::kernels::dot_product::key_value_product;
-use nonlocal::kernels::exp::exp_sum;
-use nonlocal::kernels::gemm::{par_gemm, MatMut, MatRef};
-use nonlocal::kernels::pool::max_pool;
+use nonlocal::internal::kernels::attention::softmax_attention;
+use nonlocal::internal::kernels::concat::concat_attention;
+use nonlocal::internal::kernels::dot_product::key_value_product;
+use nonlocal::internal::kernels::exp::exp_sum;
+use nonlocal::internal::kernels::gemm::{par_gemm, MatMut, MatRef};
+use nonlocal::internal::kernels::pool::max_pool;
 use nonlocal::{Mode, NonLocalBlock, NonLocalConfig, Parameters};
 
 fn data(len: usize, seed: u32) -> Vec<f32> {

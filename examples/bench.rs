@@ -21,7 +21,7 @@
 use std::time::Instant;
 
 use ndarray::Array5;
-use nonlocal::kernels::gemm::{par_gemm, MatMut, MatRef};
+use nonlocal::internal::kernels::gemm::{par_gemm, MatMut, MatRef};
 use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters};
 use rayon::prelude::*;
 
@@ -223,7 +223,7 @@ fn main() {
     let each: Vec<String> = peaks.iter().map(|(name, g)| format!("{name}={g:.1}")).collect();
     println!(
         "threads={threads} simd={} sgemm 2048^3 GFLOP/s: {} peak={peak:.1}",
-        nonlocal::kernels::simd::isa(),
+        nonlocal::internal::kernels::simd::isa(),
         each.join(" ")
     );
     for (name, c, t, h, w) in SHAPES {

@@ -16,8 +16,10 @@
 //! Loss: mean squared error over all outputs. Progress is printed every epoch; the run ends
 //! with the loss before and after training.
 
-use ndarray::Array5;
-use nonlocal::{Mode, NonLocalBlock, NonLocalConfig, Parameters};
+use std::collections::HashMap;
+
+use ndarray::{Array5, ArrayD, Zip};
+use nonlocal::{Mode, NonLocalBlock, NonLocalConfig, ParameterGradients};
 
 const T: usize = 4;
 const H: usize = 8;
@@ -74,35 +76,34 @@ fn mse(z: &Array5<f32>, target: &Array5<f32>) -> f32 {
     z.iter().zip(target.iter()).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / z.len() as f32
 }
 
-/// Adam (Kingma & Ba), one moment pair per trainable tensor, flattened.
+/// Adam (Kingma & Ba): a pair of moment estimates per trainable tensor, kept by its name.
 struct Adam {
     lr: f32,
     step: i32,
-    m: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    moments: HashMap<String, (ArrayD<f32>, ArrayD<f32>)>,
 }
 
 impl Adam {
     fn new(lr: f32) -> Self {
-        Adam { lr, step: 0, m: Vec::new(), v: Vec::new() }
+        Adam { lr, step: 0, moments: HashMap::new() }
     }
 
-    fn update(&mut self, params: &mut Parameters, grads: &nonlocal::ParameterGradients) {
-        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+    /// One step on every parameter of `block`, in place.
+    fn step(&mut self, block: &mut NonLocalBlock, grads: &ParameterGradients) -> nonlocal::Result<()> {
+        let (b1, b2, eps, lr) = (0.9f32, 0.999f32, 1e-8f32, self.lr);
         self.step += 1;
         let (c1, c2) = (1.0 - b1.powi(self.step), 1.0 - b2.powi(self.step));
-        let named = grads.named();
-        for (i, ((_, mut p), (_, g))) in params.trainable_mut().into_iter().zip(named).enumerate() {
-            if self.m.len() <= i {
-                self.m.push(vec![0.0; p.len()]);
-                self.v.push(vec![0.0; p.len()]);
-            }
-            for ((p, &g), (m, v)) in p.iter_mut().zip(g.iter()).zip(self.m[i].iter_mut().zip(self.v[i].iter_mut())) {
+        block.update_parameters(grads, |name, mut p, g| {
+            let (m, v) = self
+                .moments
+                .entry(name.to_string())
+                .or_insert_with(|| (ArrayD::zeros(p.raw_dim()), ArrayD::zeros(p.raw_dim())));
+            Zip::from(&mut p).and(&g).and(m).and(v).for_each(|p, &g, m, v| {
                 *m = b1 * *m + (1.0 - b1) * g;
                 *v = b2 * *v + (1.0 - b2) * g * g;
-                *p -= self.lr * (*m / c1) / ((*v / c2).sqrt() + eps);
-            }
-        }
+                *p -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+            });
+        })
     }
 }
 
@@ -142,9 +143,7 @@ fn main() -> Result<(), nonlocal::Error> {
             let scale = 2.0 / z.len() as f32;
             let grad = (&z - &target) * scale;
             let grads = block.backward(&ctx, &grad)?;
-            let mut params = block.parameters().clone();
-            adam.update(&mut params, &grads.params);
-            block.set_parameters(params)?;
+            adam.step(&mut block, &grads.params)?;
         }
         let eval = mse(&block.forward(&x_eval)?, &target_eval);
         println!(

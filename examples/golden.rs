@@ -11,7 +11,7 @@
 
 use std::process::ExitCode;
 
-use nonlocal::golden::GoldenCase;
+use nonlocal::internal::golden::GoldenCase;
 
 fn main() -> ExitCode {
     let paths: Vec<String> = std::env::args().skip(1).collect();

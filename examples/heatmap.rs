@@ -31,11 +31,10 @@
 use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
-use ndarray::{s, Array1, Array2, Array5, ArrayView4};
-use nonlocal::golden::config_from_metadata;
-use nonlocal::{
-    parse_sub_sample, BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters, TensorFile, WeightKeys,
-};
+use ndarray::{s, Array1, Array2, Array3, Array5, ArrayView4};
+use nonlocal::internal::golden::config_from_metadata;
+use nonlocal::internal::parse_sub_sample;
+use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters, TensorFile, WeightKeys};
 
 /// Pixels per feature-map cell in the pictures.
 const SCALE: u32 = 6;
@@ -133,15 +132,12 @@ fn run(o: &Options) -> Result<(), String> {
     let (_, t, h, w, _) = x.dim();
     let mut written = 0;
     for (qi, &[qt, qh, qw]) in queries.iter().enumerate() {
-        if qt >= t || qh >= h || qw >= w {
-            return Err(format!("query ({qt}, {qh}, {qw}) is outside the {t}x{h}x{w} grid"));
-        }
-        let index = (qt * h + qh) * w + qw;
+        let index = block.query_index([t, h, w], [qt, qh, qw]).map_err(|e| e.to_string())?;
         let attention = block.attention_rows(&x, &[index]).map_err(|e| e.to_string())?;
         for (clip, frames) in frames.iter().enumerate() {
             let weights = attention.slice(s![clip, 0, ..]).to_owned();
-            let picture =
-                draw(frames.view(), &weights, block.key_grid([t, h, w]), block.config().pool_kernel(), [qt, qh, qw]);
+            let cells = cell_weights(&block, [t, h, w], &weights).map_err(|e| e.to_string())?;
+            let picture = draw(frames.view(), &cells, [qt, qh, qw]);
             let path = o.out.join(format!("heatmap_q{qi}_clip{clip}.png"));
             picture.save(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             println!(
@@ -286,34 +282,32 @@ fn frames_as_rgb(clip: ArrayView4<'_, f32>) -> Array5Frames {
     out
 }
 
-/// The picture: frames side by side with the attention overlaid, the query ringed, and a
-/// colour bar below.
-fn draw(
-    frames: ndarray::ArrayView4<'_, f32>,
-    weights: &Array1<f32>,
-    key_grid: [usize; 3],
-    kernel: [usize; 3],
-    query: [usize; 3],
-) -> RgbImage {
+/// The attention weight of every input cell (T, H, W): the weight of the key whose region
+/// holds it, 0 for cells cut off by the pooling floor.
+fn cell_weights(block: &NonLocalBlock, grid: [usize; 3], weights: &Array1<f32>) -> nonlocal::Result<Array3<f32>> {
+    let mut cells = Array3::<f32>::zeros(grid);
+    for (j, &weight) in weights.iter().enumerate() {
+        let [t, h, w] = block.key_region(grid, j)?;
+        cells.slice_mut(s![t, h, w]).fill(weight);
+    }
+    Ok(cells)
+}
+
+/// The picture: frames side by side with the attention over their cells overlaid, the query
+/// ringed, and a colour bar below.
+fn draw(frames: ndarray::ArrayView4<'_, f32>, cells: &Array3<f32>, query: [usize; 3]) -> RgbImage {
     let (t, h, w, _) = frames.dim();
     let (fw, fh) = (w as u32 * SCALE, h as u32 * SCALE);
     let width = t as u32 * fw + (t as u32 + 1) * GAP;
     let height = fh + 4 * GAP + BAR_HEIGHT + LABEL_HEIGHT;
     let mut img = RgbImage::from_pixel(width, height, Rgb([24, 24, 24]));
-    let max = weights.fold(0.0f32, |m, &v| m.max(v)).max(f32::MIN_POSITIVE);
-    let [_, kh, kw] = key_grid;
+    let max = cells.fold(0.0f32, |m, &v| m.max(v)).max(f32::MIN_POSITIVE);
     for ti in 0..t {
         let x0 = GAP + ti as u32 * (fw + GAP);
         for py in 0..fh {
             for px in 0..fw {
                 let (hi, wi) = ((py / SCALE) as usize, (px / SCALE) as usize);
-                // The key whose pooling window holds this cell (cells cut by the floor get none).
-                let (kt_i, kh_i, kw_i) = (ti / kernel[0], hi / kernel[1], wi / kernel[2]);
-                let weight = if kt_i < key_grid[0] && kh_i < kh && kw_i < kw {
-                    weights[(kt_i * kh + kh_i) * kw + kw_i] / max
-                } else {
-                    0.0
-                };
+                let weight = cells[[ti, hi, wi]] / max;
                 let base = [frames[[ti, hi, wi, 0]], frames[[ti, hi, wi, 1]], frames[[ti, hi, wi, 2]]];
                 let heat = colour_map(weight);
                 // Dim the frame, then blend the heat in proportion to the weight.

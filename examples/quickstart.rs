@@ -1,10 +1,10 @@
-//! Quick start: build a block, load PyTorch weights, run it on a video tensor.
+//! Quick start: build a block, load PyTorch weights, run it on a video tensor and on images.
 //!
 //! ```text
 //! cargo run --release --example quickstart
 //! ```
 
-use ndarray::{s, Array5};
+use ndarray::{s, Array4, Array5};
 use nonlocal::{Mode, NonLocalBlock, NonLocalConfig, WeightKeys};
 
 fn main() -> Result<(), nonlocal::Error> {
@@ -30,15 +30,31 @@ fn main() -> Result<(), nonlocal::Error> {
     println!("  z[0, 0, 0, 0, ..4] = {:?}", z.slice(s![0, 0, 0, 0, ..4]).to_vec());
     println!("  max |z - PyTorch| = {:.2e}", max_abs_diff(&z, &want.into_dimensionality().expect("rank 5")));
 
-    // 3. What query position 0 attends to: one row of the attention map, over the M keys.
-    let row = block.attention_rows(&x, &[0])?;
-    let key_grid = block.key_grid([x.shape()[1], x.shape()[2], x.shape()[3]]);
+    // 3. What query (t, h, w) = (0, 0, 0) attends to: one row of the attention map, over the
+    //    M keys, and where the strongest key sits on the pooled grid and in the input.
+    let grid = [x.shape()[1], x.shape()[2], x.shape()[3]];
+    let query = block.query_index(grid, [0, 0, 0])?;
+    let row = block.attention_rows(&x, &[query])?;
     let (best, weight) =
         row.iter().enumerate().fold((0, f32::MIN), |acc, (j, &w)| if w > acc.1 { (j, w) } else { acc });
     println!(
-        "  query 0 attends most to key {best} at (t, h, w) = {:?} in the pooled {key_grid:?} grid, weight {weight:.3}",
-        (best / (key_grid[1] * key_grid[2]), (best / key_grid[2]) % key_grid[1], best % key_grid[2])
+        "  query {query} attends most to key {best} at (t, h, w) = {:?} in the pooled {:?} grid \
+         (input region {:?}), weight {weight:.3}",
+        block.key_position(grid, best)?,
+        block.key_grid(grid),
+        block.key_region(grid, best)?,
     );
+
+    // 4. A batch of image feature maps (B, H, W, C), as mmcv's NonLocal2d takes them
+    //    channels-first: each image attends within itself, never across the batch.
+    let config = NonLocalConfig::new(16).conv_dims(2);
+    let block = NonLocalBlock::new(config)?;
+    let images = Array4::<f32>::from_shape_fn((2, 10, 12, 16), |(b, h, w, c)| ((b + h * 5 + w * 3 + c) % 7) as f32);
+    let z = block.forward_images(&images)?;
+    println!("image maps: input {:?} -> output {:?}", images.shape(), z.shape());
+    if let Err(e) = block.forward(&images) {
+        println!("  forward, which takes clips, refuses them: {e}");
+    }
     Ok(())
 }
 

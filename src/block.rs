@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use ndarray::{Array, Array3, ArrayBase, ArrayView4, ArrayView5, ArrayViewD, Axis, Data, DataMut, Dimension, Ix5};
+use ndarray::{Array, Array3, ArrayBase, ArrayView4, ArrayView5, Data, DataMut, Dimension};
 
 use crate::config::{Mode, NonLocalConfig};
 use crate::error::{Error, Result};
@@ -11,7 +11,7 @@ use crate::kernels::concat::concat_attention;
 use crate::kernels::dot_product::key_value_product;
 use crate::kernels::exp::{exp_sum, row_max};
 use crate::kernels::gemm::{gemm, par_gemm, row_block, MatMut, MatRef};
-use crate::kernels::pool::pooled_grid;
+use crate::layout::Layout;
 use crate::params::Parameters;
 use crate::plan::{Compiled, Prepared};
 use crate::weights::{load_parameters, TensorFile, WeightKeys};
@@ -53,7 +53,7 @@ pub struct NonLocalBlock {
 /// Source of [`NonLocalBlock::generation`] values.
 static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-fn next_generation() -> u64 {
+pub(crate) fn next_generation() -> u64 {
     GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
@@ -173,18 +173,16 @@ impl NonLocalBlock {
             .map_err(|source| Error::Io { path: path.display().to_string(), source })
     }
 
-    /// The key grid (T', H', W') for an input grid (T, H, W): the pooled grid with
-    /// sub-sampling, else the grid itself. Key j of the attention maps sits at
-    /// `(j / (H'·W'), (j / W') % H', j % W')` in it.
-    pub fn key_grid(&self, grid: [usize; 3]) -> [usize; 3] {
-        pooled_grid(grid, self.config.pool_kernel())
-    }
-
-    /// Runs the block.
+    /// Runs the block on a batch of clips.
     ///
     /// # Shapes
-    /// - `x`: `[batch, t, h, w, channels]` or `[t, h, w, channels]` (batch 1), any strides;
+    /// - `x`: (B, T, H, W, C), channels last, any strides; rank 5 exactly (image maps go to
+    ///   [`NonLocalBlock::forward_images`], sequences to [`NonLocalBlock::forward_sequences`]);
     /// - returns an array of the same shape, in standard (row-major) layout.
+    ///
+    /// A block whose [`NonLocalConfig::conv_dims`] is below 3 (PyTorch's `NonLocal2d` or
+    /// `NonLocal1d`) attends over the last `conv_dims` of (T, H, W) only: T (and for
+    /// `conv_dims` 1, H) must be 1.
     ///
     /// NaN or infinite values in `x` propagate: the outputs that depend on them are NaN or
     /// infinite (as in PyTorch, though the exact set of affected positions may differ);
@@ -192,21 +190,74 @@ impl NonLocalBlock {
     ///
     /// # Errors
     /// [`Error::InputRank`], [`Error::InputChannels`], [`Error::EmptyInput`] (a zero-sized
-    /// dimension), [`Error::NoKeys`] (spatial size below the pool kernel), [`Error::TooLarge`]
-    /// (buffers that cannot be sized or allocated).
+    /// dimension), [`Error::LayoutMismatch`] (more axes than `conv_dims`), [`Error::NoKeys`]
+    /// (spatial size below the pool kernel), [`Error::TooLarge`] (buffers that cannot be
+    /// sized or allocated).
     pub fn forward<S, D>(&self, x: &ArrayBase<S, D>) -> Result<Array<f32, D>>
     where
         S: Data<Elem = f32>,
         D: Dimension,
     {
-        let x5 = self.check_input(x.view().into_dyn())?;
+        self.forward_layout(x, Layout::Clips)
+    }
+
+    /// Runs the block on a batch of image feature maps (B, H, W, C), channels last (PyTorch's
+    /// `NonLocal2d` on (B, C, H, W)): each image attends within itself. Returns the input's
+    /// shape. The same as [`NonLocalBlock::forward`] on clips of one frame (T = 1), so any
+    /// `conv_dims` of 2 or more fits.
+    ///
+    /// ```
+    /// use ndarray::Array4;
+    /// use nonlocal::{NonLocalBlock, NonLocalConfig};
+    ///
+    /// let block = NonLocalBlock::new(NonLocalConfig::new(16).conv_dims(2))?;
+    /// let images = Array4::<f32>::from_shape_fn((2, 6, 6, 16), |(b, h, w, c)| (b + h * w + c) as f32 * 0.01);
+    /// assert_eq!(block.forward_images(&images)?.shape(), &[2, 6, 6, 16]);
+    /// // A rank-4 batch of images is never read as one clip.
+    /// assert!(matches!(block.forward(&images), Err(nonlocal::Error::InputRank { actual: 4, .. })));
+    /// # Ok::<(), nonlocal::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`NonLocalBlock::forward`]; [`Error::InputRank`] unless `x` has rank 4.
+    pub fn forward_images<S, D>(&self, x: &ArrayBase<S, D>) -> Result<Array<f32, D>>
+    where
+        S: Data<Elem = f32>,
+        D: Dimension,
+    {
+        self.forward_layout(x, Layout::Images)
+    }
+
+    /// Runs the block on a batch of sequences (B, L, C), channels last (PyTorch's
+    /// `NonLocal1d` on (B, C, L)): each sequence attends within itself. Returns the input's
+    /// shape. The same as [`NonLocalBlock::forward`] on clips of shape (B, 1, 1, L, C), so the
+    /// pool kernel must be `[1, 1, k]` (mmcv's `NonLocal1d`: `[1, 1, 2]`) or `None`.
+    ///
+    /// # Errors
+    /// As [`NonLocalBlock::forward`]; [`Error::InputRank`] unless `x` has rank 3.
+    pub fn forward_sequences<S, D>(&self, x: &ArrayBase<S, D>) -> Result<Array<f32, D>>
+    where
+        S: Data<Elem = f32>,
+        D: Dimension,
+    {
+        self.forward_layout(x, Layout::Sequences)
+    }
+
+    fn forward_layout<S, D>(&self, x: &ArrayBase<S, D>, layout: Layout) -> Result<Array<f32, D>>
+    where
+        S: Data<Elem = f32>,
+        D: Dimension,
+    {
+        let x5 = self.check_input(x.view().into_dyn(), layout)?;
         let mut out = buffer(x5.len(), "output")?;
         self.forward_checked(x5, &mut out)?;
         Ok(Array::from_shape_vec(x.raw_dim(), out).expect("output has the input's element count"))
     }
 
-    /// Runs the block into `out`, an array of the input's shape: no output allocation, for
-    /// loops that reuse their buffers. Same results as [`NonLocalBlock::forward`].
+    /// Runs the block on clips (B, T, H, W, C) into `out`, an array of the input's shape: no
+    /// output allocation, for loops that reuse their buffers. Same results as
+    /// [`NonLocalBlock::forward`]; image maps (B, H, W, C) are clips of one frame,
+    /// `x.insert_axis(Axis(1))`.
     ///
     /// # Errors
     /// As [`NonLocalBlock::forward`], and [`Error::WrongShape`] when `out`'s shape is not the
@@ -224,7 +275,7 @@ impl NonLocalBlock {
                 actual: out.shape().to_vec(),
             });
         }
-        let x5 = self.check_input(x.view().into_dyn())?;
+        let x5 = self.check_input(x.view().into_dyn(), Layout::Clips)?;
         match out.as_slice_mut() {
             Some(slice) => self.forward_checked(x5, slice),
             None => {
@@ -245,9 +296,12 @@ impl NonLocalBlock {
         Ok(())
     }
 
-    /// The normalised attention weights `f(x_i, x_j)/C(x)` for every query i and key j:
-    /// shape (B, N, M), what PyTorch's `return_nl_map` gives. This is N·M numbers per sample:
-    /// for large inputs ask for chosen queries with [`NonLocalBlock::attention_rows`].
+    /// The normalised attention weights `f(x_i, x_j)/C(x)` of clips `x` (B, T, H, W, C) for
+    /// every query i and key j: shape (B, N, M), what PyTorch's `return_nl_map` gives. This
+    /// is N·M numbers per sample: for large inputs ask for chosen queries with
+    /// [`NonLocalBlock::attention_rows`]. Image maps (B, H, W, C) are clips of one frame,
+    /// `x.insert_axis(Axis(1))`; sequences (B, L, C) clips of one row,
+    /// `x.insert_axis(Axis(1)).insert_axis(Axis(1))`.
     ///
     /// # Errors
     /// As [`NonLocalBlock::forward`]; [`Error::TooLarge`] when B·N·M does not fit.
@@ -256,15 +310,34 @@ impl NonLocalBlock {
         S: Data<Elem = f32>,
         D: Dimension,
     {
-        let x5 = self.check_input(x.view().into_dyn())?;
+        let x5 = self.check_input(x.view().into_dyn(), Layout::Clips)?;
         let n = x5.shape()[1] * x5.shape()[2] * x5.shape()[3];
         let all: Vec<usize> = (0..n).collect();
         self.attention_rows_checked(x5, &all)
     }
 
-    /// The attention weights of the chosen query positions only: shape (B, queries.len(), M),
-    /// row r holding query `queries[r]` (an index into the N = T·H·W positions in (t, h, w)
-    /// row-major order). Costs the projections plus O(len·M·C').
+    /// The attention weights of the chosen query positions of clips `x` (B, T, H, W, C) only:
+    /// shape (B, queries.len(), M), row r holding query `queries[r]` (an index into the
+    /// N = T·H·W positions in (t, h, w) row-major order, see [`NonLocalBlock::query_index`];
+    /// column j is the key at [`NonLocalBlock::key_position`], standing for the input region
+    /// [`NonLocalBlock::key_region`]). Costs the projections plus O(len·M·C').
+    ///
+    /// ```
+    /// use ndarray::{s, Array4, Axis};
+    /// use nonlocal::{NonLocalBlock, NonLocalConfig};
+    ///
+    /// let block = NonLocalBlock::new(NonLocalConfig::new(4).conv_dims(2))?;
+    /// let images = Array4::<f32>::from_shape_fn((1, 6, 8, 4), |(_, h, w, c)| ((h * w + c) % 5) as f32);
+    /// let grid = [1, 6, 8]; // an image map is a clip of one frame
+    /// let query = block.query_index(grid, [0, 2, 3])?;
+    /// let rows = block.attention_rows(&images.view().insert_axis(Axis(1)), &[query])?;
+    /// let row = rows.slice(s![0, 0, ..]);
+    /// let best = (0..row.len()).fold(0, |best, j| if row[j] > row[best] { j } else { best });
+    /// // The strongest key stands for a 2x2 window of the image.
+    /// let [t, h, w] = block.key_region(grid, best)?;
+    /// assert_eq!((t.len(), h.len(), w.len()), (1, 2, 2));
+    /// # Ok::<(), nonlocal::Error>(())
+    /// ```
     ///
     /// # Errors
     /// As [`NonLocalBlock::forward`]; [`Error::QueryOutOfRange`] for an index ≥ N.
@@ -273,7 +346,7 @@ impl NonLocalBlock {
         S: Data<Elem = f32>,
         D: Dimension,
     {
-        let x5 = self.check_input(x.view().into_dyn())?;
+        let x5 = self.check_input(x.view().into_dyn(), Layout::Clips)?;
         self.attention_rows_checked(x5, queries)
     }
 
@@ -294,41 +367,6 @@ impl NonLocalBlock {
             self.attention_for(&prepared, queries, out_sample);
         }
         Ok(Array3::from_shape_vec((b, queries.len(), m), out).expect("sized above"))
-    }
-
-    /// Checks the input and views it as rank 5.
-    pub(crate) fn check_input<'a>(&self, x: ArrayViewD<'a, f32>) -> Result<ArrayView5<'a, f32>> {
-        let shape = x.shape().to_vec();
-        let x = match x.ndim() {
-            5 => x,
-            4 => x.insert_axis(Axis(0)),
-            actual => return Err(Error::InputRank { expected: "4 (T, H, W, C) or 5 (B, T, H, W, C)", actual, shape }),
-        };
-        let x = x.into_dimensionality::<Ix5>().expect("rank checked");
-        let (b, t, h, w, c) = x.dim();
-        if c != self.config.in_channels {
-            return Err(Error::InputChannels { expected: self.config.in_channels, actual: c });
-        }
-        let names = ["B", "T", "H", "W", "C"];
-        let full = [b, t, h, w, c];
-        if let Some(axis) = full.iter().position(|&d| d == 0) {
-            // Report the axis in the caller's numbering (rank 4 has no B).
-            let offset = 5 - shape.len();
-            return Err(Error::EmptyInput { axis: axis - offset.min(axis), name: names[axis], shape });
-        }
-        let grid = [t, h, w];
-        let kernel = self.config.pool_kernel();
-        if grid.iter().zip(kernel).any(|(&g, k)| g < k) {
-            return Err(Error::NoKeys { size: grid, kernel });
-        }
-        // Every buffer is at most max(C, proj_cols, C') floats per position.
-        let width = c.max(self.compiled.proj_cols).max(self.config.inter_channels);
-        [b, t, h, w, width]
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .filter(|&floats| floats <= isize::MAX as usize / 4)
-            .ok_or(Error::TooLarge { what: "B·T·H·W·channels" })?;
-        Ok(x)
     }
 
     /// The whole block for one sample: `out ← x + BN(W_z·y)`.
@@ -518,7 +556,7 @@ fn check_parameter_count(config: &NonLocalConfig) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::{s, Array5};
+    use ndarray::{s, Array5, Axis};
 
     #[test]
     fn sample_matrix_views_collapsible_layouts_and_copies_others() {

@@ -74,23 +74,46 @@ pub enum Error {
         /// What the weights imply.
         weights: String,
     },
-    /// The input tensor's rank is neither 4 (T, H, W, C) nor 5 (B, T, H, W, C).
-    #[error("input must have rank {expected}, found rank {actual} (shape {shape:?})")]
+    /// The input's rank is not the one its entry point takes: 5 (B, T, H, W, C) for
+    /// `forward` and the other clip entry points, 4 (B, H, W, C) for `forward_images`, 3
+    /// (B, L, C) for `forward_sequences`. The rank is never guessed.
+    #[error("input has rank {actual} (shape {shape:?}), expected rank {expected}")]
     InputRank {
-        /// The accepted rank(s), in words.
+        /// The rank and axes the entry point takes, in words, and where other layouts go.
         expected: &'static str,
         /// The rank found.
         actual: usize,
         /// The input's shape.
         shape: Vec<usize>,
     },
-    /// The input's channel dimension does not match `in_channels`.
-    #[error("input has {actual} channels, the block expects {expected}")]
+    /// The input's last (channel) axis does not match `in_channels`. The message points out a
+    /// channels-first tensor (PyTorch's layout) when another axis has the expected size.
+    #[error(
+        "input has {actual} channels in its last axis (shape {shape:?}), the block expects {expected}: \
+         inputs are channels-last{}",
+        channels_first_hint(shape, *expected)
+    )]
     InputChannels {
         /// The block's `in_channels`.
         expected: usize,
-        /// The channel count found.
+        /// The channel count found (the last axis).
         actual: usize,
+        /// The input's shape.
+        shape: Vec<usize>,
+    },
+    /// The input spans more axes than the block's PyTorch module attends over: with
+    /// `conv_dims` d (`NonLocal1d/2d/3d`) attention runs over the last d of (T, H, W), so the
+    /// others must be 1.
+    #[error(
+        "the block has conv_dims = {conv_dims} (PyTorch's NonLocal{conv_dims}d): it attends over the last \
+         {conv_dims} of (T, H, W), but the input has (T, H, W) = {grid:?}; give image maps (B, H, W, C) to \
+         forward_images and sequences (B, L, C) to forward_sequences, or set a larger conv_dims"
+    )]
+    LayoutMismatch {
+        /// The block's [`NonLocalConfig::conv_dims`](crate::NonLocalConfig::conv_dims).
+        conv_dims: usize,
+        /// The input's (T, H, W), images and sequences read as T = 1 and T = H = 1.
+        grid: [usize; 3],
     },
     /// The input has a zero-sized dimension, so there is nothing to attend over.
     #[error("input dimension {axis} ({name}) is zero in shape {shape:?}")]
@@ -127,6 +150,40 @@ pub enum Error {
         /// The number of query positions N = T·H·W.
         positions: usize,
     },
+    /// A (t, h, w) position asked of [`NonLocalBlock::query_index`](crate::NonLocalBlock::query_index)
+    /// lies outside the input grid.
+    #[error("position {position:?} is outside the input grid (T, H, W) = {grid:?}")]
+    PositionOutOfRange {
+        /// The requested (t, h, w).
+        position: [usize; 3],
+        /// The input's (T, H, W).
+        grid: [usize; 3],
+    },
+    /// A key index asked of the attention conversions is out of range.
+    #[error("key {index} is out of range: the input has {keys} key positions")]
+    KeyOutOfRange {
+        /// The requested key index.
+        index: usize,
+        /// The number of key positions M.
+        keys: usize,
+    },
+}
+
+/// For an input whose last axis is not the channel count: a pointer to the axis that is, as in
+/// a channels-first tensor, and the permutation that makes it channels-last.
+fn channels_first_hint(shape: &[usize], channels: usize) -> String {
+    let rank = shape.len();
+    match shape[..rank.saturating_sub(1)].iter().skip(1).position(|&d| d == channels) {
+        Some(k) => {
+            let order: Vec<usize> = std::iter::once(0).chain(2..rank).chain([1]).collect();
+            format!(
+                "; axis {} has {channels}, as in a channels-first tensor (PyTorch's (B, C, ...)): \
+                 permute it with .permuted_axes({order:?})",
+                k + 1
+            )
+        }
+        None => String::new(),
+    }
 }
 
 /// A `Result` with this crate's [`Error`].

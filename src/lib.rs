@@ -20,8 +20,36 @@
 //! there are M = N/4 keys. `W_z` is followed by eval-mode BatchNorm, folded into `W_z` for
 //! inference; a new block has it zeroed, so it starts as the identity.
 //!
-//! Inputs are f32 and channels-last, `(B, T, H, W, C)` or `(T, H, W, C)`, in any ndarray
-//! layout; query positions are numbered in (t, h, w) row-major order.
+//! # Inputs
+//! Inputs are f32 ndarrays, channels last and batch first, in any memory layout (views,
+//! slices, permuted axes). Each layout has its entry points, and the rank is checked, never
+//! guessed ([`Error::InputRank`]):
+//!
+//! | layout | PyTorch module | entry points |
+//! |---|---|---|
+//! | clips (B, T, H, W, C) | `NonLocal3d` on (B, C, T, H, W) | [`forward`], [`forward_into`], [`attention`], [`attention_rows`], [`forward_train`] |
+//! | image maps (B, H, W, C) | `NonLocal2d` on (B, C, H, W) | [`forward_images`]; the others on `x.insert_axis(Axis(1))` |
+//! | sequences (B, L, C) | `NonLocal1d` on (B, C, L) | [`forward_sequences`]; the others on (B, 1, 1, L, C) |
+//!
+//! An image map is read as a clip of one frame (T = 1), a sequence as a clip of one frame
+//! and one row (T = H = 1). With [`NonLocalConfig::conv_dims`] d a block attends over the last
+//! d of (T, H, W), as PyTorch's `NonLocal{d}d`, and the other axes must be 1: a 3-d block
+//! takes all three layouts, a 2-d block image maps and sequences (and clips of one frame), a
+//! 1-d block sequences; anything else is an [`Error::LayoutMismatch`], so frames are never
+//! attended across by a 2-d block. A channel count that does not match
+//! ([`Error::InputChannels`]) says so when the input looks channels-first.
+//!
+//! Query positions are numbered in (t, h, w) row-major order and keys likewise on the pooled
+//! grid: [`NonLocalBlock::query_index`], [`NonLocalBlock::key_position`] and
+//! [`NonLocalBlock::key_region`] convert.
+//!
+//! [`forward`]: NonLocalBlock::forward
+//! [`forward_into`]: NonLocalBlock::forward_into
+//! [`attention`]: NonLocalBlock::attention
+//! [`attention_rows`]: NonLocalBlock::attention_rows
+//! [`forward_train`]: NonLocalBlock::forward_train
+//! [`forward_images`]: NonLocalBlock::forward_images
+//! [`forward_sequences`]: NonLocalBlock::forward_sequences
 //!
 //! # Weights from PyTorch
 //! [`NonLocalBlock::from_safetensors_file`] loads a `state_dict` saved with safetensors, under
@@ -40,8 +68,10 @@
 //! [`NonLocalBlock::forward_train`] returns the output and a [`TrainContext`];
 //! [`NonLocalBlock::backward`] turns ∂L/∂z into [`Gradients`] for the input and every
 //! trainable parameter ([`ParameterGradients`], shaped like [`Parameters`]). BatchNorm is in
-//! inference form (frozen running statistics), as when fine-tuning. Memory stays O(N·C): the
-//! softmax modes recompute attention tiles from a saved log-sum-exp (FlashAttention-2).
+//! inference form (frozen running statistics), as when fine-tuning.
+//! [`NonLocalBlock::update_parameters`] applies an optimiser step in place, each parameter
+//! with its gradient by name. Memory stays O(N·C): the softmax modes recompute attention
+//! tiles from a saved log-sum-exp (FlashAttention-2).
 //! [`NonLocalBlock::save_safetensors`] writes the parameters back under the keys they were
 //! loaded with, for PyTorch.
 //!
@@ -78,18 +108,49 @@
 mod block;
 mod config;
 mod error;
-pub mod golden;
-pub mod kernels;
+mod golden;
+// Reached from outside only through the hidden `internal` module; its docs link freely
+// between kernels, some of them private.
+#[allow(rustdoc::private_intra_doc_links)]
+mod kernels;
+mod layout;
 mod params;
 mod plan;
-pub mod reference;
+mod reference;
 mod train;
 mod weights;
 mod workspace;
 
 pub use block::NonLocalBlock;
-pub use config::{parse_sub_sample, Mode, NonLocalConfig};
+pub use config::{Mode, NonLocalConfig};
 pub use error::{Error, Result};
 pub use params::{BatchNorm, Conv1x1, Parameters};
 pub use train::{Gradients, ParameterGradients, TrainContext};
 pub use weights::{detect_naming, Naming, TensorFile, WeightKeys};
+
+/// Scaffolding for this crate's tests, benches and examples — not part of the API: no
+/// stability promise, and it may panic on input the API would reject.
+#[doc(hidden)]
+pub mod internal {
+    pub use crate::config::parse_sub_sample;
+
+    /// The golden-file harness: PyTorch reference cases (`examples/golden`, `tests/golden.rs`).
+    pub mod golden {
+        pub use crate::golden::*;
+    }
+
+    /// The plain f64 implementation the tests compare the kernels with.
+    pub mod reference {
+        pub use crate::reference::*;
+    }
+
+    /// The compute kernels, for the benches.
+    pub mod kernels {
+        pub use crate::kernels::{attention, concat, dot_product, exp, gemm, pool, simd};
+    }
+}
+
+/// The README's code blocks, compiled and run by `cargo test`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

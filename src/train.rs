@@ -14,7 +14,7 @@ use ndarray::{Array, Array1, Array2, ArrayBase, ArrayViewD, ArrayViewMutD, Data,
 
 use std::sync::Arc;
 
-use crate::block::{buffer, NonLocalBlock};
+use crate::block::{buffer, next_generation, NonLocalBlock};
 use crate::config::Mode;
 use crate::error::{Error, Result};
 use crate::kernels::attention::{softmax_attention_backward, softmax_attention_lse};
@@ -22,8 +22,10 @@ use crate::kernels::concat::{concat_attention, concat_attention_backward, key_sc
 use crate::kernels::dot_product::key_value_product;
 use crate::kernels::gemm::{par_gemm, MatMut, MatRef};
 use crate::kernels::pool::{max_pool_argmax, max_unpool_add};
-use crate::params::{Conv1x1, Parameters};
+use crate::layout::Layout;
+use crate::params::{check_shape, Conv1x1, Parameters};
 use crate::plan::Columns;
+use crate::plan::Compiled;
 use crate::workspace::Workspace;
 use rayon::prelude::*;
 
@@ -135,19 +137,9 @@ impl ParameterGradients {
 
 impl Parameters {
     /// The trainable tensors by name, mutable, in the order of [`ParameterGradients::named`]
-    /// (BatchNorm running statistics are not trainable). For optimisers:
-    /// ```
-    /// # use nonlocal::{NonLocalBlock, NonLocalConfig};
-    /// # let block = NonLocalBlock::new(NonLocalConfig::new(4))?;
-    /// # let x = ndarray::Array5::<f32>::ones((1, 1, 2, 2, 4));
-    /// let (z, ctx) = block.forward_train(&x)?;
-    /// let grads = block.backward(&ctx, &z)?; // L = ½|z|²
-    /// let mut params = block.parameters().clone();
-    /// for ((name, mut p), (_, g)) in params.trainable_mut().into_iter().zip(grads.params.named()) {
-    ///     p.zip_mut_with(&g, |p, g| *p -= 0.01 * g);
-    /// }
-    /// # Ok::<(), nonlocal::Error>(())
-    /// ```
+    /// (BatchNorm running statistics are not trainable). To train a block, use
+    /// [`NonLocalBlock::update_parameters`], which pairs them with their gradients by name and
+    /// keeps the block consistent.
     pub fn trainable_mut(&mut self) -> Vec<(String, ArrayViewMutD<'_, f32>)> {
         let mut out = Vec::new();
         if let Some(c) = &mut self.theta {
@@ -170,10 +162,12 @@ impl Parameters {
 }
 
 impl NonLocalBlock {
-    /// The forward pass for training: the output and the context [`NonLocalBlock::backward`]
-    /// needs. The output equals [`NonLocalBlock::forward`]'s up to float rounding (inference
-    /// may fold `W_z` into other products, which changes the order of operations). The context holds a copy of the input and
-    /// O(N·C) floats per sample; never the N×M attention.
+    /// The forward pass for training on clips `x` (B, T, H, W, C): the output and the context
+    /// [`NonLocalBlock::backward`] needs. The output equals [`NonLocalBlock::forward`]'s up to
+    /// float rounding (inference may fold `W_z` into other products, which changes the order
+    /// of operations). The context holds a copy of the input and O(N·C) floats per sample;
+    /// never the N×M attention. Image maps (B, H, W, C) are clips of one frame,
+    /// `x.insert_axis(Axis(1))`; the output and ∂L/∂x then have that shape too.
     ///
     /// # Errors
     /// As [`NonLocalBlock::forward`].
@@ -182,7 +176,7 @@ impl NonLocalBlock {
         S: Data<Elem = f32>,
         D: Dimension,
     {
-        let x5 = self.check_input(x.view().into_dyn())?;
+        let x5 = self.check_input(x.view().into_dyn(), Layout::Clips)?;
         let (b, t, h, w, c) = x5.dim();
         let (n, grid) = (t * h * w, [t, h, w]);
         let mut xs = self.workspace.take(x5.len(), "input copy")?.into_vec();
@@ -428,6 +422,60 @@ impl NonLocalBlock {
         let w_all = self.compiled.w_proj.view();
         par_gemm(1.0, dp_m, w_all, 1.0, &mut MatMut::new(dx, n, c, c));
         Ok(())
+    }
+
+    /// Updates every trainable parameter in place from its gradient, paired by name:
+    /// `update(name, parameter, gradient)` is called once per tensor of
+    /// [`Parameters::trainable_mut`], with the gradient of the same name from `grads`. The
+    /// block's prepared state (BatchNorm folded into `W_z`, stacked projections) is then
+    /// rebuilt once, and training contexts from before become stale. No parameter is copied.
+    ///
+    /// ```
+    /// use ndarray::Array5;
+    /// use nonlocal::{NonLocalBlock, NonLocalConfig};
+    ///
+    /// let mut block = NonLocalBlock::new(NonLocalConfig::new(4).bn_layer(false))?;
+    /// let x = Array5::<f32>::from_shape_fn((1, 2, 4, 4, 4), |(_, t, h, w, c)| ((t + h * w + c) % 3) as f32);
+    /// let target = x.mapv(|v| 0.5 * v);
+    /// let loss = |z: &Array5<f32>| (z - &target).mapv(|d| d * d).sum();
+    /// let (z, ctx) = block.forward_train(&x)?;
+    /// let before = loss(&z);
+    /// let grads = block.backward(&ctx, &((&z - &target) * 2.0))?;
+    /// block.update_parameters(&grads.params, |_name, mut param, grad| param.scaled_add(-0.01, &grad))?;
+    /// assert!(loss(&block.forward(&x)?) < before);
+    /// # Ok::<(), nonlocal::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// Before anything changes: [`Error::MissingKey`] when a parameter has no gradient in
+    /// `grads` or a gradient no parameter (gradients of another configuration),
+    /// [`Error::WrongShape`] when their shapes differ. After the update:
+    /// [`Error::InvalidParameter`] when it left a non-finite value (a diverging optimiser);
+    /// the update is kept, so the block's outputs will be NaN — reload saved parameters to
+    /// go on.
+    pub fn update_parameters<F>(&mut self, grads: &ParameterGradients, mut update: F) -> Result<()>
+    where
+        F: FnMut(&str, ArrayViewMutD<'_, f32>, ArrayViewD<'_, f32>),
+    {
+        let mut grads = grads.named();
+        let mut pairs = Vec::with_capacity(grads.len());
+        for (name, param) in self.params.trainable_mut() {
+            let Some(at) = grads.iter().position(|(g, _)| *g == name) else {
+                return Err(Error::MissingKey { key: format!("{name} (no gradient for this parameter)") });
+            };
+            let (_, grad) = grads.swap_remove(at);
+            check_shape(&name, grad.shape(), param.shape())?;
+            pairs.push((name, param, grad));
+        }
+        if let Some((name, _)) = grads.first() {
+            return Err(Error::MissingKey { key: format!("{name} (a gradient for no parameter of this block)") });
+        }
+        for (name, param, grad) in pairs {
+            update(&name, param, grad);
+        }
+        self.compiled = Compiled::new(&self.config, &self.params);
+        self.generation = next_generation();
+        self.params.validate(&self.config)
     }
 
     /// Maps the accumulated sums back onto the parameters' shapes.

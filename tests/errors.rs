@@ -5,8 +5,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::{random_block, Rng};
-use ndarray::{Array, Array5, IxDyn};
-use nonlocal::golden::GoldenCase;
+use ndarray::{Array, Array5, Axis, IxDyn};
+use nonlocal::internal::golden::GoldenCase;
 use nonlocal::{Error, Mode, NonLocalBlock, NonLocalConfig, TensorFile, WeightKeys};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -251,7 +251,7 @@ fn bad_configurations() {
     }
     let err = "softmax".parse::<Mode>().unwrap_err();
     assert!(matches!(err, Error::UnknownMode { ref name } if name == "softmax"), "{err}");
-    let err = nonlocal::parse_sub_sample("2x2").unwrap_err();
+    let err = nonlocal::internal::parse_sub_sample("2x2").unwrap_err();
     assert!(matches!(err, Error::InvalidConfig { .. }));
     let too_big = NonLocalConfig::new(usize::MAX / 2).inter_channels(usize::MAX / 4);
     assert!(matches!(NonLocalBlock::new(too_big), Err(Error::TooLarge { .. })));
@@ -266,7 +266,7 @@ fn bad_inputs() {
     let rank6 = Array::<f32, _>::zeros(IxDyn(&[1, 1, 2, 2, 2, 4]));
     assert!(matches!(block.forward(&rank6), Err(Error::InputRank { actual: 6, .. })));
     let wrong_c = Array5::<f32>::zeros((1, 1, 4, 4, 5));
-    assert!(matches!(block.forward(&wrong_c), Err(Error::InputChannels { expected: 4, actual: 5 })));
+    assert!(matches!(block.forward(&wrong_c), Err(Error::InputChannels { expected: 4, actual: 5, .. })));
     for (axis, shape) in [(0, [0, 1, 4, 4, 4]), (1, [1, 0, 4, 4, 4]), (3, [1, 1, 4, 0, 4])] {
         let x = Array5::<f32>::zeros(shape);
         match block.forward(&x) {
@@ -274,12 +274,17 @@ fn bad_inputs() {
             other => panic!("{shape:?}: expected EmptyInput, got {other:?}"),
         }
     }
-    let x4 = Array::<f32, _>::zeros((1, 0, 4, 4));
-    assert!(matches!(block.forward(&x4), Err(Error::EmptyInput { axis: 1, name: "H", .. })));
+    let images = Array::<f32, _>::zeros((1, 0, 4, 4));
+    assert!(matches!(block.forward_images(&images), Err(Error::EmptyInput { axis: 1, name: "H", .. })));
+    let sequences = Array::<f32, _>::zeros((2, 0, 4));
+    assert!(matches!(block.forward_sequences(&sequences), Err(Error::EmptyInput { axis: 1, name: "L", .. })));
     // 1x2x2 pooling needs H, W ≥ 2.
     let small = Array5::<f32>::zeros((1, 3, 1, 5, 4));
     assert!(matches!(block.forward(&small), Err(Error::NoKeys { size: [3, 1, 5], kernel: [1, 2, 2] })));
     assert!(matches!(block.attention(&small), Err(Error::NoKeys { .. })));
+    // A sequence is one row: H = 1 is below a 1x2x2 kernel.
+    let sequence = Array::<f32, _>::zeros((1, 6, 4));
+    assert!(matches!(block.forward_sequences(&sequence), Err(Error::NoKeys { size: [1, 1, 6], .. })));
     // A broadcast view claims a huge shape without memory: sizes must be checked, not allocated.
     let one = ndarray::Array1::<f32>::zeros(4);
     let huge = one.broadcast((1usize << 20, 1usize << 12, 1usize << 12, 2, 4)).unwrap();
@@ -290,6 +295,87 @@ fn bad_inputs() {
     // forward_into with the wrong output shape.
     let mut out = Array5::<f32>::zeros((1, 1, 4, 2, 4));
     assert!(matches!(block.forward_into(&x, &mut out), Err(Error::WrongShape { .. })));
+}
+
+#[test]
+fn every_entry_point_checks_its_rank() {
+    let mut rng = Rng::new(6);
+    let block = random_block(NonLocalConfig::new(4).inter_channels(2), &mut rng);
+    // A batch of two images is not one clip of two frames, in any entry point.
+    let images = rng.input((2, 1, 4, 6, 4), 1.0).index_axis_move(Axis(1), 0);
+    let rank4 = |r: Result<(), Error>| matches!(r, Err(Error::InputRank { actual: 4, .. }));
+    assert!(rank4(block.forward(&images).map(drop)));
+    assert!(rank4(block.forward_into(&images, &mut images.clone()).map(drop)));
+    assert!(rank4(block.attention(&images).map(drop)));
+    assert!(rank4(block.attention_rows(&images, &[0]).map(drop)));
+    assert!(rank4(block.forward_train(&images).map(drop)));
+    assert!(rank4(block.forward_sequences(&images).map(drop)));
+    let clips = images.clone().insert_axis(Axis(1));
+    assert!(matches!(block.forward_images(&clips), Err(Error::InputRank { actual: 5, .. })));
+    // The message says where image maps go.
+    let message = block.forward(&images).unwrap_err().to_string();
+    assert!(message.contains("rank 4") && message.contains("forward_images"), "{message}");
+}
+
+#[test]
+fn wrong_channels_hint_that_channels_come_last() {
+    let mut rng = Rng::new(8);
+    let block = random_block(NonLocalConfig::new(8).inter_channels(4), &mut rng);
+    // An NCHW image batch (2, 8, 6, 6): its last axis is W, not C.
+    let nchw = Array::<f32, _>::zeros((2, 8, 6, 6));
+    let err = block.forward_images(&nchw).unwrap_err();
+    assert!(matches!(err, Error::InputChannels { expected: 8, actual: 6, .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains("channels-last") && message.contains("axis 1 has 8"), "{message}");
+    assert!(message.contains(".permuted_axes([0, 2, 3, 1])"), "{message}");
+    // Permuted as the message says, it runs.
+    assert!(block.forward_images(&nchw.view().permuted_axes([0, 2, 3, 1])).is_ok());
+    // NCTHW clips get the 5-D permutation; a plain wrong count gets no channels-first hint.
+    let ncthw = Array::<f32, _>::zeros((1, 8, 2, 4, 4));
+    let message = block.forward(&ncthw).unwrap_err().to_string();
+    assert!(message.contains(".permuted_axes([0, 2, 3, 4, 1])"), "{message}");
+    let message = block.forward(&Array5::<f32>::zeros((1, 2, 4, 4, 6))).unwrap_err().to_string();
+    assert!(message.contains("channels-last") && !message.contains("permute"), "{message}");
+}
+
+#[test]
+fn inputs_must_fit_conv_dims() {
+    let mut rng = Rng::new(10);
+    let two_d = random_block(NonLocalConfig::new(4).inter_channels(2).conv_dims(2), &mut rng);
+    // NonLocal2d attends within one image: a clip with T > 1 is an error, T = 1 is fine.
+    let clip = rng.input((1, 3, 4, 4, 4), 1.0);
+    assert!(matches!(two_d.forward(&clip), Err(Error::LayoutMismatch { conv_dims: 2, grid: [3, 4, 4] })));
+    assert!(matches!(two_d.forward_train(&clip), Err(Error::LayoutMismatch { .. })));
+    let message = two_d.attention(&clip).unwrap_err().to_string();
+    assert!(message.contains("NonLocal2d") && message.contains("forward_images"), "{message}");
+    assert!(two_d.forward(&rng.input((1, 1, 4, 4, 4), 1.0)).is_ok());
+    assert!(two_d.forward_images(&rng.input((3, 1, 4, 4, 4), 1.0).index_axis_move(Axis(1), 0)).is_ok());
+    // NonLocal1d attends along one axis: image maps with H > 1 are an error.
+    let one_d =
+        random_block(NonLocalConfig::new(4).inter_channels(2).conv_dims(1).sub_sample(Some([1, 1, 2])), &mut rng);
+    let images = rng.input((1, 1, 3, 4, 4), 1.0).index_axis_move(Axis(1), 0);
+    assert!(matches!(one_d.forward_images(&images), Err(Error::LayoutMismatch { conv_dims: 1, grid: [1, 3, 4] })));
+    let sequences = rng.input((2, 1, 1, 6, 4), 1.0).index_axis_move(Axis(1), 0).index_axis_move(Axis(1), 0);
+    assert!(one_d.forward_sequences(&sequences).is_ok());
+}
+
+#[test]
+fn position_conversions_check_their_range() {
+    let block = NonLocalBlock::new(NonLocalConfig::new(4).sub_sample(Some([1, 2, 2]))).unwrap();
+    let grid = [2, 5, 6];
+    assert!(matches!(
+        block.query_index(grid, [0, 5, 0]),
+        Err(Error::PositionOutOfRange { position: [0, 5, 0], grid: [2, 5, 6] })
+    ));
+    assert!(matches!(block.query_position(grid, 60), Err(Error::QueryOutOfRange { index: 60, positions: 60 })));
+    // Keys: 2x2x3 = 12.
+    assert!(matches!(block.key_position(grid, 12), Err(Error::KeyOutOfRange { index: 12, keys: 12 })));
+    assert!(matches!(block.key_region(grid, 12), Err(Error::KeyOutOfRange { .. })));
+    assert_eq!(block.key_position(grid, 11).unwrap(), [1, 1, 2]);
+    assert_eq!(block.key_region(grid, 11).unwrap(), [1..2, 2..4, 4..6]);
+    for i in 0..60 {
+        assert_eq!(block.query_index(grid, block.query_position(grid, i).unwrap()).unwrap(), i);
+    }
 }
 
 #[test]

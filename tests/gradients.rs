@@ -5,7 +5,8 @@ mod common;
 
 use common::{bits, on_1_2_3_threads, random_params, Rng};
 use ndarray::{Array5, ArrayViewMutD};
-use nonlocal::{reference, Error, Mode, NonLocalBlock, NonLocalConfig, Parameters, TensorFile, WeightKeys};
+use nonlocal::internal::reference;
+use nonlocal::{Error, Mode, NonLocalBlock, NonLocalConfig, Parameters, TensorFile, WeightKeys};
 
 /// L = Σ z ⊙ r in f64, from the reference implementation.
 fn reference_loss(config: &NonLocalConfig, params: &Parameters, x: &Array5<f32>, r: &Array5<f32>) -> f64 {
@@ -131,6 +132,85 @@ fn stale_context_and_wrong_gradient_shape_are_errors() {
     assert!(matches!(block.backward(&ctx, &wrong), Err(Error::WrongShape { .. })));
     block.set_parameters(random_params(&config, &mut rng)).unwrap();
     assert!(matches!(block.backward(&ctx, &z), Err(Error::StaleContext)));
+}
+
+#[test]
+fn update_parameters_pairs_gradients_by_name() {
+    let mut rng = Rng::new(13);
+    for mode in Mode::ALL {
+        let config = NonLocalConfig::new(6).inter_channels(3).mode(mode);
+        let mut block = NonLocalBlock::from_parameters(config.clone(), random_params(&config, &mut rng)).unwrap();
+        let x = rng.input((2, 2, 4, 4, 6), 1.0);
+        let r = rng.input((2, 2, 4, 4, 6), 1.0);
+        let (_, ctx) = block.forward_train(&x).unwrap();
+        let grads = block.backward(&ctx, &r).unwrap();
+        // The same SGD step through a cloned Parameters and set_parameters, paired by name.
+        let mut expected = block.parameters().clone();
+        let named = grads.params.named();
+        for (name, mut p) in expected.trainable_mut() {
+            let (_, g) = named.iter().find(|(n, _)| *n == name).unwrap();
+            p.zip_mut_with(g, |p, &g| *p -= 0.1 * g);
+        }
+        let mut reference_block = block.clone();
+        reference_block.set_parameters(expected.clone()).unwrap();
+        let mut seen = Vec::new();
+        block
+            .update_parameters(&grads.params, |name, mut p, g| {
+                assert_eq!(p.shape(), g.shape(), "{mode}: {name}");
+                seen.push(name.to_string());
+                p.scaled_add(-0.1, &g);
+            })
+            .unwrap();
+        let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(seen, names, "{mode}: every trainable tensor once, in order");
+        assert_eq!(block.parameters(), &expected, "{mode}: parameters");
+        // The prepared state follows: outputs equal a block built from the new parameters.
+        assert_eq!(block.forward(&x).unwrap(), reference_block.forward(&x).unwrap(), "{mode}: output");
+        assert!(matches!(block.backward(&ctx, &r), Err(Error::StaleContext)), "{mode}: stale context");
+    }
+}
+
+#[test]
+fn update_parameters_rejects_gradients_of_another_block() {
+    let mut rng = Rng::new(17);
+    let config = NonLocalConfig::new(6).inter_channels(3);
+    let mut block = NonLocalBlock::from_parameters(config.clone(), random_params(&config, &mut rng)).unwrap();
+    let before = block.parameters().clone();
+    let grads_of = |config: NonLocalConfig, rng: &mut Rng| {
+        let block = NonLocalBlock::from_parameters(config.clone(), random_params(&config, rng)).unwrap();
+        let x = rng.input((1, 1, 4, 4, config.in_channels), 1.0);
+        let (z, ctx) = block.forward_train(&x).unwrap();
+        block.backward(&ctx, &z).unwrap().params
+    };
+    let never = |_: &str, _: ndarray::ArrayViewMutD<'_, f32>, _: ndarray::ArrayViewD<'_, f32>| panic!("called");
+    // Gaussian mode has no θ, φ gradients: the first missing one is named.
+    let gaussian = grads_of(config.clone().mode(Mode::Gaussian), &mut rng);
+    let err = block.update_parameters(&gaussian, never).unwrap_err();
+    assert!(matches!(&err, Error::MissingKey { key } if key.starts_with("theta.weight")), "{err}");
+    // BatchNorm gradients for a block without BatchNorm: extra gradients are named too.
+    let mut no_bn = NonLocalBlock::from_parameters(
+        config.clone().bn_layer(false),
+        random_params(&config.clone().bn_layer(false), &mut rng),
+    )
+    .unwrap();
+    let with_bn = grads_of(config.clone(), &mut rng);
+    let err = no_bn.update_parameters(&with_bn, never).unwrap_err();
+    assert!(matches!(&err, Error::MissingKey { key } if key.starts_with("bn.")), "{err}");
+    // Other channel counts: the shapes differ.
+    let wider = grads_of(NonLocalConfig::new(8).inter_channels(3), &mut rng);
+    let err = block.update_parameters(&wider, never).unwrap_err();
+    assert!(matches!(&err, Error::WrongShape { key, .. } if key == "theta.weight"), "{err}");
+    assert_eq!(block.parameters(), &before, "nothing changed");
+    // A diverging step is reported, naming the tensor.
+    let own = grads_of(config, &mut rng);
+    let err = block
+        .update_parameters(&own, |name, mut p, _| {
+            if name == "g.bias" {
+                p.fill(f32::NAN)
+            }
+        })
+        .unwrap_err();
+    assert!(matches!(&err, Error::InvalidParameter { key, .. } if key == "g.bias"), "{err}");
 }
 
 #[test]

@@ -4,7 +4,8 @@ mod common;
 
 use common::{bits, max_err, on_1_2_3_threads, random_params, Rng};
 use ndarray::{s, Array5, Axis};
-use nonlocal::{reference, Mode, NonLocalBlock, NonLocalConfig};
+use nonlocal::internal::reference;
+use nonlocal::{Mode, NonLocalBlock, NonLocalConfig};
 use proptest::prelude::*;
 
 /// A random configuration and input shape that fits it.

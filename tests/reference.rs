@@ -85,17 +85,66 @@ fn strided_and_permuted_views_equal_their_contiguous_copies() {
 }
 
 #[test]
-fn rank4_input_is_batch_one() {
+fn images_and_sequences_are_clips_of_one_frame_or_row() {
     let mut rng = Rng::new(19);
-    let block = random_block(config(Mode::EmbeddedGaussian, 4, 2, Some([1, 2, 2]), true), &mut rng);
-    let x: Array5<f32> = rng.input((1, 2, 4, 4, 4), 1.0);
-    let z5 = block.forward(&x).unwrap();
-    let x4 = x.index_axis(Axis(0), 0);
-    let z4 = block.forward(&x4).unwrap();
-    assert_eq!(z4.ndim(), 4);
-    assert_eq!(z4, z5.index_axis(Axis(0), 0));
-    let dynamic = block.forward(&x.clone().into_dyn()).unwrap();
-    assert_eq!(dynamic.into_dimensionality::<ndarray::Ix5>().unwrap(), z5);
+    for mode in Mode::ALL {
+        let block = random_block(config(mode, 4, 2, Some([1, 2, 2]), true).conv_dims(2), &mut rng);
+        let clips: Array5<f32> = rng.input((2, 1, 4, 6, 4), 1.0);
+        let images = clips.index_axis(Axis(1), 0);
+        let z = block.forward_images(&images).unwrap();
+        assert_eq!(z.shape(), images.shape());
+        assert_eq!(z, block.forward(&clips).unwrap().index_axis(Axis(1), 0));
+        assert_matches_reference(&block, clips.view(), &format!("{mode} images"));
+        // The two images do not attend to each other: each alone gives the same output.
+        for b in 0..2 {
+            let alone = block.forward_images(&images.slice(s![b..b + 1, .., .., ..])).unwrap();
+            assert_eq!(alone.index_axis(Axis(0), 0), z.index_axis(Axis(0), b), "{mode} image {b}");
+        }
+        // Dynamic-rank arrays take the same path.
+        assert_eq!(block.forward_images(&images.to_owned().into_dyn()).unwrap(), z.clone().into_dyn());
+
+        let block = random_block(config(mode, 4, 2, Some([1, 1, 2]), true).conv_dims(1), &mut rng);
+        let rows: Array5<f32> = rng.input((3, 1, 1, 9, 4), 1.0);
+        let sequences = rows.index_axis(Axis(1), 0).index_axis_move(Axis(1), 0);
+        let z = block.forward_sequences(&sequences).unwrap();
+        assert_eq!(z.shape(), &[3, 9, 4]);
+        assert_eq!(z, block.forward(&rows).unwrap().index_axis(Axis(1), 0).index_axis(Axis(1), 0));
+        assert_matches_reference(&block, rows.view(), &format!("{mode} sequences"));
+    }
+}
+
+#[test]
+fn key_regions_are_the_pooling_windows() {
+    // Gaussian mode: key j is the input max-pooled over key_region(j), and query i's
+    // attention is softmax_j(x_i · key_j). Built from the conversions, it must match.
+    let mut rng = Rng::new(37);
+    for sub in [Some([1, 2, 2]), Some([2, 2, 3]), None] {
+        let block = random_block(config(Mode::Gaussian, 3, 2, sub, true), &mut rng);
+        let x = rng.input((1, 4, 5, 7, 3), 1.0);
+        let grid = [4, 5, 7];
+        let m: usize = block.key_grid(grid).iter().product();
+        let keys: Vec<[f64; 3]> = (0..m)
+            .map(|j| {
+                let [t, h, w] = block.key_region(grid, j).unwrap();
+                let window = x.slice(s![0, t, h, w, ..]);
+                std::array::from_fn(|c| window.index_axis(Axis(3), c).fold(f64::MIN, |a, &v| a.max(v as f64)))
+            })
+            .collect();
+        for position in [[0, 0, 0], [3, 4, 6], [1, 2, 5]] {
+            let i = block.query_index(grid, position).unwrap();
+            let row = block.attention_rows(&x, &[i]).unwrap();
+            let [t, h, w] = position;
+            let logits: Vec<f64> =
+                keys.iter().map(|k| (0..3).map(|c| x[[0, t, h, w, c]] as f64 * k[c]).sum()).collect();
+            let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+            let total: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+            for (j, l) in logits.iter().enumerate() {
+                let want = (l - max).exp() / total;
+                let got = row[[0, 0, j]] as f64;
+                assert!((got - want).abs() < 1e-5, "{sub:?} query {position:?} key {j}: {got} vs {want}");
+            }
+        }
+    }
 }
 
 #[test]

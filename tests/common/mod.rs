@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 
 use ndarray::{Array1, Array2, Array5, ArrayView5};
-use nonlocal::{reference, BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters};
+use nonlocal::internal::reference;
+use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters};
 
 /// xorshift64*: small, seeded, good enough for test data.
 pub struct Rng(pub u64);
