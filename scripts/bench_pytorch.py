@@ -3,7 +3,11 @@
 `examples/bench.rs`, printing lines in the same format, so the two can be compared side by side.
 
 Not part of CI. Needs PyTorch:  pip install torch
-Usage:  python3 scripts/bench_pytorch.py [--shape NAME] [--mode eg|dp|concat|gauss] [--threads 2]
+Usage:  python3 scripts/bench_pytorch.py [--shape NAME] [--mode eg|dp|concat|gauss] [--threads 2] [--backward]
+
+With --backward, each case adds a `pass=train` line timing forward + backward (gradients for
+the input and every parameter; BatchNorm in eval form, as the Rust `forward_train` +
+`backward`), like `examples/bench --backward`.
 
 Each case runs in a fresh subprocess so its peak resident memory (`rss_mb`) is its own.
 The sgemm reference here is torch.mm 2048^3 with the same thread count, for information; the
@@ -80,7 +84,7 @@ def nominal_flops(mode, c, n, m):
     return 2 * n * c * ci * projections + 2 * n * ci * c + 2 * n * m * d + 2 * n * m * ci
 
 
-def run_case(shape, mode_key, threads, reps):
+def run_case(shape, mode_key, threads, reps, backward):
     import torch
 
     torch.set_num_threads(threads)
@@ -104,6 +108,25 @@ def run_case(shape, mode_key, threads, reps):
         f"torch_mm_gflops={peak:.1f} pct_peak={100 * gflops / peak:.1f} rss_mb={rss_mb:.0f}",
         flush=True,
     )
+    if backward:
+        xg = x.clone().requires_grad_(True)
+        grad = x * 0.5
+
+        def step():
+            block.zero_grad(set_to_none=True)
+            xg.grad = None
+            (block(xg) * grad).sum().backward()
+
+        step()
+        times = sorted(_time(step) for _ in range(reps))
+        med = times[len(times) // 2]
+        gflops = 3 * nominal_flops(mode, c, n, m) / med / 1e9
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(
+            f"shape={shape} mode={mode_key} pass=train ms={med * 1e3:.2f} gflops={gflops:.1f} "
+            f"torch_mm_gflops={peak:.1f} pct_peak={100 * gflops / peak:.1f} rss_mb={rss_mb:.0f}",
+            flush=True,
+        )
 
 
 def _time(fn):
@@ -118,10 +141,11 @@ def main():
     p.add_argument("--mode", choices=MODES)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--backward", action="store_true")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        run_case(args.shape, args.mode, args.threads, args.reps)
+        run_case(args.shape, args.mode, args.threads, args.reps, args.backward)
         return
     for shape in SHAPES:
         if args.shape and shape != args.shape:
@@ -130,7 +154,7 @@ def main():
             if args.mode and mode_key != args.mode:
                 continue
             cmd = [sys.executable, __file__, "--one", "--shape", shape, "--mode", mode_key,
-                   "--threads", str(args.threads), "--reps", str(args.reps)]
+                   "--threads", str(args.threads), "--reps", str(args.reps)] + (["--backward"] if args.backward else [])
             subprocess.run(cmd, check=False)
 
 
