@@ -6,7 +6,7 @@ use ndarray::{Array, Array3, ArrayBase, ArrayView4, ArrayView5, Data, DataMut, D
 
 use crate::config::{Mode, NonLocalConfig};
 use crate::error::{Error, Result};
-use crate::kernels::attention::softmax_attention;
+use crate::kernels::attention::{softmax_attention, softmax_attention_with_key_bias};
 use crate::kernels::concat::concat_attention;
 use crate::kernels::dot_product::key_value_product;
 use crate::kernels::exp::{exp_sum, row_max};
@@ -374,22 +374,47 @@ impl NonLocalBlock {
         let (t, h, w, _) = sample.dim();
         let mut copy = Vec::new();
         let x = sample_matrix(sample, &mut copy);
-        let prepared = self.prepare(x, [t, h, w])?;
-        let (n, ci) = (x.rows(), self.config.inter_channels);
+        let (n, ci, c) = (x.rows(), self.config.inter_channels, self.config.in_channels);
+        let m = self.key_grid([t, h, w]).iter().product();
+        let fold_theta = self.config.mode == Mode::EmbeddedGaussian && theta_fold_pays(n, m, c, ci);
+        let prepared = crate::plan::prepare(&self.config, &self.compiled, &self.workspace, (x, [t, h, w]), fold_theta)?;
         match self.config.mode {
             Mode::EmbeddedGaussian | Mode::Gaussian => {
                 let scale = self.config.logit_scale();
-                let (m, c) = (prepared.m, self.config.in_channels);
+                // With θ folded into the keys: K' = φ·W_θ (M × C) and one offset b_θ·φ_j per key.
+                let folded_keys = match (&self.compiled.theta_fold, fold_theta) {
+                    (Some(fold), true) => {
+                        let mut keys = self.workspace.take(m * c, "folded keys")?;
+                        let w_theta = MatRef::new(&fold.w_theta, 0, ci, c, c);
+                        par_gemm(1.0, prepared.keys(), w_theta, 0.0, &mut MatMut::new(&mut keys, m, c, c));
+                        let mut phi = vec![0.0f32; ci];
+                        let offsets: Vec<f32> = (0..m)
+                            .map(|j| {
+                                prepared.keys().copy_row(j, &mut phi);
+                                phi.iter().zip(&fold.b_theta).map(|(a, b)| a * b).sum()
+                            })
+                            .collect();
+                        Some((keys, offsets))
+                    }
+                    _ => None,
+                };
+                let attend = |v: MatRef<'_>, out: &mut [f32]| match &folded_keys {
+                    Some((keys, offsets)) => {
+                        let keys = MatRef::new(keys, 0, m, c, c);
+                        softmax_attention_with_key_bias(prepared.queries(), keys, offsets, v, scale, out)
+                    }
+                    None => softmax_attention(prepared.queries(), prepared.keys(), v, scale, out),
+                };
                 if values_fold_pays(n, m, c, ci) {
                     // W_out·Σ_j a_ij ĝ_j = Σ_j a_ij (W_out ĝ_j): apply W_z to the M keys
                     // instead of the N outputs, and aggregate C columns instead of C'.
                     let mut vw = self.workspace.take(m * c, "projected values")?;
                     self.compiled.w_out.apply(prepared.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c));
-                    softmax_attention(prepared.queries(), prepared.keys(), MatRef::new(&vw, 0, m, c, c), scale, out);
+                    attend(MatRef::new(&vw, 0, m, c, c), out);
                     self.add_residual(x, out);
                 } else {
                     let mut y = self.workspace.take(n * ci, "y")?;
-                    softmax_attention(prepared.queries(), prepared.keys(), prepared.values(), scale, &mut y);
+                    attend(prepared.values(), &mut y);
                     self.output(x, MatRef::new(&y, 0, n, ci, ci), None, out);
                 }
             }
@@ -427,7 +452,7 @@ impl NonLocalBlock {
 
     /// Projections and pooling for one sample (see [`crate::plan::prepare`]).
     pub(crate) fn prepare<'a>(&'a self, x: MatRef<'a>, grid: [usize; 3]) -> Result<Prepared<'a>> {
-        crate::plan::prepare(&self.config, &self.compiled, &self.workspace, x, grid)
+        crate::plan::prepare(&self.config, &self.compiled, &self.workspace, (x, grid), false)
     }
 
     /// `out ← x + y·W + b_out` with W = `w` (C' × C) or `W_outᵀ`.
@@ -524,6 +549,14 @@ pub(crate) fn sample_matrix<'a>(sample: ArrayView4<'a, f32>, copy: &'a mut Vec<f
     }
     copy.extend(sample.iter().copied());
     MatRef::new(copy, 0, n, c, c)
+}
+
+/// Whether folding θ into the keys (embedded Gaussian: M·C'·C multiply-adds for `φ·W_θ`, then
+/// N·M·C for the logits `x_i·(W_θᵀφ_j)`) costs less than projecting θ (N·C·C') and forming the
+/// logits `θ_i·φ_j` (N·M·C'): true when there are few keys and many channels, as at video-res4.
+fn theta_fold_pays(n: usize, m: usize, c: usize, ci: usize) -> bool {
+    let (n, m, c, ci) = (n as f64, m as f64, c as f64, ci as f64);
+    m * ci * c + n * m * c < n * c * ci + n * m * ci
 }
 
 /// Whether applying `W_z` to the M values before the softmax aggregation (C·C'·M + N·M·C

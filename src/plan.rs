@@ -26,6 +26,20 @@ pub(crate) struct Compiled {
     pub(crate) w_phi: Vec<f32>,
     /// Per output channel, the BatchNorm factor γ/√(var + eps) (1 without BatchNorm).
     pub(crate) bn_scale: Vec<f32>,
+    /// Embedded Gaussian: what the forward pass needs to fold θ into the keys.
+    pub(crate) theta_fold: Option<ThetaFold>,
+}
+
+/// Embedded Gaussian with θ folded into the keys, `θ_i·φ_j = x_i·(W_θᵀφ_j) + b_θ·φ_j`: the
+/// queries are the input itself, so only φ and g are projected.
+#[derive(Clone, Debug)]
+pub(crate) struct ThetaFold {
+    /// `[φ; g]` stacked (2C' × C), and their bias.
+    pub(crate) w_keys: Weights,
+    pub(crate) b_keys: Vec<f32>,
+    /// `W_θ` (C' × C, row-major) and `b_θ` (C').
+    pub(crate) w_theta: Vec<f32>,
+    pub(crate) b_theta: Vec<f32>,
 }
 
 /// Where each quantity sits among the projection columns, per mode.
@@ -57,6 +71,11 @@ impl Columns {
                 Columns { theta: None, phi: Some(0), g: ci, a: Some(2 * ci), key_start: 0, key_width: 2 * ci }
             }
         }
+    }
+
+    /// `[φ | g]` alone: the projection of [`ThetaFold`].
+    fn theta_folded(ci: usize) -> Self {
+        Columns { theta: None, phi: Some(0), g: ci, a: None, key_start: 0, key_width: 2 * ci }
     }
 }
 
@@ -116,8 +135,14 @@ impl Compiled {
             b_out.push(shift as f32);
             bn_scale.push(scale as f32);
         }
+        let theta_fold = (config.mode == Mode::EmbeddedGaussian).then(|| ThetaFold {
+            w_keys: Weights::new(w_proj[ci * c..].to_vec(), 2 * ci, c),
+            b_keys: b_proj[ci..].to_vec(),
+            w_theta: w_proj[..ci * c].to_vec(),
+            b_theta: b_proj[..ci].to_vec(),
+        });
         let (w_proj, w_out) = (Weights::new(w_proj, proj_cols, c), Weights::new(w_out, c, ci));
-        Compiled { w_proj, b_proj, proj_cols, w_out, b_out, w_phi, bn_scale }
+        Compiled { w_proj, b_proj, proj_cols, w_out, b_out, w_phi, bn_scale, theta_fold }
     }
 }
 
@@ -184,23 +209,25 @@ impl Prepared<'_> {
 }
 
 /// Projections and pooling for one sample `x` (N × C) on the grid `grid`, buffers from
-/// `workspace`.
+/// `workspace`; with `fold_theta` (embedded Gaussian only), φ and g alone (see [`ThetaFold`]).
 pub(crate) fn prepare<'a>(
     config: &NonLocalConfig,
     compiled: &Compiled,
     workspace: &'a Workspace,
-    x: MatRef<'a>,
-    grid: [usize; 3],
+    (x, grid): (MatRef<'a>, [usize; 3]),
+    fold_theta: bool,
 ) -> Result<Prepared<'a>> {
     let (n, c) = (x.rows(), x.cols());
-    let k = compiled.proj_cols;
+    let (weights, bias, cols) = match (&compiled.theta_fold, fold_theta) {
+        (Some(fold), true) => (&fold.w_keys, &fold.b_keys, Columns::theta_folded(config.inter_channels)),
+        _ => (&compiled.w_proj, &compiled.b_proj, Columns::of(config.mode, config.inter_channels)),
+    };
+    let k = bias.len();
     let mut proj = workspace.take(n * k, "projections")?;
-    let bias = &compiled.b_proj;
     proj.par_chunks_mut(row_block(n, 64) * k).for_each(|rows| {
         rows.chunks_mut(k).for_each(|row| row.copy_from_slice(bias));
     });
-    compiled.w_proj.apply(x, 1.0, &mut MatMut::new(&mut proj, n, k, k));
-    let cols = Columns::of(config.mode, config.inter_channels);
+    weights.apply(x, 1.0, &mut MatMut::new(&mut proj, n, k, k));
     let kernel = config.pool_kernel();
     let m: usize = pooled_grid(grid, kernel).iter().product();
     let (mut pooled, mut pooled_x) = (None, None);

@@ -183,7 +183,8 @@ fn large_logits_stay_exact() {
 #[test]
 fn wide_channels_with_few_keys() {
     // Many channels, few keys: the softmax modes apply W_z to the keys' values before the
-    // aggregation instead of to the outputs after it.
+    // aggregation instead of to the outputs after it, and with pooling (24 queries, 6 keys)
+    // embedded Gaussian folds θ into the keys (logits x_i·(W_θᵀφ_j) + b_θ·φ_j).
     let mut rng = Rng::new(31);
     for mode in Mode::ALL {
         for sub in [Some([1, 2, 2]), None] {

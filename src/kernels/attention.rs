@@ -53,26 +53,29 @@ impl Kernel {
         Kernel::Sgemm
     }
 
-    /// The forward pass, shapes checked (see [`softmax_attention_lse`]).
+    /// The forward pass with optional per-key logit offsets, shapes checked (see
+    /// [`softmax_attention_lse`] and [`softmax_attention_with_key_bias`]).
     pub(crate) fn forward(
         self,
         qkv: (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
+        bias: Option<&[f32]>,
         out: &mut [f32],
         lse: Option<&mut [f32]>,
     ) {
         let (q, k, v, _) = qkv;
         check_forward(q, k, v, out, lse.as_deref());
+        assert!(bias.is_none_or(|b| b.len() == k.rows()), "softmax_attention: key bias length");
         let tile = query_tile(q.rows());
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512(s) => flash::attention::<_, AVX512_MR, AVX512_NV>(s, qkv, out, lse, tile),
+            Kernel::Avx512(s) => flash::attention::<_, AVX512_MR, AVX512_NV>(s, qkv, bias, out, lse, tile),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2(s) => flash::attention::<_, AVX2_MR, AVX2_NV>(s, qkv, out, lse, tile),
-            Kernel::Sgemm => sgemm_attention::attention(q, k, v, qkv.3, out, lse),
+            Kernel::Avx2(s) => flash::attention::<_, AVX2_MR, AVX2_NV>(s, qkv, bias, out, lse, tile),
+            Kernel::Sgemm => sgemm_attention::attention(qkv, bias, out, lse),
             #[cfg(test)]
-            Kernel::Portable16 => flash::attention::<_, 12, 2>(super::simd::Portable::<16>, qkv, out, lse, tile),
+            Kernel::Portable16 => flash::attention::<_, 12, 2>(super::simd::Portable::<16>, qkv, bias, out, lse, tile),
             #[cfg(test)]
-            Kernel::Portable8 => flash::attention::<_, 6, 2>(super::simd::Portable::<8>, qkv, out, lse, tile),
+            Kernel::Portable8 => flash::attention::<_, 6, 2>(super::simd::Portable::<8>, qkv, bias, out, lse, tile),
         }
     }
 
@@ -127,7 +130,24 @@ fn check_forward(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, out: &[f32], lse: 
 /// # Panics
 /// If the shapes disagree (checked before any work).
 pub fn softmax_attention(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, scale: f32, out: &mut [f32]) {
-    Kernel::choose(v.cols()).forward((q, k, v, scale), out, None);
+    Kernel::choose(v.cols()).forward((q, k, v, scale), None, out, None);
+}
+
+/// `out ← softmax(scale · (q·kᵀ + 1·biasᵀ))·v`: as [`softmax_attention`] with one logit offset
+/// per key (`bias`, M). The block uses it when it folds θ's projection into the keys
+/// (`θ_i·φ_j = x_i·(W_θᵀφ_j) + b_θ·φ_j`).
+///
+/// # Panics
+/// If the shapes disagree (checked before any work).
+pub fn softmax_attention_with_key_bias(
+    q: MatRef<'_>,
+    k: MatRef<'_>,
+    bias: &[f32],
+    v: MatRef<'_>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    Kernel::choose(v.cols()).forward((q, k, v, scale), Some(bias), out, None);
 }
 
 /// As [`softmax_attention`], and writes each row's log-sum-exp `s·m + ln l` into `lse` (N),
@@ -143,7 +163,7 @@ pub fn softmax_attention_lse(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    Kernel::choose(v.cols()).forward((q, k, v, scale), out, Some(lse));
+    Kernel::choose(v.cols()).forward((q, k, v, scale), None, out, Some(lse));
 }
 
 /// Gradients of `Y = softmax(scale · Q·Kᵀ)·V` (the backward of [`softmax_attention_lse`]),
@@ -246,6 +266,7 @@ mod tests {
         q: Vec<f32>,
         k: Vec<f32>,
         v: Vec<f32>,
+        bias: Option<Vec<f32>>,
         dims: (usize, usize, usize, usize),
     }
 
@@ -255,6 +276,7 @@ mod tests {
                 q: pseudo_random(n * 2 * d, seed, amp),
                 k: pseudo_random(m * d, seed + 1, amp),
                 v: pseudo_random(m * dv, seed + 2, 1.0),
+                bias: None,
                 dims: (n, m, d, dv),
             }
         }
@@ -276,7 +298,7 @@ mod tests {
         fn forward(&self, kernel: Kernel, scale: f32) -> (Vec<f32>, Vec<f32>) {
             let (n, _, _, dv) = self.dims;
             let (mut out, mut lse) = (vec![f32::NAN; n * dv], vec![f32::NAN; n]);
-            kernel.forward((self.q(), self.k(), self.v(), scale), &mut out, Some(&mut lse));
+            kernel.forward((self.q(), self.k(), self.v(), scale), self.bias.as_deref(), &mut out, Some(&mut lse));
             (out, lse)
         }
     }
@@ -329,6 +351,34 @@ mod tests {
                 let portable = case.forward(twin, 0.7);
                 assert_eq!(bits(&portable.0), bits(&runs[0].0), "{kernel:?} differs from {twin:?}");
                 assert_eq!(bits(&portable.1), bits(&runs[0].1), "{kernel:?} lse differs from {twin:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn key_bias_offsets_each_keys_logit_in_every_kernel() {
+        // softmax(s·(q·k + b)) is the attention of [q, 1] on [k, b]: the reference's.
+        let dims = (203, 517, 19, 11);
+        let (n, m, d, dv) = dims;
+        let mut case = Case::new(dims, 1.5, 5);
+        let bias = pseudo_random(m, 9, 4.0);
+        case.bias = Some(bias.clone());
+        let q = case.q_dense();
+        let q_aug: Vec<f32> = q.chunks(d).flat_map(|r| r.iter().copied().chain([1.0])).collect();
+        let k_aug: Vec<f32> = case.k.chunks(d).zip(&bias).flat_map(|(r, &b)| r.iter().copied().chain([b])).collect();
+        let want = reference(&q_aug, &k_aug, &case.v, (n, m, d + 1, dv), 0.6);
+        let mut results = Vec::new();
+        for kernel in kernels() {
+            let (out, _) = case.forward(kernel, 0.6);
+            for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
+                assert!((g as f64 - w).abs() < 2e-5, "{kernel:?} [{i}]: {g} vs {w}");
+            }
+            assert_eq!(bits(&in_pool(3, || case.forward(kernel, 0.6)).0), bits(&out), "{kernel:?}: thread count");
+            results.push((kernel, out));
+        }
+        for (kernel, out) in &results {
+            if let Some(twin) = portable_twin(*kernel) {
+                assert_eq!(bits(&case.forward(twin, 0.6).0), bits(out), "{kernel:?} differs from {twin:?}");
             }
         }
     }
@@ -389,7 +439,7 @@ mod tests {
         let (qm, km, vm) = (MatRef::new(&q, 0, n, d, d), MatRef::new(&k, 0, m, d, d), MatRef::new(&v, 0, m, dv, dv));
         let mut y = vec![0.0f32; n * dv];
         let mut lse = vec![0.0f32; n];
-        Kernel::Sgemm.forward((qm, km, vm, scale), &mut y, Some(&mut lse));
+        Kernel::Sgemm.forward((qm, km, vm, scale), None, &mut y, Some(&mut lse));
         let backward = |kernel: Kernel| {
             let (mut dq, mut dk, mut dvv) = (vec![f32::NAN; n * d], vec![f32::NAN; m * d], vec![f32::NAN; m * dv]);
             let yy = (MatRef::new(&y, 0, n, dv, dv), MatRef::new(&dy, 0, n, dv, dv));

@@ -25,16 +25,18 @@ use super::query_chunks::over_query_chunks;
 use super::simd::{Job, Simd};
 use super::tiles::{KEY_TILE, QUERY_TILE};
 
-/// `out ← softmax(scale · q·kᵀ)·v`, `out` row-major N × dv, and, when asked, each row's
-/// log-sum-exp `s·max + ln(sum)` in `lse` (N). Query tiles of `tile` rows (rounded up to NR,
-/// at most [`QUERY_TILE`]) run in parallel.
+/// `out ← softmax(scale · (q·kᵀ + bias))·v`, `out` row-major N × dv, `bias` one logit offset
+/// per key (none: 0), and, when asked, each row's log-sum-exp `s·max + ln(sum)` in `lse` (N).
+/// Query tiles of `tile` rows (rounded up to NR, at most [`QUERY_TILE`]) run in parallel.
 ///
 /// # Panics
-/// If the shapes disagree: `q` N × d, `k` M × d with M ≥ 1, `v` M × dv, `out` N·dv, `lse` N.
+/// If the shapes disagree: `q` N × d, `k` M × d with M ≥ 1, `v` M × dv, `bias` M, `out`
+/// N·dv, `lse` N.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention<S: Simd, const MR: usize, const NV: usize>(
     s: S,
     (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
+    bias: Option<&[f32]>,
     out: &mut [f32],
     lse: Option<&mut [f32]>,
     tile: usize,
@@ -45,6 +47,7 @@ pub(crate) fn attention<S: Simd, const MR: usize, const NV: usize>(
     assert!(m > 0, "softmax attention needs at least one key");
     assert_eq!((k.cols(), v.rows(), out.len()), (d, m, n * dv), "attention: shapes");
     assert!(lse.as_ref().is_none_or(|l| l.len() == n), "attention: lse length");
+    assert!(bias.is_none_or(|b| b.len() == m), "attention: key bias length");
     let m_pad = m.next_multiple_of(MR);
     let k_packed = packed_panels(k, MR, d);
     let v_packed = packed_panels(v.t(), MR, m_pad);
@@ -52,7 +55,7 @@ pub(crate) fn attention<S: Simd, const MR: usize, const NV: usize>(
     let work = |i: usize, out: &mut [f32], lse: Option<&mut [f32]>| {
         let start = i * tile;
         let q = q.rows_range(start, (start + tile).min(n));
-        s.vectorize(AttendTile::<MR, NV> { q, k: (&k_packed, m), v: (&v_packed, dv), scale, out, lse });
+        s.vectorize(AttendTile::<MR, NV> { q, k: (&k_packed, m), bias, v: (&v_packed, dv), scale, out, lse });
     };
     match lse {
         Some(lse) => out
@@ -69,6 +72,8 @@ struct AttendTile<'a, const MR: usize, const NV: usize> {
     q: MatRef<'a>,
     /// K packed in panels of MR keys (depth d), and M.
     k: (&'a [f32], usize),
+    /// Per-key logit offsets (M), if any.
+    bias: Option<&'a [f32]>,
     /// Vᵀ packed in panels of MR channels (depth M rounded up to MR), and dv.
     v: (&'a [f32], usize),
     scale: f32,
@@ -81,7 +86,7 @@ impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let AttendTile { q, k: (k_packed, m), v: (v_packed, dv), scale, out, lse } = self;
+        let AttendTile { q, k: (k_packed, m), bias, v: (v_packed, dv), scale, out, lse } = self;
         let nr = NV * S::LANES;
         let (rows, d) = (q.rows(), q.cols());
         let qpanels = rows.div_ceil(nr);
@@ -123,7 +128,7 @@ impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
                 let grew = softmax_panel::<S, NV>(
                     s,
                     panel,
-                    keys,
+                    (keys, bias.map(|b| &b[start..end])),
                     scale,
                     (&mut run_max[lanes.clone()], &mut run_sum[lanes]),
                     first,
@@ -165,21 +170,30 @@ impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
     }
 }
 
-/// The online-softmax step for one panel of NR queries over `keys` keys (rows of NR):
-/// updates the running maximum and sum, turns the logits into `exp(s·logit − s·max)` (zero for
-/// the padding rows past `keys`) and, when the maximum grew in some lane, writes the rescaling
-/// of earlier sums into `correction` and returns true.
+/// The online-softmax step for one panel of NR queries over `keys` keys (rows of NR), each
+/// row first offset by its key's `bias` when there is one: updates the running maximum and
+/// sum, turns the logits into `exp(s·logit − s·max)` (zero for the padding rows past `keys`)
+/// and, when the maximum grew in some lane, writes the rescaling of earlier sums into
+/// `correction` and returns true.
 #[inline(always)]
 fn softmax_panel<S: Simd, const NV: usize>(
     s: S,
     panel: &mut [f32],
-    keys: usize,
+    (keys, bias): (usize, Option<&[f32]>),
     scale: f32,
     (run_max, run_sum): (&mut [f32], &mut [f32]),
     first: bool,
     correction: &mut [f32],
 ) -> bool {
     let (lanes, nr) = (S::LANES, NV * S::LANES);
+    if let Some(bias) = bias {
+        for (row, &b) in panel.chunks_exact_mut(nr).zip(&bias[..keys]) {
+            for group in row.chunks_exact_mut(lanes) {
+                let x = s.add(s.load_slice(group), s.splat(b));
+                s.store_slice(group, x);
+            }
+        }
+    }
     let mut grew = false;
     for v in 0..NV {
         let group = v * lanes..(v + 1) * lanes;

@@ -16,16 +16,14 @@ use super::gemm::{gemm, MatMut, MatRef};
 use super::query_chunks::{over_query_chunks, query_tile};
 use super::tiles::{KEY_TILE, QUERY_TILE};
 
-/// `out ← softmax(scale · q·kᵀ)·v` (N × dv, row-major), and each row's log-sum-exp in `lse`
-/// when asked.
+/// `out ← softmax(scale · (q·kᵀ + bias))·v` (N × dv, row-major), `bias` one logit offset per
+/// key (none: 0), and each row's log-sum-exp in `lse` when asked.
 ///
 /// # Panics
-/// If the shapes disagree (`q` N × d, `k` M × d with M ≥ 1, `v` M × dv).
+/// If the shapes disagree (`q` N × d, `k` M × d with M ≥ 1, `v` M × dv, `bias` M).
 pub(crate) fn attention(
-    q: MatRef<'_>,
-    k: MatRef<'_>,
-    v: MatRef<'_>,
-    scale: f32,
+    (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
+    bias: Option<&[f32]>,
     out: &mut [f32],
     lse: Option<&mut [f32]>,
 ) {
@@ -34,11 +32,12 @@ pub(crate) fn attention(
     assert_eq!(v.rows(), m);
     assert!(m > 0, "softmax attention needs at least one key");
     assert_eq!(out.len(), n * dv);
+    assert!(bias.is_none_or(|b| b.len() == m), "attention: key bias length");
     let tile = query_tile(n);
     let work = |(i, out_tile): (usize, &mut [f32]), lse_tile: Option<&mut [f32]>| {
         let start = i * tile;
         let end = (start + tile).min(n);
-        attend_tile(q.rows_range(start, end), k, v, scale, out_tile, lse_tile);
+        attend_tile(q.rows_range(start, end), (k, bias), v, scale, out_tile, lse_tile);
     };
     match lse {
         Some(lse) => {
@@ -52,8 +51,15 @@ pub(crate) fn attention(
     }
 }
 
-/// One query tile against all keys.
-fn attend_tile(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, scale: f32, out: &mut [f32], lse: Option<&mut [f32]>) {
+/// One query tile against all keys (with their logit offsets).
+fn attend_tile(
+    q: MatRef<'_>,
+    (k, bias): (MatRef<'_>, Option<&[f32]>),
+    v: MatRef<'_>,
+    scale: f32,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) {
     let (rows, m, dv) = (q.rows(), k.rows(), v.cols());
     let key_tile = KEY_TILE.min(m);
     let mut scores = vec![0.0f32; rows * key_tile];
@@ -69,6 +75,9 @@ fn attend_tile(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, scale: f32, out: &mu
         let first = start == 0;
         for r in 0..rows {
             let row = &mut scores[r * width..(r + 1) * width];
+            if let Some(bias) = bias {
+                row.iter_mut().zip(&bias[start..end]).for_each(|(s, b)| *s += b);
+            }
             // Scale is positive, so the max of the raw scores gives the max of the logits.
             let tile_max = row_max(row);
             let old = run_max[r];
