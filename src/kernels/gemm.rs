@@ -327,19 +327,21 @@ impl Weights {
     }
 }
 
+/// `A·B` in f64, straight from the definition (row-major), for the GEMM tests.
+#[cfg(test)]
+pub(crate) fn naive_product(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f64> {
+    let mut out = vec![0.0; a.rows() * b.cols()];
+    for i in 0..a.rows() {
+        for j in 0..b.cols() {
+            out[i * b.cols() + j] = (0..a.cols()).map(|k| a.at(i, k) as f64 * b.at(k, j) as f64).sum();
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn naive(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f64> {
-        let mut out = vec![0.0; a.rows() * b.cols()];
-        for i in 0..a.rows() {
-            for j in 0..b.cols() {
-                out[i * b.cols() + j] = (0..a.cols()).map(|k| a.at(i, k) as f64 * b.at(k, j) as f64).sum();
-            }
-        }
-        out
-    }
 
     #[test]
     fn gemm_matches_naive_on_awkward_sizes_and_strides() {
@@ -351,7 +353,7 @@ mod tests {
             // B stored transposed, read through strides.
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             let bv = MatRef::new(&bt, 0, n, k, k).t();
-            let want = naive(a, bv);
+            let want = naive_product(a, bv);
             for parallel in [false, true] {
                 // NaN pre-fill proves β = 0 overwrites everything; padding proves nothing past
                 // each row is touched.

@@ -161,17 +161,8 @@ impl<const MR: usize, const NV: usize> Job for GemmBlock<'_, MR, NV> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::gemm::naive_product as naive;
     use crate::kernels::simd::Portable;
-
-    fn naive(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f64> {
-        let mut out = vec![0.0; a.rows() * b.cols()];
-        for i in 0..a.rows() {
-            for j in 0..b.cols() {
-                out[i * b.cols() + j] = (0..a.cols()).map(|k| a.at(i, k) as f64 * b.at(k, j) as f64).sum();
-            }
-        }
-        out
-    }
 
     /// Runs `gemm_packed` with every instruction set this CPU has and the portable twins of
     /// their geometries; returns the outputs, each with the padding around C.
