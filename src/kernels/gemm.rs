@@ -122,6 +122,12 @@ impl<'a> MatRef<'a> {
         })
     }
 
+    /// Column `j` as a slice, when rows are contiguous (a transposed row-major matrix).
+    #[inline]
+    pub fn col(&self, j: usize) -> Option<&'a [f32]> {
+        self.t().row(j)
+    }
+
     /// Copies row `i` into `out` (length `cols`).
     #[inline]
     pub fn copy_row(&self, i: usize, out: &mut [f32]) {

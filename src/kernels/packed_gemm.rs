@@ -202,38 +202,40 @@ mod tests {
     fn every_path_matches_naive_on_awkward_sizes_and_strides() {
         for (m, k, n) in [(1, 1, 1), (3, 5, 7), (13, 1, 33), (17, 300, 2), (70, 40, 90), (300, 513, 50), (25, 257, 65)]
         {
-            // Integer-valued entries make the sums exact.
-            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
-            let a = MatRef::new(&a, 0, m, k, k);
-            // B stored transposed, read through strides.
+            // Integer-valued entries make the sums exact. A row-major, and A stored transposed
+            // (contiguous columns, as the backward pass's Xᵀ); B stored transposed.
+            let a_rows: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+            let a_cols: Vec<f32> = (0..m * k).map(|i| a_rows[(i % m) * k + i / m]).collect();
             let bt: Vec<f32> = (0..n * k).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
             let b = MatRef::new(&bt, 0, n, k, k).t();
-            let want = naive(a, b);
-            let ld = n + 3;
-            for accumulate in [false, true] {
-                // NaN pre-fill proves overwriting writes everything; padding proves nothing past
-                // each row is touched; with accumulate, C starts at 1.
-                let c0: Vec<f32> = (0..m * ld)
-                    .map(|i| {
-                        if i % ld >= n {
-                            f32::NAN
-                        } else if accumulate {
-                            1.0
-                        } else {
-                            f32::NAN
-                        }
-                    })
-                    .collect();
-                let paths = all_paths(a, b, &c0, ld, accumulate);
-                for (name, c) in &paths {
-                    for i in 0..m {
-                        for j in 0..ld {
-                            let got = c[i * ld + j];
-                            if j < n {
-                                let w = want[i * n + j] + if accumulate { 1.0 } else { 0.0 };
-                                assert_eq!(got as f64, w, "{name} ({m},{k},{n}) at ({i},{j})");
+            for a in [MatRef::new(&a_rows, 0, m, k, k), MatRef::new(&a_cols, 0, k, m, m).t()] {
+                let want = naive(a, b);
+                let ld = n + 3;
+                for accumulate in [false, true] {
+                    // NaN pre-fill proves overwriting writes everything; padding proves nothing past
+                    // each row is touched; with accumulate, C starts at 1.
+                    let c0: Vec<f32> = (0..m * ld)
+                        .map(|i| {
+                            if i % ld >= n {
+                                f32::NAN
+                            } else if accumulate {
+                                1.0
                             } else {
-                                assert!(got.is_nan(), "{name}: padding written at ({i},{j})");
+                                f32::NAN
+                            }
+                        })
+                        .collect();
+                    let paths = all_paths(a, b, &c0, ld, accumulate);
+                    for (name, c) in &paths {
+                        for i in 0..m {
+                            for j in 0..ld {
+                                let got = c[i * ld + j];
+                                if j < n {
+                                    let w = want[i * n + j] + if accumulate { 1.0 } else { 0.0 };
+                                    assert_eq!(got as f64, w, "{name} ({m},{k},{n}) at ({i},{j})");
+                                } else {
+                                    assert!(got.is_nan(), "{name}: padding written at ({i},{j})");
+                                }
                             }
                         }
                     }
