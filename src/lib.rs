@@ -31,6 +31,11 @@
 //! inside a whole-model checkpoint. F32, F16, BF16 and F64 tensors are converted to f32.
 //! Every mismatch is a typed [`Error`] naming the key and both shapes.
 //!
+//! `.pth`/`.pt` files load directly: [`TensorFile`] reads safetensors, the `torch.save` zip
+//! archive and the legacy `torch.save` stream (told apart by content), finds the state dict
+//! of a training checkpoint (`state_dict`, `model`, …), and never runs code, so checkpoints
+//! that `torch.load(weights_only=True)` refuses load safely.
+//!
 //! # Attention maps
 //! [`NonLocalBlock::attention`] returns the normalised weights `f(x_i, x_j)/C(x)` for all
 //! queries (PyTorch's `return_nl_map`); [`NonLocalBlock::attention_rows`] computes only the
@@ -75,6 +80,7 @@
 #![warn(missing_docs)]
 
 mod block;
+mod checkpoint;
 mod config;
 mod error;
 pub mod golden;
@@ -87,8 +93,9 @@ mod weights;
 mod workspace;
 
 pub use block::NonLocalBlock;
+pub use checkpoint::{CheckpointFormat, DType, TensorFile};
 pub use config::{parse_sub_sample, Mode, NonLocalConfig};
 pub use error::{Error, Result};
 pub use params::{BatchNorm, Conv1x1, Parameters};
 pub use train::{Gradients, ParameterGradients, TrainContext};
-pub use weights::{detect_naming, Naming, TensorFile, WeightKeys};
+pub use weights::{detect_naming, Naming, WeightKeys};

@@ -1,12 +1,11 @@
-//! Reading PyTorch `state_dict`s from safetensors files, under AlexHex7's or mmcv's key names.
+//! A block's parameters in a PyTorch `state_dict`, under AlexHex7's or mmcv's key names.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
 
-use ndarray::{Array1, Array2, ArrayD, IxDyn};
-use safetensors::tensor::{Dtype, Metadata, TensorInfo};
-use safetensors::SafeTensors;
+use ndarray::{Array1, Array2, ArrayD};
+use safetensors::tensor::Dtype;
+
+pub(crate) use crate::checkpoint::TensorFile;
 
 use crate::config::{Mode, NonLocalConfig};
 use crate::error::{Error, Result};
@@ -116,110 +115,6 @@ impl WeightKeys {
             Naming::Mmcv => format!("{}concat_project.conv.weight", self.prefix),
         }
     }
-}
-
-/// A safetensors file held in memory, its header checked once: tensors are converted to f32
-/// on demand.
-pub struct TensorFile {
-    bytes: Vec<u8>,
-    data_start: usize,
-    tensors: HashMap<String, TensorInfo>,
-    metadata: HashMap<String, String>,
-}
-
-impl fmt::Debug for TensorFile {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TensorFile")
-            .field("bytes", &self.bytes.len())
-            .field("tensors", &self.tensors.len())
-            .field("metadata", &self.metadata)
-            .finish()
-    }
-}
-
-impl TensorFile {
-    /// Reads and checks a safetensors file.
-    ///
-    /// # Errors
-    /// [`Error::Io`] when the file cannot be read, [`Error::Format`] when it is not valid
-    /// safetensors (truncated, bad header, offsets out of range…).
-    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-        Self::from_bytes(bytes)
-    }
-
-    /// Checks safetensors bytes and keeps them.
-    ///
-    /// # Errors
-    /// [`Error::Format`] when the bytes are not valid safetensors.
-    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self> {
-        // `deserialize` validates the header and every tensor's offsets against the buffer.
-        SafeTensors::deserialize(&bytes)?;
-        let (header_len, metadata): (usize, Metadata) = SafeTensors::read_metadata(&bytes)?;
-        let tensors = metadata.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
-        let extra = metadata.metadata().clone().unwrap_or_default();
-        Ok(TensorFile { data_start: 8 + header_len, bytes, tensors, metadata: extra })
-    }
-
-    /// The header's `__metadata__` strings (empty when it has none).
-    pub fn metadata(&self) -> &HashMap<String, String> {
-        &self.metadata
-    }
-
-    /// Whether the file holds a tensor under `key`.
-    pub fn contains(&self, key: &str) -> bool {
-        self.tensors.contains_key(key)
-    }
-
-    /// The tensor names, sorted.
-    pub fn keys(&self) -> Vec<&str> {
-        let mut keys: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
-        keys.sort_unstable();
-        keys
-    }
-
-    /// The shape of the tensor under `key`.
-    ///
-    /// # Errors
-    /// [`Error::MissingKey`] when there is no such tensor.
-    pub fn shape(&self, key: &str) -> Result<&[usize]> {
-        Ok(&self.info(key)?.shape)
-    }
-
-    fn info(&self, key: &str) -> Result<&TensorInfo> {
-        self.tensors.get(key).ok_or_else(|| Error::MissingKey { key: key.into() })
-    }
-
-    /// The tensor under `key`, converted to f32 (from F32, F16, BF16 or F64).
-    ///
-    /// # Errors
-    /// [`Error::MissingKey`] or [`Error::UnsupportedDtype`].
-    pub fn tensor(&self, key: &str) -> Result<ArrayD<f32>> {
-        let info = self.info(key)?;
-        let (start, end) = info.data_offsets;
-        let data = &self.bytes[self.data_start + start..self.data_start + end];
-        let values = decode_f32(key, info.dtype, data)?;
-        let count = values.len();
-        ArrayD::from_shape_vec(IxDyn(&info.shape), values).map_err(|_| Error::WrongShape {
-            key: key.into(),
-            expected: info.shape.clone(),
-            actual: vec![count],
-        })
-    }
-}
-
-fn decode_f32(key: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
-    fn each<const N: usize>(data: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
-        data.chunks_exact(N).map(|c| f(c.try_into().expect("chunks_exact gives N bytes"))).collect()
-    }
-    Ok(match dtype {
-        Dtype::F32 => each(data, f32::from_le_bytes),
-        Dtype::F64 => each(data, |b| f64::from_le_bytes(b) as f32),
-        Dtype::F16 => each(data, |b| half::f16::from_le_bytes(b).to_f32()),
-        Dtype::BF16 => each(data, |b| half::bf16::from_le_bytes(b).to_f32()),
-        other => return Err(Error::UnsupportedDtype { key: key.into(), dtype: format!("{other:?}") }),
-    })
 }
 
 /// Reads one 1x1 conv weight: shape (out, in) followed by `conv_dims` singleton dims.
