@@ -34,7 +34,9 @@
 //! `.pth`/`.pt` files load directly: [`TensorFile`] reads safetensors, the `torch.save` zip
 //! archive and the legacy `torch.save` stream (told apart by content), finds the state dict
 //! of a training checkpoint (`state_dict`, `model`, …), and never runs code, so checkpoints
-//! that `torch.load(weights_only=True)` refuses load safely.
+//! that `torch.load(weights_only=True)` refuses load safely. [`find_blocks`] lists the blocks
+//! of a checkpoint and [`BlockInfo::config`] reads their configuration off the keys;
+//! [`NonLocalBlock::from_checkpoint_file`] loads one.
 //!
 //! # Attention maps
 //! [`NonLocalBlock::attention`] returns the normalised weights `f(x_i, x_j)/C(x)` for all
@@ -93,7 +95,7 @@ mod weights;
 mod workspace;
 
 pub use block::NonLocalBlock;
-pub use checkpoint::{CheckpointFormat, DType, TensorFile};
+pub use checkpoint::{find_blocks, load_blocks, BlockInfo, CheckpointFormat, DType, TensorFile};
 pub use config::{parse_sub_sample, Mode, NonLocalConfig};
 pub use error::{Error, Result};
 pub use params::{BatchNorm, Conv1x1, Parameters};

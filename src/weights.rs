@@ -214,29 +214,68 @@ fn rename_key(e: Error, keys: &WeightKeys, config: &NonLocalConfig) -> Error {
     }
 }
 
-/// Reads pooling and BatchNorm presence off the keys and compares with the configuration.
-fn check_layout(file: &TensorFile, config: &NonLocalConfig, keys: &WeightKeys) -> Result<()> {
+/// What the keys under a prefix say about a block.
+pub(crate) struct KeyLayout {
+    /// Whether φ/g are pooled (`.0.` keys); `None` when both forms are present.
+    pub pooled: Option<bool>,
+    /// Whether BatchNorm follows `W_z`; `None` when there is no `W_z`.
+    pub bn: Option<bool>,
+    /// The modes the keys allow: concatenation (`concat_project`), Gaussian (no θ and no φ),
+    /// or embedded Gaussian and dot product, which have the same parameters.
+    pub modes: &'static [Mode],
+}
+
+/// Reads [`KeyLayout`] off the keys; `None` when there is no `g` convolution under the prefix.
+pub(crate) fn key_layout(file: &TensorFile, keys: &WeightKeys) -> Option<KeyLayout> {
     let has = |stem: String| file.contains(&format!("{stem}.weight"));
-    let pooled_in_file = has(keys.embedding("g", true));
-    let unpooled_in_file = has(keys.embedding("g", false));
-    let pooled = config.sub_sample.is_some();
-    if pooled_in_file != unpooled_in_file && pooled_in_file != pooled {
+    let (pooled, unpooled) = (has(keys.embedding("g", true)), has(keys.embedding("g", false)));
+    if !pooled && !unpooled {
+        return None;
+    }
+    let w_z = has(keys.w_z(true)) || has(keys.w_z(false));
+    let theta_phi = has(keys.embedding("theta", false)) || has(keys.embedding("phi", pooled));
+    let modes: &'static [Mode] = if file.contains(&keys.concat_project()) {
+        &[Mode::Concatenation]
+    } else if theta_phi {
+        &[Mode::EmbeddedGaussian, Mode::DotProduct]
+    } else {
+        &[Mode::Gaussian]
+    };
+    Some(KeyLayout { pooled: (pooled != unpooled).then_some(pooled), bn: w_z.then(|| has(keys.bn())), modes })
+}
+
+/// Compares what the keys show (pooling, BatchNorm, mode) with the configuration.
+fn check_layout(file: &TensorFile, config: &NonLocalConfig, keys: &WeightKeys) -> Result<()> {
+    let Some(layout) = key_layout(file, keys) else { return Ok(()) };
+    if let Some(pooled) = layout.pooled.filter(|&p| p != config.sub_sample.is_some()) {
         return Err(Error::ConfigMismatch {
             what: "sub_sample",
             config: match config.sub_sample {
                 Some(k) => format!("{k:?}"),
                 None => "none".into(),
             },
-            weights: if pooled_in_file { "pooled φ/g (`.0.` keys)".into() } else { "unpooled φ/g".into() },
+            weights: if pooled { "pooled φ/g (`.0.` keys)".into() } else { "unpooled φ/g".into() },
         });
     }
-    let bn_in_file = has(keys.bn());
-    let w_z_in_file = has(keys.w_z(config.bn_layer)) || has(keys.w_z(!config.bn_layer));
-    if w_z_in_file && bn_in_file != config.bn_layer {
+    if let Some(bn) = layout.bn.filter(|&bn| bn != config.bn_layer) {
         return Err(Error::ConfigMismatch {
             what: "bn_layer",
             config: config.bn_layer.to_string(),
-            weights: if bn_in_file { "BatchNorm keys".into() } else { "no BatchNorm keys".into() },
+            weights: if bn { "BatchNorm keys".into() } else { "no BatchNorm keys".into() },
+        });
+    }
+    // A concatenation configuration on θ/φ keys without `concat_project` is left to the
+    // missing-key error, which names the key.
+    let missing_projection = config.mode == Mode::Concatenation && layout.modes.contains(&Mode::EmbeddedGaussian);
+    if !layout.modes.contains(&config.mode) && !missing_projection {
+        return Err(Error::ConfigMismatch {
+            what: "mode",
+            config: config.mode.name().into(),
+            weights: match layout.modes {
+                [Mode::Concatenation] => format!("{} (concatenation)", keys.concat_project()),
+                [Mode::Gaussian] => "no θ/φ convolutions (gaussian)".into(),
+                _ => "θ/φ convolutions and no concatenation projection (embedded_gaussian or dot_product)".into(),
+            },
         });
     }
     Ok(())

@@ -1,10 +1,13 @@
-//! Checkpoints of every format read: the fixtures of `scripts/make_pth_fixtures.py` (views, dtypes, byte order, pickle
+//! Checkpoints of every format read: the shared PyTorch files, the fixtures of `scripts/make_pth_fixtures.py` (views, dtypes, byte order, pickle
 //! protocols, training checkpoints), and broken or hostile files.
 
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array1, Array2, Ix1, Ix2};
-use nonlocal::{CheckpointFormat, DType, Error, NonLocalBlock, NonLocalConfig, TensorFile, WeightKeys};
+use nonlocal::{
+    find_blocks, load_blocks, CheckpointFormat, DType, Error, Mode, NonLocalBlock, NonLocalConfig, TensorFile,
+    WeightKeys,
+};
 
 fn pth(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/pth").join(name)
@@ -12,6 +15,73 @@ fn pth(name: &str) -> PathBuf {
 
 fn fixture(name: &str) -> PathBuf {
     pth("fixtures").join(name)
+}
+
+#[test]
+fn mmaction_training_checkpoint_lists_its_five_blocks() {
+    let file = TensorFile::open(pth("pth_mmaction_i3d.pth")).unwrap();
+    assert_eq!(file.state_dict_location(), "state_dict");
+    let lines: Vec<String> = find_blocks(&file).iter().map(ToString::to_string).collect();
+    let prefixes = std::fs::read_to_string(pth("pth_mmaction_i3d.blocks.txt")).unwrap();
+    let expected: Vec<String> = prefixes
+        .lines()
+        .map(|p| {
+            let (c, ci) = if p.contains("layer2") { (32, 16) } else { (40, 20) };
+            format!(
+                "prefix={p} naming=mmcv in_channels={c} inter_channels={ci} sub_sample=true bn=true dims=3 dtype=f32"
+            )
+        })
+        .collect();
+    assert_eq!(lines, expected);
+    // Loaded all at once, with the configuration read off the keys (and mmcv's preset).
+    let blocks = load_blocks(&file).unwrap();
+    assert_eq!(blocks.len(), 5);
+    for (info, block) in &blocks {
+        assert_eq!(block.config(), &info.config());
+        assert!(block.config().use_scale, "mmcv preset");
+        let x = ndarray::Array5::<f32>::from_elem((1, 2, 4, 4, info.in_channels), 0.5);
+        assert_eq!(block.forward(&x).unwrap().shape(), x.shape());
+    }
+    // The entries around the state dict are never needed, so never an error; the integer
+    // buffers read as integers.
+    let key = "backbone.layer2.0.non_local_block.conv_out.bn.num_batches_tracked";
+    assert_eq!(file.dtype(key).unwrap(), &DType::I64);
+    assert_eq!(file.tensor_i64(key).unwrap().ndim(), 0);
+}
+
+#[test]
+fn every_shared_checkpoint_is_one_block_with_its_layout() {
+    let expect = [
+        (
+            "pth_alexhex7_zip.pth",
+            "prefix= naming=alexhex7 in_channels=16 inter_channels=8 sub_sample=true bn=true dims=3 dtype=f32",
+            "",
+        ),
+        (
+            "pth_bf16_mmcv2d.pth",
+            "prefix= naming=mmcv in_channels=16 inter_channels=8 sub_sample=true bn=true dims=2 dtype=bf16",
+            "model",
+        ),
+        (
+            "pth_f16_concat.pth",
+            "prefix= naming=alexhex7 in_channels=12 inter_channels=6 sub_sample=true bn=true dims=3 dtype=f16",
+            "",
+        ),
+        (
+            "pth_legacy_dp.pth",
+            "prefix= naming=alexhex7 in_channels=12 inter_channels=6 sub_sample=true bn=false dims=3 dtype=f32",
+            "",
+        ),
+    ];
+    for (name, line, location) in expect {
+        let file = TensorFile::open(pth(name)).unwrap();
+        assert_eq!(file.state_dict_location(), location, "{name}");
+        let blocks = find_blocks(&file);
+        assert_eq!(blocks.iter().map(ToString::to_string).collect::<Vec<_>>(), [line], "{name}");
+    }
+    let concat = find_blocks(&TensorFile::open(pth("pth_f16_concat.pth")).unwrap()).remove(0);
+    assert_eq!(concat.modes, [Mode::Concatenation]);
+    assert_eq!(concat.config().mode, Mode::Concatenation);
 }
 
 /// Every tensor of `name` equals what torch read from it (the `.expected` file), exactly.
@@ -77,13 +147,15 @@ fn training_checkpoints_give_their_weights_and_never_run_anything() {
     let file = TensorFile::open(fixture("train_mmengine.pth")).unwrap();
     assert_eq!(file.state_dict_location(), "state_dict");
     assert_reads_as_torch("train_mmengine.pth", "train_mmengine.expected.safetensors");
-    let keys = WeightKeys::alexhex7().with_prefix("module.backbone.nl.");
-    NonLocalBlock::from_safetensors(NonLocalConfig::new(8), &file, &keys).unwrap();
+    let blocks = find_blocks(&file);
+    assert_eq!(blocks.len(), 1);
+    assert_eq!(blocks[0].keys, WeightKeys::alexhex7().with_prefix("module.backbone.nl."));
+    blocks[0].load(&file).unwrap();
     // torchvision reference scripts keep the weights under 'model', beside an argparse Namespace.
     let file = TensorFile::open(fixture("train_torchvision.pth")).unwrap();
     assert_eq!(file.state_dict_location(), "model");
     assert_reads_as_torch("train_torchvision.pth", "train_torchvision.expected.safetensors");
-    NonLocalBlock::from_safetensors(NonLocalConfig::new(8), &file, &WeightKeys::alexhex7()).unwrap();
+    assert_eq!(find_blocks(&file)[0].keys, WeightKeys::alexhex7());
 }
 
 #[test]
@@ -96,9 +168,8 @@ fn the_code_execution_file_loads_inertly_and_fails_where_the_value_is_needed() {
         }
         other => panic!("expected NotATensor, got {other:?}"),
     }
-    let err =
-        NonLocalBlock::from_safetensors(NonLocalConfig::new(16).inter_channels(8), &file, &WeightKeys::alexhex7())
-            .unwrap_err();
+    let err = NonLocalBlock::from_checkpoint(NonLocalConfig::new(16).inter_channels(8), &file, &WeightKeys::alexhex7())
+        .unwrap_err();
     assert!(matches!(err, Error::NotATensor { .. } | Error::MissingKey { .. }), "{err}");
 }
 
@@ -168,4 +239,59 @@ fn what_is_not_a_checkpoint_says_so() {
         Err(Error::NotACheckpoint { found, .. }) => assert!(found.contains("without notes/data.pkl"), "{found}"),
         other => panic!("expected NotACheckpoint, got {other:?}"),
     }
+}
+
+#[test]
+fn configurations_that_contradict_the_keys_are_refused() {
+    let mode_mismatch = |file: &str, config: NonLocalConfig, keys: WeightKeys| match NonLocalBlock::from_checkpoint_file(
+        config,
+        pth(file),
+        &keys,
+    ) {
+        Err(Error::ConfigMismatch { what: "mode", .. }) => {}
+        other => panic!("{file}: expected a mode mismatch, got {other:?}"),
+    };
+    // Concatenation weights as embedded Gaussian; embedded Gaussian weights as Gaussian.
+    let concat = NonLocalConfig::new(12).inter_channels(6);
+    mode_mismatch("pth_f16_concat.pth", concat.clone(), WeightKeys::alexhex7());
+    NonLocalBlock::from_checkpoint_file(
+        concat.mode(Mode::Concatenation),
+        pth("pth_f16_concat.pth"),
+        &WeightKeys::alexhex7(),
+    )
+    .unwrap();
+    let eg = NonLocalConfig::new(16).inter_channels(8);
+    mode_mismatch("pth_alexhex7_zip.pth", eg.clone().mode(Mode::Gaussian), WeightKeys::alexhex7());
+    // Dot product has the same parameters as embedded Gaussian: the keys cannot refuse it.
+    NonLocalBlock::from_checkpoint_file(
+        eg.clone().mode(Mode::DotProduct),
+        pth("pth_alexhex7_zip.pth"),
+        &WeightKeys::alexhex7(),
+    )
+    .unwrap();
+    // BatchNorm, pooling and conv rank as before.
+    for (config, what) in [
+        (eg.clone().bn_layer(false), "bn_layer"),
+        (eg.clone().sub_sample(None), "sub_sample"),
+        (eg.clone().conv_dims(2), "conv_dims"),
+    ] {
+        match NonLocalBlock::from_checkpoint_file(config, pth("pth_alexhex7_zip.pth"), &WeightKeys::alexhex7()) {
+            Err(Error::ConfigMismatch { what: w, .. }) => assert_eq!(w, what),
+            other => panic!("{what}: expected ConfigMismatch, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn presets_carry_each_implementations_defaults() {
+    let file = TensorFile::open(pth("pth_bf16_mmcv2d.pth")).unwrap();
+    let info = find_blocks(&file).remove(0);
+    let config = info.config();
+    assert_eq!(
+        config,
+        NonLocalConfig::mmcv(16).inter_channels(8).sub_sample(Some([1, 2, 2])).bn_layer(true).conv_dims(2)
+    );
+    assert!(config.use_scale);
+    let file = TensorFile::open(pth("pth_alexhex7_zip.pth")).unwrap();
+    assert!(!find_blocks(&file)[0].config().use_scale);
 }

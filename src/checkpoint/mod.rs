@@ -5,7 +5,10 @@
 //!   the state dict (the saved dict, or under `state_dict`, `model`, … of a training
 //!   checkpoint) and never runs code: the pickle reader records objects instead of calling
 //!   anything (the opcodes it accepts are listed in `src/checkpoint/pickle.rs`).
+//! - [`find_blocks`] lists the non-local blocks in a checkpoint, [`BlockInfo::config`] gives
+//!   a configuration read off the keys, and [`load_blocks`] loads them all.
 
+mod blocks;
 mod file;
 mod pickle;
 mod tensor;
@@ -13,6 +16,7 @@ mod torch;
 
 use std::fmt;
 
+pub use blocks::{find_blocks, load_blocks, BlockInfo};
 pub use file::TensorFile;
 pub use tensor::DType;
 
