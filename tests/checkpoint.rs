@@ -1,9 +1,12 @@
-//! Checkpoints of every format read: the shared PyTorch files, the fixtures of `scripts/make_pth_fixtures.py` (views, dtypes, byte order, pickle
+//! Checkpoints of every format read: the shared PyTorch files (golden cases through their
+//! `.pth`), the fixtures of `scripts/make_pth_fixtures.py` (views, dtypes, byte order, pickle
 //! protocols, training checkpoints), and broken or hostile files.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ndarray::{Array1, Array2, Ix1, Ix2};
+use nonlocal::golden::GoldenCase;
 use nonlocal::{
     find_blocks, load_blocks, CheckpointFormat, DType, Error, Mode, NonLocalBlock, NonLocalConfig, TensorFile,
     WeightKeys,
@@ -15,6 +18,27 @@ fn pth(name: &str) -> PathBuf {
 
 fn fixture(name: &str) -> PathBuf {
     pth("fixtures").join(name)
+}
+
+#[test]
+fn every_shared_case_passes_with_its_checkpoint() {
+    let cases = [
+        ("pth_alexhex7_zip.safetensors", CheckpointFormat::TorchZip),
+        ("pth_legacy_dp.safetensors", CheckpointFormat::TorchLegacy),
+        ("pth_f16_concat.safetensors", CheckpointFormat::TorchZip),
+        ("pth_bf16_mmcv2d.safetensors", CheckpointFormat::TorchZip),
+        ("pth_mmaction_layer2_0.safetensors", CheckpointFormat::TorchZip),
+        ("pth_mmaction_layer3_4.safetensors", CheckpointFormat::TorchZip),
+    ];
+    for (name, format) in cases {
+        let case = GoldenCase::open(pth(name)).unwrap();
+        // The case file has no parameters of its own.
+        assert!(case.block().is_err(), "{name} loads without its checkpoint");
+        let checkpoint = TensorFile::open(pth(case.checkpoint_name().unwrap())).unwrap();
+        assert_eq!(checkpoint.format(), format, "{name}");
+        let report = case.with_weights(Arc::new(checkpoint)).check().unwrap();
+        assert!(report.passed(), "{name}: {report}");
+    }
 }
 
 #[test]
