@@ -254,6 +254,12 @@ def main():
         back = torch.load(os.path.join(OUT, f"{name}.pth"), weights_only=False)
         assert all(torch.equal(back[k], v) for k, v in sd.items()), name
     training_checkpoints()
+    # Types that are never read, in both formats: open fine, refused only when read.
+    odd = {"complex": torch.randn(3, dtype=torch.complex64), "after": torch.arange(4.0)}
+    save("odd_dtypes_zip", odd)
+    save("odd_dtypes_legacy", odd, _use_new_zipfile_serialization=False)
+    # torch.save(model): a pickled module object, not a state dict.
+    save("whole_model", torch.nn.Conv2d(2, 3, 1))
     hostile()
     for f in sorted(os.listdir(OUT)):
         print(f"{os.path.getsize(os.path.join(OUT, f)):8d} {f}")

@@ -145,6 +145,21 @@ fn views_dtypes_byte_orders_and_protocols_read_as_torch_reads_them() {
 }
 
 #[test]
+fn types_never_read_open_and_are_refused_only_when_read() {
+    for name in ["odd_dtypes_zip.pth", "odd_dtypes_legacy.pth"] {
+        let file = TensorFile::open(fixture(name)).unwrap();
+        assert_eq!(file.tensor("after").unwrap().as_slice().unwrap(), [0.0, 1.0, 2.0, 3.0], "{name}");
+        assert_eq!(file.shape("complex").unwrap(), &[3]);
+        match file.tensor("complex") {
+            Err(Error::UnsupportedDtype { key, dtype }) => {
+                assert_eq!((key.as_str(), dtype.as_str()), ("complex", "ComplexFloat"))
+            }
+            other => panic!("{name}: expected UnsupportedDtype, got {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn typed_getters_work_with_the_question_mark() -> Result<(), Error> {
     let file = TensorFile::open(fixture("views_zip.pth"))?;
     let t: Array2<f32> = file.tensor_as("half_t")?;
@@ -233,6 +248,12 @@ fn hostile_archives_are_refused_before_allocating() {
         Err(Error::NotATensor { found, .. }) => assert!(found.contains("stride"), "{found}"),
         other => panic!("expected NotATensor, got {other:?}"),
     }
+    // A whole pickled model is not a state dict.
+    let err = TensorFile::open(fixture("whole_model.pth")).unwrap_err();
+    assert!(
+        err.to_string().contains("torch.nn.modules.conv.Conv2d") && err.to_string().contains("state_dict()"),
+        "{err}"
+    );
     // 100 000 nested lists: refused (not a dict), without a stack overflow.
     let err = TensorFile::open(fixture("hostile_deep_nesting.pth")).unwrap_err();
     assert!(err.to_string().contains("not a dict"), "{err}");

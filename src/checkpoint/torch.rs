@@ -199,7 +199,8 @@ pub(crate) fn read_legacy(bytes: &[u8]) -> Result<StateDict, String> {
     let mut pos = at;
     for key in &keys {
         let dtype = types.get(key.as_str()).ok_or_else(|| format!("storage {key} is listed but no tensor uses it"))?;
-        let size = dtype.size().ok_or_else(|| format!("storage {key} has type {dtype}, whose size is unknown"))?;
+        let size =
+            element_size(dtype).ok_or_else(|| format!("storage {key} has type {dtype}, whose size is unknown"))?;
         let count = bytes
             .get(pos..pos + 8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
@@ -305,6 +306,21 @@ fn storage_dtype(class: &str) -> DType {
     }
 }
 
+/// Bytes per element of a storage type, including those never read (complex, quantized),
+/// which a legacy stream must still be walked past.
+fn element_size(dtype: &DType) -> Option<usize> {
+    dtype.size().or(match dtype {
+        DType::Other(name) => match name.as_str() {
+            "ComplexDouble" => Some(16),
+            "ComplexFloat" => Some(8),
+            "ComplexHalf" | "QInt32" => Some(4),
+            "QInt8" | "QUInt8" | "QUInt4x2" | "QUInt2x4" => Some(1),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
 /// The element type a `torch.<dtype>` global names (`_rebuild_tensor_v3`'s argument).
 fn torch_dtype(name: &str) -> DType {
     match name {
@@ -363,7 +379,11 @@ fn locate(pickle: &Pickle) -> Result<(String, &Items), String> {
         items.iter().find(|(k, _)| text(k) == Some(key)).map(|(_, v)| v.clone())
     };
     let Some(root) = dict_items(pickle, &pickle.root) else {
-        return Err(format!("the saved object is {}, not a dict of tensors", pickle.describe(&pickle.root)));
+        let hint = match pickle.node(&pickle.root) {
+            Some(Node::Object { .. }) => " (a whole pickled model? torch.save(model.state_dict()) is read)",
+            _ => "",
+        };
+        return Err(format!("the saved object is {}, not a dict of tensors{hint}", pickle.describe(&pickle.root)));
     };
     // Breadth first over (path, dict): the saved dict, then its named children, then theirs.
     let mut level: Vec<(String, &[(Value, Value)])> = vec![(String::new(), root)];
@@ -464,7 +484,12 @@ fn rebuild<'p>(pickle: &'p Pickle, module: &str, name: &str, args: &[Value]) -> 
 fn layout(t: &TensorArgs<'_>, storages: &Storages<'_>) -> Result<TensorLayout, String> {
     let s = &t.storage;
     let (mut bytes, order) = storages(s.key)?;
-    let storage_size = s.dtype.size().ok_or_else(|| format!("storage type {} is not read", s.dtype))?;
+    let dtype = t.dtype.clone().unwrap_or_else(|| s.dtype.clone());
+    let Some(storage_size) = element_size(&s.dtype) else {
+        // A storage type nobody reads: the tensor keeps its name and shape, for the error
+        // that names them if it is ever needed.
+        return TensorLayout::new(dtype, t.shape.clone(), t.strides.clone(), t.offset, bytes, order);
+    };
     // The storage holds `numel` elements of its own type; the entry must back them all.
     let claimed = s.numel.checked_mul(storage_size).filter(|&n| n <= bytes.len()).ok_or_else(|| {
         format!(
@@ -484,6 +509,5 @@ fn layout(t: &TensorArgs<'_>, storages: &Storages<'_>) -> Result<TensorLayout, S
             _ => return Err(format!("storage view ({offset}, {len}) outside storage {}", s.key)),
         }
     }
-    let dtype = t.dtype.clone().unwrap_or_else(|| s.dtype.clone());
     TensorLayout::new(dtype, t.shape.clone(), t.strides.clone(), t.offset, bytes, order)
 }
