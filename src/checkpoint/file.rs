@@ -197,9 +197,13 @@ impl TensorFile {
     /// # Errors
     /// [`Error::MissingKey`], [`Error::NotATensor`] or [`Error::UnsupportedDtype`].
     pub fn tensor(&self, key: &str) -> Result<ArrayD<f32>> {
+        self.decode(key, TensorLayout::read_f32)
+    }
+
+    /// The tensor under `key`, its elements decoded by `decode` (`None`: not that kind).
+    fn decode<T>(&self, key: &str, decode: impl Fn(&TensorLayout, &[u8]) -> Option<Vec<T>>) -> Result<ArrayD<T>> {
         let t = self.layout(key)?;
-        let values = t
-            .read_f32(&self.bytes)
+        let values = decode(t, &self.bytes)
             .ok_or_else(|| Error::UnsupportedDtype { key: key.into(), dtype: t.dtype.to_string() })?;
         Ok(ArrayD::from_shape_vec(IxDyn(&t.shape), values)?)
     }
@@ -226,11 +230,7 @@ impl TensorFile {
     /// [`Error::MissingKey`], [`Error::NotATensor`], or [`Error::UnsupportedDtype`] for a
     /// float tensor.
     pub fn tensor_i64(&self, key: &str) -> Result<ArrayD<i64>> {
-        let t = self.layout(key)?;
-        let values = t
-            .read_i64(&self.bytes)
-            .ok_or_else(|| Error::UnsupportedDtype { key: key.into(), dtype: t.dtype.to_string() })?;
-        Ok(ArrayD::from_shape_vec(IxDyn(&t.shape), values)?)
+        self.decode(key, TensorLayout::read_i64)
     }
 }
 

@@ -268,21 +268,21 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn memo_put(&mut self, key: u64) -> Result<(), PickleError> {
-        let value = self.top()?.clone();
-        self.memo.insert(key, value);
-        Ok(())
-    }
-
-    fn memo_get(&mut self, key: u64) -> Result<(), PickleError> {
-        match self.memo.get(&key) {
-            Some(value) => {
-                let value = value.clone();
-                self.stack.push(value);
-                Ok(())
+    /// The memo index of a PUT/GET-family opcode: its 1- or 4-byte or text argument, or the
+    /// next free index for MEMOIZE.
+    fn memo_key(&mut self, op: u8) -> Result<u64, PickleError> {
+        Ok(match op {
+            b'q' | b'h' => self.u8()? as u64,
+            b'r' | b'j' => self.u32()? as u64,
+            0x94 => self.memo.len() as u64,
+            _ => {
+                let line = self.line()?;
+                match line.parse::<u64>() {
+                    Ok(key) => key,
+                    Err(_) => return self.fail(format!("memo index {line:?}")),
+                }
             }
-            None => self.fail(format!("memo key {key} was never stored")),
-        }
+        })
     }
 
     fn push_str(&mut self, bytes: &[u8]) {
@@ -584,35 +584,19 @@ impl<'a> Machine<'a> {
                     let pid = self.pop()?;
                     self.push_node(Node::PersistentId(pid));
                 }
-                b'q' => {
-                    let key = self.u8()? as u64;
-                    self.memo_put(key)?;
+                b'q' | b'r' | b'p' | 0x94 => {
+                    // BINPUT, LONG_BINPUT, PUT, MEMOIZE
+                    let key = self.memo_key(op)?;
+                    let value = self.top()?.clone();
+                    self.memo.insert(key, value);
                 }
-                b'r' => {
-                    let key = self.u32()? as u64;
-                    self.memo_put(key)?;
-                }
-                0x94 => {
-                    let key = self.memo.len() as u64;
-                    self.memo_put(key)?;
-                }
-                b'p' => {
-                    let line = self.line()?;
-                    let Ok(key) = line.parse::<u64>() else { return self.fail(format!("PUT argument {line:?}")) };
-                    self.memo_put(key)?;
-                }
-                b'h' => {
-                    let key = self.u8()? as u64;
-                    self.memo_get(key)?;
-                }
-                b'j' => {
-                    let key = self.u32()? as u64;
-                    self.memo_get(key)?;
-                }
-                b'g' => {
-                    let line = self.line()?;
-                    let Ok(key) = line.parse::<u64>() else { return self.fail(format!("GET argument {line:?}")) };
-                    self.memo_get(key)?;
+                b'h' | b'j' | b'g' => {
+                    // BINGET, LONG_BINGET, GET
+                    let key = self.memo_key(op)?;
+                    let Some(value) = self.memo.get(&key).cloned() else {
+                        return self.fail(format!("memo key {key} was never stored"));
+                    };
+                    self.stack.push(value);
                 }
                 b'P' | b'S' | b'V' => return self.fail(format!("protocol 0 opcode {:?} is not read", op as char)),
                 0x82..=0x84 => return self.fail("extension-registry opcodes (EXT1/2/4) are not read"),
