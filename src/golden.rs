@@ -88,8 +88,8 @@ impl GoldenCase {
     /// Opens a golden file and reads its configuration.
     ///
     /// # Errors
-    /// [`Error::Io`], [`Error::Format`], or [`Error::InvalidConfig`] for missing or malformed
-    /// metadata.
+    /// [`Error::Io`], [`Error::NotACheckpoint`], [`Error::BadCheckpoint`], or
+    /// [`Error::InvalidConfig`] for missing or malformed metadata.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         Self::from_file(TensorFile::open(path)?)
     }
