@@ -385,7 +385,11 @@ fn locate(pickle: &Pickle) -> Result<(String, &Items), String> {
         };
         return Err(format!("the saved object is {}, not a dict of tensors{hint}", pickle.describe(&pickle.root)));
     };
-    // Breadth first over (path, dict): the saved dict, then its named children, then theirs.
+    // Breadth first over (path, dict): the saved dict, then its named children, then theirs;
+    // each dict once, however often the pickle refers to it.
+    let mut seen = HashSet::new();
+    let mut first_visit = |v: &Value| matches!(v, Value::Node(i) if seen.insert(*i));
+    first_visit(&pickle.root);
     let mut level: Vec<(String, &[(Value, Value)])> = vec![(String::new(), root)];
     for _ in 0..3 {
         if let Some((path, items)) = level.iter().find(|(_, items)| holds_tensors(items)) {
@@ -394,7 +398,8 @@ fn locate(pickle: &Pickle) -> Result<(String, &Items), String> {
         let mut next = Vec::new();
         for (path, items) in &level {
             for key in STATE_DICT_KEYS {
-                if let Some(child) = lookup(items, key).and_then(|v| dict_items(pickle, &v)) {
+                let child = lookup(items, key).filter(&mut first_visit);
+                if let Some(child) = child.and_then(|v| dict_items(pickle, &v)) {
                     let sub = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
                     next.push((sub, child));
                 }
