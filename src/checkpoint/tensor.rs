@@ -65,16 +65,6 @@ impl DType {
             DType::Other(_) => return None,
         })
     }
-
-    /// Whether the type converts to f32 for a block's parameters.
-    pub fn is_float(&self) -> bool {
-        matches!(self, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
-    }
-
-    /// Whether the type converts exactly to i64.
-    pub fn is_integer(&self) -> bool {
-        matches!(self, DType::I64 | DType::I32 | DType::I16 | DType::I8 | DType::U8 | DType::Bool)
-    }
 }
 
 impl fmt::Display for DType {
