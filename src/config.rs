@@ -123,7 +123,41 @@ impl NonLocalConfig {
         }
     }
 
+    /// The defaults of AlexHex7's `Non-local_pytorch` (`NONLocalBlock3D(in_channels)`):
+    /// embedded Gaussian without logit scaling, C' = C/2, φ/g max-pooled 1x2x2, BatchNorm
+    /// after `W_z`, 3-d convolutions. The same as [`NonLocalConfig::new`].
+    ///
+    /// ```
+    /// # use nonlocal::NonLocalConfig;
+    /// assert_eq!(NonLocalConfig::alexhex7(64), NonLocalConfig::new(64));
+    /// ```
+    pub fn alexhex7(in_channels: usize) -> Self {
+        Self::new(in_channels)
+    }
+
+    /// The defaults of mmcv's `NonLocal3d(in_channels)`: embedded Gaussian **with** logit
+    /// scaling by 1/√C' (`use_scale=True`), C' = C/2 (`reduction=2`), no sub-sampling, no
+    /// normalisation after `conv_out` (`norm_cfg=None`), 3-d convolutions.
+    ///
+    /// Models built on mmcv often change these: mmaction2's I3D non-local backbones use
+    /// `sub_sample=True`, `use_scale=False` and `norm_cfg=dict(type='BN3d')`. Pooling,
+    /// BatchNorm and the conv rank are checked against the weights when loading; `use_scale`
+    /// and embedded Gaussian versus dot product cannot be, so set them from the model's config.
+    ///
+    /// ```
+    /// # use nonlocal::NonLocalConfig;
+    /// let config = NonLocalConfig::mmcv(64);
+    /// assert!(config.use_scale && !config.bn_layer && config.sub_sample.is_none());
+    /// ```
+    pub fn mmcv(in_channels: usize) -> Self {
+        Self::new(in_channels).use_scale(true).sub_sample(None).bn_layer(false)
+    }
+
     /// Sets the pairwise function. Default [`Mode::EmbeddedGaussian`].
+    ///
+    /// Weights decide concatenation (a `concat_project` convolution) and Gaussian (no θ/φ),
+    /// and loading refuses a mode they contradict; embedded Gaussian and dot product have the
+    /// same parameters, so only the model's own configuration tells them apart.
     ///
     /// ```
     /// # use nonlocal::{Mode, NonLocalConfig};
@@ -150,6 +184,9 @@ impl NonLocalConfig {
     /// Sets the sub-sampling max-pool kernel `(kt, kh, kw)` (stride = kernel), or `None`
     /// for no sub-sampling. Default `Some([1, 2, 2])`; mmcv's `NonLocal1d` corresponds to
     /// `[1, 1, 2]` on (1, 1, L) inputs, `NonLocal2d` to `[1, 2, 2]` on (1, H, W).
+    ///
+    /// Whether there is pooling shows in a checkpoint's keys (and is checked on load); the
+    /// kernel size does not, since max-pooling has no parameters.
     ///
     /// ```
     /// # use nonlocal::{NonLocalBlock, NonLocalConfig};

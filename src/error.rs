@@ -29,9 +29,55 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The bytes are not a valid safetensors file (truncated, bad header, bad offsets, …).
+    /// Writing safetensors failed. (Reading any checkpoint reports
+    /// [`Error::NotACheckpoint`] or [`Error::BadCheckpoint`] instead.)
     #[error("invalid safetensors data: {0}")]
     Format(#[from] safetensors::SafeTensorError),
+    /// The file is none of the checkpoint formats read.
+    #[error(
+        "{path} is not a checkpoint: {found}; the formats read are safetensors, the torch.save zip \
+         archive (torch >= 1.6: .pth, .pt, pytorch_model.bin) and the legacy torch.save stream (torch < 1.6)"
+    )]
+    NotACheckpoint {
+        /// The file's path (`(checkpoint bytes)` for bytes given in memory).
+        path: String,
+        /// What the content is instead (empty, too short, an unreadable zip, …).
+        found: String,
+    },
+    /// A checkpoint in a format that is read, but broken or hostile: truncated, a damaged
+    /// archive, a pickle the reader refuses, a tensor reaching outside its storage, a storage
+    /// larger than the file. Nothing was allocated for the claimed sizes.
+    #[error("{path}: invalid {format} checkpoint: {reason}")]
+    BadCheckpoint {
+        /// The file's path (`(checkpoint bytes)` for bytes given in memory).
+        path: String,
+        /// The format the content was recognised as.
+        format: crate::checkpoint::CheckpointFormat,
+        /// What is wrong, in words.
+        reason: String,
+    },
+    /// A state-dict entry that is needed as a tensor holds something else: a number, a string,
+    /// or an object of a class the reader never builds (it is never called either).
+    #[error("{key} is not a tensor: it holds {found}")]
+    NotATensor {
+        /// The entry's key.
+        key: String,
+        /// What it holds, in words.
+        found: String,
+    },
+    /// A tensor has another rank than the one asked for.
+    #[error("{key}: expected a tensor of rank {expected}, found rank {actual}")]
+    WrongRank {
+        /// The tensor's key.
+        key: String,
+        /// The rank asked for.
+        expected: usize,
+        /// The tensor's rank.
+        actual: usize,
+    },
+    /// An ndarray shape error, from building an array out of parts.
+    #[error("shape error: {0}")]
+    Shape(#[from] ndarray::ShapeError),
     /// A required parameter is not in the file.
     #[error("missing parameter {key:?}")]
     MissingKey {
@@ -48,8 +94,9 @@ pub enum Error {
         /// The shape that was found.
         actual: Vec<usize>,
     },
-    /// A tensor is stored with a data type this crate does not convert to f32.
-    #[error("{key}: unsupported dtype {dtype} (expected F32, F16, BF16 or F64)")]
+    /// A tensor is stored with a data type this crate does not convert to f32 (or, for
+    /// [`TensorFile::tensor_i64`](crate::TensorFile::tensor_i64), to i64).
+    #[error("{key}: unsupported dtype {dtype} (F32, F16, BF16 and F64 are read as floats, I64, I32, I16, I8, U8 and BOOL as integers)")]
     UnsupportedDtype {
         /// The tensor's key.
         key: String,

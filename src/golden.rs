@@ -6,10 +6,15 @@
 //! `in_channels`, `inter_channels`, `sub_sample`, `use_scale`, `bn_layer`, `bn_eps`, `naming`,
 //! `prefix`, `dims`). The pass criterion is PyTorch's own float32 accuracy:
 //! `max |got − want| ≤ 1e-4 · max(1, max |want|)` on the output and ≤ 5e-4 on the attention.
+//!
+//! A case may hold no parameters and name a checkpoint instead (metadata `checkpoint`, e.g.
+//! a `.pth`): [`GoldenCase::with_weights`] then takes the parameters from that file, under
+//! the case's `naming` and `prefix`.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 use ndarray::{ArrayD, Ix5};
 
@@ -30,6 +35,9 @@ pub struct GoldenCase {
     pub keys: WeightKeys,
     /// The file itself.
     pub file: TensorFile,
+    /// A separate checkpoint holding the parameters, if one was given (shared between the
+    /// cases that use it).
+    pub weights: Option<Arc<TensorFile>>,
 }
 
 /// The outcome of running one golden case.
@@ -80,8 +88,8 @@ impl GoldenCase {
     /// Opens a golden file and reads its configuration.
     ///
     /// # Errors
-    /// [`Error::Io`], [`Error::Format`], or [`Error::InvalidConfig`] for missing or malformed
-    /// metadata.
+    /// [`Error::Io`], [`Error::NotACheckpoint`], [`Error::BadCheckpoint`], or
+    /// [`Error::InvalidConfig`] for missing or malformed metadata.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         Self::from_file(TensorFile::open(path)?)
     }
@@ -92,15 +100,30 @@ impl GoldenCase {
     /// [`Error::InvalidConfig`] or [`Error::UnknownMode`] for missing or malformed metadata.
     pub fn from_file(file: TensorFile) -> Result<Self> {
         let (config, keys) = config_from_metadata(file.metadata())?;
-        Ok(GoldenCase { config, keys, file })
+        Ok(GoldenCase { config, keys, file, weights: None })
     }
 
-    /// The block, with the file's parameters loaded (checked against the metadata).
+    /// Takes the parameters from `weights` (a checkpoint of any format) instead of the case
+    /// file, under the case's `naming` and `prefix`.
+    pub fn with_weights(mut self, weights: Arc<TensorFile>) -> Self {
+        self.weights = Some(weights);
+        self
+    }
+
+    /// The checkpoint the case's metadata names (`checkpoint`), if any.
+    pub fn checkpoint_name(&self) -> Option<&str> {
+        self.file.metadata().get("checkpoint").map(String::as_str)
+    }
+
+    /// The block, with the parameters of the checkpoint given by
+    /// [`GoldenCase::with_weights`], else of the case file, loaded and checked against the
+    /// metadata.
     ///
     /// # Errors
-    /// Any loading error of [`NonLocalBlock::from_safetensors`].
+    /// Any loading error of [`NonLocalBlock::from_checkpoint`].
     pub fn block(&self) -> Result<NonLocalBlock> {
-        NonLocalBlock::from_safetensors(self.config.clone(), &self.file, &self.keys)
+        let weights = self.weights.as_deref().unwrap_or(&self.file);
+        NonLocalBlock::from_checkpoint(self.config.clone(), weights, &self.keys)
     }
 
     /// The `input` tensor, which must be rank 5 (B, T, H, W, C).

@@ -59,6 +59,13 @@
 //! inside a whole-model checkpoint. F32, F16, BF16 and F64 tensors are converted to f32.
 //! Every mismatch is a typed [`Error`] naming the key and both shapes.
 //!
+//! `.pth`/`.pt` files load directly: [`TensorFile`] reads safetensors, the `torch.save` zip
+//! archive and the legacy `torch.save` stream (told apart by content), finds the state dict
+//! of a training checkpoint (`state_dict`, `model`, …), and never runs code, so checkpoints
+//! that `torch.load(weights_only=True)` refuses load safely. [`find_blocks`] lists the blocks
+//! of a checkpoint and [`BlockInfo::config`] reads their configuration off the keys;
+//! [`NonLocalBlock::from_checkpoint_file`] loads one.
+//!
 //! # Attention maps
 //! [`NonLocalBlock::attention`] returns the normalised weights `f(x_i, x_j)/C(x)` for all
 //! queries (PyTorch's `return_nl_map`); [`NonLocalBlock::attention_rows`] computes only the
@@ -106,6 +113,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod block;
+mod checkpoint;
 mod config;
 mod error;
 mod golden;
@@ -122,11 +130,12 @@ mod weights;
 mod workspace;
 
 pub use block::NonLocalBlock;
+pub use checkpoint::{find_blocks, load_blocks, BlockInfo, CheckpointFormat, DType, TensorFile};
 pub use config::{Mode, NonLocalConfig};
 pub use error::{Error, Result};
 pub use params::{BatchNorm, Conv1x1, Parameters};
 pub use train::{Gradients, ParameterGradients, TrainContext};
-pub use weights::{detect_naming, Naming, TensorFile, WeightKeys};
+pub use weights::{detect_naming, Naming, WeightKeys};
 
 /// Scaffolding for this crate's tests, benches and examples — not part of the API: no
 /// stability promise, and it may panic on input the API would reject.

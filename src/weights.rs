@@ -1,12 +1,11 @@
-//! Reading PyTorch `state_dict`s from safetensors files, under AlexHex7's or mmcv's key names.
+//! A block's parameters in a PyTorch `state_dict`, under AlexHex7's or mmcv's key names.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
 
-use ndarray::{Array1, Array2, ArrayD, IxDyn};
-use safetensors::tensor::{Dtype, Metadata, TensorInfo};
-use safetensors::SafeTensors;
+use ndarray::{Array1, Array2, ArrayD};
+use safetensors::tensor::Dtype;
+
+pub(crate) use crate::checkpoint::TensorFile;
 
 use crate::config::{Mode, NonLocalConfig};
 use crate::error::{Error, Result};
@@ -118,110 +117,6 @@ impl WeightKeys {
     }
 }
 
-/// A safetensors file held in memory, its header checked once: tensors are converted to f32
-/// on demand.
-pub struct TensorFile {
-    bytes: Vec<u8>,
-    data_start: usize,
-    tensors: HashMap<String, TensorInfo>,
-    metadata: HashMap<String, String>,
-}
-
-impl fmt::Debug for TensorFile {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TensorFile")
-            .field("bytes", &self.bytes.len())
-            .field("tensors", &self.tensors.len())
-            .field("metadata", &self.metadata)
-            .finish()
-    }
-}
-
-impl TensorFile {
-    /// Reads and checks a safetensors file.
-    ///
-    /// # Errors
-    /// [`Error::Io`] when the file cannot be read, [`Error::Format`] when it is not valid
-    /// safetensors (truncated, bad header, offsets out of range…).
-    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-        Self::from_bytes(bytes)
-    }
-
-    /// Checks safetensors bytes and keeps them.
-    ///
-    /// # Errors
-    /// [`Error::Format`] when the bytes are not valid safetensors.
-    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self> {
-        // `deserialize` validates the header and every tensor's offsets against the buffer.
-        SafeTensors::deserialize(&bytes)?;
-        let (header_len, metadata): (usize, Metadata) = SafeTensors::read_metadata(&bytes)?;
-        let tensors = metadata.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
-        let extra = metadata.metadata().clone().unwrap_or_default();
-        Ok(TensorFile { data_start: 8 + header_len, bytes, tensors, metadata: extra })
-    }
-
-    /// The header's `__metadata__` strings (empty when it has none).
-    pub fn metadata(&self) -> &HashMap<String, String> {
-        &self.metadata
-    }
-
-    /// Whether the file holds a tensor under `key`.
-    pub fn contains(&self, key: &str) -> bool {
-        self.tensors.contains_key(key)
-    }
-
-    /// The tensor names, sorted.
-    pub fn keys(&self) -> Vec<&str> {
-        let mut keys: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
-        keys.sort_unstable();
-        keys
-    }
-
-    /// The shape of the tensor under `key`.
-    ///
-    /// # Errors
-    /// [`Error::MissingKey`] when there is no such tensor.
-    pub fn shape(&self, key: &str) -> Result<&[usize]> {
-        Ok(&self.info(key)?.shape)
-    }
-
-    fn info(&self, key: &str) -> Result<&TensorInfo> {
-        self.tensors.get(key).ok_or_else(|| Error::MissingKey { key: key.into() })
-    }
-
-    /// The tensor under `key`, converted to f32 (from F32, F16, BF16 or F64).
-    ///
-    /// # Errors
-    /// [`Error::MissingKey`] or [`Error::UnsupportedDtype`].
-    pub fn tensor(&self, key: &str) -> Result<ArrayD<f32>> {
-        let info = self.info(key)?;
-        let (start, end) = info.data_offsets;
-        let data = &self.bytes[self.data_start + start..self.data_start + end];
-        let values = decode_f32(key, info.dtype, data)?;
-        let count = values.len();
-        ArrayD::from_shape_vec(IxDyn(&info.shape), values).map_err(|_| Error::WrongShape {
-            key: key.into(),
-            expected: info.shape.clone(),
-            actual: vec![count],
-        })
-    }
-}
-
-fn decode_f32(key: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
-    fn each<const N: usize>(data: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
-        data.chunks_exact(N).map(|c| f(c.try_into().expect("chunks_exact gives N bytes"))).collect()
-    }
-    Ok(match dtype {
-        Dtype::F32 => each(data, f32::from_le_bytes),
-        Dtype::F64 => each(data, |b| f64::from_le_bytes(b) as f32),
-        Dtype::F16 => each(data, |b| half::f16::from_le_bytes(b).to_f32()),
-        Dtype::BF16 => each(data, |b| half::bf16::from_le_bytes(b).to_f32()),
-        other => return Err(Error::UnsupportedDtype { key: key.into(), dtype: format!("{other:?}") }),
-    })
-}
-
 /// Reads one 1x1 conv weight: shape (out, in) followed by `conv_dims` singleton dims.
 fn read_conv_weight(file: &TensorFile, key: &str, out: usize, inp: usize, conv_dims: usize) -> Result<Array2<f32>> {
     let shape = file.shape(key)?;
@@ -319,29 +214,68 @@ fn rename_key(e: Error, keys: &WeightKeys, config: &NonLocalConfig) -> Error {
     }
 }
 
-/// Reads pooling and BatchNorm presence off the keys and compares with the configuration.
-fn check_layout(file: &TensorFile, config: &NonLocalConfig, keys: &WeightKeys) -> Result<()> {
+/// What the keys under a prefix say about a block.
+pub(crate) struct KeyLayout {
+    /// Whether φ/g are pooled (`.0.` keys); `None` when both forms are present.
+    pub pooled: Option<bool>,
+    /// Whether BatchNorm follows `W_z`; `None` when there is no `W_z`.
+    pub bn: Option<bool>,
+    /// The modes the keys allow: concatenation (`concat_project`), Gaussian (no θ and no φ),
+    /// or embedded Gaussian and dot product, which have the same parameters.
+    pub modes: &'static [Mode],
+}
+
+/// Reads [`KeyLayout`] off the keys; `None` when there is no `g` convolution under the prefix.
+pub(crate) fn key_layout(file: &TensorFile, keys: &WeightKeys) -> Option<KeyLayout> {
     let has = |stem: String| file.contains(&format!("{stem}.weight"));
-    let pooled_in_file = has(keys.embedding("g", true));
-    let unpooled_in_file = has(keys.embedding("g", false));
-    let pooled = config.sub_sample.is_some();
-    if pooled_in_file != unpooled_in_file && pooled_in_file != pooled {
+    let (pooled, unpooled) = (has(keys.embedding("g", true)), has(keys.embedding("g", false)));
+    if !pooled && !unpooled {
+        return None;
+    }
+    let w_z = has(keys.w_z(true)) || has(keys.w_z(false));
+    let theta_phi = has(keys.embedding("theta", false)) || has(keys.embedding("phi", pooled));
+    let modes: &'static [Mode] = if file.contains(&keys.concat_project()) {
+        &[Mode::Concatenation]
+    } else if theta_phi {
+        &[Mode::EmbeddedGaussian, Mode::DotProduct]
+    } else {
+        &[Mode::Gaussian]
+    };
+    Some(KeyLayout { pooled: (pooled != unpooled).then_some(pooled), bn: w_z.then(|| has(keys.bn())), modes })
+}
+
+/// Compares what the keys show (pooling, BatchNorm, mode) with the configuration.
+fn check_layout(file: &TensorFile, config: &NonLocalConfig, keys: &WeightKeys) -> Result<()> {
+    let Some(layout) = key_layout(file, keys) else { return Ok(()) };
+    if let Some(pooled) = layout.pooled.filter(|&p| p != config.sub_sample.is_some()) {
         return Err(Error::ConfigMismatch {
             what: "sub_sample",
             config: match config.sub_sample {
                 Some(k) => format!("{k:?}"),
                 None => "none".into(),
             },
-            weights: if pooled_in_file { "pooled φ/g (`.0.` keys)".into() } else { "unpooled φ/g".into() },
+            weights: if pooled { "pooled φ/g (`.0.` keys)".into() } else { "unpooled φ/g".into() },
         });
     }
-    let bn_in_file = has(keys.bn());
-    let w_z_in_file = has(keys.w_z(config.bn_layer)) || has(keys.w_z(!config.bn_layer));
-    if w_z_in_file && bn_in_file != config.bn_layer {
+    if let Some(bn) = layout.bn.filter(|&bn| bn != config.bn_layer) {
         return Err(Error::ConfigMismatch {
             what: "bn_layer",
             config: config.bn_layer.to_string(),
-            weights: if bn_in_file { "BatchNorm keys".into() } else { "no BatchNorm keys".into() },
+            weights: if bn { "BatchNorm keys".into() } else { "no BatchNorm keys".into() },
+        });
+    }
+    // A concatenation configuration on θ/φ keys without `concat_project` is left to the
+    // missing-key error, which names the key.
+    let missing_projection = config.mode == Mode::Concatenation && layout.modes.contains(&Mode::EmbeddedGaussian);
+    if !layout.modes.contains(&config.mode) && !missing_projection {
+        return Err(Error::ConfigMismatch {
+            what: "mode",
+            config: config.mode.name().into(),
+            weights: match layout.modes {
+                [Mode::Concatenation] => format!("{} (concatenation)", keys.concat_project()),
+                [Mode::Gaussian] => "no θ/φ convolutions (gaussian)".into(),
+                _ => "θ/φ convolutions and no concatenation projection (embedded_gaussian or dot_product)".into(),
+            },
         });
     }
     Ok(())

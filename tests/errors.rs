@@ -75,7 +75,7 @@ fn unmodified_file_loads() {
 }
 
 #[test]
-fn broken_files_are_format_errors() {
+fn broken_files_are_refused() {
     let good = std::fs::read(data_path("eg_video.safetensors")).unwrap();
     let header_len = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
     let mut rng = Rng::new(3);
@@ -100,9 +100,11 @@ fn broken_files_are_format_errors() {
     past_end.extend_from_slice(&good[8 + header_len..]);
     cases.push(("offsets past the end", past_end));
     for (what, bytes) in cases {
+        // Too short or random: not a checkpoint; a safetensors header, broken: a bad one.
         match TensorFile::from_bytes(bytes) {
-            Err(Error::Format(_)) => {}
-            other => panic!("{what}: expected Error::Format, got {other:?}"),
+            Err(Error::NotACheckpoint { .. }) if ["empty", "seven bytes", "random bytes"].contains(&what) => {}
+            Err(Error::BadCheckpoint { format: nonlocal::CheckpointFormat::Safetensors, .. }) => {}
+            other => panic!("{what}: expected NotACheckpoint or BadCheckpoint, got {other:?}"),
         }
     }
 }

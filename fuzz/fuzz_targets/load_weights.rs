@@ -3,7 +3,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use ndarray::Array5;
-use nonlocal::golden::{config_from_metadata, GoldenCase};
+use nonlocal::internal::golden::{config_from_metadata, GoldenCase};
 use nonlocal::{detect_naming, Mode, NonLocalBlock, NonLocalConfig, TensorFile, WeightKeys};
 
 fuzz_target!(|data: &[u8]| {

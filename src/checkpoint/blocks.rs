@@ -1,0 +1,230 @@
+//! Finding the non-local blocks of a checkpoint, and loading blocks from any checkpoint.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::Path;
+
+use super::file::TensorFile;
+use super::tensor::DType;
+use crate::block::NonLocalBlock;
+use crate::config::{Mode, NonLocalConfig};
+use crate::error::Result;
+use crate::weights::{key_layout, Naming, WeightKeys};
+
+/// A non-local block found in a checkpoint: where its keys are and what they show.
+///
+/// Its [`Display`](fmt::Display) is one line,
+/// `prefix=<p> naming=<alexhex7|mmcv> in_channels=<C> inter_channels=<C'> sub_sample=<true|false> bn=<true|false> dims=<1|2|3> dtype=<f32|f16|bf16|f64>`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockInfo {
+    /// The key scheme and prefix of its parameters.
+    pub keys: WeightKeys,
+    /// C, from the `g` convolution's input channels.
+    pub in_channels: usize,
+    /// C', from the `g` convolution's output channels.
+    pub inter_channels: usize,
+    /// Whether φ and g are max-pooled (their keys have a `.0.` stage).
+    pub sub_sample: bool,
+    /// Whether BatchNorm follows `W_z`.
+    pub bn: bool,
+    /// Rank of the 1x1 convolutions (1, 2 or 3 for PyTorch's `Conv1d/2d/3d`).
+    pub conv_dims: usize,
+    /// The type the `g` weight is stored in.
+    pub dtype: DType,
+    /// The pairwise functions the keys allow: `[Concatenation]` when there is a
+    /// `concat_project`, `[Gaussian]` when there is no θ/φ, else `[EmbeddedGaussian,
+    /// DotProduct]`, which have the same parameters.
+    pub modes: &'static [Mode],
+}
+
+impl fmt::Display for BlockInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "prefix={} naming={} in_channels={} inter_channels={} sub_sample={} bn={} dims={} dtype={}",
+            self.keys.prefix,
+            self.keys.naming,
+            self.in_channels,
+            self.inter_channels,
+            self.sub_sample,
+            self.bn,
+            self.conv_dims,
+            self.dtype.name()
+        )
+    }
+}
+
+impl BlockInfo {
+    /// The block's configuration: everything the keys show (channels, BatchNorm, pooling,
+    /// conv rank, and the mode where the keys decide it), the rest from the preset of its
+    /// implementation ([`NonLocalConfig::alexhex7`] or [`NonLocalConfig::mmcv`]).
+    ///
+    /// What the weights cannot show, and you may have to set yourself from the model's
+    /// training configuration:
+    /// - **embedded Gaussian or dot product** — the same parameters; this returns embedded
+    ///   Gaussian, the default of both implementations (`.mode(Mode::DotProduct)` for the other);
+    /// - **the pool kernel** — pooling has no parameters; a pooled block gets the kernel of its
+    ///   implementation for its rank, `[1, 1, 2]` for 1-d blocks and `[1, 2, 2]` for 2-d and 3-d
+    ///   ones (a `(2, 2, 2)` pool needs `.sub_sample(Some([2, 2, 2]))`);
+    /// - **`use_scale`** — mmcv's default is `true`, AlexHex7 has no scaling; note that
+    ///   mmaction2's I3D non-local configs set `use_scale=False`.
+    /// - **`bn_eps`** — PyTorch's 1e-5.
+    ///
+    /// # Example
+    /// ```
+    /// use nonlocal::{find_blocks, Mode, NonLocalBlock, TensorFile};
+    ///
+    /// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pth/pth_alexhex7_zip.pth");
+    /// let file = TensorFile::open(path)?;
+    /// let info = &find_blocks(&file)[0];
+    /// assert_eq!(info.modes, [Mode::EmbeddedGaussian, Mode::DotProduct]);
+    /// let config = info.config();
+    /// assert_eq!((config.in_channels, config.inter_channels, config.use_scale), (16, 8, false));
+    /// let block = NonLocalBlock::from_checkpoint(config, &file, &info.keys)?;
+    /// # Ok::<(), nonlocal::Error>(())
+    /// ```
+    pub fn config(&self) -> NonLocalConfig {
+        let preset = match self.keys.naming {
+            Naming::AlexHex7 => NonLocalConfig::alexhex7(self.in_channels),
+            Naming::Mmcv => NonLocalConfig::mmcv(self.in_channels),
+        };
+        let kernel = if self.conv_dims == 1 { [1, 1, 2] } else { [1, 2, 2] };
+        preset
+            .inter_channels(self.inter_channels)
+            .mode(self.modes[0])
+            .sub_sample(self.sub_sample.then_some(kernel))
+            .bn_layer(self.bn)
+            .conv_dims(self.conv_dims)
+    }
+
+    /// Loads the block from `file` with [`BlockInfo::config`].
+    ///
+    /// # Errors
+    /// As [`NonLocalBlock::from_checkpoint`].
+    pub fn load(&self, file: &TensorFile) -> Result<NonLocalBlock> {
+        NonLocalBlock::from_checkpoint(self.config(), file, &self.keys)
+    }
+}
+
+/// Every non-local block in a checkpoint, in the order of the file, under either key scheme:
+/// a `g` convolution (`g.weight`, `g.0.weight`, `g.conv.weight` or `g.0.conv.weight` after a
+/// prefix) beside a `W_z` (`W.weight`, `W.0.weight` or `conv_out.conv.weight`), with
+/// consistent 1x1 convolution shapes.
+///
+/// # Example
+/// ```
+/// use nonlocal::{find_blocks, TensorFile};
+///
+/// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pth/pth_mmaction_i3d.pth");
+/// let file = TensorFile::open(path)?; // an mmengine training checkpoint
+/// assert_eq!(file.state_dict_location(), "state_dict");
+/// let blocks = find_blocks(&file);
+/// assert_eq!(blocks.len(), 5);
+/// assert_eq!(
+///     blocks[0].to_string(),
+///     "prefix=backbone.layer2.0.non_local_block. naming=mmcv in_channels=32 inter_channels=16 \
+///      sub_sample=true bn=true dims=3 dtype=f32"
+/// );
+/// # Ok::<(), nonlocal::Error>(())
+/// ```
+pub fn find_blocks(file: &TensorFile) -> Vec<BlockInfo> {
+    let mut seen = HashSet::new();
+    let mut blocks = Vec::new();
+    for key in file.keys_in_order() {
+        for naming in [Naming::Mmcv, Naming::AlexHex7] {
+            for pooled in [false, true] {
+                let stem = format!("{}.weight", WeightKeys { naming, prefix: String::new() }.embedding("g", pooled));
+                let Some(prefix) = key.strip_suffix(stem.as_str()) else { continue };
+                if !(prefix.is_empty() || prefix.ends_with('.')) || seen.contains(prefix) {
+                    continue;
+                }
+                let keys = WeightKeys { naming, prefix: prefix.to_string() };
+                if let Some(info) = block_at(file, keys) {
+                    seen.insert(prefix.to_string());
+                    blocks.push(info);
+                }
+            }
+        }
+    }
+    blocks
+}
+
+/// The block under `keys`, if its keys and shapes make one.
+fn block_at(file: &TensorFile, keys: WeightKeys) -> Option<BlockInfo> {
+    let layout = key_layout(file, &keys)?;
+    let (sub_sample, bn) = (layout.pooled?, layout.bn?);
+    let g_key = format!("{}.weight", keys.embedding("g", sub_sample));
+    let g = file.shape(&g_key).ok()?;
+    let w = file.shape(&format!("{}.weight", keys.w_z(bn))).ok()?;
+    let conv_dims = g.len().checked_sub(2).filter(|d| (1..=3).contains(d))?;
+    let ones = |shape: &[usize]| shape[2..].iter().all(|&d| d == 1);
+    let (ci, c) = (g[0], g[1]);
+    if w.len() != g.len() || w[..2] != [c, ci] || !ones(g) || !ones(w) || c == 0 || ci == 0 {
+        return None;
+    }
+    let dtype = file.dtype(&g_key).ok()?.clone();
+    Some(BlockInfo { keys, in_channels: c, inter_channels: ci, sub_sample, bn, conv_dims, dtype, modes: layout.modes })
+}
+
+/// Loads every block [`find_blocks`] lists, each with its [`BlockInfo::config`].
+///
+/// # Errors
+/// The first block's loading error, as [`NonLocalBlock::from_checkpoint`].
+pub fn load_blocks(file: &TensorFile) -> Result<Vec<(BlockInfo, NonLocalBlock)>> {
+    find_blocks(file)
+        .into_iter()
+        .map(|info| {
+            let block = info.load(file)?;
+            Ok((info, block))
+        })
+        .collect()
+}
+
+impl NonLocalBlock {
+    /// A block with parameters read from a checkpoint of any format ([`TensorFile`]) under
+    /// `keys`.
+    ///
+    /// Other entries of the file are ignored. What the keys show must agree with `config`:
+    /// BatchNorm present or not, φ/g pooled or not, the conv rank, the channel counts, and
+    /// the mode where the keys decide it (a `concat_project` means concatenation; no θ/φ
+    /// means Gaussian). [`find_blocks`] and [`BlockInfo::config`] read all of it off the file.
+    ///
+    /// # Errors
+    /// [`Error::ConfigMismatch`](crate::Error::ConfigMismatch) naming the setting,
+    /// [`Error::MissingKey`](crate::Error::MissingKey),
+    /// [`Error::NotATensor`](crate::Error::NotATensor),
+    /// [`Error::WrongShape`](crate::Error::WrongShape),
+    /// [`Error::UnsupportedDtype`](crate::Error::UnsupportedDtype),
+    /// [`Error::InvalidParameter`](crate::Error::InvalidParameter) (non-finite values,
+    /// negative variance) or [`Error::InvalidConfig`](crate::Error::InvalidConfig), each
+    /// naming the key.
+    pub fn from_checkpoint(config: NonLocalConfig, file: &TensorFile, keys: &WeightKeys) -> Result<Self> {
+        Self::from_safetensors(config, file, keys)
+    }
+
+    /// Opens a checkpoint of any format ([`TensorFile::open`]), then as
+    /// [`NonLocalBlock::from_checkpoint`].
+    ///
+    /// # Example
+    /// ```
+    /// use nonlocal::{Mode, NonLocalBlock, NonLocalConfig, WeightKeys};
+    ///
+    /// // mmcv's NonLocal2d with BatchNorm, saved in bfloat16 under a 'model' key.
+    /// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pth/pth_bf16_mmcv2d.pth");
+    /// let config = NonLocalConfig::mmcv(16).sub_sample(Some([1, 2, 2])).bn_layer(true).conv_dims(2);
+    /// let block = NonLocalBlock::from_checkpoint_file(config.clone(), path, &WeightKeys::mmcv())?;
+    /// let x = ndarray::Array5::<f32>::zeros((1, 1, 6, 6, 16));
+    /// assert_eq!(block.forward(&x)?.shape(), x.shape());
+    ///
+    /// // Loaded as the wrong mode, the weights say no.
+    /// let err = NonLocalBlock::from_checkpoint_file(config.mode(Mode::Gaussian), path, &WeightKeys::mmcv());
+    /// assert!(matches!(err, Err(nonlocal::Error::ConfigMismatch { what: "mode", .. })));
+    /// # Ok::<(), nonlocal::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// Those of [`TensorFile::open`] and [`NonLocalBlock::from_checkpoint`].
+    pub fn from_checkpoint_file(config: NonLocalConfig, path: impl AsRef<Path>, keys: &WeightKeys) -> Result<Self> {
+        Self::from_checkpoint(config, &TensorFile::open(path)?, keys)
+    }
+}
