@@ -89,7 +89,9 @@ impl NonLocalBlock {
         })
     }
 
-    /// A block with parameters read from a safetensors checkpoint under `keys`.
+    /// A block with parameters read from a checkpoint under `keys`: safetensors or a
+    /// `torch.save` file, whatever [`TensorFile::open`] read (the same as
+    /// [`NonLocalBlock::from_checkpoint`]).
     ///
     /// Other tensors in the file are ignored. Whether BatchNorm is present and whether φ/g
     /// are pooled are read off the keys and must agree with `config`, as must the conv rank
@@ -106,10 +108,12 @@ impl NonLocalBlock {
         Ok(block)
     }
 
-    /// Reads a safetensors checkpoint from `path`, then as [`NonLocalBlock::from_safetensors`].
+    /// Reads a checkpoint of any format from `path` (the same as
+    /// [`NonLocalBlock::from_checkpoint_file`]), then as [`NonLocalBlock::from_safetensors`].
     ///
     /// # Errors
-    /// [`Error::Io`], [`Error::Format`], and those of [`NonLocalBlock::from_safetensors`].
+    /// Those of [`TensorFile::open`] ([`Error::Io`], [`Error::NotACheckpoint`],
+    /// [`Error::BadCheckpoint`]) and of [`NonLocalBlock::from_safetensors`].
     pub fn from_safetensors_file(config: NonLocalConfig, path: impl AsRef<Path>, keys: &WeightKeys) -> Result<Self> {
         Self::from_safetensors(config, &TensorFile::open(path)?, keys)
     }
