@@ -95,6 +95,13 @@ pub(crate) fn gemm_packed<S: Simd, const MR: usize, const NV: usize>(
     if m == 0 || n == 0 {
         return;
     }
+    if b.k == 0 {
+        // An empty sum: C ← 0, or C unchanged.
+        if !accumulate {
+            c.data_mut().chunks_mut(ld).take(m).for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
     // Blocks of whole register panels, at most MAX_ROW_BLOCK rows, as many as a multiple of
     // the thread count and of near-equal height, so the threads finish together (at 784
     // rows: 6 blocks of 132 rows, not 8 of 108 with a last one of 28). The blocking changes
