@@ -58,7 +58,7 @@ fn mmaction_training_checkpoint_lists_its_five_blocks() {
         .collect();
     assert_eq!(lines, expected);
     // Loaded all at once, with the configuration read off the keys (and mmcv's preset).
-    let blocks = load_blocks(&file).unwrap();
+    let blocks = load_blocks(&file, |info| info.config()).unwrap();
     assert_eq!(blocks.len(), 5);
     for (info, block) in &blocks {
         assert_eq!(block.config(), &info.config());

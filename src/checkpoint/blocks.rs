@@ -97,7 +97,9 @@ impl BlockInfo {
             .conv_dims(self.conv_dims)
     }
 
-    /// Loads the block from `file` with [`BlockInfo::config`].
+    /// Loads the block from `file` with [`BlockInfo::config`] as it is: check first that its
+    /// defaults for what the keys cannot show (mode, pool kernel, `use_scale`) are the model's,
+    /// or load with [`NonLocalBlock::from_checkpoint`] and your own configuration.
     ///
     /// # Errors
     /// As [`NonLocalBlock::from_checkpoint`].
@@ -166,15 +168,36 @@ fn block_at(file: &TensorFile, keys: WeightKeys) -> Option<BlockInfo> {
     Some(BlockInfo { keys, in_channels: c, inter_channels: ci, sub_sample, bn, conv_dims, dtype, modes: layout.modes })
 }
 
-/// Loads every block [`find_blocks`] lists, each with its [`BlockInfo::config`].
+/// Loads every block [`find_blocks`] lists, each with the configuration `configure` gives
+/// for it: start from [`BlockInfo::config`] and set what the keys cannot show (the mode where
+/// embedded Gaussian and dot product share keys, the pool kernel, `use_scale`). The closure is
+/// not optional because those settings change the output: mmcv's `NonLocal3d` defaults to
+/// `use_scale` true, but mmaction2's I3D configs set it false, and loading their checkpoints
+/// with the default is wrong by ~1.5 (no error can tell).
+///
+/// # Example
+/// ```
+/// use nonlocal::{load_blocks, TensorFile};
+///
+/// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pth/pth_mmaction_i3d.pth");
+/// let file = TensorFile::open(path)?;
+/// // mmaction2's I3D non-local config: embedded Gaussian, use_scale=False, 1x2x2 pooling.
+/// let blocks = load_blocks(&file, |info| info.config().use_scale(false))?;
+/// assert_eq!(blocks.len(), 5);
+/// assert!(blocks.iter().all(|(_, block)| !block.config().use_scale));
+/// # Ok::<(), nonlocal::Error>(())
+/// ```
 ///
 /// # Errors
 /// The first block's loading error, as [`NonLocalBlock::from_checkpoint`].
-pub fn load_blocks(file: &TensorFile) -> Result<Vec<(BlockInfo, NonLocalBlock)>> {
+pub fn load_blocks(
+    file: &TensorFile,
+    configure: impl Fn(&BlockInfo) -> NonLocalConfig,
+) -> Result<Vec<(BlockInfo, NonLocalBlock)>> {
     find_blocks(file)
         .into_iter()
         .map(|info| {
-            let block = info.load(file)?;
+            let block = NonLocalBlock::from_checkpoint(configure(&info), file, &info.keys)?;
             Ok((info, block))
         })
         .collect()
