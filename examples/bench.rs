@@ -223,7 +223,7 @@ fn main() {
     let each: Vec<String> = peaks.iter().map(|(name, g)| format!("{name}={g:.1}")).collect();
     println!(
         "threads={threads} simd={} sgemm 2048^3 GFLOP/s: {} peak={peak:.1}",
-        nonlocal::internal::kernels::simd::isa(),
+        nonlocal::simd_path(),
         each.join(" ")
     );
     for (name, c, t, h, w) in SHAPES {

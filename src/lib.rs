@@ -131,6 +131,20 @@ mod workspace;
 
 pub use block::NonLocalBlock;
 pub use checkpoint::{find_blocks, load_blocks, BlockInfo, CheckpointFormat, DType, TensorFile};
+pub use kernels::simd::Isa;
+
+/// The instruction set the kernels run on in this process: the widest the CPU has, or the
+/// one `NONLOCAL_SIMD=avx512|avx2|portable` asks for when the CPU has it (else the widest,
+/// with a message on stderr). See the README's "What runs where".
+///
+/// ```
+/// let path = nonlocal::simd_path();
+/// assert!(path.available());
+/// println!("kernels: {path}"); // avx512, avx2 or portable
+/// ```
+pub fn simd_path() -> Isa {
+    kernels::simd::isa()
+}
 pub use config::{Mode, NonLocalConfig};
 pub use error::{Error, Result};
 pub use params::{BatchNorm, Conv1x1, Parameters};

@@ -413,14 +413,17 @@ impl std::fmt::Display for Isa {
 }
 
 /// The path the kernels use: [`Isa::best`], or the one named by the environment variable
-/// `NONLOCAL_SIMD` (`avx512`, `avx2` or `portable`) when the CPU can run it. A path the CPU
-/// lacks, or an unknown name, falls back to the best available with a message on stderr:
-/// never an illegal instruction.
+/// `NONLOCAL_SIMD` (`avx512`, `avx2` or `portable`, any case; empty means unset) when the CPU
+/// can run it. A path the CPU lacks, or an unknown name, falls back to the best available with
+/// a message on stderr: never an illegal instruction. Chosen once, at the first call.
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
         let best = Isa::best();
-        let Ok(requested) = std::env::var("NONLOCAL_SIMD") else { return best };
+        let requested = match std::env::var("NONLOCAL_SIMD") {
+            Ok(value) if !value.trim().is_empty() => value,
+            _ => return best,
+        };
         match Isa::parse(&requested) {
             Some(isa) if isa.available() => isa,
             Some(isa) => {
