@@ -389,8 +389,7 @@ impl NonLocalBlock {
                 let folded_keys = match (&self.compiled.theta_fold, fold_theta) {
                     (Some(fold), true) => {
                         let mut keys = self.workspace.take(m * c, "folded keys")?;
-                        let w_theta = MatRef::new(&fold.w_theta, 0, ci, c, c);
-                        par_gemm(1.0, prepared.keys(), w_theta, 0.0, &mut MatMut::new(&mut keys, m, c, c));
+                        fold.w_theta_t.apply(prepared.keys(), 0.0, &mut MatMut::new(&mut keys, m, c, c));
                         let mut phi = vec![0.0f32; ci];
                         let offsets: Vec<f32> = (0..m)
                             .map(|j| {

@@ -37,8 +37,8 @@ pub(crate) struct ThetaFold {
     /// `[φ; g]` stacked (2C' × C), and their bias.
     pub(crate) w_keys: Weights,
     pub(crate) b_keys: Vec<f32>,
-    /// `W_θ` (C' × C, row-major) and `b_θ` (C').
-    pub(crate) w_theta: Vec<f32>,
+    /// `W_θᵀ` (C × C', so that `φ·W_θ` is its `apply`), and `b_θ` (C').
+    pub(crate) w_theta_t: Weights,
     pub(crate) b_theta: Vec<f32>,
 }
 
@@ -138,7 +138,7 @@ impl Compiled {
         let theta_fold = (config.mode == Mode::EmbeddedGaussian).then(|| ThetaFold {
             w_keys: Weights::new(w_proj[ci * c..].to_vec(), 2 * ci, c),
             b_keys: b_proj[ci..].to_vec(),
-            w_theta: w_proj[..ci * c].to_vec(),
+            w_theta_t: Weights::new((0..c * ci).map(|i| w_proj[(i % ci) * c + i / ci]).collect(), c, ci),
             b_theta: b_proj[..ci].to_vec(),
         });
         let (w_proj, w_out) = (Weights::new(w_proj, proj_cols, c), Weights::new(w_out, c, ci));

@@ -66,9 +66,14 @@ impl Kernel {
         out: &mut [f32],
         lse: Option<&mut [f32]>,
     ) {
-        let (q, k, v, _) = qkv;
+        let (q, k, v, scale) = qkv;
         check_forward(q, k, v, out, lse.as_deref());
         assert!(bias.is_none_or(|b| b.len() == k.rows()), "softmax_attention: key bias length");
+        assert!(scale >= 0.0, "softmax_attention: the logit scale must not be negative");
+        assert!(v.cols() > 0 || lse.is_none(), "softmax_attention: no value channel");
+        if q.rows() == 0 || v.cols() == 0 {
+            return;
+        }
         let tile = query_tile(q.rows());
         match self {
             #[cfg(target_arch = "x86_64")]
@@ -94,12 +99,14 @@ impl Kernel {
         dk: &mut [f32],
         dv: &mut [f32],
     ) {
-        let (q, k, v, _) = qkv;
+        let (q, k, v, scale) = qkv;
         let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
+        assert!(scale >= 0.0, "softmax_attention_backward: the logit scale must not be negative");
         assert!(m > 0, "softmax attention needs at least one key");
         assert_eq!((k.cols(), v.rows(), lse.len()), (d, m, n), "softmax_attention_backward: q, k, v, lse shapes");
         assert_eq!((y.rows(), y.cols(), dy.rows(), dy.cols()), (n, dvc, n, dvc), "softmax_attention_backward: y, dy");
         assert_eq!((dq.len(), dk.len(), dv.len()), (n * d, m * d, m * dvc), "softmax_attention_backward: outputs");
+        assert!(n > 0 && d > 0 && dvc > 0, "softmax_attention_backward: empty queries, depth or values");
         let yy = (y, dy);
         match self {
             #[cfg(target_arch = "x86_64")]
@@ -138,7 +145,7 @@ pub fn softmax_attention(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, scale: f32
 }
 
 /// `out ← softmax(scale · (q·kᵀ + 1·biasᵀ))·v`: as [`softmax_attention`] with one logit offset
-/// per key (`bias`, M). The block uses it when it folds θ's projection into the keys
+/// per key (`bias`, M, finite: a −∞ offset is not a mask, it makes every row NaN). The block uses it when it folds θ's projection into the keys
 /// (`θ_i·φ_j = x_i·(W_θᵀφ_j) + b_θ·φ_j`).
 ///
 /// # Panics
@@ -384,6 +391,26 @@ mod tests {
             if let Some(twin) = portable_twin(*kernel) {
                 assert_eq!(bits(&case.forward(twin, 0.6).0), bits(out), "{kernel:?} differs from {twin:?}");
             }
+        }
+    }
+
+    #[test]
+    fn empty_depth_gives_uniform_weights_and_no_query_gives_nothing() {
+        // d = 0: every logit is 0, so each output row is the mean of the values. The views
+        // of no column sit on an empty slice, with a row stride past it.
+        let (m, dv) = (3, 2);
+        let v: Vec<f32> = vec![1.0, 2.0, 3.0, 4.0, 5.0, 9.0];
+        let none: [f32; 0] = [];
+        for kernel in kernels() {
+            let mut out = vec![f32::NAN; 5 * dv];
+            let (q, k) = (MatRef::new(&none, 0, 5, 0, 7), MatRef::new(&none, 0, m, 0, 7));
+            kernel.forward((q, k, MatRef::new(&v, 0, m, dv, dv), 1.0), None, &mut out, None);
+            for row in out.chunks(dv) {
+                assert!((row[0] - 3.0).abs() < 1e-6 && (row[1] - 5.0).abs() < 1e-6, "{kernel:?}: {row:?}");
+            }
+            let mut nothing: [f32; 0] = [];
+            let q = MatRef::new(&none, 0, 0, 0, 7);
+            kernel.forward((q, k, MatRef::new(&v, 0, m, dv, dv), 1.0), None, &mut nothing, Some(&mut []));
         }
     }
 

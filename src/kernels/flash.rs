@@ -202,8 +202,8 @@ fn softmax_panel<S: Simd, const NV: usize>(
         for key in 0..keys {
             let x = s.load_slice(&panel[key * nr + v * lanes..]);
             best = s.max(x, best);
-            // x·0 is NaN exactly when x is NaN or ±∞: such a query's softmax is NaN, as in
-            // PyTorch.
+            // x·0 is NaN exactly when x is NaN or ±∞: such a query's softmax is NaN (as in
+            // PyTorch for NaN and +∞; a −∞ logit is not a mask here, its row is NaN too).
             probe = s.add(probe, s.mul(x, zero));
         }
         let tile_max = s.add(best, probe);

@@ -116,7 +116,11 @@ impl<'a> MatRef<'a> {
     #[inline]
     pub fn row(&self, i: usize) -> Option<&'a [f32]> {
         assert!(i < self.rows);
-        (self.cs == 1 || self.cols <= 1).then(|| {
+        if self.cols == 0 {
+            // No element, so no pointer arithmetic: an empty view may sit anywhere.
+            return Some(&[]);
+        }
+        (self.cs == 1 || self.cols == 1).then(|| {
             // SAFETY: `cols` contiguous readable elements start at row i.
             unsafe { std::slice::from_raw_parts(self.ptr.offset(i as isize * self.rs), self.cols) }
         })
@@ -383,6 +387,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn par_gemm_writes_only_the_rows_of_c_in_a_longer_buffer() {
+        let (m, k, n) = (300, 40, 50);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
+        let (a, b) = (MatRef::new(&a, 0, m, k, k), MatRef::new(&b, 0, k, n, n));
+        let mut c = vec![f32::NAN; (m + 500) * n];
+        par_gemm(1.0, a, b, 0.0, &mut MatMut::new(&mut c, m, n, n));
+        assert_eq!(c[..m * n].iter().map(|&v| v as f64).collect::<Vec<_>>(), naive_product(a, b));
+        assert!(c[m * n..].iter().all(|v| v.is_nan()), "written past the view");
     }
 
     #[test]

@@ -97,6 +97,9 @@ pub(crate) fn pack_panels(src: MatRef<'_>, width: usize, depth_pad: usize, out: 
     let (rows, depth) = (src.rows(), src.cols());
     assert!(depth <= depth_pad && out.len() >= rows.div_ceil(width) * depth_pad * width);
     out.fill(0.0);
+    if depth == 0 {
+        return;
+    }
     if rows > 1 && depth > 0 && src.row(0).is_none() && src.col(0).is_some() {
         // Columns are contiguous (a transposed matrix): each group is a run of one column.
         for p in 0..depth {

@@ -103,14 +103,15 @@ pub(crate) fn gemm_packed<S: Simd, const MR: usize, const NV: usize>(
         return;
     }
     // Blocks of whole register panels, at most MAX_ROW_BLOCK rows, as many as a multiple of
-    // the thread count and of near-equal height, so the threads finish together (at 784
-    // rows: 6 blocks of 132 rows, not 8 of 108 with a last one of 28). The blocking changes
-    // no result.
+    // the thread count and of near-equal height, so the threads finish together (784 rows on
+    // 2 threads: 6 blocks of 132 rows, not 8 of 108 with a last one of 28). The blocking
+    // changes no result.
     let threads = rayon::current_num_threads().max(1);
     let panels = m.div_ceil(MR);
     let blocks = threads * panels.div_ceil(threads * (MAX_ROW_BLOCK / MR));
     let block = panels.div_ceil(blocks) * MR;
-    c.data_mut().par_chunks_mut(block * ld).enumerate().for_each(|(i, c_block)| {
+    // Only the m rows of C: its buffer may run on past them.
+    c.data_mut()[..(m - 1) * ld + n].par_chunks_mut(block * ld).enumerate().for_each(|(i, c_block)| {
         let start = i * block;
         let rows = block.min(m - start);
         let a = a.rows_range(start, start + rows);

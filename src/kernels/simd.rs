@@ -442,7 +442,7 @@ pub fn isa() -> Isa {
 mod tests {
     use super::*;
 
-    /// Runs `check` with every instruction set this CPU has, on vectors of its width.
+    /// The vector `exp` of each whole vector of the input.
     struct ExpJob(Vec<f32>);
     impl Job for ExpJob {
         type Out = Vec<f32>;
