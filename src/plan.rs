@@ -135,7 +135,9 @@ impl Compiled {
             b_out.push(shift as f32);
             bn_scale.push(scale as f32);
         }
-        let theta_fold = (config.mode == Mode::EmbeddedGaussian).then(|| ThetaFold {
+        // The fold pays only with fewer keys than queries (pooling) or C < C'.
+        let fold_may_pay = config.sub_sample.is_some() || c < ci;
+        let theta_fold = (config.mode == Mode::EmbeddedGaussian && fold_may_pay).then(|| ThetaFold {
             w_keys: Weights::new(w_proj[ci * c..].to_vec(), 2 * ci, c),
             b_keys: b_proj[ci..].to_vec(),
             w_theta_t: Weights::new((0..c * ci).map(|i| w_proj[(i % ci) * c + i / ci]).collect(), c, ci),
