@@ -86,7 +86,10 @@
 //! The forward pass never builds the N×M matrix: the Gaussian modes use a fused online-softmax
 //! kernel (as FlashAttention), dot product uses `θ·(φᵀg)`, concatenation a sort and prefix
 //! sums. Work is spread over the current rayon pool; results are bit-identical for any
-//! thread count. See the README for figures.
+//! thread count. The kernels are chosen at run time for the widest instruction set the CPU
+//! has — AVX-512, AVX2+FMA or portable code ([`simd_path`]; `NONLOCAL_SIMD` forces one) — and
+//! layer weights are packed once for them when the parameters are set. See the README for
+//! figures.
 //!
 //! # Example
 //! ```
