@@ -6,6 +6,7 @@
 //! kernel's limit on the path (1024 channels on AVX-512, 512 on AVX2). Both check every shape
 //! before any work, so no call reaches memory outside its operands.
 
+use super::attention_shapes::{check_backward, check_forward};
 use super::gemm::MatRef;
 use super::query_chunks::query_tile;
 #[cfg(target_arch = "x86_64")]
@@ -67,8 +68,7 @@ impl Kernel {
         lse: Option<&mut [f32]>,
     ) {
         let (q, k, v, scale) = qkv;
-        check_forward(q, k, v, out, lse.as_deref());
-        assert!(bias.is_none_or(|b| b.len() == k.rows()), "softmax_attention: key bias length");
+        check_forward((q, k, v), bias, out, lse.as_deref());
         assert!(scale >= 0.0, "softmax_attention: the logit scale must not be negative");
         assert!(v.cols() > 0 || lse.is_none(), "softmax_attention: no value channel");
         if q.rows() == 0 || v.cols() == 0 {
@@ -100,12 +100,9 @@ impl Kernel {
         dv: &mut [f32],
     ) {
         let (q, k, v, scale) = qkv;
-        let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
+        let (n, d, dvc) = (q.rows(), q.cols(), v.cols());
         assert!(scale >= 0.0, "softmax_attention_backward: the logit scale must not be negative");
-        assert!(m > 0, "softmax attention needs at least one key");
-        assert_eq!((k.cols(), v.rows(), lse.len()), (d, m, n), "softmax_attention_backward: q, k, v, lse shapes");
-        assert_eq!((y.rows(), y.cols(), dy.rows(), dy.cols()), (n, dvc, n, dvc), "softmax_attention_backward: y, dy");
-        assert_eq!((dq.len(), dk.len(), dv.len()), (n * d, m * d, m * dvc), "softmax_attention_backward: outputs");
+        check_backward((q, k, v), lse, (y, dy), (dq, dk, dv));
         assert!(n > 0 && d > 0 && dvc > 0, "softmax_attention_backward: empty queries, depth or values");
         let yy = (y, dy);
         match self {
@@ -124,14 +121,6 @@ impl Kernel {
             }
         }
     }
-}
-
-fn check_forward(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, out: &[f32], lse: Option<&[f32]>) {
-    let (n, m, d, dv) = (q.rows(), k.rows(), q.cols(), v.cols());
-    assert!(m > 0, "softmax attention needs at least one key");
-    assert_eq!((k.cols(), v.rows()), (d, m), "softmax_attention: q, k, v shapes");
-    assert_eq!(Some(out.len()), n.checked_mul(dv), "softmax_attention: output length");
-    assert!(lse.is_none_or(|l| l.len() == n), "softmax_attention: lse length");
 }
 
 /// `out ← softmax(scale · q·kᵀ)·v` with `out` row-major N × dv.

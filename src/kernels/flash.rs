@@ -19,6 +19,7 @@
 
 use rayon::prelude::*;
 
+use super::attention_shapes::{check_backward, check_forward};
 use super::gemm::MatRef;
 use super::microkernel::{packed_panels, tile};
 use super::query_chunks::over_query_chunks;
@@ -43,11 +44,8 @@ pub(crate) fn attention<S: Simd, const MR: usize, const NV: usize>(
 ) {
     let nr = NV * S::LANES;
     const { assert!(KEY_TILE.is_multiple_of(MR) && QUERY_TILE.is_multiple_of(NV * S::LANES)) };
+    check_forward((q, k, v), bias, out, lse.as_deref());
     let (n, m, d, dv) = (q.rows(), k.rows(), q.cols(), v.cols());
-    assert!(m > 0, "softmax attention needs at least one key");
-    assert_eq!((k.cols(), v.rows(), out.len()), (d, m, n * dv), "attention: shapes");
-    assert!(lse.as_ref().is_none_or(|l| l.len() == n), "attention: lse length");
-    assert!(bias.is_none_or(|b| b.len() == m), "attention: key bias length");
     let m_pad = m.next_multiple_of(MR);
     let k_packed = packed_panels(k, MR, d);
     let v_packed = packed_panels(v.t(), MR, m_pad);
@@ -257,11 +255,8 @@ pub(crate) fn attention_backward<S: Simd, const MR: usize, const NV: usize>(
     dv: &mut [f32],
 ) {
     let nr = NV * S::LANES;
+    check_backward((q, k, v), lse, (y, dy), (dq, dk, dv));
     let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
-    assert!(m > 0, "softmax attention needs at least one key");
-    assert_eq!((k.cols(), v.rows(), lse.len()), (d, m, n), "attention_backward: shapes");
-    assert_eq!((y.rows(), y.cols(), dy.rows(), dy.cols()), (n, dvc, n, dvc), "attention_backward: y, dy");
-    assert_eq!((dq.len(), dk.len(), dv.len()), (n * d, m * d, m * dvc), "attention_backward: outputs");
     let m_pad = m.next_multiple_of(MR);
     let packed = BackwardPacked {
         k_rows: packed_panels(k, MR, d),

@@ -8,9 +8,11 @@
 //!   points), [`dot_product`], [`concat`](mod@concat), [`pool`], [`exp`];
 //! - the instruction-set layer: [`simd`] (vector operations for AVX-512, AVX2 and portable
 //!   code, and the run-time choice), `microkernel` (the packed register tile), `tiles`
-//!   (tile sizes in one place), `query_chunks` (how queries are split between threads).
+//!   (tile sizes in one place), `query_chunks` (how queries are split between threads),
+//!   `attention_shapes` (the attention kernels' shape checks).
 
 pub mod attention;
+pub(crate) mod attention_shapes;
 pub mod concat;
 pub mod dot_product;
 pub mod exp;

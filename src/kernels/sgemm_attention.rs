@@ -11,6 +11,7 @@
 
 use rayon::prelude::*;
 
+use super::attention_shapes::{check_backward, check_forward};
 use super::exp::{exp_sum, row_max};
 use super::gemm::{gemm, MatMut, MatRef};
 use super::query_chunks::{over_query_chunks, query_tile};
@@ -27,12 +28,8 @@ pub(crate) fn attention(
     out: &mut [f32],
     lse: Option<&mut [f32]>,
 ) {
-    let (n, m, dv) = (q.rows(), k.rows(), v.cols());
-    assert_eq!(q.cols(), k.cols());
-    assert_eq!(v.rows(), m);
-    assert!(m > 0, "softmax attention needs at least one key");
-    assert_eq!(out.len(), n * dv);
-    assert!(bias.is_none_or(|b| b.len() == m), "attention: key bias length");
+    check_forward((q, k, v), bias, out, lse.as_deref());
+    let (n, dv) = (q.rows(), v.cols());
     let tile = query_tile(n);
     let work = |(i, out_tile): (usize, &mut [f32]), lse_tile: Option<&mut [f32]>| {
         let start = i * tile;
@@ -41,7 +38,6 @@ pub(crate) fn attention(
     };
     match lse {
         Some(lse) => {
-            assert_eq!(lse.len(), n);
             out.par_chunks_mut(tile * dv)
                 .zip(lse.par_chunks_mut(tile))
                 .enumerate()
@@ -131,11 +127,8 @@ pub(crate) fn attention_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
+    check_backward((q, k, v), lse, (y, dy), (dq, dk, dv));
     let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
-    assert!(m > 0, "softmax attention needs at least one key");
-    assert_eq!((k.cols(), v.rows(), lse.len()), (d, m, n), "attention_backward: shapes");
-    assert_eq!((y.rows(), y.cols(), dy.rows(), dy.cols()), (n, dvc, n, dvc), "attention_backward: y, dy");
-    assert_eq!((dq.len(), dk.len(), dv.len()), (n * d, m * d, m * dvc), "attention_backward: outputs");
     let partials = over_query_chunks(
         n,
         d,
