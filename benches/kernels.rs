@@ -11,8 +11,9 @@ use nonlocal::internal::kernels::attention::softmax_attention;
 use nonlocal::internal::kernels::concat::concat_attention;
 use nonlocal::internal::kernels::dot_product::key_value_product;
 use nonlocal::internal::kernels::exp::exp_sum;
-use nonlocal::internal::kernels::gemm::{par_gemm, MatMut, MatRef};
+use nonlocal::internal::kernels::gemm::par_gemm;
 use nonlocal::internal::kernels::pool::max_pool;
+use nonlocal::internal::kernels::views::{MatMut, MatRef};
 use nonlocal::{Mode, NonLocalBlock, NonLocalConfig, Parameters};
 
 fn data(len: usize, seed: u32) -> Vec<f32> {

@@ -21,7 +21,8 @@
 use std::time::Instant;
 
 use ndarray::Array5;
-use nonlocal::internal::kernels::gemm::{par_gemm, MatMut, MatRef};
+use nonlocal::internal::kernels::gemm::par_gemm;
+use nonlocal::internal::kernels::views::{MatMut, MatRef};
 use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters};
 use rayon::prelude::*;
 

@@ -17,7 +17,11 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use nonlocal::internal::golden::GoldenCase;
+#[path = "../tests/oracle/golden.rs"]
+#[allow(dead_code)] // what the tests use beside the check
+mod golden;
+
+use golden::GoldenCase;
 use nonlocal::TensorFile;
 
 fn main() -> ExitCode {

@@ -32,7 +32,11 @@ use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
 use ndarray::{s, Array1, Array2, Array3, Array5, ArrayView4};
-use nonlocal::internal::golden::config_from_metadata;
+#[path = "../tests/oracle/golden.rs"]
+#[allow(dead_code)] // the example uses only the metadata reader
+mod golden;
+
+use golden::config_from_metadata;
 use nonlocal::internal::parse_sub_sample;
 use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters, TensorFile, WeightKeys};
 
@@ -228,7 +232,7 @@ fn from_files(o: &Options, weights: &Path) -> nonlocal::Result<Loaded> {
         (None, Ok(found)) => found,
         _ => config_from_flags(o)?,
     };
-    let block = NonLocalBlock::from_safetensors(config, &file, &keys)?;
+    let block = NonLocalBlock::from_checkpoint(config, &file, &keys)?;
     let input_file = match &o.input {
         Some(p) => TensorFile::open(p)?,
         None => file,

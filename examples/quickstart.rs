@@ -21,7 +21,7 @@ fn main() -> Result<(), nonlocal::Error> {
     // 2. Weights trained in PyTorch (AlexHex7 keys), saved with safetensors.
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/eg_video.safetensors");
     let config = NonLocalConfig::new(8).inter_channels(4);
-    let block = NonLocalBlock::from_safetensors_file(config, path, &WeightKeys::alexhex7())?;
+    let block = NonLocalBlock::from_checkpoint_file(config, path, &WeightKeys::alexhex7())?;
     let file = nonlocal::TensorFile::open(path)?;
     let x = file.tensor("input")?.into_dimensionality::<ndarray::Ix5>().expect("rank 5 input");
     let z = block.forward(&x)?;

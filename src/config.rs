@@ -68,8 +68,10 @@ impl FromStr for Mode {
 
 /// Configuration of a [`NonLocalBlock`](crate::NonLocalBlock).
 ///
-/// Fields are public; [`NonLocalConfig::new`] fills in the defaults of the paper and of
-/// AlexHex7's `Non-local_pytorch`, and the builder methods change one setting each.
+/// Fields are public to read; [`NonLocalConfig::new`] and the presets of the PyTorch
+/// implementations ([`NonLocalConfig::alexhex7`], [`NonLocalConfig::mmcv`],
+/// [`NonLocalConfig::mmaction2_i3d`]) fill them in, and the builder methods change one setting
+/// each. The struct is `#[non_exhaustive]`: settings may be added without breaking callers.
 ///
 /// # Example
 /// ```
@@ -83,6 +85,7 @@ impl FromStr for Mode {
 /// config.validate().unwrap();
 /// ```
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct NonLocalConfig {
     /// C, the number of input (and output) channels.
     pub in_channels: usize,
@@ -151,6 +154,22 @@ impl NonLocalConfig {
     /// ```
     pub fn mmcv(in_channels: usize) -> Self {
         Self::new(in_channels).use_scale(true).sub_sample(None).bn_layer(false)
+    }
+
+    /// The non-local blocks of mmaction2's I3D backbones (`resnet3d` with `non_local_cfg`:
+    /// `sub_sample=True`, `use_scale=False`, `norm_cfg=dict(type='BN3d')`, `mode` embedded
+    /// Gaussian), the most common video checkpoints: mmcv's `NonLocal3d` keys with 1x2x2
+    /// pooling, BatchNorm, no logit scaling. Loading them with [`NonLocalConfig::mmcv`]'s
+    /// `use_scale` true instead gives outputs off by up to ~1.5, and no key can tell.
+    ///
+    /// ```
+    /// # use nonlocal::NonLocalConfig;
+    /// let config = NonLocalConfig::mmaction2_i3d(1024);
+    /// assert!(!config.use_scale && config.bn_layer && config.sub_sample == Some([1, 2, 2]));
+    /// assert_eq!(config.inter_channels, 512);
+    /// ```
+    pub fn mmaction2_i3d(in_channels: usize) -> Self {
+        Self::mmcv(in_channels).use_scale(false).sub_sample(Some([1, 2, 2])).bn_layer(true)
     }
 
     /// Sets the pairwise function. Default [`Mode::EmbeddedGaussian`].

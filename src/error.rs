@@ -1,5 +1,7 @@
 //! The crate's error type.
 
+use crate::checkpoint::CheckpointFormat;
+
 /// Everything that can go wrong in this crate.
 ///
 /// Each variant carries what a caller needs to act on it: the offending key, the expected and
@@ -29,10 +31,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// Writing safetensors failed. (Reading any checkpoint reports
+    /// Writing a safetensors file failed. (Reading any checkpoint reports
     /// [`Error::NotACheckpoint`] or [`Error::BadCheckpoint`] instead.)
-    #[error("invalid safetensors data: {0}")]
-    Format(#[from] safetensors::SafeTensorError),
+    #[error("cannot write the safetensors file: {reason}")]
+    SaveFailed {
+        /// What the serialiser found wrong, in words.
+        reason: String,
+    },
     /// The file is none of the checkpoint formats read.
     #[error(
         "{path} is not a checkpoint: {found}; the formats read are safetensors, the torch.save zip \
@@ -52,7 +57,7 @@ pub enum Error {
         /// The file's path (`(checkpoint bytes)` for bytes given in memory).
         path: String,
         /// The format the content was recognised as.
-        format: crate::checkpoint::CheckpointFormat,
+        format: CheckpointFormat,
         /// What is wrong, in words.
         reason: String,
     },
@@ -180,11 +185,19 @@ pub enum Error {
         /// The pool kernel (kt, kh, kw).
         kernel: [usize; 3],
     },
-    /// The sizes involved would overflow `usize` when buffers are sized.
+    /// The sizes involved would overflow `usize` (or `isize` bytes) when buffers are sized.
     #[error("sizes too large: {what} overflows usize")]
     TooLarge {
         /// Which product overflowed.
         what: &'static str,
+    },
+    /// A buffer of a size that fits could not be allocated (out of memory).
+    #[error("cannot allocate {bytes} bytes for {what}")]
+    AllocationFailed {
+        /// What the buffer is for.
+        what: &'static str,
+        /// The size asked for, in bytes.
+        bytes: usize,
     },
     /// A training context was used with parameters other than those of its forward pass.
     #[error("the training context is stale: the block's parameters changed after forward_train")]

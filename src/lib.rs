@@ -115,26 +115,24 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
-mod block;
+// The layers, bottom to top; each imports only from those listed before it.
 mod checkpoint;
-mod config;
 mod error;
-mod golden;
+mod workspace;
 // Reached from outside only through the hidden `internal` module; its docs link freely
 // between kernels, some of them private.
+mod block;
+mod config;
 #[allow(rustdoc::private_intra_doc_links)]
 mod kernels;
-mod layout;
+mod load;
 mod params;
 mod plan;
-mod reference;
-mod train;
-mod weights;
-mod workspace;
 
-pub use block::NonLocalBlock;
-pub use checkpoint::{find_blocks, load_blocks, BlockInfo, CheckpointFormat, DType, TensorFile};
+pub use block::{load_blocks, Gradients, NonLocalBlock, ParameterGradients, TrainContext};
+pub use checkpoint::{CheckpointFormat, DType};
 pub use kernels::simd::Isa;
+pub use load::{detect_naming, find_blocks, BlockInfo, Naming, TensorFile, WeightKeys};
 
 /// The instruction set the kernels run on in this process: the widest the CPU has, or the
 /// one `NONLOCAL_SIMD=avx512|avx2|portable` asks for when the CPU has it (else the widest,
@@ -151,28 +149,17 @@ pub fn simd_path() -> Isa {
 pub use config::{Mode, NonLocalConfig};
 pub use error::{Error, Result};
 pub use params::{BatchNorm, Conv1x1, Parameters};
-pub use train::{Gradients, ParameterGradients, TrainContext};
-pub use weights::{detect_naming, Naming, WeightKeys};
 
 /// Scaffolding for this crate's tests, benches and examples — not part of the API: no
-/// stability promise, and it may panic on input the API would reject.
+/// stability promise, and it may panic on input the API would reject. (The test oracles, the
+/// golden-file harness and the f64 reference, live outside the library in `tests/oracle/`.)
 #[doc(hidden)]
 pub mod internal {
     pub use crate::config::parse_sub_sample;
 
-    /// The golden-file harness: PyTorch reference cases (`examples/golden`, `tests/golden.rs`).
-    pub mod golden {
-        pub use crate::golden::*;
-    }
-
-    /// The plain f64 implementation the tests compare the kernels with.
-    pub mod reference {
-        pub use crate::reference::*;
-    }
-
     /// The compute kernels, for the benches.
     pub mod kernels {
-        pub use crate::kernels::{attention, concat, dot_product, exp, gemm, pool, simd};
+        pub use crate::kernels::{attention, concat, dot_product, exp, gemm, pool, simd, views};
     }
 }
 

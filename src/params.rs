@@ -1,6 +1,6 @@
 //! The block's learnable parameters, in PyTorch's layout, and their checks.
 
-use ndarray::{Array1, Array2};
+use ndarray::{Array1, Array2, ArrayViewD, ArrayViewMutD};
 
 use crate::config::{Mode, NonLocalConfig};
 use crate::error::{Error, Result};
@@ -169,6 +169,50 @@ impl Parameters {
             (None, false) => {}
         }
         Ok(())
+    }
+}
+
+impl Parameters {
+    /// The trainable tensors by name, mutable, in the order of
+    /// [`ParameterGradients::named`](crate::ParameterGradients::named)
+    /// (BatchNorm running statistics are not trainable). To train a block, use
+    /// [`NonLocalBlock::update_parameters`](crate::NonLocalBlock::update_parameters), which pairs them with their gradients by name and
+    /// keeps the block consistent.
+    pub fn trainable_mut(&mut self) -> Vec<(String, ArrayViewMutD<'_, f32>)> {
+        let mut out = Vec::new();
+        if let Some(c) = &mut self.theta {
+            conv_tensors_mut("theta", c, &mut out);
+        }
+        if let Some(c) = &mut self.phi {
+            conv_tensors_mut("phi", c, &mut out);
+        }
+        conv_tensors_mut("g", &mut self.g, &mut out);
+        conv_tensors_mut("w_z", &mut self.w_z, &mut out);
+        if let Some(bn) = &mut self.bn {
+            out.push(("bn.weight".into(), bn.weight.view_mut().into_dyn()));
+            out.push(("bn.bias".into(), bn.bias.view_mut().into_dyn()));
+        }
+        if let Some(p) = &mut self.concat_project {
+            out.push(("concat_project".into(), p.view_mut().into_dyn()));
+        }
+        out
+    }
+}
+
+/// Appends a convolution's weight and bias (when it has one) as `{name}.weight`,
+/// `{name}.bias`.
+pub(crate) fn conv_tensors<'a>(name: &'static str, conv: &'a Conv1x1, out: &mut Vec<(String, ArrayViewD<'a, f32>)>) {
+    out.push((format!("{name}.weight"), conv.weight.view().into_dyn()));
+    if let Some(b) = &conv.bias {
+        out.push((format!("{name}.bias"), b.view().into_dyn()));
+    }
+}
+
+/// [`conv_tensors`], mutable.
+fn conv_tensors_mut<'a>(name: &'static str, conv: &'a mut Conv1x1, out: &mut Vec<(String, ArrayViewMutD<'a, f32>)>) {
+    out.push((format!("{name}.weight"), conv.weight.view_mut().into_dyn()));
+    if let Some(b) = &mut conv.bias {
+        out.push((format!("{name}.bias"), b.view_mut().into_dyn()));
     }
 }
 

@@ -15,13 +15,6 @@ pub(crate) struct Workspace {
     idle: Mutex<Vec<Vec<f32>>>,
 }
 
-impl Clone for Workspace {
-    /// A clone starts with no buffers of its own.
-    fn clone(&self) -> Self {
-        Workspace::default()
-    }
-}
-
 /// A buffer taken from a [`Workspace`], given back when dropped.
 pub(crate) struct Scratch<'w> {
     buf: Vec<f32>,
@@ -67,11 +60,18 @@ impl Workspace {
         }
     }
 
+    /// Frees every idle buffer.
+    pub(crate) fn clear(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+    }
+
     /// A buffer of `len` floats with unspecified (but initialised) contents: callers
     /// overwrite it.
     ///
     /// # Errors
-    /// [`Error::TooLarge`] when a new buffer cannot be allocated.
+    /// [`Error::AllocationFailed`] when a new buffer cannot be allocated.
     pub(crate) fn take(&self, len: usize, what: &'static str) -> Result<Scratch<'_>> {
         let reused = self.idle.lock().ok().and_then(|mut idle| {
             // The smallest idle buffer that is large enough, else the largest one.
@@ -85,7 +85,8 @@ impl Workspace {
         if buf.len() >= len {
             buf.truncate(len);
         } else {
-            buf.try_reserve_exact(len - buf.len()).map_err(|_| Error::TooLarge { what })?;
+            buf.try_reserve_exact(len - buf.len())
+                .map_err(|_| Error::AllocationFailed { what, bytes: len.saturating_mul(4) })?;
             buf.resize(len, 0.0);
         }
         Ok(Scratch { buf, home: self })

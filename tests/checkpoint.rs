@@ -2,11 +2,13 @@
 //! `.pth`), the fixtures of `scripts/make_pth_fixtures.py` (views, dtypes, byte order, pickle
 //! protocols, training checkpoints), and broken or hostile files.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use common::golden::GoldenCase;
 use ndarray::{Array1, Array2, Ix1, Ix2};
-use nonlocal::internal::golden::GoldenCase;
 use nonlocal::{
     find_blocks, load_blocks, CheckpointFormat, DType, Error, Mode, NonLocalBlock, NonLocalConfig, TensorFile,
     WeightKeys,
@@ -189,7 +191,7 @@ fn training_checkpoints_give_their_weights_and_never_run_anything() {
     let blocks = find_blocks(&file);
     assert_eq!(blocks.len(), 1);
     assert_eq!(blocks[0].keys, WeightKeys::alexhex7().with_prefix("module.backbone.nl."));
-    blocks[0].load(&file).unwrap();
+    NonLocalBlock::from_checkpoint(blocks[0].config(), &file, &blocks[0].keys).unwrap();
     // torchvision reference scripts keep the weights under 'model', beside an argparse Namespace.
     let file = TensorFile::open(fixture("train_torchvision.pth")).unwrap();
     assert_eq!(file.state_dict_location(), "model");

@@ -4,9 +4,9 @@ mod common;
 
 use std::collections::HashMap;
 
+use common::golden::GoldenCase;
 use common::{random_block, Rng};
 use ndarray::{Array, Array5, Axis, IxDyn};
-use nonlocal::internal::golden::GoldenCase;
 use nonlocal::{Error, Mode, NonLocalBlock, NonLocalConfig, TensorFile, WeightKeys};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -60,7 +60,7 @@ impl Editable {
 
     fn load(&self, config: NonLocalConfig) -> Result<NonLocalBlock, Error> {
         let file = TensorFile::from_bytes(self.bytes())?;
-        NonLocalBlock::from_safetensors(config, &file, &WeightKeys::alexhex7())
+        NonLocalBlock::from_checkpoint(config, &file, &WeightKeys::alexhex7())
     }
 }
 
@@ -290,7 +290,20 @@ fn bad_inputs() {
     // A broadcast view claims a huge shape without memory: sizes must be checked, not allocated.
     let one = ndarray::Array1::<f32>::zeros(4);
     let huge = one.broadcast((1usize << 20, 1usize << 12, 1usize << 12, 2, 4)).unwrap();
-    assert!(matches!(block.forward(&huge), Err(Error::TooLarge { .. })));
+    // 2^49 bytes of output fit the address space but not this machine: the allocation fails.
+    match block.forward(&huge) {
+        Err(e @ Error::AllocationFailed { bytes, .. }) => {
+            assert_eq!(bytes, 1usize << 49);
+            assert!(e.to_string().contains("cannot allocate"), "{e}");
+        }
+        other => panic!("expected AllocationFailed, got {other:?}"),
+    }
+    // 2^59 positions of 6 projection columns: the buffer sizes overflow, nothing is allocated.
+    let overflowing = one.broadcast((1usize << 20, 1usize << 20, 1usize << 18, 2, 4)).unwrap();
+    match block.forward(&overflowing) {
+        Err(e @ Error::TooLarge { .. }) => assert!(e.to_string().contains("overflows"), "{e}"),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
     // Attention queries out of range.
     let x = Array5::<f32>::zeros((1, 1, 4, 4, 4));
     assert!(matches!(block.attention_rows(&x, &[3, 16]), Err(Error::QueryOutOfRange { index: 16, positions: 16 })));

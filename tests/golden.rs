@@ -1,7 +1,9 @@
 //! The PyTorch reference cases in tests/data (copied from the project's shared golden set;
 //! see tests/data/README.md) must all pass.
 
-use nonlocal::internal::golden::GoldenCase;
+mod common;
+
+use common::golden::GoldenCase;
 
 fn golden_files() -> Vec<std::path::PathBuf> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");

@@ -3,9 +3,8 @@
 
 mod common;
 
-use common::{bits, on_1_2_3_threads, random_params, Rng};
+use common::{bits, on_1_2_3_threads, random_params, reference, Rng};
 use ndarray::{Array5, ArrayViewMutD};
-use nonlocal::internal::reference;
 use nonlocal::{Error, Mode, NonLocalBlock, NonLocalConfig, Parameters, TensorFile, WeightKeys};
 
 /// L = Σ z ⊙ r in f64, from the reference implementation.
@@ -235,7 +234,7 @@ fn export_round_trips_under_the_loaded_keys() {
         ),
     ] {
         let original = TensorFile::open(dir.join(file)).unwrap();
-        let block = NonLocalBlock::from_safetensors(config.clone(), &original, &keys).unwrap();
+        let block = NonLocalBlock::from_checkpoint(config.clone(), &original, &keys).unwrap();
         let exported = TensorFile::from_bytes(block.to_safetensors().unwrap()).unwrap();
         // Exactly the parameter keys of the original (not its input/output or other tensors).
         let param_keys: Vec<&str> = original
@@ -250,7 +249,7 @@ fn export_round_trips_under_the_loaded_keys() {
                 assert_eq!(exported.tensor(key).unwrap(), original.tensor(key).unwrap(), "{file}: {key} values");
             }
         }
-        let reloaded = NonLocalBlock::from_safetensors(config, &exported, &keys).unwrap();
+        let reloaded = NonLocalBlock::from_checkpoint(config, &exported, &keys).unwrap();
         assert_eq!(reloaded.parameters(), block.parameters(), "{file}: round trip");
     }
 }
@@ -271,7 +270,7 @@ fn export_converts_between_key_schemes() {
         assert!(file.contains("neck.nl.conv_out.conv.bias"));
         assert_eq!(file.contains("neck.nl.conv_out.bn.weight"), bn);
         assert_eq!(file.shape("neck.nl.g.0.conv.weight").unwrap(), &[3, 6, 1]);
-        let loaded = NonLocalBlock::from_safetensors(config, &file, &keys).unwrap();
+        let loaded = NonLocalBlock::from_checkpoint(config, &file, &keys).unwrap();
         assert_eq!(loaded.forward(&x).unwrap(), block.forward(&x).unwrap());
         assert_eq!(loaded.weight_keys(), Some(&keys));
     }

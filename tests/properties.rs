@@ -2,9 +2,8 @@
 
 mod common;
 
-use common::{bits, max_err, on_1_2_3_threads, random_params, Rng};
+use common::{bits, max_err, on_1_2_3_threads, random_params, reference, Rng};
 use ndarray::{s, Array5, Axis};
-use nonlocal::internal::reference;
 use nonlocal::{Mode, NonLocalBlock, NonLocalConfig};
 use proptest::prelude::*;
 

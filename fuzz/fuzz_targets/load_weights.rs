@@ -3,7 +3,11 @@
 
 use libfuzzer_sys::fuzz_target;
 use ndarray::Array5;
-use nonlocal::internal::golden::{config_from_metadata, GoldenCase};
+#[path = "../../tests/oracle/golden.rs"]
+#[allow(dead_code)]
+mod golden;
+
+use golden::{config_from_metadata, GoldenCase};
 use nonlocal::{detect_naming, Mode, NonLocalBlock, NonLocalConfig, TensorFile, WeightKeys};
 
 fuzz_target!(|data: &[u8]| {

@@ -1,27 +1,77 @@
-//! Reading checkpoints: safetensors, `torch.save` zip archives and legacy `torch.save`
-//! streams, safely.
+//! The checkpoint reader, a leaf of the crate: safetensors files, `torch.save` zip archives
+//! and legacy `torch.save` streams, told apart by content ([`CheckpointFormat`]), read into
+//! their state dict's entries without running anything.
 //!
-//! - [`TensorFile`] opens any of the three, told apart by content; for torch files it finds
-//!   the state dict (the saved dict, or under `state_dict`, `model`, … of a training
-//!   checkpoint) and never runs code: the pickle reader records objects instead of calling
-//!   anything (the opcodes it accepts are listed in `src/checkpoint/pickle.rs`).
-//! - [`find_blocks`] lists the non-local blocks in a checkpoint, [`BlockInfo::config`] gives
-//!   a configuration read off the keys, and [`load_blocks`] loads them all.
+//! The pickle reader (`pickle.rs`, which lists the opcodes it accepts) records every global
+//! and call as an inert object; tensors are rebuilt only from torch's `_rebuild_tensor_v2`
+//! (`torch.rs`) and checked to stay inside their storage (`tensor.rs`). This module imports
+//! nothing else of the crate: it reports failures in words ([`ReadFailure`]), and
+//! [`TensorFile`](crate::TensorFile), above it, turns them into typed errors.
 
-mod blocks;
-mod file;
 mod pickle;
+mod safetensors;
 mod tensor;
 mod torch;
 
+use std::collections::HashMap;
 use std::fmt;
 
-pub use blocks::{find_blocks, load_blocks, BlockInfo};
-pub use file::TensorFile;
 pub use tensor::DType;
+pub(crate) use tensor::TensorLayout;
+pub(crate) use torch::Entry;
+
+/// Everything a checkpoint holds that the crate reads.
+#[derive(Debug)]
+pub(crate) struct Contents {
+    pub format: CheckpointFormat,
+    /// The state dict's entries in file order (duplicates not removed).
+    pub entries: Vec<(String, Entry)>,
+    /// The safetensors header's `__metadata__` (empty for torch files).
+    pub metadata: HashMap<String, String>,
+    /// Where the state dict was found in a torch checkpoint (`""`: the saved object itself).
+    pub location: String,
+}
+
+/// Why bytes could not be read as a checkpoint.
+#[derive(Debug)]
+pub(crate) enum ReadFailure {
+    /// None of the formats read: what the content is instead.
+    NotACheckpoint(String),
+    /// A format that is read, but broken or hostile: the format and what is wrong.
+    Broken(CheckpointFormat, String),
+}
+
+/// Reads and checks checkpoint bytes of any format.
+///
+/// # Errors
+/// [`ReadFailure`], in words.
+pub(crate) fn read(bytes: &[u8]) -> Result<Contents, ReadFailure> {
+    let format = CheckpointFormat::detect(bytes).map_err(ReadFailure::NotACheckpoint)?;
+    let broken = |reason: String| ReadFailure::Broken(format, reason);
+    let (entries, metadata, location) = match format {
+        CheckpointFormat::Safetensors => {
+            let (entries, metadata) = safetensors::read(bytes).map_err(broken)?;
+            (entries, metadata, String::new())
+        }
+        CheckpointFormat::TorchZip | CheckpointFormat::TorchLegacy => {
+            let dict = if format == CheckpointFormat::TorchZip {
+                torch::read_zip(bytes)
+            } else {
+                torch::read_legacy(bytes).map_err(torch::ReadError::Broken)
+            }
+            .map_err(|e| match e {
+                torch::ReadError::NotTorch(found) => ReadFailure::NotACheckpoint(found),
+                torch::ReadError::Broken(reason) => broken(reason),
+            })?;
+            (dict.entries, HashMap::new(), dict.location)
+        }
+    };
+    Ok(Contents { format, entries, metadata, location })
+}
 
 /// The container format of a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum CheckpointFormat {
     /// A safetensors file.
     Safetensors,

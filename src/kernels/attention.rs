@@ -7,12 +7,12 @@
 //! before any work, so no call reaches memory outside its operands.
 
 use super::attention_shapes::{check_backward, check_forward};
-use super::gemm::MatRef;
 use super::query_chunks::query_tile;
 #[cfg(target_arch = "x86_64")]
 use super::simd::{isa, Avx2, Avx512, Isa};
 #[cfg(target_arch = "x86_64")]
 use super::tiles::{AVX2_MR, AVX2_NV, AVX512_MR, AVX512_NV};
+use super::views::MatRef;
 use super::{flash, sgemm_attention};
 
 /// Widest values the packed AVX2 kernel is used for: beyond, Oᵀ (value channels × query tile)

@@ -1,7 +1,7 @@
 //! The shape checks of the softmax-attention kernels, in one place: the dispatch and each
 //! kernel call them before any work, so a kernel run directly checks what it relies on too.
 
-use super::gemm::MatRef;
+use super::views::MatRef;
 
 /// `q` N × d, `k` M × d with M ≥ 1, `v` M × dv, `bias` M, `out` N·dv, `lse` N.
 ///

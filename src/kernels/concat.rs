@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::MatRef;
+use super::views::MatRef;
 
 /// Keys sorted by `b` and the prefix sums of `g` and `b·g` in that order.
 pub struct SortedKeys {

@@ -3,7 +3,8 @@
 //! The N×M matrix is never formed: `φᵀ·g` is a C'×C' matrix (M·C'² work), and the block folds
 //! it into the output projection so each query then costs one row of a GEMM.
 
-use super::gemm::{par_gemm, MatMut, MatRef};
+use super::gemm::par_gemm;
+use super::views::{MatMut, MatRef};
 
 /// `kᵀ·v · alpha` as a row-major d × dv matrix (`k`: M × d, `v`: M × dv).
 pub fn key_value_product(k: MatRef<'_>, v: MatRef<'_>, alpha: f32) -> Vec<f32> {

@@ -20,11 +20,12 @@
 use rayon::prelude::*;
 
 use super::attention_shapes::{check_backward, check_forward};
-use super::gemm::MatRef;
+use super::exp::exp_vector;
 use super::microkernel::{packed_panels, tile};
 use super::query_chunks::over_query_chunks;
 use super::simd::{Job, Simd};
 use super::tiles::{KEY_TILE, QUERY_TILE};
+use super::views::MatRef;
 
 /// `out ← softmax(scale · (q·kᵀ + bias))·v`, `out` row-major N × dv, `bias` one logit offset
 /// per key (none: 0), and, when asked, each row's log-sum-exp `s·max + ln(sum)` in `lse` (N).
@@ -213,7 +214,7 @@ fn softmax_panel<S: Simd, const NV: usize>(
         let mut sum = s.zero();
         for key in 0..keys {
             let row = &mut panel[key * nr + v * lanes..][..lanes];
-            let e = s.exp(s.fmadd(s.load_slice(row), vscale, shift));
+            let e = exp_vector(s, s.fmadd(s.load_slice(row), vscale, shift));
             s.store_slice(row, e);
             sum = s.add(sum, e);
         }
@@ -221,7 +222,7 @@ fn softmax_panel<S: Simd, const NV: usize>(
         let total = if first {
             sum
         } else {
-            let corr = s.exp(s.mul(vscale, s.add(old, s.mul(new, s.splat(-1.0)))));
+            let corr = exp_vector(s, s.mul(vscale, s.add(old, s.mul(new, s.splat(-1.0)))));
             s.store_slice(&mut correction[group.clone()], corr);
             grew |= correction[group.clone()].iter().any(|&c| c != 1.0);
             s.add(s.mul(run, corr), sum)
@@ -408,7 +409,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                     for key in 0..keys {
                         let at = key * nr + v * lanes;
                         // P = exp(s·S − lse): the normalised weights, as in the forward pass.
-                        let w = s.exp(s.fmadd(s.load_slice(&p_panel[at..]), vscale, neg_lse));
+                        let w = exp_vector(s, s.fmadd(s.load_slice(&p_panel[at..]), vscale, neg_lse));
                         s.store_slice(&mut p_panel[at..], w);
                         let g = s.mul(w, s.add(s.load_slice(&ds_panel[at..]), neg_delta));
                         s.store_slice(&mut ds_panel[at..], g);

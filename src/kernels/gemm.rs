@@ -1,15 +1,13 @@
-//! Matrix views and the GEMM entry points: `C ← α·A·B + β·C`.
+//! The GEMM entry points, `C ← α·A·B + β·C`: which kernel runs a product.
 //!
-//! Large products run on the packed AVX-512 kernel of `packed_gemm`
-//! where [`isa`] chose AVX-512 (about 1.2× matrixmultiply's AVX-512 sgemm there), else on
-//! matrixmultiply's sgemm, one thread per call, with rayon over row blocks of C.
-//! Layer weights are `Weights`: packed once for the AVX-512 kernel when they are set.
+//! Large products run on the packed AVX-512 kernel of `packed_gemm` where [`isa`] chose
+//! AVX-512 (about 1.2× matrixmultiply's AVX-512 sgemm there), else on matrixmultiply's sgemm,
+//! one thread per call, with rayon over row blocks of C. An operand used many times (a
+//! layer's weights) can be packed once ahead ([`PrepackedB`]).
 //!
 //! matrixmultiply's own threading is deliberately not used: inside rayon tasks it would start
 //! more threads than there are cores. Each element of C is the same k-ordered sum whichever
 //! row block it falls in, so splitting rows by thread count does not change any bit.
-
-use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
@@ -17,200 +15,23 @@ use super::packed_gemm::PackedB;
 use super::simd::{isa, Isa};
 #[cfg(target_arch = "x86_64")]
 use super::tiles::{AVX512_MR, AVX512_NV};
-
-/// A read-only strided matrix view: element (i, j) is at `ptr + i·rs + j·cs`.
-#[derive(Clone, Copy, Debug)]
-pub struct MatRef<'a> {
-    ptr: *const f32,
-    rows: usize,
-    cols: usize,
-    rs: isize,
-    cs: isize,
-    _data: PhantomData<&'a [f32]>,
-}
-
-// SAFETY: a `MatRef` is a shared borrow of f32 data, like `&[f32]`.
-unsafe impl Send for MatRef<'_> {}
-// SAFETY: as above.
-unsafe impl Sync for MatRef<'_> {}
-
-impl<'a> MatRef<'a> {
-    /// A row-major view of `rows × cols` elements of `data` starting at `offset`, rows `ld`
-    /// apart.
-    ///
-    /// # Panics
-    /// If the view does not fit in `data` or `ld` does not fit `isize` (an internal error);
-    /// the arithmetic is checked, so no overflow can make a view that does not fit look as if
-    /// it did.
-    pub fn new(data: &'a [f32], offset: usize, rows: usize, cols: usize, ld: usize) -> Self {
-        assert!(ld <= isize::MAX as usize, "MatRef: row stride {ld} does not fit isize");
-        if rows > 0 && cols > 0 {
-            let end = view_end(offset, rows, cols, ld);
-            assert!(
-                end.is_some_and(|end| end <= data.len()),
-                "MatRef out of bounds: {rows}×{cols} rows {ld} apart from {offset} in {}",
-                data.len()
-            );
-        } else {
-            assert!(offset <= data.len(), "MatRef out of bounds: offset {offset} in {}", data.len());
-        }
-        MatRef { ptr: data.as_ptr().wrapping_add(offset), rows, cols, rs: ld as isize, cs: 1, _data: PhantomData }
-    }
-
-    /// A view of a 2-d ndarray view, with its strides.
-    pub fn from_view(view: &ndarray::ArrayView2<'a, f32>) -> Self {
-        let s = view.strides();
-        MatRef { ptr: view.as_ptr(), rows: view.nrows(), cols: view.ncols(), rs: s[0], cs: s[1], _data: PhantomData }
-    }
-
-    /// A view from raw parts.
-    ///
-    /// # Safety
-    /// Every element (i, j) with i < rows, j < cols at `ptr + i·rs + j·cs` must be readable
-    /// for `'a`.
-    pub unsafe fn from_raw(ptr: *const f32, rows: usize, cols: usize, rs: isize, cs: isize) -> Self {
-        MatRef { ptr, rows, cols, rs, cs, _data: PhantomData }
-    }
-
-    /// Number of rows.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Pointer to element (0, 0).
-    pub fn as_ptr(&self) -> *const f32 {
-        self.ptr
-    }
-
-    /// Number of columns.
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// The transpose (no copy).
-    pub fn t(self) -> Self {
-        MatRef { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
-    }
-
-    /// Rows `start..end`.
-    pub fn rows_range(self, start: usize, end: usize) -> Self {
-        assert!(start <= end && end <= self.rows);
-        MatRef { ptr: self.ptr.wrapping_offset(start as isize * self.rs), rows: end - start, ..self }
-    }
-
-    /// Columns `start..end`.
-    pub fn cols_range(self, start: usize, end: usize) -> Self {
-        assert!(start <= end && end <= self.cols);
-        MatRef { ptr: self.ptr.wrapping_offset(start as isize * self.cs), cols: end - start, ..self }
-    }
-
-    /// Element (i, j).
-    #[inline]
-    pub fn at(&self, i: usize, j: usize) -> f32 {
-        assert!(i < self.rows && j < self.cols);
-        // SAFETY: in bounds, checked above; the constructor guarantees readability.
-        unsafe { *self.ptr.offset(i as isize * self.rs + j as isize * self.cs) }
-    }
-
-    /// Row `i` as a slice, when columns are contiguous.
-    #[inline]
-    pub fn row(&self, i: usize) -> Option<&'a [f32]> {
-        assert!(i < self.rows);
-        if self.cols == 0 {
-            // No element, so no pointer arithmetic: an empty view may sit anywhere.
-            return Some(&[]);
-        }
-        (self.cs == 1 || self.cols == 1).then(|| {
-            // SAFETY: `cols` contiguous readable elements start at row i.
-            unsafe { std::slice::from_raw_parts(self.ptr.offset(i as isize * self.rs), self.cols) }
-        })
-    }
-
-    /// Column `j` as a slice, when rows are contiguous (a transposed row-major matrix).
-    #[inline]
-    pub fn col(&self, j: usize) -> Option<&'a [f32]> {
-        self.t().row(j)
-    }
-
-    /// Copies row `i` into `out` (length `cols`).
-    #[inline]
-    pub fn copy_row(&self, i: usize, out: &mut [f32]) {
-        match self.row(i) {
-            Some(r) => out.copy_from_slice(r),
-            None => out.iter_mut().enumerate().for_each(|(j, o)| *o = self.at(i, j)),
-        }
-    }
-}
-
-/// A mutable row-major matrix over a slice: element (i, j) at `data[i·ld + j]`.
-#[derive(Debug)]
-pub struct MatMut<'a> {
-    data: &'a mut [f32],
-    rows: usize,
-    cols: usize,
-    ld: usize,
-}
-
-impl<'a> MatMut<'a> {
-    /// A `rows × cols` view of `data`, rows `ld` apart.
-    ///
-    /// # Panics
-    /// If the view does not fit in `data`, `ld < cols` or `ld` does not fit `isize` (an
-    /// internal error); the arithmetic is checked.
-    pub fn new(data: &'a mut [f32], rows: usize, cols: usize, ld: usize) -> Self {
-        assert!(ld >= cols && ld <= isize::MAX as usize, "MatMut: row stride {ld} for {cols} columns");
-        if rows > 0 && cols > 0 {
-            let end = view_end(0, rows, cols, ld);
-            assert!(
-                end.is_some_and(|end| end <= data.len()),
-                "MatMut out of bounds: {rows}×{cols} rows {ld} apart in {}",
-                data.len()
-            );
-        }
-        MatMut { data, rows, cols, ld }
-    }
-
-    /// Number of rows.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Number of columns.
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Distance between rows.
-    pub fn ld(&self) -> usize {
-        self.ld
-    }
-
-    /// The underlying slice.
-    pub fn data_mut(&mut self) -> &mut [f32] {
-        self.data
-    }
-}
-
-/// One past the last element of a `rows × cols` view (rows, cols ≥ 1) at `offset`, rows `ld`
-/// apart, or None when that overflows.
-fn view_end(offset: usize, rows: usize, cols: usize, ld: usize) -> Option<usize> {
-    (rows - 1).checked_mul(ld)?.checked_add(cols)?.checked_add(offset)
-}
+use super::views::{MatMut, MatRef};
 
 /// `C ← α·A·B + β·C` on one thread. With β = 0, C is only written (NaN in it is ignored).
 ///
 /// # Panics
 /// If the dimensions do not agree (an internal error).
 pub fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut MatMut<'_>) {
-    assert_eq!(a.cols, b.rows, "gemm: inner dimensions");
-    assert_eq!((a.rows, b.cols), (c.rows, c.cols), "gemm: output shape");
-    if c.rows == 0 || c.cols == 0 {
+    assert_eq!(a.cols(), b.rows(), "gemm: inner dimensions");
+    assert_eq!((a.rows(), b.cols()), (c.rows(), c.cols()), "gemm: output shape");
+    let (rows, cols, ld) = (c.rows(), c.cols(), c.ld());
+    if rows == 0 || cols == 0 {
         return;
     }
-    if a.cols == 0 {
+    if a.cols() == 0 {
         // matrixmultiply scales C by β in this case too, but be explicit.
-        for i in 0..c.rows {
-            for v in &mut c.data[i * c.ld..i * c.ld + c.cols] {
+        for row in c.data_mut().chunks_mut(ld).take(rows) {
+            for v in &mut row[..cols] {
                 *v = if beta == 0.0 { 0.0 } else { *v * beta };
             }
         }
@@ -220,19 +41,19 @@ pub fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut MatMut<
     // an exclusive borrow covering rows × cols with row stride ld (checked in `MatMut::new`).
     unsafe {
         matrixmultiply::sgemm(
-            a.rows,
-            a.cols,
-            b.cols,
+            rows,
+            a.cols(),
+            cols,
             alpha,
-            a.ptr,
-            a.rs,
-            a.cs,
-            b.ptr,
-            b.rs,
-            b.cs,
+            a.as_ptr(),
+            a.row_stride(),
+            a.col_stride(),
+            b.as_ptr(),
+            b.row_stride(),
+            b.col_stride(),
             beta,
-            c.data.as_mut_ptr(),
-            c.ld as isize,
+            c.data_mut().as_mut_ptr(),
+            ld as isize,
             1,
         );
     }
@@ -255,9 +76,9 @@ const SMALL_PRODUCT: usize = 1 << 18;
 /// # Panics
 /// If the dimensions do not agree (an internal error).
 pub fn par_gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut MatMut<'_>) {
-    assert_eq!((a.rows, a.cols, b.cols), (c.rows, b.rows, c.cols), "par_gemm: shapes");
+    assert_eq!((a.rows(), a.cols(), b.cols()), (c.rows(), b.rows(), c.cols()), "par_gemm: shapes");
     // Small products are not worth the fork.
-    if c.rows * c.cols * a.cols < SMALL_PRODUCT {
+    if c.rows() * c.cols() * a.cols() < SMALL_PRODUCT {
         return gemm(alpha, a, b, beta, c);
     }
     #[cfg(target_arch = "x86_64")]
@@ -279,9 +100,9 @@ fn sgemm_row_blocks(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut
     // One block per thread: each sgemm call packs all of B again, so fewer, larger blocks
     // win (measured: 784×1024×1536 at 170 GFLOP/s in 2 blocks, 160 in 4, 146 in 8).
     let threads = rayon::current_num_threads().max(1);
-    let block = c.rows.div_ceil(threads).next_multiple_of(8).max(32);
-    let (rows, cols, ld) = (c.rows, c.cols, c.ld);
-    c.data.par_chunks_mut(block * ld).enumerate().for_each(|(i, chunk)| {
+    let (rows, cols, ld) = (c.rows(), c.cols(), c.ld());
+    let block = rows.div_ceil(threads).next_multiple_of(8).max(32);
+    c.data_mut().par_chunks_mut(block * ld).enumerate().for_each(|(i, chunk)| {
         let start = i * block;
         let end = (start + block).min(rows);
         if start >= end {
@@ -292,66 +113,49 @@ fn sgemm_row_blocks(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut
     });
 }
 
-/// A layer's weights W (`out × in`, row-major), used as the right-hand operand of `X·Wᵀ` many
-/// times: packed once for the AVX-512 GEMM kernel when that path runs.
+/// B (K × N) packed once ahead of many products `A·B` for the GEMM path this process runs
+/// (the packed AVX-512 kernel), or nothing on paths whose GEMMs pack on every call.
 #[derive(Clone, Debug)]
-pub(crate) struct Weights {
-    data: Vec<f32>,
-    out: usize,
-    inp: usize,
-    /// Wᵀ packed for the AVX-512 kernel, when [`isa`] chose it.
-    packed_t: Option<PackedB>,
+pub(crate) struct PrepackedB {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    packed: Option<PackedB>,
+    rows: usize,
+    cols: usize,
 }
 
-impl Weights {
-    /// W from `data` (`out × in`, row-major).
-    ///
-    /// # Panics
-    /// If `data` does not hold `out × in` floats.
-    pub(crate) fn new(data: Vec<f32>, out: usize, inp: usize) -> Weights {
-        assert_eq!(Some(data.len()), out.checked_mul(inp), "Weights: {out}×{inp}");
+impl PrepackedB {
+    /// Packs `b` when the chosen path packs its operands.
+    pub(crate) fn new(b: MatRef<'_>) -> PrepackedB {
         #[allow(unused_mut)]
-        let mut w = Weights { data, out, inp, packed_t: None };
+        let mut packed = None;
         #[cfg(target_arch = "x86_64")]
-        if isa() == Isa::Avx512 && out > 0 && inp > 0 {
-            w.packed_t = Some(PackedB::new(w.view().t(), AVX512_NV * 16, 1.0));
+        if isa() == Isa::Avx512 && b.rows() > 0 && b.cols() > 0 {
+            packed = Some(PackedB::new(b, AVX512_NV * 16, 1.0));
         }
-        w
-    }
-
-    /// W as a view (`out × in`).
-    pub(crate) fn view(&self) -> MatRef<'_> {
-        MatRef::new(&self.data, 0, self.out, self.inp, self.inp)
-    }
-
-    /// `C ← X·Wᵀ + β·C` (β 0 or 1), rows of C in parallel.
-    pub(crate) fn apply(&self, x: MatRef<'_>, beta: f32, c: &mut MatMut<'_>) {
-        #[cfg(target_arch = "x86_64")]
-        if let (Some(packed), Some(simd)) = (&self.packed_t, avx512_gemm(beta)) {
-            debug_assert_eq!((packed.rows(), packed.cols(), packed.tile_width()), (self.inp, self.out, AVX512_NV * 16));
-            if c.rows * c.cols * x.cols >= SMALL_PRODUCT {
-                return super::packed_gemm::gemm_packed::<_, AVX512_MR, AVX512_NV>(simd, x, packed, beta == 1.0, c);
-            }
-        }
-        par_gemm(1.0, x, self.view().t(), beta, c);
+        PrepackedB { packed, rows: b.rows(), cols: b.cols() }
     }
 }
 
-/// `A·B` in f64, straight from the definition (row-major), for the GEMM tests.
-#[cfg(test)]
-pub(crate) fn naive_product(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f64> {
-    let mut out = vec![0.0; a.rows() * b.cols()];
-    for i in 0..a.rows() {
-        for j in 0..b.cols() {
-            out[i * b.cols() + j] = (0..a.cols()).map(|k| a.at(i, k) as f64 * b.at(k, j) as f64).sum();
+/// `C ← A·B + β·C` (β 0 or 1) with B given both as a view and packed ahead
+/// ([`PrepackedB::new`] of the same `b`), rows of C in parallel.
+///
+/// # Panics
+/// If the dimensions disagree, or `packed` was made from a matrix of another shape.
+pub(crate) fn par_gemm_prepacked(a: MatRef<'_>, b: MatRef<'_>, packed: &PrepackedB, beta: f32, c: &mut MatMut<'_>) {
+    assert_eq!((packed.rows, packed.cols), (b.rows(), b.cols()), "par_gemm_prepacked: B and its packing");
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(packed), Some(simd)) = (&packed.packed, avx512_gemm(beta)) {
+        if c.rows() * c.cols() * a.cols() >= SMALL_PRODUCT {
+            return super::packed_gemm::gemm_packed::<_, AVX512_MR, AVX512_NV>(simd, a, packed, beta == 1.0, c);
         }
     }
-    out
+    par_gemm(1.0, a, b, beta, c);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::views::naive_product;
 
     #[test]
     fn gemm_matches_naive_on_awkward_sizes_and_strides() {

@@ -4,8 +4,8 @@
 //! element of each of MR rows) and B as `kc` groups of NR = NV·LANES values: per depth step
 //! NV vector loads of B, MR broadcasts of A and MR·NV fused multiply-adds into registers.
 
-use super::gemm::MatRef;
 use super::simd::Simd;
+use super::views::MatRef;
 
 /// Floats of the largest register tile a kernel may use (for the partial-tile buffer).
 const MAX_TILE: usize = 16 * 64;

@@ -3,13 +3,16 @@
 //!
 //! - the algorithms: [`attention`] (dispatch: which softmax-attention kernel runs),
 //!   `flash` (packed online-softmax attention, forward and backward, generic over the
-//!   instruction set), `sgemm_attention` (the same from sgemm calls, any CPU),
-//!   `packed_gemm` (GEMM on packed operands), [`gemm`] (matrix views and the GEMM entry
-//!   points), [`dot_product`], [`concat`](mod@concat), [`pool`], [`exp`];
-//! - the instruction-set layer: [`simd`] (vector operations for AVX-512, AVX2 and portable
-//!   code, and the run-time choice), `microkernel` (the packed register tile), `tiles`
-//!   (tile sizes in one place), `query_chunks` (how queries are split between threads),
-//!   `attention_shapes` (the attention kernels' shape checks).
+//!   instruction set), `sgemm_attention` (the same from sgemm calls, any CPU), `query_chunks`
+//!   (what both attention kernels share: how queries are split between threads, the row sums
+//!   and reductions around the tiles), `attention_shapes` (their shape checks), [`gemm`] (the
+//!   GEMM entry points), `packed_gemm` (GEMM on packed operands), [`dot_product`],
+//!   [`concat`](mod@concat), [`pool`], [`exp`] (scalar and vector `exp`, row max and sums);
+//! - below them, the instruction-set layer: [`views`] (strided matrix views), [`simd`] (vector
+//!   operations for AVX-512, AVX2 and portable code, and the run-time choice), `microkernel`
+//!   (the packed register tile and its packing), `tiles` (tile sizes in one place).
+//!
+//! No kernel imports another for a type: every one takes [`views`] and [`simd`].
 
 pub mod attention;
 pub(crate) mod attention_shapes;
@@ -25,3 +28,4 @@ pub(crate) mod query_chunks;
 pub(crate) mod sgemm_attention;
 pub mod simd;
 pub(crate) mod tiles;
+pub mod views;

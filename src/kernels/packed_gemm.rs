@@ -10,9 +10,9 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{MatMut, MatRef};
 use super::microkernel::{edge_tile, pack_panels, pack_rows, tile};
 use super::simd::{Job, Simd};
+use super::views::{MatMut, MatRef};
 
 /// Depth per block: a B panel of `DEPTH_BLOCK × 32` floats is 32 KiB, inside L1.
 pub(crate) const DEPTH_BLOCK: usize = 256;
@@ -60,21 +60,6 @@ impl PackedB {
             }
         });
         PackedB { data, k, n, nr }
-    }
-
-    /// Rows (the depth K).
-    pub(crate) fn rows(&self) -> usize {
-        self.k
-    }
-
-    /// Columns.
-    pub(crate) fn cols(&self) -> usize {
-        self.n
-    }
-
-    /// The width of tile this was packed for.
-    pub(crate) fn tile_width(&self) -> usize {
-        self.nr
     }
 }
 
@@ -174,8 +159,8 @@ impl<const MR: usize, const NV: usize> Job for GemmBlock<'_, MR, NV> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::gemm::naive_product as naive;
     use crate::kernels::simd::Portable;
+    use crate::kernels::views::naive_product as naive;
 
     /// Runs `gemm_packed` with every instruction set this CPU has and the portable twins of
     /// their geometries; returns the outputs, each with the padding around C.

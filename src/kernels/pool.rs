@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::MatRef;
+use super::views::MatRef;
 
 /// The pooled grid: `floor(size / kernel)` per axis.
 pub fn pooled_grid(grid: [usize; 3], kernel: [usize; 3]) -> [usize; 3] {

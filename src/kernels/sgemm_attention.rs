@@ -13,9 +13,10 @@ use rayon::prelude::*;
 
 use super::attention_shapes::{check_backward, check_forward};
 use super::exp::{exp_sum, row_max};
-use super::gemm::{gemm, MatMut, MatRef};
+use super::gemm::gemm;
 use super::query_chunks::{over_query_chunks, query_tile};
 use super::tiles::{KEY_TILE, QUERY_TILE};
+use super::views::{MatMut, MatRef};
 
 /// `out ← softmax(scale · (q·kᵀ + bias))·v` (N × dv, row-major), `bias` one logit offset per
 /// key (none: 0), and each row's log-sum-exp in `lse` when asked.

@@ -1,6 +1,7 @@
 //! The instruction-set layer: the few vector operations the packed kernels are written in
 //! (`Simd`), implemented for AVX-512, for AVX2+FMA, and portably over arrays of the same
-//! widths, plus the run-time choice of one of them ([`Isa`], [`isa`]).
+//! widths, plus the run-time choice of one of them ([`Isa`], [`isa`]). Functions built from
+//! these operations (the vector `exp`) live with their algorithms, above this layer.
 //!
 //! The kernels (`microkernel`, `flash`, `packed_gemm`) are written once, generic over
 //! `Simd`. A value of an x86 implementation is a token proving the CPU has the instructions
@@ -54,7 +55,8 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     fn min(self, a: Self::V, b: Self::V) -> Self::V;
     /// Per lane `if x < bound { 0 } else { y }`.
     fn zero_below(self, x: Self::V, bound: Self::V, y: Self::V) -> Self::V;
-    /// Per lane `2^n` where the integer n sits in the low mantissa bits of `t = n + 1.5·2^23`.
+    /// Per lane `2^n` where the integer n sits in the low mantissa bits of `t = n + ROUNDER`
+    /// ([`ROUNDER`] = 1.5·2^23), for −126 ≤ n ≤ 127.
     fn pow2_rounded(self, t: Self::V) -> Self::V;
 
     /// Loads `ptr[..LANES]`, reading only slice elements (a safe [`Simd::load`]).
@@ -78,28 +80,11 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
         // SAFETY: checked above.
         unsafe { self.store(dst.as_mut_ptr(), v) }
     }
-
-    /// `exp(x)` per lane, the same steps as [`exp_lane`](super::exp::exp_lane): about 1 ulp
-    /// for x ≤ 88, 0 below −87, NaN stays NaN.
-    #[inline(always)]
-    fn exp(self, x: Self::V) -> Self::V {
-        use super::exp::{EXP_HIGH, EXP_LOW, EXP_POLY, LN2_HI, LN2_LO, LOG2E, ROUNDER};
-        let low = self.splat(EXP_LOW);
-        let xc = self.min(self.splat(EXP_HIGH), self.max(low, x));
-        let rounder = self.splat(ROUNDER);
-        let t = self.fmadd(xc, self.splat(LOG2E), rounder);
-        // `t − ROUNDER` is exact: n as a float.
-        let n = self.add(t, self.splat(-ROUNDER));
-        let r = self.fmadd(n, self.splat(-LN2_HI), xc);
-        let r = self.fmadd(n, self.splat(-LN2_LO), r);
-        let mut p = self.splat(EXP_POLY[0]);
-        for &c in &EXP_POLY[1..] {
-            p = self.fmadd(p, r, self.splat(c));
-        }
-        let e = self.add(self.fmadd(p, self.mul(r, r), r), self.splat(1.0));
-        self.zero_below(x, low, self.mul(e, self.pow2_rounded(t)))
-    }
 }
+
+/// 1.5·2^23: adding it to a float of magnitude below 2^22 rounds that float to an integer n and
+/// leaves n in the low mantissa bits (the input [`Simd::pow2_rounded`] takes).
+pub(crate) const ROUNDER: f32 = 12_582_912.0;
 
 /// A computation to run under [`Simd::vectorize`]. Implementations mark `run`
 /// `#[inline(always)]`, so it is compiled for the instruction set of the caller.
@@ -177,7 +162,7 @@ impl<const L: usize> Simd for Portable<L> {
     }
     #[inline(always)]
     fn pow2_rounded(self, t: [f32; L]) -> [f32; L] {
-        let rounder = super::exp::ROUNDER.to_bits();
+        let rounder = ROUNDER.to_bits();
         t.map(|t| f32::from_bits(t.to_bits().wrapping_sub(rounder).wrapping_add(127) << 23))
     }
 }
@@ -269,10 +254,7 @@ mod x86 {
         #[inline(always)]
         fn pow2_rounded(self, t: __m512) -> __m512 {
             unsafe {
-                let n = _mm512_sub_epi32(
-                    _mm512_castps_si512(t),
-                    _mm512_set1_epi32(super::super::exp::ROUNDER.to_bits() as i32),
-                );
+                let n = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(super::ROUNDER.to_bits() as i32));
                 _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(n, _mm512_set1_epi32(127))))
             }
         }
@@ -351,10 +333,7 @@ mod x86 {
         #[inline(always)]
         fn pow2_rounded(self, t: __m256) -> __m256 {
             unsafe {
-                let n = _mm256_sub_epi32(
-                    _mm256_castps_si256(t),
-                    _mm256_set1_epi32(super::super::exp::ROUNDER.to_bits() as i32),
-                );
+                let n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(super::ROUNDER.to_bits() as i32));
                 _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(n, _mm256_set1_epi32(127))))
             }
         }
@@ -441,43 +420,6 @@ pub fn isa() -> Isa {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The vector `exp` of each whole vector of the input.
-    struct ExpJob(Vec<f32>);
-    impl Job for ExpJob {
-        type Out = Vec<f32>;
-        #[inline(always)]
-        fn run<S: Simd>(self, s: S) -> Vec<f32> {
-            self.0
-                .chunks_exact(S::LANES)
-                .flat_map(|c| {
-                    let mut out = vec![0.0f32; S::LANES];
-                    s.store_slice(&mut out, s.exp(s.load_slice(c)));
-                    out
-                })
-                .collect()
-        }
-    }
-
-    #[test]
-    fn vector_exp_is_the_scalar_exp_bit_for_bit_on_every_isa() {
-        let mut xs: Vec<f32> = (0..4096).map(|i| -100.0 + 200.0 * i as f32 / 4096.0).collect();
-        xs.extend([f32::NAN, f32::NEG_INFINITY, f32::INFINITY, -87.0, -87.5, 88.0, 88.5, 0.0, -0.0, 1e-30, -1e-30]);
-        xs.resize(xs.len().next_multiple_of(16), 0.5);
-        let want: Vec<f32> = xs.iter().map(|&x| super::super::exp::exp_lane::<true>(x)).collect();
-        let mut results =
-            vec![Portable::<16>.vectorize(ExpJob(xs.clone())), Portable::<8>.vectorize(ExpJob(xs.clone()))];
-        #[cfg(target_arch = "x86_64")]
-        {
-            results.extend(Avx512::detect().map(|s| s.vectorize(ExpJob(xs.clone()))));
-            results.extend(Avx2::detect().map(|s| s.vectorize(ExpJob(xs.clone()))));
-        }
-        for got in results {
-            for ((x, g), w) in xs.iter().zip(&got).zip(&want) {
-                assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "exp({x}): {g} vs {w}");
-            }
-        }
-    }
 
     #[test]
     fn names_round_trip_and_portable_is_always_available() {

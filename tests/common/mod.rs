@@ -2,8 +2,12 @@
 //! and comparison with the f64 reference.
 #![allow(dead_code)]
 
+#[path = "../oracle/golden.rs"]
+pub mod golden;
+#[path = "../oracle/reference.rs"]
+pub mod reference;
+
 use ndarray::{Array1, Array2, Array5, ArrayView5};
-use nonlocal::internal::reference;
 use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters};
 
 /// xorshift64*: small, seeded, good enough for test data.

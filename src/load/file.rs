@@ -6,11 +6,8 @@ use std::fmt;
 use std::path::Path;
 
 use ndarray::{Array, ArrayD, Dimension, IxDyn};
-use safetensors::SafeTensors;
 
-use super::tensor::{contiguous_strides, ByteOrder, DType, TensorLayout};
-use super::torch::{self, Entry, ReadError};
-use super::CheckpointFormat;
+use crate::checkpoint::{self, CheckpointFormat, DType, Entry, ReadFailure, TensorLayout};
 use crate::error::{Error, Result};
 
 /// The name [`TensorFile::from_bytes`] gives its bytes in errors.
@@ -85,27 +82,11 @@ impl TensorFile {
     }
 
     fn read(bytes: Vec<u8>, path: &str) -> Result<Self> {
-        let format = CheckpointFormat::detect(&bytes)
-            .map_err(|found| Error::NotACheckpoint { path: path.to_string(), found })?;
-        let bad = |reason: String| Error::BadCheckpoint { path: path.to_string(), format, reason };
-        let (entries, metadata, location) = match format {
-            CheckpointFormat::Safetensors => {
-                let (entries, metadata) = read_safetensors(&bytes).map_err(|e| bad(e.to_string()))?;
-                (entries, metadata, String::new())
-            }
-            CheckpointFormat::TorchZip | CheckpointFormat::TorchLegacy => {
-                let dict = if format == CheckpointFormat::TorchZip {
-                    torch::read_zip(&bytes)
-                } else {
-                    torch::read_legacy(&bytes).map_err(ReadError::Broken)
-                }
-                .map_err(|e| match e {
-                    ReadError::NotTorch(found) => Error::NotACheckpoint { path: path.to_string(), found },
-                    ReadError::Broken(reason) => bad(reason),
-                })?;
-                (dict.entries, HashMap::new(), dict.location)
-            }
-        };
+        let contents = checkpoint::read(&bytes).map_err(|failure| match failure {
+            ReadFailure::NotACheckpoint(found) => Error::NotACheckpoint { path: path.to_string(), found },
+            ReadFailure::Broken(format, reason) => Error::BadCheckpoint { path: path.to_string(), format, reason },
+        })?;
+        let checkpoint::Contents { format, entries, metadata, location } = contents;
         let mut file = TensorFile {
             bytes,
             format,
@@ -231,52 +212,5 @@ impl TensorFile {
     /// float tensor.
     pub fn tensor_i64(&self, key: &str) -> Result<ArrayD<i64>> {
         self.decode(key, TensorLayout::read_i64)
-    }
-}
-
-type Metadata = HashMap<String, String>;
-
-/// The tensors of a safetensors file, in the order of their data.
-fn read_safetensors(
-    bytes: &[u8],
-) -> std::result::Result<(Vec<(String, Entry)>, Metadata), safetensors::SafeTensorError> {
-    // `deserialize` validates the header and every tensor's offsets against the buffer.
-    SafeTensors::deserialize(bytes)?;
-    let (header_len, metadata) = SafeTensors::read_metadata(bytes)?;
-    let data_start = 8 + header_len;
-    let entries = metadata
-        .offset_keys()
-        .into_iter()
-        .filter_map(|key| Some((metadata.info(&key)?, key)))
-        .map(|(info, key)| {
-            let (start, end) = info.data_offsets;
-            let layout = TensorLayout {
-                dtype: safetensors_dtype(info.dtype),
-                strides: contiguous_strides(&info.shape),
-                shape: info.shape.clone(),
-                offset: 0,
-                storage: data_start + start..data_start + end,
-                order: ByteOrder::Little,
-            };
-            (key, Entry::Tensor(layout))
-        })
-        .collect();
-    Ok((entries, metadata.metadata().clone().unwrap_or_default()))
-}
-
-fn safetensors_dtype(dtype: safetensors::Dtype) -> DType {
-    use safetensors::Dtype as S;
-    match dtype {
-        S::F32 => DType::F32,
-        S::F16 => DType::F16,
-        S::BF16 => DType::BF16,
-        S::F64 => DType::F64,
-        S::I64 => DType::I64,
-        S::I32 => DType::I32,
-        S::I16 => DType::I16,
-        S::I8 => DType::I8,
-        S::U8 => DType::U8,
-        S::BOOL => DType::Bool,
-        other => DType::Other(format!("{other:?}")),
     }
 }

@@ -1,121 +1,15 @@
-//! A block's parameters in a PyTorch `state_dict`, under AlexHex7's or mmcv's key names.
-
-use std::fmt;
+//! A block's parameters read from a checkpoint under a key scheme, checked against the
+//! configuration, and written back.
 
 use ndarray::{Array1, Array2, ArrayD};
 use safetensors::tensor::Dtype;
 
-pub(crate) use crate::checkpoint::TensorFile;
-
+use super::find::key_layout;
+use super::keys::{checkpoint_entry, Naming, WeightKeys};
+use super::TensorFile;
 use crate::config::{Mode, NonLocalConfig};
 use crate::error::{Error, Result};
 use crate::params::{BatchNorm, Conv1x1, Parameters};
-
-/// The key scheme of a PyTorch non-local block's `state_dict`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Naming {
-    /// AlexHex7/Non-local_pytorch: `theta.weight`, `phi.0.weight` (pooled), `W.0.weight`,
-    /// `W.1.running_var` (BatchNorm), `concat_project.0.weight`.
-    AlexHex7,
-    /// mmcv's `NonLocal1d/2d/3d`: `theta.conv.weight`, `g.0.conv.bias` (pooled),
-    /// `conv_out.conv.weight`, `conv_out.bn.weight`, `concat_project.conv.weight`.
-    Mmcv,
-}
-
-impl Naming {
-    /// The name used in golden-file metadata: `alexhex7` or `mmcv`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Naming::AlexHex7 => "alexhex7",
-            Naming::Mmcv => "mmcv",
-        }
-    }
-}
-
-impl fmt::Display for Naming {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Naming {
-    type Err = Error;
-
-    /// Parses `alexhex7` or `mmcv` (any case).
-    fn from_str(s: &str) -> Result<Naming> {
-        match s.to_ascii_lowercase().as_str() {
-            "alexhex7" => Ok(Naming::AlexHex7),
-            "mmcv" => Ok(Naming::Mmcv),
-            _ => Err(Error::InvalidConfig { reason: format!("unknown naming {s:?}: expected alexhex7 or mmcv") }),
-        }
-    }
-}
-
-/// Where a block's parameters sit in a checkpoint: the key scheme and a key prefix (empty for
-/// a file holding the block alone, e.g. `backbone.layer3.1.non_local_block.` inside a model).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WeightKeys {
-    /// The key scheme.
-    pub naming: Naming,
-    /// Prepended to every key.
-    pub prefix: String,
-}
-
-impl WeightKeys {
-    /// AlexHex7 keys, no prefix.
-    pub fn alexhex7() -> Self {
-        WeightKeys { naming: Naming::AlexHex7, prefix: String::new() }
-    }
-
-    /// mmcv keys, no prefix.
-    pub fn mmcv() -> Self {
-        WeightKeys { naming: Naming::Mmcv, prefix: String::new() }
-    }
-
-    /// The same scheme under a prefix such as `backbone.layer3.1.non_local_block.`.
-    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    fn conv(&self, name: &str, pooled: bool) -> String {
-        let stage = if pooled { ".0" } else { "" };
-        match self.naming {
-            Naming::AlexHex7 => format!("{}{name}{stage}", self.prefix),
-            Naming::Mmcv => format!("{}{name}{stage}.conv", self.prefix),
-        }
-    }
-
-    /// The key stem of θ, φ, g (`theta`, `phi.0`, `g.0.conv`…), before `.weight`/`.bias`.
-    pub(crate) fn embedding(&self, name: &str, pooled: bool) -> String {
-        self.conv(name, pooled && name != "theta")
-    }
-
-    /// The key stem of `W_z`.
-    pub(crate) fn w_z(&self, bn: bool) -> String {
-        match (self.naming, bn) {
-            (Naming::AlexHex7, true) => format!("{}W.0", self.prefix),
-            (Naming::AlexHex7, false) => format!("{}W", self.prefix),
-            (Naming::Mmcv, _) => format!("{}conv_out.conv", self.prefix),
-        }
-    }
-
-    /// The key stem of the BatchNorm after `W_z`.
-    pub(crate) fn bn(&self) -> String {
-        match self.naming {
-            Naming::AlexHex7 => format!("{}W.1", self.prefix),
-            Naming::Mmcv => format!("{}conv_out.bn", self.prefix),
-        }
-    }
-
-    /// The key of the concatenation projection's weight.
-    pub(crate) fn concat_project(&self) -> String {
-        match self.naming {
-            Naming::AlexHex7 => format!("{}concat_project.0.weight", self.prefix),
-            Naming::Mmcv => format!("{}concat_project.conv.weight", self.prefix),
-        }
-    }
-}
 
 /// Reads one 1x1 conv weight: shape (out, in) followed by `conv_dims` singleton dims.
 fn read_conv_weight(file: &TensorFile, key: &str, out: usize, inp: usize, conv_dims: usize) -> Result<Array2<f32>> {
@@ -214,36 +108,6 @@ fn rename_key(e: Error, keys: &WeightKeys, config: &NonLocalConfig) -> Error {
     }
 }
 
-/// What the keys under a prefix say about a block.
-pub(crate) struct KeyLayout {
-    /// Whether φ/g are pooled (`.0.` keys); `None` when both forms are present.
-    pub pooled: Option<bool>,
-    /// Whether BatchNorm follows `W_z`; `None` when there is no `W_z`.
-    pub bn: Option<bool>,
-    /// The modes the keys allow: concatenation (`concat_project`), Gaussian (no θ and no φ),
-    /// or embedded Gaussian and dot product, which have the same parameters.
-    pub modes: &'static [Mode],
-}
-
-/// Reads [`KeyLayout`] off the keys; `None` when there is no `g` convolution under the prefix.
-pub(crate) fn key_layout(file: &TensorFile, keys: &WeightKeys) -> Option<KeyLayout> {
-    let has = |stem: String| file.contains(&format!("{stem}.weight"));
-    let (pooled, unpooled) = (has(keys.embedding("g", true)), has(keys.embedding("g", false)));
-    if !pooled && !unpooled {
-        return None;
-    }
-    let w_z = has(keys.w_z(true)) || has(keys.w_z(false));
-    let theta_phi = has(keys.embedding("theta", false)) || has(keys.embedding("phi", pooled));
-    let modes: &'static [Mode] = if file.contains(&keys.concat_project()) {
-        &[Mode::Concatenation]
-    } else if theta_phi {
-        &[Mode::EmbeddedGaussian, Mode::DotProduct]
-    } else {
-        &[Mode::Gaussian]
-    };
-    Some(KeyLayout { pooled: (pooled != unpooled).then_some(pooled), bn: w_z.then(|| has(keys.bn())), modes })
-}
-
 /// Compares what the keys show (pooling, BatchNorm, mode) with the configuration.
 fn check_layout(file: &TensorFile, config: &NonLocalConfig, keys: &WeightKeys) -> Result<()> {
     let Some(layout) = key_layout(file, keys) else { return Ok(()) };
@@ -281,43 +145,6 @@ fn check_layout(file: &TensorFile, config: &NonLocalConfig, keys: &WeightKeys) -
     Ok(())
 }
 
-/// Guesses the key scheme of a checkpoint from the keys under `prefix`: mmcv keys contain
-/// `.conv.`; AlexHex7 keys do not.
-///
-/// # Errors
-/// [`Error::MissingKey`] when neither scheme's `g` convolution is found under the prefix.
-pub fn detect_naming(file: &TensorFile, prefix: &str) -> Result<Naming> {
-    for naming in [Naming::Mmcv, Naming::AlexHex7] {
-        let keys = WeightKeys { naming, prefix: prefix.into() };
-        if [true, false].iter().any(|&p| file.contains(&format!("{}.weight", keys.embedding("g", p)))) {
-            return Ok(naming);
-        }
-    }
-    Err(Error::MissingKey { key: format!("{prefix}g.weight") })
-}
-
-/// The checkpoint key and PyTorch shape of a parameter named as in
-/// [`Parameters::trainable_mut`](crate::Parameters::trainable_mut) (`theta.weight`,
-/// `bn.bias`, …, plus `bn.running_mean` and `bn.running_var`).
-pub(crate) fn checkpoint_entry(keys: &WeightKeys, config: &NonLocalConfig, name: &str) -> (String, Vec<usize>) {
-    let (c, ci) = (config.in_channels, config.inter_channels);
-    let pooled = config.sub_sample.is_some();
-    let conv_shape = |out: usize, inp: usize| {
-        let mut shape = vec![out, inp];
-        shape.resize(2 + config.conv_dims, 1);
-        shape
-    };
-    let (part, field) = name.split_once('.').unwrap_or((name, ""));
-    match (part, field) {
-        ("concat_project", _) => (keys.concat_project(), vec![1, 2 * ci, 1, 1]),
-        ("bn", f) => (format!("{}.{f}", keys.bn()), vec![c]),
-        ("w_z", "weight") => (format!("{}.weight", keys.w_z(config.bn_layer)), conv_shape(c, ci)),
-        ("w_z", f) => (format!("{}.{f}", keys.w_z(config.bn_layer)), vec![c]),
-        (p, "weight") => (format!("{}.weight", keys.embedding(p, pooled)), conv_shape(ci, c)),
-        (p, f) => (format!("{}.{f}", keys.embedding(p, pooled)), vec![ci]),
-    }
-}
-
 /// A block's parameters as a safetensors file under `keys`: every tensor the checkpoint
 /// scheme has for this configuration (BatchNorm running statistics and
 /// `num_batches_tracked` included, so PyTorch's strict `load_state_dict` accepts it), F32.
@@ -344,13 +171,18 @@ pub(crate) fn export(keys: &WeightKeys, config: &NonLocalConfig, params: &Parame
     let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = entries
         .iter()
         .map(|(k, shape, bytes)| {
-            Ok((k.clone(), safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)?))
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes).map_err(save_failed)?;
+            Ok((k.clone(), view))
         })
         .collect::<Result<_>>()?;
     let counter = 0i64.to_le_bytes();
     if config.bn_layer {
         let key = format!("{}.num_batches_tracked", keys.bn());
-        views.push((key, safetensors::tensor::TensorView::new(Dtype::I64, vec![], &counter)?));
+        views.push((key, safetensors::tensor::TensorView::new(Dtype::I64, vec![], &counter).map_err(save_failed)?));
     }
-    Ok(safetensors::serialize(views, None)?)
+    safetensors::serialize(views, None).map_err(save_failed)
+}
+
+fn save_failed(e: safetensors::SafeTensorError) -> Error {
+    Error::SaveFailed { reason: e.to_string() }
 }

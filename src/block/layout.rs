@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use ndarray::{ArrayView5, ArrayViewD, Axis, Ix5};
 
-use crate::block::NonLocalBlock;
+use super::NonLocalBlock;
 use crate::error::{Error, Result};
 use crate::kernels::pool::pooled_grid;
 

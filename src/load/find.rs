@@ -1,15 +1,15 @@
-//! Finding the non-local blocks of a checkpoint, and loading blocks from any checkpoint.
+//! Finding blocks by their keys: what the keys under a prefix show ([`KeyLayout`]), the key
+//! scheme of a prefix ([`detect_naming`]), and every non-local block of a checkpoint with the
+//! configuration its keys show ([`find_blocks`], [`BlockInfo`]).
 
 use std::collections::HashSet;
 use std::fmt;
-use std::path::Path;
 
-use super::file::TensorFile;
-use super::tensor::DType;
-use crate::block::NonLocalBlock;
+use super::keys::{Naming, WeightKeys};
+use super::TensorFile;
+use crate::checkpoint::DType;
 use crate::config::{Mode, NonLocalConfig};
-use crate::error::Result;
-use crate::weights::{key_layout, Naming, WeightKeys};
+use crate::error::{Error, Result};
 
 /// A non-local block found in a checkpoint: where its keys are and what they show.
 ///
@@ -96,16 +96,6 @@ impl BlockInfo {
             .bn_layer(self.bn)
             .conv_dims(self.conv_dims)
     }
-
-    /// Loads the block from `file` with [`BlockInfo::config`] as it is: check first that its
-    /// defaults for what the keys cannot show (mode, pool kernel, `use_scale`) are the model's,
-    /// or load with [`NonLocalBlock::from_checkpoint`] and your own configuration.
-    ///
-    /// # Errors
-    /// As [`NonLocalBlock::from_checkpoint`].
-    pub fn load(&self, file: &TensorFile) -> Result<NonLocalBlock> {
-        NonLocalBlock::from_checkpoint(self.config(), file, &self.keys)
-    }
 }
 
 /// Every non-local block in a checkpoint, in the order of the file, under either key scheme:
@@ -168,86 +158,47 @@ fn block_at(file: &TensorFile, keys: WeightKeys) -> Option<BlockInfo> {
     Some(BlockInfo { keys, in_channels: c, inter_channels: ci, sub_sample, bn, conv_dims, dtype, modes: layout.modes })
 }
 
-/// Loads every block [`find_blocks`] lists, each with the configuration `configure` gives
-/// for it: start from [`BlockInfo::config`] and set what the keys cannot show (the mode where
-/// embedded Gaussian and dot product share keys, the pool kernel, `use_scale`). The closure is
-/// not optional because those settings change the output: mmcv's `NonLocal3d` defaults to
-/// `use_scale` true, but mmaction2's I3D configs set it false, and loading their checkpoints
-/// with the default is wrong by ~1.5 (no error can tell).
-///
-/// # Example
-/// ```
-/// use nonlocal::{load_blocks, TensorFile};
-///
-/// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pth/pth_mmaction_i3d.pth");
-/// let file = TensorFile::open(path)?;
-/// // mmaction2's I3D non-local config: embedded Gaussian, use_scale=False, 1x2x2 pooling.
-/// let blocks = load_blocks(&file, |info| info.config().use_scale(false))?;
-/// assert_eq!(blocks.len(), 5);
-/// assert!(blocks.iter().all(|(_, block)| !block.config().use_scale));
-/// # Ok::<(), nonlocal::Error>(())
-/// ```
-///
-/// # Errors
-/// The first block's loading error, as [`NonLocalBlock::from_checkpoint`].
-pub fn load_blocks(
-    file: &TensorFile,
-    configure: impl Fn(&BlockInfo) -> NonLocalConfig,
-) -> Result<Vec<(BlockInfo, NonLocalBlock)>> {
-    find_blocks(file)
-        .into_iter()
-        .map(|info| {
-            let block = NonLocalBlock::from_checkpoint(configure(&info), file, &info.keys)?;
-            Ok((info, block))
-        })
-        .collect()
+/// What the keys under a prefix say about a block.
+pub(crate) struct KeyLayout {
+    /// Whether φ/g are pooled (`.0.` keys); `None` when both forms are present.
+    pub pooled: Option<bool>,
+    /// Whether BatchNorm follows `W_z`; `None` when there is no `W_z`.
+    pub bn: Option<bool>,
+    /// The modes the keys allow: concatenation (`concat_project`), Gaussian (no θ and no φ),
+    /// or embedded Gaussian and dot product, which have the same parameters.
+    pub modes: &'static [Mode],
 }
 
-impl NonLocalBlock {
-    /// A block with parameters read from a checkpoint of any format ([`TensorFile`]) under
-    /// `keys`.
-    ///
-    /// Other entries of the file are ignored. What the keys show must agree with `config`:
-    /// BatchNorm present or not, φ/g pooled or not, the conv rank, the channel counts, and
-    /// the mode where the keys decide it (a `concat_project` means concatenation; no θ/φ
-    /// means Gaussian). [`find_blocks`] and [`BlockInfo::config`] read all of it off the file.
-    ///
-    /// # Errors
-    /// [`Error::ConfigMismatch`](crate::Error::ConfigMismatch) naming the setting,
-    /// [`Error::MissingKey`](crate::Error::MissingKey),
-    /// [`Error::NotATensor`](crate::Error::NotATensor),
-    /// [`Error::WrongShape`](crate::Error::WrongShape),
-    /// [`Error::UnsupportedDtype`](crate::Error::UnsupportedDtype),
-    /// [`Error::InvalidParameter`](crate::Error::InvalidParameter) (non-finite values,
-    /// negative variance) or [`Error::InvalidConfig`](crate::Error::InvalidConfig), each
-    /// naming the key.
-    pub fn from_checkpoint(config: NonLocalConfig, file: &TensorFile, keys: &WeightKeys) -> Result<Self> {
-        Self::from_safetensors(config, file, keys)
+/// Reads [`KeyLayout`] off the keys; `None` when there is no `g` convolution under the prefix.
+pub(crate) fn key_layout(file: &TensorFile, keys: &WeightKeys) -> Option<KeyLayout> {
+    let has = |stem: String| file.contains(&format!("{stem}.weight"));
+    let (pooled, unpooled) = (has(keys.embedding("g", true)), has(keys.embedding("g", false)));
+    if !pooled && !unpooled {
+        return None;
     }
+    let w_z = has(keys.w_z(true)) || has(keys.w_z(false));
+    let theta_phi = has(keys.embedding("theta", false)) || has(keys.embedding("phi", pooled));
+    let modes: &'static [Mode] = if file.contains(&keys.concat_project()) {
+        &[Mode::Concatenation]
+    } else if theta_phi {
+        &[Mode::EmbeddedGaussian, Mode::DotProduct]
+    } else {
+        &[Mode::Gaussian]
+    };
+    Some(KeyLayout { pooled: (pooled != unpooled).then_some(pooled), bn: w_z.then(|| has(keys.bn())), modes })
+}
 
-    /// Opens a checkpoint of any format ([`TensorFile::open`]), then as
-    /// [`NonLocalBlock::from_checkpoint`].
-    ///
-    /// # Example
-    /// ```
-    /// use nonlocal::{Mode, NonLocalBlock, NonLocalConfig, WeightKeys};
-    ///
-    /// // mmcv's NonLocal2d with BatchNorm, saved in bfloat16 under a 'model' key.
-    /// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pth/pth_bf16_mmcv2d.pth");
-    /// let config = NonLocalConfig::mmcv(16).sub_sample(Some([1, 2, 2])).bn_layer(true).conv_dims(2);
-    /// let block = NonLocalBlock::from_checkpoint_file(config.clone(), path, &WeightKeys::mmcv())?;
-    /// let x = ndarray::Array5::<f32>::zeros((1, 1, 6, 6, 16));
-    /// assert_eq!(block.forward(&x)?.shape(), x.shape());
-    ///
-    /// // Loaded as the wrong mode, the weights say no.
-    /// let err = NonLocalBlock::from_checkpoint_file(config.mode(Mode::Gaussian), path, &WeightKeys::mmcv());
-    /// assert!(matches!(err, Err(nonlocal::Error::ConfigMismatch { what: "mode", .. })));
-    /// # Ok::<(), nonlocal::Error>(())
-    /// ```
-    ///
-    /// # Errors
-    /// Those of [`TensorFile::open`] and [`NonLocalBlock::from_checkpoint`].
-    pub fn from_checkpoint_file(config: NonLocalConfig, path: impl AsRef<Path>, keys: &WeightKeys) -> Result<Self> {
-        Self::from_checkpoint(config, &TensorFile::open(path)?, keys)
+/// Guesses the key scheme of a checkpoint from the keys under `prefix`: mmcv keys contain
+/// `.conv.`; AlexHex7 keys do not.
+///
+/// # Errors
+/// [`Error::MissingKey`] when neither scheme's `g` convolution is found under the prefix.
+pub fn detect_naming(file: &TensorFile, prefix: &str) -> Result<Naming> {
+    for naming in [Naming::Mmcv, Naming::AlexHex7] {
+        let keys = WeightKeys { naming, prefix: prefix.into() };
+        if [true, false].iter().any(|&p| file.contains(&format!("{}.weight", keys.embedding("g", p)))) {
+            return Ok(naming);
+        }
     }
+    Err(Error::MissingKey { key: format!("{prefix}g.weight") })
 }

@@ -10,24 +10,24 @@
 //! Key-side gradients are sums over all queries, added over a fixed number of query chunks in
 //! a fixed order, so results are bit-identical for any thread count.
 
-use ndarray::{Array, Array1, Array2, ArrayBase, ArrayViewD, ArrayViewMutD, Data, Dimension};
-
 use std::sync::Arc;
 
-use crate::block::{buffer, next_generation, NonLocalBlock};
+use ndarray::{Array, Array1, Array2, ArrayBase, ArrayViewD, ArrayViewMutD, Data, Dimension};
+use rayon::prelude::*;
+
+use super::gradients::{Gradients, ParameterGradients};
+use super::{buffer, next_generation, Layout, NonLocalBlock};
 use crate::config::Mode;
 use crate::error::{Error, Result};
 use crate::kernels::attention::{softmax_attention_backward, softmax_attention_lse};
 use crate::kernels::concat::{concat_attention, concat_attention_backward, key_scores};
 use crate::kernels::dot_product::key_value_product;
-use crate::kernels::gemm::{par_gemm, MatMut, MatRef};
+use crate::kernels::gemm::par_gemm;
 use crate::kernels::pool::{max_pool_argmax, max_unpool_add};
-use crate::layout::Layout;
-use crate::params::{check_shape, Conv1x1, Parameters};
-use crate::plan::Columns;
-use crate::plan::Compiled;
+use crate::kernels::views::{MatMut, MatRef};
+use crate::params::{check_shape, Conv1x1};
+use crate::plan::{prepare, Columns, Compiled, Purpose};
 use crate::workspace::Workspace;
-use rayon::prelude::*;
 
 /// What [`NonLocalBlock::forward_train`] saves for [`NonLocalBlock::backward`]: a copy of the
 /// input and, per sample, the projections, pooled keys with their arg-max, y, and the
@@ -68,97 +68,6 @@ struct Saved {
     /// Softmax modes: per-query log-sum-exp.
     lse: Vec<f32>,
     m: usize,
-}
-
-/// Gradients of the parameters, shaped like [`Parameters`] (BatchNorm: weight and bias only).
-/// A part the block does not have, or a bias it does not have, has no gradient.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ParameterGradients {
-    /// Gradient of θ (weight (C', C), bias (C')).
-    pub theta: Option<Conv1x1>,
-    /// Gradient of φ.
-    pub phi: Option<Conv1x1>,
-    /// Gradient of g.
-    pub g: Conv1x1,
-    /// Gradient of `W_z` (weight (C, C'), bias when the block has one).
-    pub w_z: Conv1x1,
-    /// Gradient of the BatchNorm weight γ and bias β.
-    pub bn: Option<(Array1<f32>, Array1<f32>)>,
-    /// Gradient of the concatenation projection (2C').
-    pub concat_project: Option<Array1<f32>>,
-}
-
-/// The result of [`NonLocalBlock::backward`].
-#[derive(Clone, Debug, PartialEq)]
-pub struct Gradients<D: Dimension> {
-    /// ∂L/∂x, the input's shape.
-    pub input: Array<f32, D>,
-    /// ∂L/∂θ for every trainable parameter.
-    pub params: ParameterGradients,
-}
-
-fn conv_tensors<'a>(name: &'static str, conv: &'a Conv1x1, out: &mut Vec<(String, ArrayViewD<'a, f32>)>) {
-    out.push((format!("{name}.weight"), conv.weight.view().into_dyn()));
-    if let Some(b) = &conv.bias {
-        out.push((format!("{name}.bias"), b.view().into_dyn()));
-    }
-}
-
-fn conv_tensors_mut<'a>(name: &'static str, conv: &'a mut Conv1x1, out: &mut Vec<(String, ArrayViewMutD<'a, f32>)>) {
-    out.push((format!("{name}.weight"), conv.weight.view_mut().into_dyn()));
-    if let Some(b) = &mut conv.bias {
-        out.push((format!("{name}.bias"), b.view_mut().into_dyn()));
-    }
-}
-
-impl ParameterGradients {
-    /// The gradients by name (`theta.weight`, `g.bias`, `w_z.weight`, `bn.weight`,
-    /// `concat_project`, …), in the order of [`Parameters::trainable_mut`].
-    pub fn named(&self) -> Vec<(String, ArrayViewD<'_, f32>)> {
-        let mut out = Vec::new();
-        if let Some(c) = &self.theta {
-            conv_tensors("theta", c, &mut out);
-        }
-        if let Some(c) = &self.phi {
-            conv_tensors("phi", c, &mut out);
-        }
-        conv_tensors("g", &self.g, &mut out);
-        conv_tensors("w_z", &self.w_z, &mut out);
-        if let Some((w, b)) = &self.bn {
-            out.push(("bn.weight".into(), w.view().into_dyn()));
-            out.push(("bn.bias".into(), b.view().into_dyn()));
-        }
-        if let Some(p) = &self.concat_project {
-            out.push(("concat_project".into(), p.view().into_dyn()));
-        }
-        out
-    }
-}
-
-impl Parameters {
-    /// The trainable tensors by name, mutable, in the order of [`ParameterGradients::named`]
-    /// (BatchNorm running statistics are not trainable). To train a block, use
-    /// [`NonLocalBlock::update_parameters`], which pairs them with their gradients by name and
-    /// keeps the block consistent.
-    pub fn trainable_mut(&mut self) -> Vec<(String, ArrayViewMutD<'_, f32>)> {
-        let mut out = Vec::new();
-        if let Some(c) = &mut self.theta {
-            conv_tensors_mut("theta", c, &mut out);
-        }
-        if let Some(c) = &mut self.phi {
-            conv_tensors_mut("phi", c, &mut out);
-        }
-        conv_tensors_mut("g", &mut self.g, &mut out);
-        conv_tensors_mut("w_z", &mut self.w_z, &mut out);
-        if let Some(bn) = &mut self.bn {
-            out.push(("bn.weight".into(), bn.weight.view_mut().into_dyn()));
-            out.push(("bn.bias".into(), bn.bias.view_mut().into_dyn()));
-        }
-        if let Some(p) = &mut self.concat_project {
-            out.push(("concat_project".into(), p.view_mut().into_dyn()));
-        }
-        out
-    }
 }
 
 impl NonLocalBlock {
@@ -203,7 +112,7 @@ impl NonLocalBlock {
     }
 
     fn forward_train_sample(&self, x: MatRef<'_>, grid: [usize; 3], out: &mut [f32]) -> Result<Saved> {
-        let p = self.prepare(x, grid)?;
+        let p = prepare(&self.config, &self.compiled, &self.workspace, (x, grid), Purpose::Exact)?;
         let (n, ci, m) = (x.rows(), self.config.inter_channels, p.m);
         let kernel = self.config.pool_kernel();
         let mut y = self.workspace.take(n * ci, "y")?.into_vec();
@@ -305,113 +214,44 @@ impl NonLocalBlock {
         // Output side: z = x + y·W_outᵀ + b_out.
         let ws = &self.workspace;
         let mut dy = ws.take(n * ci, "y gradient")?;
-        let w_out = self.compiled.w_out.view();
-        par_gemm(1.0, dz, w_out, 0.0, &mut MatMut::new(&mut dy, n, ci, ci));
+        par_gemm(1.0, dz, self.compiled.w_out.view(), 0.0, &mut MatMut::new(&mut dy, n, ci, ci));
         par_gemm(1.0, dz.t(), y, 1.0, &mut MatMut::new(&mut acc.dz_y, c, ci, ci));
         column_sums(dz, &mut acc.dz_sum);
-        let dy = MatRef::new(&dy, 0, n, ci, ci);
+        dx.par_chunks_mut(c).enumerate().for_each(|(i, row)| dz.copy_row(i, row));
 
-        // Attention side, into dP (N × proj_cols) and, for Gaussian, straight into dx.
+        // Attention side, into dP (N × proj_cols) and the key side (M × key_width, the key-side
+        // columns' order; every column written by the mode) and, for Gaussian, into dx.
         let proj = MatRef::new(&saved.proj, 0, n, k, k);
         let (kstart, kwidth) = (cols.key_start, cols.key_width);
         let key_side = match &saved.pooled {
             Some((pooled, _)) => MatRef::new(pooled, 0, m, kwidth, kwidth),
             None => proj.cols_range(kstart, kstart + kwidth),
         };
-        let values = key_side.cols_range(cols.g - kstart, cols.g - kstart + ci);
         let mut dp = ws.take(n * k, "projection gradient")?;
         dp.fill(0.0);
-        // Key-side gradients (M × key_width, same column order as the key side); every
-        // column is written below.
         let mut dkey = ws.take(m * kwidth, "key gradient")?;
-        dx.par_chunks_mut(c).enumerate().for_each(|(i, row)| dz.copy_row(i, row));
+        let sample = SampleGrad {
+            x,
+            proj,
+            key_side,
+            cols,
+            y,
+            dy: MatRef::new(&dy, 0, n, ci, ci),
+            saved,
+            dp: Block { data: &mut dp, ld: k, start: 0 },
+            dkey: Block { data: &mut dkey, ld: kwidth, start: kstart },
+        };
         match self.config.mode {
-            Mode::EmbeddedGaussian | Mode::Gaussian => {
-                let scale = self.config.logit_scale();
-                let (q, keys) = match cols.theta {
-                    Some(th) => {
-                        let phi = cols.phi.expect("θ comes with φ") - kstart;
-                        (proj.cols_range(th, th + ci), key_side.cols_range(phi, phi + ci))
-                    }
-                    None => match &saved.pooled_x {
-                        Some((px, _)) => (x, MatRef::new(px, 0, m, c, c)),
-                        None => (x, x),
-                    },
-                };
-                let d = q.cols();
-                let (mut dq, mut dk, mut dv) = (ws.take(n * d, "dq")?, ws.take(m * d, "dk")?, ws.take(m * ci, "dv")?);
-                softmax_attention_backward(q, keys, values, scale, &saved.lse, y, dy, &mut dq, &mut dk, &mut dv);
-                set_block(&mut dkey, kwidth, cols.g - kstart, &dv, ci);
-                match cols.theta {
-                    Some(th) => {
-                        set_block(&mut dp, k, th, &dq, ci);
-                        set_block(&mut dkey, kwidth, cols.phi.expect("φ") - kstart, &dk, ci);
-                    }
-                    None => {
-                        // Gaussian: queries and keys are the input itself.
-                        dx.iter_mut().zip(dq.iter()).for_each(|(a, b)| *a += b);
-                        match &saved.pooled_x {
-                            Some((_, arg)) => max_unpool_add(&dk, arg, c, dx, c, 0),
-                            None => dx.iter_mut().zip(dk.iter()).for_each(|(a, b)| *a += b),
-                        }
-                    }
-                }
-            }
-            Mode::DotProduct => {
-                // y = θ·A with A = φ̂ᵀĝ/M.
-                let th = cols.theta.expect("dot product has θ");
-                let phi_col = cols.phi.expect("dot product has φ") - kstart;
-                let theta = proj.cols_range(th, th + ci);
-                let phi = key_side.cols_range(phi_col, phi_col + ci);
-                let inv_m = 1.0 / m as f32;
-                let a = key_value_product(phi, values, inv_m);
-                let mut dtheta = vec![0.0f32; n * ci];
-                par_gemm(1.0, dy, MatRef::new(&a, 0, ci, ci, ci).t(), 0.0, &mut MatMut::new(&mut dtheta, n, ci, ci));
-                set_block(&mut dp, k, th, &dtheta, ci);
-                // dA' = θᵀ·dy/M; dφ̂ = ĝ·dA'ᵀ; dĝ = φ̂·dA'.
-                let mut da = vec![0.0f32; ci * ci];
-                par_gemm(inv_m, theta.t(), dy, 0.0, &mut MatMut::new(&mut da, ci, ci, ci));
-                let da = MatRef::new(&da, 0, ci, ci, ci);
-                let (mut dphi, mut dg) = (vec![0.0f32; m * ci], vec![0.0f32; m * ci]);
-                par_gemm(1.0, values, da.t(), 0.0, &mut MatMut::new(&mut dphi, m, ci, ci));
-                par_gemm(1.0, phi, da, 0.0, &mut MatMut::new(&mut dg, m, ci, ci));
-                set_block(&mut dkey, kwidth, phi_col, &dphi, ci);
-                set_block(&mut dkey, kwidth, cols.g - kstart, &dg, ci);
-            }
-            Mode::Concatenation => {
-                let a_col = cols.a.expect("concatenation has an `a` column");
-                let a = proj.cols_range(a_col, a_col + 1);
-                let phi_col = cols.phi.expect("concatenation has φ") - kstart;
-                let phi = key_side.cols_range(phi_col, phi_col + ci);
-                let w_phi = &self.compiled.w_phi;
-                let b = key_scores(phi, w_phi);
-                let mut row = vec![0.0f32; ci];
-                let (mut da, mut db, mut dv) = (vec![0.0f32; n], vec![0.0f32; m], vec![0.0f32; m * ci]);
-                concat_attention_backward(a, &b, values, dy, (&mut da, &mut db, &mut dv));
-                for (i, &v) in da.iter().enumerate() {
-                    dp[i * k + a_col] = v;
-                }
-                // b_j = w_φ·φ̂_j: dφ̂_j = db_j·w_φ, and w_φ collects Σ_j db_j·φ̂_j.
-                let mut dphi = vec![0.0f32; m * ci];
-                for j in 0..m {
-                    phi.copy_row(j, &mut row);
-                    for ch in 0..ci {
-                        dphi[j * ci + ch] = db[j] * w_phi[ch];
-                        acc.d_w_phi[ch] += (db[j] as f64 * row[ch] as f64) as f32;
-                    }
-                }
-                set_block(&mut dkey, kwidth, phi_col, &dphi, ci);
-                set_block(&mut dkey, kwidth, cols.g - kstart, &dv, ci);
-            }
+            Mode::EmbeddedGaussian | Mode::Gaussian => self.backward_softmax(sample, dx)?,
+            Mode::DotProduct => Self::backward_dot_product(sample),
+            Mode::Concatenation => self.backward_concatenation(sample, &mut acc.d_w_phi),
         }
         // Key-side gradients back through the pooling (or straight, without it).
         match &saved.pooled {
             Some((_, arg)) => max_unpool_add(&dkey, arg, kwidth, &mut dp, k, kstart),
             None => {
-                for i in 0..n {
-                    for ch in 0..kwidth {
-                        dp[i * k + kstart + ch] += dkey[i * kwidth + ch];
-                    }
+                for (dp_row, dkey_row) in dp.chunks_mut(k).zip(dkey.chunks(kwidth)) {
+                    dp_row[kstart..kstart + kwidth].iter_mut().zip(dkey_row).for_each(|(a, b)| *a += b);
                 }
             }
         }
@@ -419,14 +259,100 @@ impl NonLocalBlock {
         let dp_m = MatRef::new(&dp, 0, n, k, k);
         par_gemm(1.0, dp_m.t(), x, 1.0, &mut MatMut::new(&mut acc.d_proj_w, k, c, c));
         column_sums(dp_m, &mut acc.d_proj_b);
-        let w_all = self.compiled.w_proj.view();
-        par_gemm(1.0, dp_m, w_all, 1.0, &mut MatMut::new(dx, n, c, c));
+        par_gemm(1.0, dp_m, self.compiled.w_proj.view(), 1.0, &mut MatMut::new(dx, n, c, c));
         Ok(())
+    }
+
+    /// The (embedded) Gaussian modes: the FlashAttention-2 backward from the saved
+    /// log-sum-exp. Gaussian's queries and keys are the input itself, so their gradients go
+    /// straight into `dx` (through the pooling arg-max for the keys).
+    fn backward_softmax(&self, s: SampleGrad<'_>, dx: &mut [f32]) -> Result<()> {
+        let SampleGrad { x, proj, key_side, cols, y, dy, saved, mut dp, mut dkey } = s;
+        let (n, c, ci, m) = (x.rows(), x.cols(), self.config.inter_channels, saved.m);
+        let (q, keys) = match cols.theta {
+            Some(th) => (proj.cols_range(th, th + ci), dkey.view_of(key_side, cols.phi.expect("θ comes with φ"), ci)),
+            None => match &saved.pooled_x {
+                Some((px, _)) => (x, MatRef::new(px, 0, m, c, c)),
+                None => (x, x),
+            },
+        };
+        let values = dkey.view_of(key_side, cols.g, ci);
+        let d = q.cols();
+        let ws = &self.workspace;
+        let (mut dq, mut dk, mut dv) = (ws.take(n * d, "dq")?, ws.take(m * d, "dk")?, ws.take(m * ci, "dv")?);
+        let scale = self.config.logit_scale();
+        softmax_attention_backward(q, keys, values, scale, &saved.lse, y, dy, &mut dq, &mut dk, &mut dv);
+        dkey.set(cols.g, &dv, ci);
+        match cols.theta {
+            Some(th) => {
+                dp.set(th, &dq, ci);
+                dkey.set(cols.phi.expect("θ comes with φ"), &dk, ci);
+            }
+            None => {
+                dx.iter_mut().zip(dq.iter()).for_each(|(a, b)| *a += b);
+                match &saved.pooled_x {
+                    Some((_, arg)) => max_unpool_add(&dk, arg, c, dx, c, 0),
+                    None => dx.iter_mut().zip(dk.iter()).for_each(|(a, b)| *a += b),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Dot product, `y = θ·A` with `A = φ̂ᵀĝ/M`: `dθ = dy·Aᵀ`, and with `dA = θᵀ·dy/M`,
+    /// `dφ̂ = ĝ·dAᵀ`, `dĝ = φ̂·dA`.
+    fn backward_dot_product(s: SampleGrad<'_>) {
+        let SampleGrad { x, proj, key_side, cols, dy, saved, mut dp, mut dkey, .. } = s;
+        let (n, ci, m) = (x.rows(), dy.cols(), saved.m);
+        let th = cols.theta.expect("dot product has θ");
+        let phi_col = cols.phi.expect("dot product has φ");
+        let theta = proj.cols_range(th, th + ci);
+        let (phi, values) = (dkey.view_of(key_side, phi_col, ci), dkey.view_of(key_side, cols.g, ci));
+        let inv_m = 1.0 / m as f32;
+        let a = key_value_product(phi, values, inv_m);
+        let mut dtheta = vec![0.0f32; n * ci];
+        par_gemm(1.0, dy, MatRef::new(&a, 0, ci, ci, ci).t(), 0.0, &mut MatMut::new(&mut dtheta, n, ci, ci));
+        dp.set(th, &dtheta, ci);
+        let mut da = vec![0.0f32; ci * ci];
+        par_gemm(inv_m, theta.t(), dy, 0.0, &mut MatMut::new(&mut da, ci, ci, ci));
+        let da = MatRef::new(&da, 0, ci, ci, ci);
+        let (mut dphi, mut dg) = (vec![0.0f32; m * ci], vec![0.0f32; m * ci]);
+        par_gemm(1.0, values, da.t(), 0.0, &mut MatMut::new(&mut dphi, m, ci, ci));
+        par_gemm(1.0, phi, da, 0.0, &mut MatMut::new(&mut dg, m, ci, ci));
+        dkey.set(phi_col, &dphi, ci);
+        dkey.set(cols.g, &dg, ci);
+    }
+
+    /// Concatenation through the sorted-keys prefix sums; `b_j = w_φ·φ̂_j`, so `dφ̂_j = db_j·w_φ`
+    /// and `w_φ` collects `Σ_j db_j·φ̂_j` (into `d_w_phi`).
+    fn backward_concatenation(&self, s: SampleGrad<'_>, d_w_phi: &mut [f32]) {
+        let SampleGrad { x, proj, key_side, cols, dy, saved, mut dp, mut dkey, .. } = s;
+        let (n, ci, m) = (x.rows(), dy.cols(), saved.m);
+        let a_col = cols.a.expect("concatenation has an `a` column");
+        let a = proj.cols_range(a_col, a_col + 1);
+        let phi_col = cols.phi.expect("concatenation has φ");
+        let (phi, values) = (dkey.view_of(key_side, phi_col, ci), dkey.view_of(key_side, cols.g, ci));
+        let w_phi = &self.compiled.w_phi;
+        let b = key_scores(phi, w_phi);
+        let (mut da, mut db, mut dv) = (vec![0.0f32; n], vec![0.0f32; m], vec![0.0f32; m * ci]);
+        concat_attention_backward(a, &b, values, dy, (&mut da, &mut db, &mut dv));
+        dp.set(a_col, &da, 1);
+        let mut row = vec![0.0f32; ci];
+        let mut dphi = vec![0.0f32; m * ci];
+        for (j, dphi_row) in dphi.chunks_mut(ci).enumerate() {
+            phi.copy_row(j, &mut row);
+            for ch in 0..ci {
+                dphi_row[ch] = db[j] * w_phi[ch];
+                d_w_phi[ch] += (db[j] as f64 * row[ch] as f64) as f32;
+            }
+        }
+        dkey.set(phi_col, &dphi, ci);
+        dkey.set(cols.g, &dv, ci);
     }
 
     /// Updates every trainable parameter in place from its gradient, paired by name:
     /// `update(name, parameter, gradient)` is called once per tensor of
-    /// [`Parameters::trainable_mut`], with the gradient of the same name from `grads`. The
+    /// [`Parameters::trainable_mut`](crate::Parameters::trainable_mut), with the gradient of the same name from `grads`. The
     /// block's prepared state (BatchNorm folded into `W_z`, stacked projections) is then
     /// rebuilt once, and training contexts from before become stale. No parameter is copied.
     ///
@@ -560,9 +486,41 @@ fn column_sums(m: MatRef<'_>, out: &mut [f32]) {
     });
 }
 
-/// Writes `src` (rows × width) into columns `col..col + width` of `dst` (row stride `ld`).
-fn set_block(dst: &mut [f32], ld: usize, col: usize, src: &[f32], width: usize) {
-    for (d, s) in dst.chunks_mut(ld).zip(src.chunks(width)) {
-        d[col..col + width].copy_from_slice(s);
+/// One sample's views for the backward pass of one mode, and where it writes.
+struct SampleGrad<'a> {
+    x: MatRef<'a>,
+    /// The projections (N × proj_cols) and the key side (M × key_width), as saved.
+    proj: MatRef<'a>,
+    key_side: MatRef<'a>,
+    cols: Columns,
+    y: MatRef<'a>,
+    dy: MatRef<'a>,
+    saved: &'a Saved,
+    /// ∂L/∂P (N × proj_cols) and ∂L/∂(key side) (M × key_width).
+    dp: Block<'a>,
+    dkey: Block<'a>,
+}
+
+/// A row-major matrix whose columns are named by projection columns: column `col` of the
+/// projections is column `col − start` here (the key side starts at `key_start`).
+struct Block<'a> {
+    data: &'a mut [f32],
+    ld: usize,
+    start: usize,
+}
+
+impl Block<'_> {
+    /// Writes `src` (rows × width) into the columns of projection column `col` onwards.
+    fn set(&mut self, col: usize, src: &[f32], width: usize) {
+        let col = col - self.start;
+        for (d, s) in self.data.chunks_mut(self.ld).zip(src.chunks(width)) {
+            d[col..col + width].copy_from_slice(s);
+        }
+    }
+
+    /// Columns `col..col + width` (projection columns) of `m`, a matrix laid out like this one.
+    fn view_of<'m>(&self, m: MatRef<'m>, col: usize, width: usize) -> MatRef<'m> {
+        let col = col - self.start;
+        m.cols_range(col, col + width)
     }
 }

@@ -1,4 +1,6 @@
-//! Checking the block against PyTorch reference cases ("golden files").
+//! Checking the block against PyTorch reference cases ("golden files"): a test oracle, outside
+//! the library (tests, examples and the fuzz targets include this file with `#[path]`), written
+//! against the public API only.
 //!
 //! A golden file is a safetensors file holding a configured block's parameters (AlexHex7 or
 //! mmcv keys), an `input` (B, T, H, W, C), the reference `output` and, in small cases, the
@@ -18,10 +20,8 @@ use std::sync::Arc;
 
 use ndarray::{ArrayD, Ix5};
 
-use crate::block::NonLocalBlock;
-use crate::config::{parse_sub_sample, Mode, NonLocalConfig};
-use crate::error::{Error, Result};
-use crate::weights::{Naming, TensorFile, WeightKeys};
+use nonlocal::internal::parse_sub_sample;
+use nonlocal::{Error, Mode, Naming, NonLocalBlock, NonLocalConfig, Result, TensorFile, WeightKeys};
 
 /// Largest attention error that passes.
 pub const ATTENTION_TOLERANCE: f32 = 5e-4;
@@ -182,12 +182,12 @@ impl GoldenCase {
             })?,
         )?;
         let input_err = compare("grad_input", &grads.input.into_dyn(), &self.file.tensor("grad_input")?)?;
-        let mut ours: HashMap<String, ArrayD<f32>> = HashMap::new();
-        for (name, g) in grads.params.named() {
-            let (key, shape) = crate::weights::checkpoint_entry(&self.keys, &self.config, &name);
-            let g = g.to_owned().into_shape_with_order(ndarray::IxDyn(&shape)).expect("same element count");
-            ours.insert(format!("grad.{key}"), g);
-        }
+        let mut ours: HashMap<String, ArrayD<f32>> = grads
+            .params
+            .by_checkpoint_key(&self.keys, &self.config)
+            .into_iter()
+            .map(|(key, g)| (format!("grad.{key}"), g))
+            .collect();
         let mut worst = 0.0f32;
         for key in self.file.keys().into_iter().filter(|k| k.starts_with("grad.")) {
             let want = self.file.tensor(key)?;

@@ -1,11 +1,11 @@
 //! A plain f64 implementation of the block, straight from the definitions: slow, obviously
-//! right, and what the tests compare the fast kernels with. It builds the whole N×M attention
+//! right, and what the tests compare the fast kernels with (a test oracle outside the library,
+//! included by the tests with `#[path]`). It builds the whole N×M attention
 //! matrix, so use it on small inputs only.
 
 use ndarray::{Array2, Array3, Array5, ArrayView5};
 
-use crate::config::{Mode, NonLocalConfig};
-use crate::params::{Conv1x1, Parameters};
+use nonlocal::{Conv1x1, Mode, NonLocalConfig, Parameters};
 
 /// The output (B, T, H, W, C) and the attention weights (B, N, M) of the block, in f64.
 ///

@@ -1,0 +1,287 @@
+//! The forward pass: the entry points per input layout, then one sample at a time, one
+//! function per pairwise mode, each a few kernel calls on the plan's prepared operands.
+
+use ndarray::{Array, ArrayBase, ArrayView4, ArrayView5, Data, DataMut, Dimension};
+use rayon::prelude::*;
+
+use super::{buffer, Layout, NonLocalBlock};
+use crate::config::Mode;
+use crate::error::{Error, Result};
+use crate::kernels::attention::{softmax_attention, softmax_attention_with_key_bias};
+use crate::kernels::concat::concat_attention;
+use crate::kernels::dot_product::key_value_product;
+use crate::kernels::gemm::{par_gemm, row_block};
+use crate::kernels::views::{MatMut, MatRef};
+use crate::plan::{prepare, Prepared, Purpose};
+
+impl NonLocalBlock {
+    /// Runs the block on a batch of clips.
+    ///
+    /// # Shapes
+    /// - `x`: (B, T, H, W, C), channels last, any strides; rank 5 exactly (image maps go to
+    ///   [`NonLocalBlock::forward_images`], sequences to [`NonLocalBlock::forward_sequences`]);
+    /// - returns an array of the same shape, in standard (row-major) layout.
+    ///
+    /// A block whose [`NonLocalConfig::conv_dims`](crate::NonLocalConfig::conv_dims) is below
+    /// 3 (PyTorch's `NonLocal2d` or `NonLocal1d`) attends over the last `conv_dims` of
+    /// (T, H, W) only: T (and for `conv_dims` 1, H) must be 1.
+    ///
+    /// NaN or infinite values in `x` propagate: the outputs that depend on them are NaN or
+    /// infinite (as in PyTorch, though the exact set of affected positions may differ);
+    /// nothing panics or loops.
+    ///
+    /// # Errors
+    /// [`Error::InputRank`], [`Error::InputChannels`], [`Error::EmptyInput`] (a zero-sized
+    /// dimension), [`Error::LayoutMismatch`] (more axes than `conv_dims`), [`Error::NoKeys`]
+    /// (spatial size below the pool kernel), [`Error::TooLarge`] (buffers that cannot be
+    /// sized), [`Error::AllocationFailed`].
+    pub fn forward<S, D>(&self, x: &ArrayBase<S, D>) -> Result<Array<f32, D>>
+    where
+        S: Data<Elem = f32>,
+        D: Dimension,
+    {
+        self.forward_layout(x, Layout::Clips)
+    }
+
+    /// Runs the block on a batch of image feature maps (B, H, W, C), channels last (PyTorch's
+    /// `NonLocal2d` on (B, C, H, W)): each image attends within itself. Returns the input's
+    /// shape. The same as [`NonLocalBlock::forward`] on clips of one frame (T = 1), so any
+    /// `conv_dims` of 2 or more fits.
+    ///
+    /// ```
+    /// use ndarray::Array4;
+    /// use nonlocal::{NonLocalBlock, NonLocalConfig};
+    ///
+    /// let block = NonLocalBlock::new(NonLocalConfig::new(16).conv_dims(2))?;
+    /// let images = Array4::<f32>::from_shape_fn((2, 6, 6, 16), |(b, h, w, c)| (b + h * w + c) as f32 * 0.01);
+    /// assert_eq!(block.forward_images(&images)?.shape(), &[2, 6, 6, 16]);
+    /// // A rank-4 batch of images is never read as one clip.
+    /// assert!(matches!(block.forward(&images), Err(nonlocal::Error::InputRank { actual: 4, .. })));
+    /// # Ok::<(), nonlocal::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`NonLocalBlock::forward`]; [`Error::InputRank`] unless `x` has rank 4.
+    pub fn forward_images<S, D>(&self, x: &ArrayBase<S, D>) -> Result<Array<f32, D>>
+    where
+        S: Data<Elem = f32>,
+        D: Dimension,
+    {
+        self.forward_layout(x, Layout::Images)
+    }
+
+    /// Runs the block on a batch of sequences (B, L, C), channels last (PyTorch's
+    /// `NonLocal1d` on (B, C, L)): each sequence attends within itself. Returns the input's
+    /// shape. The same as [`NonLocalBlock::forward`] on clips of shape (B, 1, 1, L, C), so the
+    /// pool kernel must be `[1, 1, k]` (mmcv's `NonLocal1d`: `[1, 1, 2]`) or `None`.
+    ///
+    /// # Errors
+    /// As [`NonLocalBlock::forward`]; [`Error::InputRank`] unless `x` has rank 3.
+    pub fn forward_sequences<S, D>(&self, x: &ArrayBase<S, D>) -> Result<Array<f32, D>>
+    where
+        S: Data<Elem = f32>,
+        D: Dimension,
+    {
+        self.forward_layout(x, Layout::Sequences)
+    }
+
+    fn forward_layout<S, D>(&self, x: &ArrayBase<S, D>, layout: Layout) -> Result<Array<f32, D>>
+    where
+        S: Data<Elem = f32>,
+        D: Dimension,
+    {
+        let x5 = self.check_input(x.view().into_dyn(), layout)?;
+        let mut out = buffer(x5.len(), "output")?;
+        self.forward_checked(x5, &mut out)?;
+        Ok(Array::from_shape_vec(x.raw_dim(), out).expect("output has the input's element count"))
+    }
+
+    /// Runs the block on clips (B, T, H, W, C) into `out`, an array of the input's shape in any
+    /// layout: no output allocation when `out` is contiguous, for loops that reuse their
+    /// buffers. Same results as [`NonLocalBlock::forward`]; image maps (B, H, W, C) are clips of
+    /// one frame, `x.insert_axis(Axis(1))`.
+    ///
+    /// # Errors
+    /// As [`NonLocalBlock::forward`], and [`Error::WrongShape`] when `out`'s shape is not the
+    /// input's.
+    pub fn forward_into<S, D, So>(&self, x: &ArrayBase<S, D>, out: &mut ArrayBase<So, D>) -> Result<()>
+    where
+        S: Data<Elem = f32>,
+        So: DataMut<Elem = f32>,
+        D: Dimension,
+    {
+        if out.shape() != x.shape() {
+            return Err(Error::WrongShape {
+                key: "out".into(),
+                expected: x.shape().to_vec(),
+                actual: out.shape().to_vec(),
+            });
+        }
+        let x5 = self.check_input(x.view().into_dyn(), Layout::Clips)?;
+        match out.as_slice_mut() {
+            Some(slice) => self.forward_checked(x5, slice),
+            None => {
+                let mut tmp = buffer(x5.len(), "output")?;
+                self.forward_checked(x5, &mut tmp)?;
+                out.iter_mut().zip(tmp).for_each(|(o, v)| *o = v);
+                Ok(())
+            }
+        }
+    }
+
+    fn forward_checked(&self, x5: ArrayView5<'_, f32>, out: &mut [f32]) -> Result<()> {
+        let (_, t, h, w, c) = x5.dim();
+        let n = t * h * w;
+        for (sample, out_sample) in x5.outer_iter().zip(out.chunks_mut(n * c)) {
+            let mut copy = Vec::new();
+            let x = sample_matrix(sample, &mut copy);
+            let prepared = prepare(&self.config, &self.compiled, &self.workspace, (x, [t, h, w]), Purpose::Inference)?;
+            match self.config.mode {
+                Mode::EmbeddedGaussian | Mode::Gaussian => self.forward_softmax(&prepared, out_sample)?,
+                Mode::DotProduct => self.forward_dot_product(&prepared, out_sample)?,
+                Mode::Concatenation => self.forward_concatenation(&prepared, out_sample)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The (embedded) Gaussian modes: the fused online-softmax attention, with `W_z` applied
+    /// to the M values first when the plan says that is cheaper.
+    fn forward_softmax(&self, p: &Prepared<'_>, out: &mut [f32]) -> Result<()> {
+        let (n, m, c, ci) = (p.x.rows(), p.m, self.config.in_channels, self.config.inter_channels);
+        let (q, k, bias) = p.attention_operands();
+        let scale = self.config.logit_scale();
+        let attend = |v: MatRef<'_>, out: &mut [f32]| match bias {
+            Some(bias) => softmax_attention_with_key_bias(q, k, bias, v, scale, out),
+            None => softmax_attention(q, k, v, scale, out),
+        };
+        if self.compiled.folds_values(n, m) {
+            // W_out·Σ_j a_ij ĝ_j = Σ_j a_ij (W_out ĝ_j): aggregate C columns instead of C'.
+            let mut vw = self.workspace.take(m * c, "projected values")?;
+            self.compiled.w_out.apply(p.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c));
+            attend(MatRef::new(&vw, 0, m, c, c), out);
+            self.add_residual(p.x, out);
+        } else {
+            let mut y = self.workspace.take(n * ci, "y")?;
+            attend(p.values(), &mut y);
+            self.output(p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
+        }
+        Ok(())
+    }
+
+    /// Dot product: `y = θ·(φᵀg/M)`, the C'×C' product instead of the N×M matrix.
+    fn forward_dot_product(&self, p: &Prepared<'_>, out: &mut [f32]) -> Result<()> {
+        let (n, c, ci) = (p.x.rows(), self.config.in_channels, self.config.inter_channels);
+        let kv = key_value_product(p.keys(), p.values(), 1.0 / p.m as f32);
+        let kv = MatRef::new(&kv, 0, ci, ci, ci);
+        if self.compiled.folds_key_values_into_output(n) {
+            // z = x + θ·((φᵀg/M)·W_outᵀ) + b_out.
+            let mut folded = vec![0.0f32; ci * c];
+            par_gemm(1.0, kv, self.compiled.w_out.view().t(), 0.0, &mut MatMut::new(&mut folded, ci, c, c));
+            self.output(p.x, p.queries(), Some(MatRef::new(&folded, 0, ci, c, c)), out);
+        } else {
+            let mut y = self.workspace.take(n * ci, "y")?;
+            par_gemm(1.0, p.queries(), kv, 0.0, &mut MatMut::new(&mut y, n, ci, ci));
+            self.output(p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
+        }
+        Ok(())
+    }
+
+    /// Concatenation: sorted keys and prefix sums (see [`concat_attention`]).
+    fn forward_concatenation(&self, p: &Prepared<'_>, out: &mut [f32]) -> Result<()> {
+        let (n, ci) = (p.x.rows(), self.config.inter_channels);
+        let mut y = self.workspace.take(n * ci, "y")?;
+        let b = p.concat_b(&self.compiled.w_phi);
+        concat_attention(p.concat_a(), &b, p.values(), &mut y);
+        self.output(p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
+        Ok(())
+    }
+
+    /// `out ← x + y·W + b_out` with W = `w` (C' × C) or `W_outᵀ`.
+    pub(super) fn output(&self, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
+        let (n, c) = (x.rows(), x.cols());
+        self.residual_rows(x, out, |row, residual| row.copy_from_slice(residual));
+        let mut out = MatMut::new(out, n, c, c);
+        match w {
+            Some(w) => par_gemm(1.0, y, w, 1.0, &mut out),
+            None => self.compiled.w_out.apply(y, 1.0, &mut out),
+        }
+    }
+
+    /// `out ← out + x + b_out`.
+    fn add_residual(&self, x: MatRef<'_>, out: &mut [f32]) {
+        self.residual_rows(x, out, |row, residual| row.iter_mut().zip(residual).for_each(|(o, r)| *o += r));
+    }
+
+    /// Applies `combine(out_row, x_row)` to every row, then adds `b_out`, rows in parallel.
+    fn residual_rows(&self, x: MatRef<'_>, out: &mut [f32], combine: impl Fn(&mut [f32], &[f32]) + Sync) {
+        let (n, c) = (x.rows(), x.cols());
+        let block = row_block(n, 64);
+        out.par_chunks_mut(block * c).enumerate().for_each(|(b, rows)| {
+            let mut residual = vec![0.0f32; c];
+            for (r, row) in rows.chunks_mut(c).enumerate() {
+                x.copy_row(b * block + r, &mut residual);
+                combine(row, &residual);
+                for (o, bias) in row.iter_mut().zip(&self.compiled.b_out) {
+                    *o += bias;
+                }
+            }
+        });
+    }
+}
+
+/// The sample (T, H, W, C) as an N × C matrix: a view of the input when its positions have
+/// one common stride, else a contiguous copy in `copy`.
+pub(super) fn sample_matrix<'a>(sample: ArrayView4<'a, f32>, copy: &'a mut Vec<f32>) -> MatRef<'a> {
+    let (t, h, w, c) = sample.dim();
+    let n = t * h * w;
+    let strides = sample.strides();
+    let mut row_stride: Option<isize> = None;
+    let mut span = 1usize;
+    let mut uniform = true;
+    for axis in [2, 1, 0] {
+        let len = sample.shape()[axis];
+        if len == 1 {
+            continue;
+        }
+        match row_stride {
+            None => row_stride = Some(strides[axis]),
+            Some(rs) => uniform &= strides[axis] == rs * span as isize,
+        }
+        span *= len;
+    }
+    if uniform {
+        let rs = row_stride.unwrap_or(c as isize);
+        // SAFETY: every (position, channel) element is an element of the view `sample`.
+        return unsafe { MatRef::from_raw(sample.as_ptr(), n, c, rs, strides[3]) };
+    }
+    copy.extend(sample.iter().copied());
+    MatRef::new(copy, 0, n, c, c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{s, Array5, Axis};
+
+    #[test]
+    fn sample_matrix_views_collapsible_layouts_and_copies_others() {
+        let x =
+            Array5::<f32>::from_shape_fn((1, 2, 3, 4, 5), |(_, t, h, w, c)| (t * 1000 + h * 100 + w * 10 + c) as f32);
+        let mut copy = Vec::new();
+        let sample = x.index_axis(Axis(0), 0);
+        let m = sample_matrix(sample, &mut copy);
+        assert_eq!(m.as_ptr(), sample.as_ptr(), "contiguous input is not copied");
+        assert_eq!(m.at(23, 4), 1234.0);
+        let strided = x.slice(s![0, .., .., ..;2, ..]);
+        let mut copy = Vec::new();
+        let m = sample_matrix(strided, &mut copy);
+        assert_eq!(m.as_ptr(), strided.as_ptr(), "w-strided rows still share one stride");
+        assert_eq!(m.at(3, 1), 121.0);
+        let cut = x.slice(s![0, .., 1.., .., ..]);
+        let mut copy = Vec::new();
+        let m = sample_matrix(cut, &mut copy);
+        assert_ne!(m.as_ptr(), cut.as_ptr());
+        assert_eq!(m.at(4, 0), 200.0);
+    }
+}

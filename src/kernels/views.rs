@@ -1,0 +1,205 @@
+//! Strided matrix views over f32 data: [`MatRef`] (read-only, any strides) and [`MatMut`]
+//! (row-major, mutable). Every kernel and driver takes these; they import nothing.
+
+use std::marker::PhantomData;
+
+/// A read-only strided matrix view: element (i, j) is at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    ptr: *const f32,
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+    _data: PhantomData<&'a [f32]>,
+}
+
+// SAFETY: a `MatRef` is a shared borrow of f32 data, like `&[f32]`.
+unsafe impl Send for MatRef<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for MatRef<'_> {}
+
+impl<'a> MatRef<'a> {
+    /// A row-major view of `rows × cols` elements of `data` starting at `offset`, rows `ld`
+    /// apart.
+    ///
+    /// # Panics
+    /// If the view does not fit in `data` or `ld` does not fit `isize` (an internal error);
+    /// the arithmetic is checked, so no overflow can make a view that does not fit look as if
+    /// it did.
+    pub fn new(data: &'a [f32], offset: usize, rows: usize, cols: usize, ld: usize) -> Self {
+        assert!(ld <= isize::MAX as usize, "MatRef: row stride {ld} does not fit isize");
+        if rows > 0 && cols > 0 {
+            let end = view_end(offset, rows, cols, ld);
+            assert!(
+                end.is_some_and(|end| end <= data.len()),
+                "MatRef out of bounds: {rows}×{cols} rows {ld} apart from {offset} in {}",
+                data.len()
+            );
+        } else {
+            assert!(offset <= data.len(), "MatRef out of bounds: offset {offset} in {}", data.len());
+        }
+        MatRef { ptr: data.as_ptr().wrapping_add(offset), rows, cols, rs: ld as isize, cs: 1, _data: PhantomData }
+    }
+
+    /// A view of a 2-d ndarray view, with its strides.
+    pub fn from_view(view: &ndarray::ArrayView2<'a, f32>) -> Self {
+        let s = view.strides();
+        MatRef { ptr: view.as_ptr(), rows: view.nrows(), cols: view.ncols(), rs: s[0], cs: s[1], _data: PhantomData }
+    }
+
+    /// A view from raw parts.
+    ///
+    /// # Safety
+    /// Every element (i, j) with i < rows, j < cols at `ptr + i·rs + j·cs` must be readable
+    /// for `'a`.
+    pub unsafe fn from_raw(ptr: *const f32, rows: usize, cols: usize, rs: isize, cs: isize) -> Self {
+        MatRef { ptr, rows, cols, rs, cs, _data: PhantomData }
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Pointer to element (0, 0).
+    pub fn as_ptr(&self) -> *const f32 {
+        self.ptr
+    }
+
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Distance between rows, in elements.
+    pub fn row_stride(&self) -> isize {
+        self.rs
+    }
+
+    /// Distance between columns, in elements.
+    pub fn col_stride(&self) -> isize {
+        self.cs
+    }
+
+    /// The transpose (no copy).
+    pub fn t(self) -> Self {
+        MatRef { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
+    }
+
+    /// Rows `start..end`.
+    pub fn rows_range(self, start: usize, end: usize) -> Self {
+        assert!(start <= end && end <= self.rows);
+        MatRef { ptr: self.ptr.wrapping_offset(start as isize * self.rs), rows: end - start, ..self }
+    }
+
+    /// Columns `start..end`.
+    pub fn cols_range(self, start: usize, end: usize) -> Self {
+        assert!(start <= end && end <= self.cols);
+        MatRef { ptr: self.ptr.wrapping_offset(start as isize * self.cs), cols: end - start, ..self }
+    }
+
+    /// Element (i, j).
+    #[inline]
+    pub fn at(&self, i: usize, j: usize) -> f32 {
+        assert!(i < self.rows && j < self.cols);
+        // SAFETY: in bounds, checked above; the constructor guarantees readability.
+        unsafe { *self.ptr.offset(i as isize * self.rs + j as isize * self.cs) }
+    }
+
+    /// Row `i` as a slice, when columns are contiguous.
+    #[inline]
+    pub fn row(&self, i: usize) -> Option<&'a [f32]> {
+        assert!(i < self.rows);
+        if self.cols == 0 {
+            // No element, so no pointer arithmetic: an empty view may sit anywhere.
+            return Some(&[]);
+        }
+        (self.cs == 1 || self.cols == 1).then(|| {
+            // SAFETY: `cols` contiguous readable elements start at row i.
+            unsafe { std::slice::from_raw_parts(self.ptr.offset(i as isize * self.rs), self.cols) }
+        })
+    }
+
+    /// Column `j` as a slice, when rows are contiguous (a transposed row-major matrix).
+    #[inline]
+    pub fn col(&self, j: usize) -> Option<&'a [f32]> {
+        self.t().row(j)
+    }
+
+    /// Copies row `i` into `out` (length `cols`).
+    #[inline]
+    pub fn copy_row(&self, i: usize, out: &mut [f32]) {
+        match self.row(i) {
+            Some(r) => out.copy_from_slice(r),
+            None => out.iter_mut().enumerate().for_each(|(j, o)| *o = self.at(i, j)),
+        }
+    }
+}
+
+/// A mutable row-major matrix over a slice: element (i, j) at `data[i·ld + j]`.
+#[derive(Debug)]
+pub struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+}
+
+impl<'a> MatMut<'a> {
+    /// A `rows × cols` view of `data`, rows `ld` apart.
+    ///
+    /// # Panics
+    /// If the view does not fit in `data`, `ld < cols` or `ld` does not fit `isize` (an
+    /// internal error); the arithmetic is checked.
+    pub fn new(data: &'a mut [f32], rows: usize, cols: usize, ld: usize) -> Self {
+        assert!(ld >= cols && ld <= isize::MAX as usize, "MatMut: row stride {ld} for {cols} columns");
+        if rows > 0 && cols > 0 {
+            let end = view_end(0, rows, cols, ld);
+            assert!(
+                end.is_some_and(|end| end <= data.len()),
+                "MatMut out of bounds: {rows}×{cols} rows {ld} apart in {}",
+                data.len()
+            );
+        }
+        MatMut { data, rows, cols, ld }
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Distance between rows.
+    pub fn ld(&self) -> usize {
+        self.ld
+    }
+
+    /// The underlying slice.
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        self.data
+    }
+}
+
+/// One past the last element of a `rows × cols` view (rows, cols ≥ 1) at `offset`, rows `ld`
+/// apart, or None when that overflows.
+fn view_end(offset: usize, rows: usize, cols: usize, ld: usize) -> Option<usize> {
+    (rows - 1).checked_mul(ld)?.checked_add(cols)?.checked_add(offset)
+}
+
+#[cfg(test)]
+/// `A·B` in f64, straight from the definition (row-major), for the GEMM tests.
+pub(crate) fn naive_product(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f64> {
+    let mut out = vec![0.0; a.rows() * b.cols()];
+    for i in 0..a.rows() {
+        for j in 0..b.cols() {
+            out[i * b.cols() + j] = (0..a.cols()).map(|k| a.at(i, k) as f64 * b.at(k, j) as f64).sum();
+        }
+    }
+    out
+}
