@@ -5,8 +5,11 @@ use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 
-/// At most this many idle buffers are kept.
+/// At most this many idle buffers are kept, plus [`IDLE_PER_THREAD`] per thread of the pool
+/// (each thread's kernel tiles hold a few buffers at once).
 const MAX_IDLE: usize = 16;
+/// See [`MAX_IDLE`].
+const IDLE_PER_THREAD: usize = 8;
 
 /// A pool of f32 buffers. Concurrent callers each get their own buffers; a caller that finds
 /// none idle allocates new ones, and returns them for the next call.
@@ -54,10 +57,26 @@ impl Workspace {
             return;
         }
         if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < MAX_IDLE {
+            if idle.len() < MAX_IDLE + IDLE_PER_THREAD * rayon::current_num_threads() {
                 idle.push(buf);
             }
         }
+    }
+
+    /// A kernel's scratch buffer of `len` floats with unspecified (but initialised) contents:
+    /// as [`Workspace::take`], but, like `vec!`, a failed allocation aborts. For the kernels'
+    /// per-call and per-tile buffers, whose sizes are bounded by the tile sizes and the
+    /// operands the block already holds.
+    pub(crate) fn scratch(&self, len: usize) -> Scratch<'_> {
+        self.take(len, "kernel scratch")
+            .unwrap_or_else(|_| std::alloc::handle_alloc_error(std::alloc::Layout::new::<f32>()))
+    }
+
+    /// [`Workspace::scratch`], zeroed.
+    pub(crate) fn zeroed(&self, len: usize) -> Scratch<'_> {
+        let mut buf = self.scratch(len);
+        buf.fill(0.0);
+        buf
     }
 
     /// Frees every idle buffer.

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::{buffer, Layout, NonLocalBlock};
 use crate::config::Mode;
 use crate::error::{Error, Result};
-use crate::kernels::attention::{softmax_attention, softmax_attention_with_key_bias};
+use crate::kernels::attention::attention_in;
 use crate::kernels::concat::concat_attention;
 use crate::kernels::dot_product::key_value_product;
 use crate::kernels::gemm::{par_gemm, row_block};
@@ -151,14 +151,11 @@ impl NonLocalBlock {
         let (n, m, c, ci) = (p.x.rows(), p.m, self.config.in_channels, self.config.inter_channels);
         let (q, k, bias) = p.attention_operands();
         let scale = self.config.logit_scale();
-        let attend = |v: MatRef<'_>, out: &mut [f32]| match bias {
-            Some(bias) => softmax_attention_with_key_bias(q, k, bias, v, scale, out),
-            None => softmax_attention(q, k, v, scale, out),
-        };
+        let attend = |v: MatRef<'_>, out: &mut [f32]| attention_in(&self.workspace, (q, k, v, scale), bias, out, None);
         if self.compiled.folds_values(n, m) {
             // W_out·Σ_j a_ij ĝ_j = Σ_j a_ij (W_out ĝ_j): aggregate C columns instead of C'.
             let mut vw = self.workspace.take(m * c, "projected values")?;
-            self.compiled.w_out.apply(p.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c));
+            self.compiled.w_out.apply(p.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c), &self.workspace);
             attend(MatRef::new(&vw, 0, m, c, c), out);
             self.add_residual(p.x, out);
         } else {
@@ -204,7 +201,7 @@ impl NonLocalBlock {
         let mut out = MatMut::new(out, n, c, c);
         match w {
             Some(w) => par_gemm(1.0, y, w, 1.0, &mut out),
-            None => self.compiled.w_out.apply(y, 1.0, &mut out),
+            None => self.compiled.w_out.apply(y, 1.0, &mut out, &self.workspace),
         }
     }
 

@@ -19,7 +19,7 @@ use super::gradients::{Gradients, ParameterGradients};
 use super::{buffer, next_generation, Layout, NonLocalBlock};
 use crate::config::Mode;
 use crate::error::{Error, Result};
-use crate::kernels::attention::{softmax_attention_backward, softmax_attention_lse};
+use crate::kernels::attention::{attention_backward_in, attention_in};
 use crate::kernels::concat::{concat_attention, concat_attention_backward, key_scores};
 use crate::kernels::dot_product::key_value_product;
 use crate::kernels::gemm::par_gemm;
@@ -120,7 +120,8 @@ impl NonLocalBlock {
         match self.config.mode {
             Mode::EmbeddedGaussian | Mode::Gaussian => {
                 lse = buffer(n, "log-sum-exp")?;
-                softmax_attention_lse(p.queries(), p.keys(), p.values(), self.config.logit_scale(), &mut y, &mut lse);
+                let qkv = (p.queries(), p.keys(), p.values(), self.config.logit_scale());
+                attention_in(&self.workspace, qkv, None, &mut y, Some(&mut lse));
             }
             Mode::DotProduct => {
                 let kv = key_value_product(p.keys(), p.values(), 1.0 / m as f32);
@@ -281,7 +282,7 @@ impl NonLocalBlock {
         let ws = &self.workspace;
         let (mut dq, mut dk, mut dv) = (ws.take(n * d, "dq")?, ws.take(m * d, "dk")?, ws.take(m * ci, "dv")?);
         let scale = self.config.logit_scale();
-        softmax_attention_backward(q, keys, values, scale, &saved.lse, y, dy, &mut dq, &mut dk, &mut dv);
+        attention_backward_in(ws, (q, keys, values, scale), &saved.lse, (y, dy), (&mut dq, &mut dk, &mut dv));
         dkey.set(cols.g, &dv, ci);
         match cols.theta {
             Some(th) => {

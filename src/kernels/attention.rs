@@ -6,14 +6,15 @@
 //! kernel's limit on the path (1024 channels on AVX-512, 512 on AVX2). Both check every shape
 //! before any work, so no call reaches memory outside its operands.
 
+use super::attention_common::query_tile;
 use super::attention_shapes::{check_backward, check_forward};
-use super::query_chunks::query_tile;
 #[cfg(target_arch = "x86_64")]
 use super::simd::{isa, Avx2, Avx512, Isa};
 #[cfg(target_arch = "x86_64")]
 use super::tiles::{AVX2_MR, AVX2_NV, AVX512_MR, AVX512_NV};
 use super::views::MatRef;
 use super::{flash, sgemm_attention};
+use crate::workspace::Workspace;
 
 /// Widest values the packed AVX2 kernel is used for: beyond, Oᵀ (value channels × query tile)
 /// outgrows L2 (measured with AVX2 at 784 queries, 1024 channels: 52% of the sgemm peak,
@@ -66,6 +67,7 @@ impl Kernel {
         bias: Option<&[f32]>,
         out: &mut [f32],
         lse: Option<&mut [f32]>,
+        ws: &Workspace,
     ) {
         let (q, k, v, scale) = qkv;
         check_forward((q, k, v), bias, out, lse.as_deref());
@@ -77,14 +79,16 @@ impl Kernel {
         let tile = query_tile(q.rows());
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512(s) => flash::attention::<_, AVX512_MR, AVX512_NV>(s, qkv, bias, out, lse, tile),
+            Kernel::Avx512(s) => flash::attention::<_, AVX512_MR, AVX512_NV>(s, qkv, bias, out, lse, tile, ws),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2(s) => flash::attention::<_, AVX2_MR, AVX2_NV>(s, qkv, bias, out, lse, tile),
-            Kernel::Sgemm => sgemm_attention::attention(qkv, bias, out, lse),
+            Kernel::Avx2(s) => flash::attention::<_, AVX2_MR, AVX2_NV>(s, qkv, bias, out, lse, tile, ws),
+            Kernel::Sgemm => sgemm_attention::attention(qkv, bias, out, lse, ws),
             #[cfg(test)]
-            Kernel::Portable16 => flash::attention::<_, 12, 2>(super::simd::Portable::<16>, qkv, bias, out, lse, tile),
+            Kernel::Portable16 => {
+                flash::attention::<_, 12, 2>(super::simd::Portable::<16>, qkv, bias, out, lse, tile, ws)
+            }
             #[cfg(test)]
-            Kernel::Portable8 => flash::attention::<_, 6, 2>(super::simd::Portable::<8>, qkv, bias, out, lse, tile),
+            Kernel::Portable8 => flash::attention::<_, 6, 2>(super::simd::Portable::<8>, qkv, bias, out, lse, tile, ws),
         }
     }
 
@@ -98,6 +102,7 @@ impl Kernel {
         dq: &mut [f32],
         dk: &mut [f32],
         dv: &mut [f32],
+        ws: &Workspace,
     ) {
         let (q, k, v, scale) = qkv;
         let (n, d, dvc) = (q.rows(), q.cols(), v.cols());
@@ -107,20 +112,49 @@ impl Kernel {
         let yy = (y, dy);
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512(s) => flash::attention_backward::<_, AVX512_MR, AVX512_NV>(s, qkv, lse, yy, dq, dk, dv),
+            Kernel::Avx512(s) => flash::attention_backward::<_, AVX512_MR, AVX512_NV>(s, qkv, lse, yy, dq, dk, dv, ws),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2(s) => flash::attention_backward::<_, AVX2_MR, AVX2_NV>(s, qkv, lse, yy, dq, dk, dv),
-            Kernel::Sgemm => sgemm_attention::attention_backward(qkv, lse, yy, dq, dk, dv),
+            Kernel::Avx2(s) => flash::attention_backward::<_, AVX2_MR, AVX2_NV>(s, qkv, lse, yy, dq, dk, dv, ws),
+            Kernel::Sgemm => sgemm_attention::attention_backward(qkv, lse, yy, dq, dk, dv, ws),
             #[cfg(test)]
             Kernel::Portable16 => {
-                flash::attention_backward::<_, 12, 2>(super::simd::Portable::<16>, qkv, lse, yy, dq, dk, dv)
+                flash::attention_backward::<_, 12, 2>(super::simd::Portable::<16>, qkv, lse, yy, dq, dk, dv, ws)
             }
             #[cfg(test)]
             Kernel::Portable8 => {
-                flash::attention_backward::<_, 6, 2>(super::simd::Portable::<8>, qkv, lse, yy, dq, dk, dv)
+                flash::attention_backward::<_, 6, 2>(super::simd::Portable::<8>, qkv, lse, yy, dq, dk, dv, ws)
             }
         }
     }
+}
+
+/// `out ← softmax(scale · (q·kᵀ + 1·biasᵀ))·v` and, when asked, each row's log-sum-exp: the
+/// kernel for the path and value width, scratch from `ws` (what the block calls).
+///
+/// # Panics
+/// If the shapes disagree (checked before any work).
+pub(crate) fn attention_in(
+    ws: &Workspace,
+    qkv: (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) {
+    Kernel::choose(qkv.2.cols()).forward(qkv, bias, out, lse, ws);
+}
+
+/// [`softmax_attention_backward`] with scratch from `ws` (what the block calls).
+///
+/// # Panics
+/// If the shapes disagree (checked before any work).
+pub(crate) fn attention_backward_in(
+    ws: &Workspace,
+    qkv: (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
+    lse: &[f32],
+    (y, dy): (MatRef<'_>, MatRef<'_>),
+    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    Kernel::choose(qkv.2.cols()).backward(qkv, lse, (y, dy), dq, dk, dv, ws);
 }
 
 /// `out ← softmax(scale · q·kᵀ)·v` with `out` row-major N × dv.
@@ -130,7 +164,7 @@ impl Kernel {
 /// # Panics
 /// If the shapes disagree (checked before any work).
 pub fn softmax_attention(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, scale: f32, out: &mut [f32]) {
-    Kernel::choose(v.cols()).forward((q, k, v, scale), None, out, None);
+    Kernel::choose(v.cols()).forward((q, k, v, scale), None, out, None, &Workspace::default());
 }
 
 /// `out ← softmax(scale · (q·kᵀ + 1·biasᵀ))·v`: as [`softmax_attention`] with one logit offset
@@ -147,7 +181,7 @@ pub fn softmax_attention_with_key_bias(
     scale: f32,
     out: &mut [f32],
 ) {
-    Kernel::choose(v.cols()).forward((q, k, v, scale), Some(bias), out, None);
+    Kernel::choose(v.cols()).forward((q, k, v, scale), Some(bias), out, None, &Workspace::default());
 }
 
 /// As [`softmax_attention`], and writes each row's log-sum-exp `s·m + ln l` into `lse` (N),
@@ -163,7 +197,7 @@ pub fn softmax_attention_lse(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    Kernel::choose(v.cols()).forward((q, k, v, scale), None, out, Some(lse));
+    Kernel::choose(v.cols()).forward((q, k, v, scale), None, out, Some(lse), &Workspace::default());
 }
 
 /// Gradients of `Y = softmax(scale · Q·Kᵀ)·V` (the backward of [`softmax_attention_lse`]),
@@ -190,7 +224,7 @@ pub fn softmax_attention_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
-    Kernel::choose(v.cols()).backward((q, k, v, scale), lse, (y, dy), dq, dk, dv);
+    Kernel::choose(v.cols()).backward((q, k, v, scale), lse, (y, dy), dq, dk, dv, &Workspace::default());
 }
 
 #[cfg(test)]
@@ -298,7 +332,8 @@ mod tests {
         fn forward(&self, kernel: Kernel, scale: f32) -> (Vec<f32>, Vec<f32>) {
             let (n, _, _, dv) = self.dims;
             let (mut out, mut lse) = (vec![f32::NAN; n * dv], vec![f32::NAN; n]);
-            kernel.forward((self.q(), self.k(), self.v(), scale), self.bias.as_deref(), &mut out, Some(&mut lse));
+            let ws = Workspace::default();
+            kernel.forward((self.q(), self.k(), self.v(), scale), self.bias.as_deref(), &mut out, Some(&mut lse), &ws);
             (out, lse)
         }
     }
@@ -393,13 +428,19 @@ mod tests {
         for kernel in kernels() {
             let mut out = vec![f32::NAN; 5 * dv];
             let (q, k) = (MatRef::new(&none, 0, 5, 0, 7), MatRef::new(&none, 0, m, 0, 7));
-            kernel.forward((q, k, MatRef::new(&v, 0, m, dv, dv), 1.0), None, &mut out, None);
+            kernel.forward((q, k, MatRef::new(&v, 0, m, dv, dv), 1.0), None, &mut out, None, &Workspace::default());
             for row in out.chunks(dv) {
                 assert!((row[0] - 3.0).abs() < 1e-6 && (row[1] - 5.0).abs() < 1e-6, "{kernel:?}: {row:?}");
             }
             let mut nothing: [f32; 0] = [];
             let q = MatRef::new(&none, 0, 0, 0, 7);
-            kernel.forward((q, k, MatRef::new(&v, 0, m, dv, dv), 1.0), None, &mut nothing, Some(&mut []));
+            kernel.forward(
+                (q, k, MatRef::new(&v, 0, m, dv, dv), 1.0),
+                None,
+                &mut nothing,
+                Some(&mut []),
+                &Workspace::default(),
+            );
         }
     }
 
@@ -459,11 +500,11 @@ mod tests {
         let (qm, km, vm) = (MatRef::new(&q, 0, n, d, d), MatRef::new(&k, 0, m, d, d), MatRef::new(&v, 0, m, dv, dv));
         let mut y = vec![0.0f32; n * dv];
         let mut lse = vec![0.0f32; n];
-        Kernel::Sgemm.forward((qm, km, vm, scale), None, &mut y, Some(&mut lse));
+        Kernel::Sgemm.forward((qm, km, vm, scale), None, &mut y, Some(&mut lse), &Workspace::default());
         let backward = |kernel: Kernel| {
             let (mut dq, mut dk, mut dvv) = (vec![f32::NAN; n * d], vec![f32::NAN; m * d], vec![f32::NAN; m * dv]);
             let yy = (MatRef::new(&y, 0, n, dv, dv), MatRef::new(&dy, 0, n, dv, dv));
-            kernel.backward((qm, km, vm, scale), &lse, yy, &mut dq, &mut dk, &mut dvv);
+            kernel.backward((qm, km, vm, scale), &lse, yy, &mut dq, &mut dk, &mut dvv, &Workspace::default());
             [dq, dk, dvv]
         };
         let sgemm = backward(Kernel::Sgemm);

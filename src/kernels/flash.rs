@@ -17,19 +17,21 @@
 //! Every sum runs in a fixed order (over d for a logit, over key tiles for an output), so the
 //! results do not depend on how queries are split between threads.
 
-use rayon::prelude::*;
-
+use super::attention_common::{
+    finish_rows, for_each_query_tile, over_query_chunks, reduce_key_partials, row_dots, Accumulated,
+};
 use super::attention_shapes::{check_backward, check_forward};
 use super::exp::exp_vector;
 use super::microkernel::{packed_panels, tile};
-use super::query_chunks::over_query_chunks;
 use super::simd::{Job, Simd};
 use super::tiles::{KEY_TILE, QUERY_TILE};
 use super::views::MatRef;
+use crate::workspace::{Scratch, Workspace};
 
 /// `out ← softmax(scale · (q·kᵀ + bias))·v`, `out` row-major N × dv, `bias` one logit offset
 /// per key (none: 0), and, when asked, each row's log-sum-exp `s·max + ln(sum)` in `lse` (N).
-/// Query tiles of `tile` rows (rounded up to NR, at most [`QUERY_TILE`]) run in parallel.
+/// Query tiles of `tile` rows (rounded up to NR, at most [`QUERY_TILE`]) run in parallel;
+/// packed operands and tile buffers come from `ws`.
 ///
 /// # Panics
 /// If the shapes disagree: `q` N × d, `k` M × d with M ≥ 1, `v` M × dv, `bias` M, `out`
@@ -42,28 +44,20 @@ pub(crate) fn attention<S: Simd, const MR: usize, const NV: usize>(
     out: &mut [f32],
     lse: Option<&mut [f32]>,
     tile: usize,
+    ws: &Workspace,
 ) {
     let nr = NV * S::LANES;
     const { assert!(KEY_TILE.is_multiple_of(MR) && QUERY_TILE.is_multiple_of(NV * S::LANES)) };
     check_forward((q, k, v), bias, out, lse.as_deref());
     let (n, m, d, dv) = (q.rows(), k.rows(), q.cols(), v.cols());
     let m_pad = m.next_multiple_of(MR);
-    let k_packed = packed_panels(k, MR, d);
-    let v_packed = packed_panels(v.t(), MR, m_pad);
+    let k_packed = packed_panels(ws, k, MR, d);
+    let v_packed = packed_panels(ws, v.t(), MR, m_pad);
     let tile = tile.next_multiple_of(nr).min(QUERY_TILE);
-    let work = |i: usize, out: &mut [f32], lse: Option<&mut [f32]>| {
-        let start = i * tile;
-        let q = q.rows_range(start, (start + tile).min(n));
-        s.vectorize(AttendTile::<MR, NV> { q, k: (&k_packed, m), bias, v: (&v_packed, dv), scale, out, lse });
-    };
-    match lse {
-        Some(lse) => out
-            .par_chunks_mut(tile * dv)
-            .zip(lse.par_chunks_mut(tile))
-            .enumerate()
-            .for_each(|(i, (o, l))| work(i, o, Some(l))),
-        None => out.par_chunks_mut(tile * dv).enumerate().for_each(|(i, o)| work(i, o, None)),
-    }
+    for_each_query_tile(n, dv, tile, out, lse, |rows, out, lse| {
+        let q = q.rows_range(rows.start, rows.end);
+        s.vectorize(AttendTile::<MR, NV> { q, k: (&k_packed, m), bias, v: (&v_packed, dv), scale, out, lse, ws });
+    });
 }
 
 /// One query tile against all keys: `q` (rows × d) with K and V packed.
@@ -78,6 +72,7 @@ struct AttendTile<'a, const MR: usize, const NV: usize> {
     scale: f32,
     out: &'a mut [f32],
     lse: Option<&'a mut [f32]>,
+    ws: &'a Workspace,
 }
 
 impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
@@ -85,17 +80,19 @@ impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let AttendTile { q, k: (k_packed, m), bias, v: (v_packed, dv), scale, out, lse } = self;
+        let AttendTile { q, k: (k_packed, m), bias, v: (v_packed, dv), scale, out, lse, ws } = self;
         let nr = NV * S::LANES;
         let (rows, d) = (q.rows(), q.cols());
         let qpanels = rows.div_ceil(nr);
         let width = qpanels * nr;
         let m_pad = m.next_multiple_of(MR);
         let dv_panels = dv.div_ceil(MR);
-        let q_packed = packed_panels(q, nr, d);
+        let q_packed = packed_panels(ws, q, nr, d);
         // P: [query panel][KEY_TILE keys][nr queries]; Oᵀ: [dv_panels·MR channels][width queries].
-        let mut p = vec![0.0f32; qpanels * KEY_TILE * nr];
-        let mut o_t = vec![0.0f32; dv_panels * MR * width];
+        // Both are written before they are read (P's used rows by the tile, Oᵀ by the first key
+        // tile), so their scratch needs no zeroing.
+        let mut p = ws.scratch(qpanels * KEY_TILE * nr);
+        let mut o_t = ws.scratch(dv_panels * MR * width);
         let mut run_max = vec![f32::NEG_INFINITY; width];
         let mut run_sum = vec![0.0f32; width];
         let mut correction = vec![1.0f32; nr];
@@ -155,17 +152,7 @@ impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
             }
             start = end;
         }
-        for r in 0..rows {
-            let inv = 1.0 / run_sum[r];
-            for ch in 0..dv {
-                out[r * dv + ch] = o_t[ch * width + r] * inv;
-            }
-        }
-        if let Some(lse) = lse {
-            for r in 0..rows {
-                lse[r] = scale * run_max[r] + run_sum[r].ln();
-            }
-        }
+        finish_rows(Accumulated::Transposed { o_t: &o_t, width }, out, dv, (&run_max, &run_sum), scale, lse);
     }
 }
 
@@ -254,15 +241,16 @@ pub(crate) fn attention_backward<S: Simd, const MR: usize, const NV: usize>(
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
+    ws: &Workspace,
 ) {
     let nr = NV * S::LANES;
     check_backward((q, k, v), lse, (y, dy), (dq, dk, dv));
     let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
     let m_pad = m.next_multiple_of(MR);
     let packed = BackwardPacked {
-        k_rows: packed_panels(k, MR, d),
-        v_rows: packed_panels(v, MR, dvc),
-        k_cols: packed_panels(k.t(), MR, m_pad),
+        k_rows: packed_panels(ws, k, MR, d),
+        v_rows: packed_panels(ws, v, MR, dvc),
+        k_cols: packed_panels(ws, k.t(), MR, m_pad),
         m,
         d_pad: d.next_multiple_of(nr),
         dv_pad: dvc.next_multiple_of(nr),
@@ -273,7 +261,7 @@ pub(crate) fn attention_backward<S: Simd, const MR: usize, const NV: usize>(
         d,
         QUERY_TILE,
         dq,
-        || (vec![0.0f32; m_pad * d_pad], vec![0.0f32; m_pad * dv_pad]),
+        || (ws.zeroed(m_pad * d_pad), ws.zeroed(m_pad * dv_pad)),
         |rows, dq_tile, (dk_part, dv_part)| {
             let q = q.rows_range(rows.start, rows.end);
             let (y, dy) = (y.rows_range(rows.start, rows.end), dy.rows_range(rows.start, rows.end));
@@ -286,32 +274,24 @@ pub(crate) fn attention_backward<S: Simd, const MR: usize, const NV: usize>(
                 y,
                 dy,
                 dq: dq_tile,
-                dk: dk_part,
-                dv: dv_part,
+                dk: &mut dk_part[..],
+                dv: &mut dv_part[..],
+                ws,
             });
         },
     );
-    dk.fill(0.0);
-    dv.fill(0.0);
-    for (dk_part, dv_part) in &partials {
-        for j in 0..m {
-            let (src, dst) = (&dk_part[j * d_pad..][..d], &mut dk[j * d..(j + 1) * d]);
-            dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
-            let (src, dst) = (&dv_part[j * dv_pad..][..dvc], &mut dv[j * dvc..(j + 1) * dvc]);
-            dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
-        }
-    }
+    reduce_key_partials(&partials, (dk, d, d_pad), (dv, dvc, dv_pad));
     dk.iter_mut().for_each(|v| *v *= scale);
 }
 
 /// K and V packed once per backward call.
-struct BackwardPacked {
+struct BackwardPacked<'w> {
     /// K in panels of MR keys, depth d (A of `Sᵀ = K·Qᵀ`).
-    k_rows: Vec<f32>,
+    k_rows: Scratch<'w>,
     /// V in panels of MR keys, depth dv (A of `dPᵀ = V·dYᵀ`).
-    v_rows: Vec<f32>,
+    v_rows: Scratch<'w>,
     /// Kᵀ in panels of MR channels, depth m_pad keys (A of `dQᵀ = Kᵀ·dSᵀ`).
-    k_cols: Vec<f32>,
+    k_cols: Scratch<'w>,
     m: usize,
     /// d and dv rounded up to NR: the row strides of the key-side partial sums.
     d_pad: usize,
@@ -321,7 +301,7 @@ struct BackwardPacked {
 /// One query tile of the backward pass against all keys: writes the tile's `dq`, adds to the
 /// key-side partials `dk`, `dv` (rows `d_pad`, `dv_pad` apart).
 struct BackwardTile<'a, const MR: usize, const NV: usize> {
-    packed: &'a BackwardPacked,
+    packed: &'a BackwardPacked<'a>,
     q: MatRef<'a>,
     scale: f32,
     lse: &'a [f32],
@@ -330,6 +310,7 @@ struct BackwardTile<'a, const MR: usize, const NV: usize> {
     dq: &'a mut [f32],
     dk: &'a mut [f32],
     dv: &'a mut [f32],
+    ws: &'a Workspace,
 }
 
 impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
@@ -337,7 +318,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let BackwardTile { packed, q, scale, lse, y, dy, dq, dk, dv } = self;
+        let BackwardTile { packed, q, scale, lse, y, dy, dq, dk, dv, ws } = self;
         let (lanes, nr) = (S::LANES, NV * S::LANES);
         let (rows, d, dvc, m) = (q.rows(), q.cols(), dy.cols(), packed.m);
         let qpanels = rows.div_ceil(nr);
@@ -348,23 +329,20 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
         let mut lse_w = vec![f32::INFINITY; width];
         lse_w[..rows].copy_from_slice(lse);
         let mut delta = vec![0.0f32; width];
-        let (mut row_y, mut row_dy) = (vec![0.0f32; dvc], vec![0.0f32; dvc]);
-        for (r, dr) in delta.iter_mut().enumerate().take(rows) {
-            y.copy_row(r, &mut row_y);
-            dy.copy_row(r, &mut row_dy);
-            *dr = row_y.iter().zip(&row_dy).map(|(a, b)| a * b).sum();
-        }
+        row_dots(y, dy, &mut delta);
         // B operands with d or dv as depth (queries in panels of NR) ...
-        let q_by_d = packed_panels(q, nr, d);
-        let dy_by_dv = packed_panels(dy, nr, dvc);
+        let q_by_d = packed_panels(ws, q, nr, d);
+        let dy_by_dv = packed_panels(ws, dy, nr, dvc);
         // ... and with the queries as depth (channels in panels of NR).
-        let q_by_query = packed_panels(q.t(), nr, width);
-        let dy_by_query = packed_panels(dy.t(), nr, width);
-        let mut p = vec![0.0f32; qpanels * KEY_TILE * nr];
-        let mut ds = vec![0.0f32; qpanels * KEY_TILE * nr];
-        let mut p_by_key = vec![0.0f32; (KEY_TILE / MR) * width * MR];
-        let mut ds_by_key = vec![0.0f32; (KEY_TILE / MR) * width * MR];
-        let mut dq_t = vec![0.0f32; d_panels * MR * width];
+        let q_by_query = packed_panels(ws, q.t(), nr, width);
+        let dy_by_query = packed_panels(ws, dy.t(), nr, width);
+        // Each written before it is read: P and dS by the tiles (their used rows), their
+        // re-packings by `repack_by_keys`, dQᵀ by the first key tile.
+        let mut p = ws.scratch(qpanels * KEY_TILE * nr);
+        let mut ds = ws.scratch(qpanels * KEY_TILE * nr);
+        let mut p_by_key = ws.scratch((KEY_TILE / MR) * width * MR);
+        let mut ds_by_key = ws.scratch((KEY_TILE / MR) * width * MR);
+        let mut dq_t = ws.scratch(d_panels * MR * width);
         let vscale = s.splat(scale);
         let mut start = 0;
         while start < m {

@@ -16,6 +16,7 @@ use super::simd::{isa, Isa};
 #[cfg(target_arch = "x86_64")]
 use super::tiles::{AVX512_MR, AVX512_NV};
 use super::views::{MatMut, MatRef};
+use crate::workspace::Workspace;
 
 /// `C ← α·A·B + β·C` on one thread. With β = 0, C is only written (NaN in it is ignored).
 ///
@@ -84,7 +85,8 @@ pub fn par_gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut Mat
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = avx512_gemm(beta) {
         let packed = PackedB::new(b, AVX512_NV * 16, alpha);
-        return super::packed_gemm::gemm_packed::<_, AVX512_MR, AVX512_NV>(simd, a, &packed, beta == 1.0, c);
+        let ws = Workspace::default();
+        return super::packed_gemm::gemm_packed::<_, AVX512_MR, AVX512_NV>(simd, a, &packed, beta == 1.0, c, &ws);
     }
     sgemm_row_blocks(alpha, a, b, beta, c);
 }
@@ -137,16 +139,22 @@ impl PrepackedB {
 }
 
 /// `C ← A·B + β·C` (β 0 or 1) with B given both as a view and packed ahead
-/// ([`PrepackedB::new`] of the same `b`), rows of C in parallel.
+/// ([`PrepackedB::new`] of the same `b`), rows of C in parallel, scratch from `ws`.
 ///
 /// # Panics
 /// If the dimensions disagree, or `packed` was made from a matrix of another shape.
-pub(crate) fn par_gemm_prepacked(a: MatRef<'_>, b: MatRef<'_>, packed: &PrepackedB, beta: f32, c: &mut MatMut<'_>) {
+pub(crate) fn par_gemm_prepacked(
+    a: MatRef<'_>,
+    (b, packed): (MatRef<'_>, &PrepackedB),
+    beta: f32,
+    c: &mut MatMut<'_>,
+    ws: &Workspace,
+) {
     assert_eq!((packed.rows, packed.cols), (b.rows(), b.cols()), "par_gemm_prepacked: B and its packing");
     #[cfg(target_arch = "x86_64")]
     if let (Some(packed), Some(simd)) = (&packed.packed, avx512_gemm(beta)) {
         if c.rows() * c.cols() * a.cols() >= SMALL_PRODUCT {
-            return super::packed_gemm::gemm_packed::<_, AVX512_MR, AVX512_NV>(simd, a, packed, beta == 1.0, c);
+            return super::packed_gemm::gemm_packed::<_, AVX512_MR, AVX512_NV>(simd, a, packed, beta == 1.0, c, ws);
         }
     }
     par_gemm(1.0, a, b, beta, c);

@@ -6,6 +6,7 @@
 
 use super::simd::Simd;
 use super::views::MatRef;
+use crate::workspace::{Scratch, Workspace};
 
 /// Floats of the largest register tile a kernel may use (for the partial-tile buffer).
 const MAX_TILE: usize = 16 * 64;
@@ -145,9 +146,9 @@ pub(crate) fn pack_rows<const MR: usize>(src: MatRef<'_>, depth_pad: usize, out:
     }
 }
 
-/// [`pack_panels`] into a new buffer.
-pub(crate) fn packed_panels(src: MatRef<'_>, width: usize, depth_pad: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; src.rows().div_ceil(width) * depth_pad * width];
+/// [`pack_panels`] into a scratch buffer of `ws`.
+pub(crate) fn packed_panels<'w>(ws: &'w Workspace, src: MatRef<'_>, width: usize, depth_pad: usize) -> Scratch<'w> {
+    let mut out = ws.scratch(src.rows().div_ceil(width) * depth_pad * width);
     pack_panels(src, width, depth_pad, &mut out);
     out
 }

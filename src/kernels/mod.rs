@@ -3,9 +3,9 @@
 //!
 //! - the algorithms: [`attention`] (dispatch: which softmax-attention kernel runs),
 //!   `flash` (packed online-softmax attention, forward and backward, generic over the
-//!   instruction set), `sgemm_attention` (the same from sgemm calls, any CPU), `query_chunks`
-//!   (what both attention kernels share: how queries are split between threads, the row sums
-//!   and reductions around the tiles), `attention_shapes` (their shape checks), [`gemm`] (the
+//!   instruction set), `sgemm_attention` (the same from sgemm calls, any CPU), `attention_common`
+//!   (what both share around their tiles: the query split, the last softmax step, the row sums
+//!   and the reduction of the backward pass), `attention_shapes` (their shape checks), [`gemm`] (the
 //!   GEMM entry points), `packed_gemm` (GEMM on packed operands), [`dot_product`],
 //!   [`concat`](mod@concat), [`pool`], [`exp`] (scalar and vector `exp`, row max and sums);
 //! - below them, the instruction-set layer: [`views`] (strided matrix views), [`simd`] (vector
@@ -15,6 +15,7 @@
 //! No kernel imports another for a type: every one takes [`views`] and [`simd`].
 
 pub mod attention;
+pub(crate) mod attention_common;
 pub(crate) mod attention_shapes;
 pub mod concat;
 pub mod dot_product;
@@ -24,7 +25,6 @@ pub mod gemm;
 pub(crate) mod microkernel;
 pub(crate) mod packed_gemm;
 pub mod pool;
-pub(crate) mod query_chunks;
 pub(crate) mod sgemm_attention;
 pub mod simd;
 pub(crate) mod tiles;

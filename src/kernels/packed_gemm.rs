@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use super::microkernel::{edge_tile, pack_panels, pack_rows, tile};
 use super::simd::{Job, Simd};
 use super::views::{MatMut, MatRef};
+use crate::workspace::Workspace;
 
 /// Depth per block: a B panel of `DEPTH_BLOCK × 32` floats is 32 KiB, inside L1.
 pub(crate) const DEPTH_BLOCK: usize = 256;
@@ -63,7 +64,8 @@ impl PackedB {
     }
 }
 
-/// `C ← A·B` (`accumulate`: `C ← C + A·B`) with B packed, row blocks of C in parallel.
+/// `C ← A·B` (`accumulate`: `C ← C + A·B`) with B packed, row blocks of C in parallel, each
+/// packing its block of A into scratch from `ws`.
 ///
 /// # Panics
 /// If the shapes disagree or B was packed for another tile width.
@@ -73,6 +75,7 @@ pub(crate) fn gemm_packed<S: Simd, const MR: usize, const NV: usize>(
     b: &PackedB,
     accumulate: bool,
     c: &mut MatMut<'_>,
+    ws: &Workspace,
 ) {
     assert_eq!(b.nr, NV * S::LANES, "gemm_packed: B packed for another tile");
     assert_eq!((a.cols(), a.rows(), b.n), (b.k, c.rows(), c.cols()), "gemm_packed: shapes");
@@ -100,7 +103,7 @@ pub(crate) fn gemm_packed<S: Simd, const MR: usize, const NV: usize>(
         let start = i * block;
         let rows = block.min(m - start);
         let a = a.rows_range(start, start + rows);
-        s.vectorize(GemmBlock::<MR, NV> { a, b, c: c_block, cols: n, ld, accumulate });
+        s.vectorize(GemmBlock::<MR, NV> { a, b, c: c_block, cols: n, ld, accumulate, ws });
     });
 }
 
@@ -112,6 +115,7 @@ struct GemmBlock<'a, const MR: usize, const NV: usize> {
     cols: usize,
     ld: usize,
     accumulate: bool,
+    ws: &'a Workspace,
 }
 
 impl<const MR: usize, const NV: usize> Job for GemmBlock<'_, MR, NV> {
@@ -119,12 +123,13 @@ impl<const MR: usize, const NV: usize> Job for GemmBlock<'_, MR, NV> {
 
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let GemmBlock { a, b, c, cols, ld, accumulate } = self;
+        let GemmBlock { a, b, c, cols, ld, accumulate, ws } = self;
         let nr = NV * S::LANES;
         let (rows, k) = (a.rows(), a.cols());
         let (a_panels, b_panels) = (rows.div_ceil(MR), cols.div_ceil(nr));
         let n_pad = b_panels * nr;
-        let mut a_packed = vec![0.0f32; a_panels * DEPTH_BLOCK.min(k) * MR];
+        // Each depth block's part is written by the packing before the tiles read it.
+        let mut a_packed = ws.scratch(a_panels * DEPTH_BLOCK.min(k) * MR);
         let mut start = 0;
         while start < k {
             let depth = DEPTH_BLOCK.min(k - start);
@@ -179,18 +184,38 @@ mod tests {
         };
         let mut out = vec![
             run("portable16", &|c| {
-                gemm_packed::<_, 12, 2>(Portable::<16>, a, &PackedB::new(b, 32, 1.0), accumulate, c)
+                gemm_packed::<_, 12, 2>(
+                    Portable::<16>,
+                    a,
+                    &PackedB::new(b, 32, 1.0),
+                    accumulate,
+                    c,
+                    &Workspace::default(),
+                )
             }),
-            run("portable8", &|c| gemm_packed::<_, 6, 2>(Portable::<8>, a, &PackedB::new(b, 16, 1.0), accumulate, c)),
+            run("portable8", &|c| {
+                gemm_packed::<_, 6, 2>(
+                    Portable::<8>,
+                    a,
+                    &PackedB::new(b, 16, 1.0),
+                    accumulate,
+                    c,
+                    &Workspace::default(),
+                )
+            }),
         ];
         #[cfg(target_arch = "x86_64")]
         {
             use crate::kernels::simd::{Avx2, Avx512};
             if let Some(s) = Avx512::detect() {
-                out.push(run("avx512", &|c| gemm_packed::<_, 12, 2>(s, a, &PackedB::new(b, 32, 1.0), accumulate, c)));
+                out.push(run("avx512", &|c| {
+                    gemm_packed::<_, 12, 2>(s, a, &PackedB::new(b, 32, 1.0), accumulate, c, &Workspace::default())
+                }));
             }
             if let Some(s) = Avx2::detect() {
-                out.push(run("avx2", &|c| gemm_packed::<_, 6, 2>(s, a, &PackedB::new(b, 16, 1.0), accumulate, c)));
+                out.push(run("avx2", &|c| {
+                    gemm_packed::<_, 6, 2>(s, a, &PackedB::new(b, 16, 1.0), accumulate, c, &Workspace::default())
+                }));
             }
         }
         out

@@ -9,14 +9,15 @@
 //! single-threaded sgemm calls on the tile; rayon spreads the query tiles over threads. The
 //! key tiling is fixed, so every output row is the same sum whatever the thread count.
 
-use rayon::prelude::*;
-
+use super::attention_common::{
+    finish_rows, for_each_query_tile, over_query_chunks, query_tile, reduce_key_partials, row_dots, Accumulated,
+};
 use super::attention_shapes::{check_backward, check_forward};
 use super::exp::{exp_sum, row_max};
 use super::gemm::gemm;
-use super::query_chunks::{over_query_chunks, query_tile};
 use super::tiles::{KEY_TILE, QUERY_TILE};
 use super::views::{MatMut, MatRef};
+use crate::workspace::Workspace;
 
 /// `out ← softmax(scale · (q·kᵀ + bias))·v` (N × dv, row-major), `bias` one logit offset per
 /// key (none: 0), and each row's log-sum-exp in `lse` when asked.
@@ -28,24 +29,14 @@ pub(crate) fn attention(
     bias: Option<&[f32]>,
     out: &mut [f32],
     lse: Option<&mut [f32]>,
+    ws: &Workspace,
 ) {
     check_forward((q, k, v), bias, out, lse.as_deref());
     let (n, dv) = (q.rows(), v.cols());
     let tile = query_tile(n);
-    let work = |(i, out_tile): (usize, &mut [f32]), lse_tile: Option<&mut [f32]>| {
-        let start = i * tile;
-        let end = (start + tile).min(n);
-        attend_tile(q.rows_range(start, end), (k, bias), v, scale, out_tile, lse_tile);
-    };
-    match lse {
-        Some(lse) => {
-            out.par_chunks_mut(tile * dv)
-                .zip(lse.par_chunks_mut(tile))
-                .enumerate()
-                .for_each(|(i, (o, l))| work((i, o), Some(l)));
-        }
-        None => out.par_chunks_mut(tile * dv).enumerate().for_each(|p| work(p, None)),
-    }
+    for_each_query_tile(n, dv, tile, out, lse, |rows, out_tile, lse_tile| {
+        attend_tile(q.rows_range(rows.start, rows.end), (k, bias), v, scale, (out_tile, lse_tile), ws);
+    });
 }
 
 /// One query tile against all keys (with their logit offsets).
@@ -54,12 +45,13 @@ fn attend_tile(
     (k, bias): (MatRef<'_>, Option<&[f32]>),
     v: MatRef<'_>,
     scale: f32,
-    out: &mut [f32],
-    lse: Option<&mut [f32]>,
+    (out, lse): (&mut [f32], Option<&mut [f32]>),
+    ws: &Workspace,
 ) {
     let (rows, m, dv) = (q.rows(), k.rows(), v.cols());
     let key_tile = KEY_TILE.min(m);
-    let mut scores = vec![0.0f32; rows * key_tile];
+    // Written by each key tile's product before it is read.
+    let mut scores = ws.scratch(rows * key_tile);
     let mut run_max = vec![f32::NEG_INFINITY; rows];
     let mut run_sum = vec![0.0f32; rows];
     let mut acc = MatMut::new(out, rows, dv, dv);
@@ -97,17 +89,7 @@ fn attend_tile(
         gemm(1.0, p, v.rows_range(start, end), if first { 0.0 } else { 1.0 }, &mut acc);
         start = end;
     }
-    for r in 0..rows {
-        let inv = 1.0 / run_sum[r];
-        for a in &mut out[r * dv..(r + 1) * dv] {
-            *a *= inv;
-        }
-    }
-    if let Some(lse) = lse {
-        for r in 0..rows {
-            lse[r] = scale * run_max[r] + run_sum[r].ln();
-        }
-    }
+    finish_rows(Accumulated::InPlace, out, dv, (&run_max, &run_sum), scale, lse);
 }
 
 fn acc_row<'b>(acc: &'b mut MatMut<'_>, r: usize, dv: usize) -> &'b mut [f32] {
@@ -127,6 +109,7 @@ pub(crate) fn attention_backward(
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
+    ws: &Workspace,
 ) {
     check_backward((q, k, v), lse, (y, dy), (dq, dk, dv));
     let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
@@ -135,51 +118,35 @@ pub(crate) fn attention_backward(
         d,
         QUERY_TILE,
         dq,
-        || (vec![0.0f32; m * d], vec![0.0f32; m * dvc]),
+        || (ws.zeroed(m * d), ws.zeroed(m * dvc)),
         |rows, dq_tile, (dk_part, dv_part)| {
             backward_tile(
                 (q.rows_range(rows.start, rows.end), k, v, scale),
                 &lse[rows.clone()],
-                y.rows_range(rows.start, rows.end),
-                dy.rows_range(rows.start, rows.end),
-                dq_tile,
-                dk_part,
-                dv_part,
+                (y.rows_range(rows.start, rows.end), dy.rows_range(rows.start, rows.end)),
+                (dq_tile, dk_part, dv_part),
+                ws,
             )
         },
     );
-    dk.fill(0.0);
-    dv.fill(0.0);
-    for (dk_part, dv_part) in &partials {
-        dk.iter_mut().zip(dk_part).for_each(|(a, b)| *a += b);
-        dv.iter_mut().zip(dv_part).for_each(|(a, b)| *a += b);
-    }
+    reduce_key_partials(&partials, (dk, d, d), (dv, dvc, dvc));
 }
 
 /// One query tile against all keys: writes the tile's `dq` and adds to `dk`, `dv`.
 fn backward_tile(
     (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
     lse: &[f32],
-    y: MatRef<'_>,
-    dy: MatRef<'_>,
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    (y, dy): (MatRef<'_>, MatRef<'_>),
+    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+    ws: &Workspace,
 ) {
     let (rows, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
     let key_tile = KEY_TILE.min(m);
-    // D_i = dy_i · y_i: the softmax Jacobian's diagonal correction.
-    let mut row_y = vec![0.0f32; dvc];
-    let mut row_dy = vec![0.0f32; dvc];
-    let delta: Vec<f32> = (0..rows)
-        .map(|r| {
-            y.copy_row(r, &mut row_y);
-            dy.copy_row(r, &mut row_dy);
-            row_y.iter().zip(&row_dy).map(|(a, b)| a * b).sum()
-        })
-        .collect();
-    let mut p = vec![0.0f32; rows * key_tile];
-    let mut dp = vec![0.0f32; rows * key_tile];
+    let mut delta = vec![0.0f32; rows];
+    row_dots(y, dy, &mut delta);
+    // Written by each key tile's products before they are read.
+    let mut p = ws.scratch(rows * key_tile);
+    let mut dp = ws.scratch(rows * key_tile);
     let mut start = 0;
     while start < m {
         let end = (start + key_tile).min(m);

@@ -158,7 +158,7 @@ pub(crate) fn prepare<'a>(
     proj.par_chunks_mut(row_block(n, 64) * k).for_each(|rows| {
         rows.chunks_mut(k).for_each(|row| row.copy_from_slice(bias));
     });
-    weights.apply(x, 1.0, &mut MatMut::new(&mut proj, n, k, k));
+    weights.apply(x, 1.0, &mut MatMut::new(&mut proj, n, k, k), workspace);
     let (mut pooled, mut pooled_x) = (None, None);
     if config.sub_sample.is_some() {
         let (start, width) = (cols.key_start, cols.key_width);
@@ -176,7 +176,7 @@ pub(crate) fn prepare<'a>(
     if let Some(fold) = fold {
         // θ_i·φ_j = x_i·(W_θᵀφ_j) + b_θ·φ_j: keys K' = φ·W_θ (M × C), one offset per key.
         let mut keys = workspace.take(m * c, "folded keys")?;
-        fold.w_theta_t.apply(prepared.keys(), 0.0, &mut MatMut::new(&mut keys, m, c, c));
+        fold.w_theta_t.apply(prepared.keys(), 0.0, &mut MatMut::new(&mut keys, m, c, c), workspace);
         let phi = prepared.keys();
         let mut row = vec![0.0f32; ci];
         let offsets = (0..m)

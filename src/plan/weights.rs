@@ -2,6 +2,7 @@
 
 use crate::kernels::gemm::{par_gemm_prepacked, PrepackedB};
 use crate::kernels::views::{MatMut, MatRef};
+use crate::workspace::Workspace;
 
 /// A layer's weights W (`out × in`, row-major), the right-hand operand of `X·Wᵀ` on every
 /// forward pass: Wᵀ is packed once here for the GEMM path this process runs.
@@ -30,8 +31,8 @@ impl Weights {
         MatRef::new(&self.data, 0, self.out, self.inp, self.inp)
     }
 
-    /// `C ← X·Wᵀ + β·C` (β 0 or 1), rows of C in parallel.
-    pub(crate) fn apply(&self, x: MatRef<'_>, beta: f32, c: &mut MatMut<'_>) {
-        par_gemm_prepacked(x, self.view().t(), &self.packed_t, beta, c);
+    /// `C ← X·Wᵀ + β·C` (β 0 or 1), rows of C in parallel, scratch from `ws`.
+    pub(crate) fn apply(&self, x: MatRef<'_>, beta: f32, c: &mut MatMut<'_>, ws: &Workspace) {
+        par_gemm_prepacked(x, (self.view().t(), &self.packed_t), beta, c, ws);
     }
 }

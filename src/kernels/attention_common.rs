@@ -1,0 +1,146 @@
+//! What the two softmax-attention kernels (`flash`, `sgemm_attention`) share around their
+//! tiles, written once: how queries are split between threads (the same for every kernel, and
+//! independent of the thread count where results depend on it), the last step of the online
+//! softmax, the backward pass's row sums `D_i = y_i·dy_i`, and the reduction of its key-side
+//! partial sums.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::tiles::QUERY_TILE;
+use super::views::MatRef;
+
+/// Number of query chunks whose key-side gradient partial sums are kept apart in the
+/// backward pass: fixed (not the thread count), so the final sums have one order.
+pub(crate) const BACKWARD_QUERY_CHUNKS: usize = 8;
+
+/// Forward query-tile height: about [`QUERY_TILE`], adjusted so the tiles divide evenly
+/// between the threads (the tile height changes no result: each row's sums are the same in
+/// any tile).
+pub(crate) fn query_tile(n: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let tiles = n.div_ceil(QUERY_TILE).next_multiple_of(threads);
+    n.div_ceil(tiles).next_multiple_of(8).clamp(8, QUERY_TILE.max(8))
+}
+
+/// The query split of the backward passes: N queries in at most [`BACKWARD_QUERY_CHUNKS`]
+/// chunks of whole tiles of `tile` rows (fixed by N alone, not the thread count). Chunks run
+/// in parallel, each starting from `init()` and calling `per_tile(rows, dq rows, partials)`
+/// for its tiles in order; the partials come back in chunk order, to be added in that order.
+pub(crate) fn over_query_chunks<P: Send>(
+    n: usize,
+    d: usize,
+    tile: usize,
+    dq: &mut [f32],
+    init: impl Fn() -> P + Sync,
+    per_tile: impl Fn(std::ops::Range<usize>, &mut [f32], &mut P) + Sync,
+) -> Vec<P> {
+    let tiles = n.div_ceil(tile);
+    let chunks = tiles.clamp(1, BACKWARD_QUERY_CHUNKS);
+    let chunk_rows = tiles.div_ceil(chunks) * tile;
+    dq.par_chunks_mut(chunk_rows * d)
+        .enumerate()
+        .map(|(c, dq_chunk)| {
+            let start = c * chunk_rows;
+            let end = (start + chunk_rows).min(n);
+            let mut partials = init();
+            let mut tile_start = start;
+            while tile_start < end {
+                let tile_end = (tile_start + tile).min(end);
+                let local = (tile_start - start) * d..(tile_end - start) * d;
+                per_tile(tile_start..tile_end, &mut dq_chunk[local], &mut partials);
+                tile_start = tile_end;
+            }
+            partials
+        })
+        .collect()
+}
+
+/// Runs `work(rows, out rows, lse rows)` on every query tile of `tile` rows in parallel: `out`
+/// is N × `dv` row-major, `lse` (when asked) N.
+pub(crate) fn for_each_query_tile(
+    n: usize,
+    dv: usize,
+    tile: usize,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+    work: impl Fn(Range<usize>, &mut [f32], Option<&mut [f32]>) + Sync,
+) {
+    let rows = |i: usize| i * tile..((i + 1) * tile).min(n);
+    match lse {
+        Some(lse) => out
+            .par_chunks_mut(tile * dv)
+            .zip(lse.par_chunks_mut(tile))
+            .enumerate()
+            .for_each(|(i, (o, l))| work(rows(i), o, Some(l))),
+        None => out.par_chunks_mut(tile * dv).enumerate().for_each(|(i, o)| work(rows(i), o, None)),
+    }
+}
+
+/// Where the unnormalised outputs `Σ_j exp(s·logit_ij − s·m_i)·v_j` of a query tile are.
+pub(crate) enum Accumulated<'a> {
+    /// In the output rows themselves.
+    InPlace,
+    /// Transposed: value channel `ch` of query `r` at `o_t[ch·width + r]`.
+    Transposed { o_t: &'a [f32], width: usize },
+}
+
+/// The online softmax's last step for a tile of queries, with running maxima `run_max` (of
+/// the raw logits) and sums `run_sum` over all keys: `out_r ← acc_r / run_sum_r` (`out` rows ×
+/// `dv`), and each row's log-sum-exp `scale·run_max_r + ln run_sum_r` into `lse` when asked.
+pub(crate) fn finish_rows(
+    acc: Accumulated<'_>,
+    out: &mut [f32],
+    dv: usize,
+    (run_max, run_sum): (&[f32], &[f32]),
+    scale: f32,
+    lse: Option<&mut [f32]>,
+) {
+    for (r, row) in out.chunks_mut(dv.max(1)).enumerate().take(run_sum.len()) {
+        let inv = 1.0 / run_sum[r];
+        match acc {
+            Accumulated::InPlace => row.iter_mut().for_each(|o| *o *= inv),
+            Accumulated::Transposed { o_t, width } => {
+                row.iter_mut().enumerate().for_each(|(ch, o)| *o = o_t[ch * width + r] * inv)
+            }
+        }
+    }
+    if let Some(lse) = lse {
+        for (l, (&m, &sum)) in lse.iter_mut().zip(run_max.iter().zip(run_sum)) {
+            *l = scale * m + sum.ln();
+        }
+    }
+}
+
+/// `D_r = y_r·dy_r` for every row r of `y` and `dy` (rows × dv) into `delta[r]`: the diagonal
+/// correction of the softmax Jacobian, `dS = P ⊙ (dP − D)`.
+pub(crate) fn row_dots(y: MatRef<'_>, dy: MatRef<'_>, delta: &mut [f32]) {
+    let dv = y.cols();
+    let (mut row_y, mut row_dy) = (vec![0.0f32; dv], vec![0.0f32; dv]);
+    for (r, dr) in delta.iter_mut().enumerate().take(y.rows()) {
+        y.copy_row(r, &mut row_y);
+        dy.copy_row(r, &mut row_dy);
+        *dr = row_y.iter().zip(&row_dy).map(|(a, b)| a * b).sum();
+    }
+}
+
+/// The key-side gradients from the per-chunk partial sums of [`over_query_chunks`], added in
+/// chunk order: `dk` (M × d) and `dv` (M × dv) are overwritten with the sums of the first M
+/// rows of each partial (`dk` rows `d_stride` apart, `dv` rows `dv_stride` apart there).
+pub(crate) fn reduce_key_partials<T: std::ops::Deref<Target = [f32]>>(
+    partials: &[(T, T)],
+    (dk, d, d_stride): (&mut [f32], usize, usize),
+    (dv, dvc, dv_stride): (&mut [f32], usize, usize),
+) {
+    dk.fill(0.0);
+    dv.fill(0.0);
+    for (dk_part, dv_part) in partials {
+        for (j, dst) in dk.chunks_mut(d.max(1)).enumerate() {
+            dst.iter_mut().zip(&dk_part[j * d_stride..][..d]).for_each(|(a, b)| *a += b);
+        }
+        for (j, dst) in dv.chunks_mut(dvc.max(1)).enumerate() {
+            dst.iter_mut().zip(&dv_part[j * dv_stride..][..dvc]).for_each(|(a, b)| *a += b);
+        }
+    }
+}
