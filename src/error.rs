@@ -229,18 +229,16 @@ pub enum Error {
     },
 }
 
-/// For an input whose last axis is not the channel count: a pointer to the axis that is, as in
-/// a channels-first tensor, and the permutation that makes it channels-last.
+/// For an input whose last axis is not the channel count: a pointer to the first axis after the
+/// batch that is, as in a channels-first tensor, and the permutation that moves that axis last.
 fn channels_first_hint(shape: &[usize], channels: usize) -> String {
     let rank = shape.len();
-    match shape[..rank.saturating_sub(1)].iter().skip(1).position(|&d| d == channels) {
-        Some(k) => {
-            let order: Vec<usize> = std::iter::once(0).chain(2..rank).chain([1]).collect();
-            format!(
-                "; axis {} has {channels}, as in a channels-first tensor (PyTorch's (B, C, ...)): \
-                 permute it with .permuted_axes({order:?})",
-                k + 1
-            )
+    let found = (1..rank.saturating_sub(1)).find(|&axis| shape[axis] == channels);
+    match found {
+        Some(axis) => {
+            let order: Vec<usize> = (0..rank).filter(|&a| a != axis).chain([axis]).collect();
+            let first = if axis == 1 { ", as in a channels-first tensor (PyTorch's (B, C, ...))" } else { "" };
+            format!("; axis {axis} has {channels}{first}: move it last with .permuted_axes({order:?})")
         }
         None => String::new(),
     }

@@ -14,8 +14,12 @@ use nonlocal::{
     WeightKeys,
 };
 
+fn data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
+}
+
 fn pth(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/pth").join(name)
+    data().join("pth").join(name)
 }
 
 fn fixture(name: &str) -> PathBuf {
@@ -341,4 +345,33 @@ fn presets_carry_each_implementations_defaults() {
     assert!(config.use_scale);
     let file = TensorFile::open(pth("pth_alexhex7_zip.pth")).unwrap();
     assert!(!find_blocks(&file)[0].config().use_scale);
+}
+
+#[test]
+fn export_to_mmcv_keys_is_what_mmcv_loads_strictly() {
+    // Each fixture: the export of an AlexHex7 case with BatchNorm, loaded by mmcv's NonLocal3d
+    // with a strict load_state_dict and run by it (tests/data/mmcv_export/README.md).
+    let dir = data().join("mmcv_export");
+    for case in ["eg_video", "dp_video", "concat_video", "gauss_video"] {
+        let source = GoldenCase::open(data().join(format!("{case}.safetensors"))).unwrap();
+        let exported =
+            TensorFile::from_bytes(source.block().unwrap().to_safetensors_with_keys(&WeightKeys::mmcv()).unwrap())
+                .unwrap();
+        let fixture_path = dir.join(format!("{case}_as_mmcv.safetensors"));
+        let fixture = TensorFile::open(&fixture_path).unwrap();
+        let mmcv_keys: Vec<&str> = fixture.keys().into_iter().filter(|k| !["input", "output"].contains(k)).collect();
+        assert_eq!(exported.keys(), mmcv_keys, "{case}: the keys mmcv's module has, no other");
+        assert!(!exported.contains("conv_out.conv.bias"), "{case}: mmcv's conv_out has no bias before BatchNorm");
+        for key in mmcv_keys {
+            if key.ends_with("num_batches_tracked") {
+                assert_eq!(exported.tensor_i64(key).unwrap(), fixture.tensor_i64(key).unwrap());
+            } else {
+                let (got, want) = (exported.tensor(key).unwrap(), fixture.tensor(key).unwrap());
+                assert_eq!(got.mapv(f32::to_bits), want.mapv(f32::to_bits), "{case}: {key}");
+            }
+        }
+        // mmcv's output from those tensors, through the crate under mmcv's keys.
+        let report = GoldenCase::open(&fixture_path).unwrap().check().unwrap();
+        assert!(report.passed(), "{case}: {report}");
+    }
 }

@@ -354,6 +354,38 @@ fn wrong_channels_hint_that_channels_come_last() {
 }
 
 #[test]
+fn the_channels_hint_permutes_the_axis_it_names_for_every_axis_and_rank() {
+    let mut rng = Rng::new(9);
+    let block = random_block(NonLocalConfig::new(8).inter_channels(4).sub_sample(None), &mut rng);
+    for rank in 3..=5 {
+        for axis in 1..rank - 1 {
+            // Channels at `axis`, every other size different from 8.
+            let mut shape: Vec<usize> = (0..rank).map(|a| [2, 3, 5, 6, 7][a]).collect();
+            shape[axis] = 8;
+            let x = ndarray::ArrayD::<f32>::zeros(shape.clone());
+            let run = |x: &ndarray::ArrayViewD<'_, f32>| match rank {
+                3 => block.forward_sequences(x).map(|_| ()),
+                4 => block.forward_images(x).map(|_| ()),
+                _ => block.forward(x).map(|_| ()),
+            };
+            let message = run(&x.view()).unwrap_err().to_string();
+            assert!(message.contains(&format!("axis {axis} has 8")), "{shape:?}: {message}");
+            let order: Vec<usize> = message
+                .split(".permuted_axes([")
+                .nth(1)
+                .and_then(|rest| rest.split("])").next())
+                .unwrap_or_else(|| panic!("{shape:?}: no permutation in {message}"))
+                .split(", ")
+                .map(|a| a.parse().unwrap())
+                .collect();
+            let permuted = x.view().permuted_axes(order.clone());
+            assert_eq!(permuted.shape()[rank - 1], 8, "{shape:?}: {order:?} does not move the channels last");
+            run(&permuted).unwrap_or_else(|e| panic!("{shape:?} permuted by {order:?}: {e}"));
+        }
+    }
+}
+
+#[test]
 fn inputs_must_fit_conv_dims() {
     let mut rng = Rng::new(10);
     let two_d = random_block(NonLocalConfig::new(4).inter_channels(2).conv_dims(2), &mut rng);

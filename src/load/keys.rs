@@ -57,6 +57,11 @@ pub struct WeightKeys {
 }
 
 impl WeightKeys {
+    /// `naming`'s keys under `prefix` (empty for a file holding the block alone).
+    pub fn new(naming: Naming, prefix: impl Into<String>) -> Self {
+        WeightKeys { naming, prefix: prefix.into() }
+    }
+
     /// AlexHex7 keys, no prefix.
     pub fn alexhex7() -> Self {
         WeightKeys { naming: Naming::AlexHex7, prefix: String::new() }

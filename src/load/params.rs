@@ -150,6 +150,9 @@ fn check_layout(file: &TensorFile, config: &NonLocalConfig, keys: &WeightKeys) -
 /// `num_batches_tracked` included, so PyTorch's strict `load_state_dict` accepts it), F32.
 pub(crate) fn export(keys: &WeightKeys, config: &NonLocalConfig, params: &Parameters) -> Result<Vec<u8>> {
     let mut params = params.clone();
+    if keys.naming == Naming::Mmcv {
+        fold_w_z_bias_into_batchnorm(&mut params);
+    }
     let mut entries: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let stats: Vec<(String, Vec<f32>)> = params
         .bn
@@ -181,6 +184,15 @@ pub(crate) fn export(keys: &WeightKeys, config: &NonLocalConfig, params: &Parame
         views.push((key, safetensors::tensor::TensorView::new(Dtype::I64, vec![], &counter).map_err(save_failed)?));
     }
     safetensors::serialize(views, None).map_err(save_failed)
+}
+
+/// mmcv's `conv_out` has no bias when BatchNorm follows: fold a `W_z` bias b into the
+/// BatchNorm, whose running mean becomes `running_mean − b` (`BN(W·y + b) = BN'(W·y)`, one
+/// rounding per channel). Without BatchNorm, or without a bias, nothing changes.
+fn fold_w_z_bias_into_batchnorm(params: &mut Parameters) {
+    let Some(bn) = params.bn.as_mut() else { return };
+    let Some(bias) = params.w_z.bias.take() else { return };
+    bn.running_mean.iter_mut().zip(&bias).for_each(|(mean, &b)| *mean -= b);
 }
 
 fn save_failed(e: safetensors::SafeTensorError) -> Error {
