@@ -83,6 +83,20 @@ pub enum Error {
     /// An ndarray shape error, from building an array out of parts.
     #[error("shape error: {0}")]
     Shape(#[from] ndarray::ShapeError),
+    /// No weight of a block is under the key scheme and prefix asked for: the scheme or the
+    /// prefix is wrong. `found` lists the blocks the file does have ([`find_blocks`](crate::find_blocks)).
+    #[error(
+        "no {naming} non-local block under prefix {prefix:?}{}",
+        if found.is_empty() { "; the file holds no non-local block".to_string() } else { format!("; the file has: {}", found.join(", ")) }
+    )]
+    BlockNotFound {
+        /// The key scheme asked for (`alexhex7`, `mmcv`, …).
+        naming: &'static str,
+        /// The prefix asked for.
+        prefix: String,
+        /// The blocks the file has, as `<naming> at "<prefix>"`.
+        found: Vec<String>,
+    },
     /// A required parameter is not in the file.
     #[error("missing parameter {key:?}")]
     MissingKey {

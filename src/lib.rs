@@ -129,6 +129,10 @@ mod load;
 mod params;
 mod plan;
 
+/// The ndarray version every signature of this crate uses (0.17), re-exported so a caller's
+/// arrays are of the same crate.
+pub use ndarray;
+
 pub use block::{load_blocks, Gradients, NonLocalBlock, ParameterGradients, TrainContext};
 pub use checkpoint::{CheckpointFormat, DType};
 pub use kernels::simd::Isa;

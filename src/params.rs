@@ -109,6 +109,11 @@ impl Parameters {
     /// PyTorch's default conv init (uniform in ±1/√fan_in) from a fixed-seed generator, and
     /// the last layer zeroed as in the paper — BatchNorm γ = β = 0, or `W_z` = 0 without
     /// BatchNorm — so the block starts as the identity.
+    ///
+    /// # Panics
+    /// If the parameter tensors of `config` cannot be sized (`in_channels · inter_channels`
+    /// elements overflow); [`NonLocalBlock::new`](crate::NonLocalBlock::new) checks that first
+    /// and returns [`Error::TooLarge`] instead.
     pub fn init(config: &NonLocalConfig, seed: u64) -> Self {
         let (c, ci) = (config.in_channels, config.inter_channels);
         let mut rng = SplitMix64(seed);

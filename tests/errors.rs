@@ -145,6 +145,31 @@ fn missing_keys_are_named() {
 }
 
 #[test]
+fn the_wrong_key_scheme_or_prefix_names_the_blocks_the_file_has() {
+    // mmcv weights loaded with AlexHex7 keys.
+    let file = TensorFile::open(data_path("eg_mmcv_scaled.safetensors")).unwrap();
+    let config = NonLocalConfig::mmcv(16).sub_sample(Some([1, 2, 2])).bn_layer(true).conv_dims(2);
+    let err = NonLocalBlock::from_checkpoint(config.clone(), &file, &WeightKeys::alexhex7()).unwrap_err();
+    match &err {
+        Error::BlockNotFound { naming: "alexhex7", prefix, found } => {
+            assert!(prefix.is_empty());
+            assert_eq!(found, &["mmcv at \"\""]);
+        }
+        other => panic!("expected BlockNotFound, got {other:?}"),
+    }
+    assert!(err.to_string().contains("the file has: mmcv at \"\""), "{err}");
+    // The right scheme under a prefix the file does not use.
+    let err = NonLocalBlock::from_checkpoint(config, &file, &WeightKeys::mmcv().with_prefix("backbone.")).unwrap_err();
+    assert!(matches!(&err, Error::BlockNotFound { naming: "mmcv", .. }), "{err:?}");
+    // A file with no block at all says so.
+    let mut e = Editable::open("eg_video.safetensors");
+    e.tensors.retain(|t| t.0 == "input" || t.0 == "output");
+    let file = TensorFile::from_bytes(e.bytes()).unwrap();
+    let err = NonLocalBlock::from_checkpoint(eg_config(), &file, &WeightKeys::alexhex7()).unwrap_err();
+    assert!(err.to_string().ends_with("the file holds no non-local block"), "{err}");
+}
+
+#[test]
 fn wrong_shapes_name_key_and_both_shapes() {
     let cases: Vec<(&str, Vec<usize>)> = vec![
         ("theta.weight", vec![4, 7, 1, 1, 1]),
@@ -434,9 +459,23 @@ fn non_finite_inputs_propagate_without_panicking() {
             let mut x = rng.input((1, 2, 4, 4, 4), 1.0);
             x[[0, 1, 2, 3, 1]] = bad;
             let z = block.forward(&x).unwrap();
-            // The residual carries the bad value to its own position at least.
-            assert!(!z[[0, 1, 2, 3, 1]].is_finite(), "{mode}: {bad} vanished from the output");
-            block.attention(&x).unwrap();
+            let finite = z.iter().filter(|v| v.is_finite()).count();
+            // Every query attends to the key pooled from the bad position (and dot product's
+            // φᵀg sums over it), so in these modes every output depends on it, as in PyTorch.
+            // Concatenation's ReLU makes a key with b = ±∞ either dominate or vanish: its set
+            // of affected positions may differ from PyTorch's (README), but NaN reaches all.
+            let all_affected = mode != Mode::Concatenation || bad.is_nan();
+            if all_affected {
+                assert_eq!(finite, 0, "{mode}: {bad} did not reach every output");
+            } else {
+                assert!(!z[[0, 1, 2, 3, 1]].is_finite(), "{mode}: {bad} vanished from its own position");
+            }
+            // A NaN key makes every softmax row NaN; an infinite one may leave rows whose logit
+            // for it is −∞ finite, as in PyTorch.
+            let a = block.attention(&x).unwrap();
+            if bad.is_nan() && mode.is_softmax() {
+                assert!(a.iter().all(|v| v.is_nan()), "{mode}: NaN left a finite attention weight");
+            }
         }
     }
 }

@@ -62,10 +62,10 @@ proptest! {
         let (block, x) = build(&case);
         let (want, want_attention) = reference::forward(block.config(), block.parameters(), x.view());
         let got = block.forward(&x).unwrap();
-        let (err, tol) = max_err(got.iter(), want.iter());
+        let (err, tol) = max_err(&got, &want);
         prop_assert!(err <= tol, "output error {} > {}", err, tol);
         let attention = block.attention(&x).unwrap();
-        let (err, _) = max_err(attention.iter(), want_attention.iter());
+        let (err, _) = max_err(&attention, &want_attention);
         prop_assert!(err <= 5e-5, "attention error {}", err);
     }
 
@@ -92,23 +92,40 @@ proptest! {
     }
 
     #[test]
-    fn zero_last_layer_is_the_identity(case in prop_oneof![case(true), case(false)]) {
+    fn a_new_block_is_the_identity(case in prop_oneof![case(true), case(false)]) {
+        // NonLocalBlock::new zeroes the last layer (BatchNorm γ = β = 0, or W_z): z = x exactly,
+        // whatever the attention computes.
+        let (_, x) = build(&case);
+        let block = NonLocalBlock::new(case.config.clone()).unwrap();
+        prop_assert_eq!(block.forward(&x).unwrap(), x);
+    }
+
+    #[test]
+    fn a_zero_w_z_leaves_the_residual_and_the_batchnorm_shift(case in prop_oneof![case(true), case(false)]) {
+        // With W_z's weight zero, z_i = x_i + shift per channel: the W_z bias through BatchNorm,
+        // (b − μ)·γ/√(var + eps) + β (or b alone), in f64 here. Nothing of the attention leaks.
         let (block, x) = build(&case);
         let mut params = block.parameters().clone();
-        match params.bn.as_mut() {
-            Some(bn) => {
-                bn.weight.fill(0.0);
-                bn.bias.fill(0.0);
-            }
-            None => {
-                params.w_z.weight.fill(0.0);
-                if let Some(bias) = params.w_z.bias.as_mut() {
-                    bias.fill(0.0);
+        params.w_z.weight.fill(0.0);
+        let c = case.config.in_channels;
+        let shift: Vec<f64> = (0..c)
+            .map(|o| {
+                let b = params.w_z.bias.as_ref().map_or(0.0, |b| b[o] as f64);
+                match &params.bn {
+                    Some(bn) => {
+                        let s = bn.weight[o] as f64 / (bn.running_var[o] as f64 + case.config.bn_eps).sqrt();
+                        (b - bn.running_mean[o] as f64) * s + bn.bias[o] as f64
+                    }
+                    None => b,
                 }
-            }
-        }
+            })
+            .collect();
         let block = NonLocalBlock::from_parameters(case.config.clone(), params).unwrap();
-        prop_assert_eq!(block.forward(&x).unwrap(), x);
+        let z = block.forward(&x).unwrap();
+        let mut want = x.mapv(f64::from);
+        want.lanes_mut(Axis(4)).into_iter().for_each(|mut lane| lane.iter_mut().zip(&shift).for_each(|(v, s)| *v += s));
+        let (err, _) = max_err(&z, &want);
+        prop_assert!(err <= 1e-6 * (1.0 + want.iter().fold(0.0f64, |m, v| m.max(v.abs()))), "error {}", err);
     }
 
     #[test]

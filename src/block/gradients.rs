@@ -4,6 +4,7 @@
 use ndarray::{Array, Array1, ArrayD, ArrayViewD, Dimension, IxDyn};
 
 use crate::config::NonLocalConfig;
+use crate::error::{Error, Result};
 use crate::load::{checkpoint_entry, WeightKeys};
 use crate::params::{conv_tensors, Conv1x1};
 
@@ -74,18 +75,31 @@ impl ParameterGradients {
     /// let x = Array5::<f32>::ones((1, 1, 4, 4, 4));
     /// let (z, ctx) = block.forward_train(&x)?;
     /// let grads = block.backward(&ctx, &z)?;
-    /// let by_key = grads.params.by_checkpoint_key(&WeightKeys::alexhex7(), &config);
+    /// let by_key = grads.params.by_checkpoint_key(&WeightKeys::alexhex7(), &config)?;
     /// let (key, w) = &by_key[0];
     /// assert_eq!((key.as_str(), w.shape()), ("theta.weight", &[2, 4, 1, 1, 1][..]));
     /// # Ok::<(), nonlocal::Error>(())
     /// ```
-    pub fn by_checkpoint_key(&self, keys: &WeightKeys, config: &NonLocalConfig) -> Vec<(String, ArrayD<f32>)> {
+    ///
+    /// Under a scheme the parameters were not loaded with, a key may be one that scheme's module
+    /// lacks: an AlexHex7 `W.0.bias` is `conv_out.conv.bias` under mmcv's keys, which mmcv's
+    /// `NonLocal3d` with BatchNorm does not have (its export folds that bias into the
+    /// BatchNorm's running mean, which has no gradient).
+    ///
+    /// # Errors
+    /// [`Error::WrongShape`] when the gradients are not those of a block of `config`.
+    pub fn by_checkpoint_key(&self, keys: &WeightKeys, config: &NonLocalConfig) -> Result<Vec<(String, ArrayD<f32>)>> {
         self.named()
             .into_iter()
             .map(|(name, grad)| {
                 let (key, shape) = checkpoint_entry(keys, config, &name);
-                let grad = grad.to_owned().into_shape_with_order(IxDyn(&shape)).expect("a parameter's element count");
-                (key, grad)
+                let found = grad.shape().to_vec();
+                let grad = grad.to_owned().into_shape_with_order(IxDyn(&shape)).map_err(|_| Error::WrongShape {
+                    key: key.clone(),
+                    expected: shape,
+                    actual: found,
+                })?;
+                Ok((key, grad))
             })
             .collect()
     }

@@ -27,8 +27,8 @@
 //! # Resources
 //! Nothing recurses: the reader is a loop over the input, and the graph is an arena of nodes
 //! whose children are indices, so neither building nor dropping a deeply nested pickle uses
-//! the call stack. Every opcode consumes at least one input byte and adds at most one node or
-//! value, lengths are checked against the remaining input before anything is copied, and the
+//! the call stack. Every opcode consumes at least one input byte and adds at most one node, one
+//! stack value and one memo entry, lengths are checked against the remaining input before anything is copied, and the
 //! memo and `DUP` share strings (`Rc`) and nodes (indices) instead of copying them: memory
 //! stays proportional to the input.
 

@@ -235,4 +235,30 @@ mod tests {
         assert_eq!(MatRef::new(&data, 4, 0, 3, 3).rows(), 0);
         assert_eq!(MatMut::new(&mut out, 1, 4, 4).rows(), 1);
     }
+
+    #[test]
+    fn prepacked_products_match_the_reference_on_every_path() {
+        // Above SMALL_PRODUCT with several depth blocks and row blocks: on AVX-512 the packed
+        // kernel with B packed ahead, elsewhere matrixmultiply; both against the f64 product,
+        // with β = 0 over NaN and β = 1 over ones, A row-major and transposed (strided rows).
+        let (m, k, n) = (301, 517, 71);
+        let a_rows: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let a_cols: Vec<f32> = (0..m * k).map(|i| a_rows[(i % m) * k + i / m]).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
+        // B = Wᵀ, as the layers' weights are used.
+        let b = MatRef::new(&w, 0, n, k, k).t();
+        let packed = PrepackedB::new(b);
+        let ws = Workspace::default();
+        for a in [MatRef::new(&a_rows, 0, m, k, k), MatRef::new(&a_cols, 0, k, m, m).t()] {
+            let want = naive_product(a, b);
+            for beta in [0.0f32, 1.0] {
+                let mut c = vec![if beta == 0.0 { f32::NAN } else { 1.0 }; m * n];
+                par_gemm_prepacked(a, (b, &packed), beta, &mut MatMut::new(&mut c, m, n, n), &ws);
+                for (i, (&g, &w)) in c.iter().zip(&want).enumerate() {
+                    // Integer-valued operands: the sums are exact.
+                    assert_eq!(g as f64, w + beta as f64, "β {beta} at {i}");
+                }
+            }
+        }
+    }
 }

@@ -67,7 +67,8 @@ fn attend_tile(
             if let Some(bias) = bias {
                 row.iter_mut().zip(&bias[start..end]).for_each(|(s, b)| *s += b);
             }
-            // Scale is positive, so the max of the raw scores gives the max of the logits.
+            // The scale is not negative (the dispatch checks), so the max of the raw scores gives
+            // the max of the logits.
             let tile_max = row_max(row);
             let old = run_max[r];
             let new = if tile_max > old || tile_max.is_nan() { tile_max } else { old };

@@ -340,8 +340,10 @@ mod x86 {
     }
 }
 
-/// The instruction set the kernels run on, chosen once per process.
+/// The instruction set the kernels run on, chosen once per process. `#[non_exhaustive]`: paths
+/// may be added (an AVX512_BF16 path, other architectures).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Isa {
     /// AVX-512F (with AVX2 and FMA): packed 12×32 kernels for the attention and every large
     /// GEMM.

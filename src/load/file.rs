@@ -136,6 +136,11 @@ impl TensorFile {
         self.tensors.contains_key(key)
     }
 
+    /// Whether the state dict has an entry under `key`, a tensor or anything else.
+    pub(crate) fn has_entry(&self, key: &str) -> bool {
+        self.tensors.contains_key(key) || self.others.contains_key(key)
+    }
+
     /// The tensor names, sorted.
     pub fn keys(&self) -> Vec<&str> {
         let mut keys: Vec<&str> = self.tensors.keys().map(String::as_str).collect();

@@ -6,8 +6,29 @@ use std::fmt;
 use crate::config::NonLocalConfig;
 use crate::error::{Error, Result};
 
-/// The key scheme of a PyTorch non-local block's `state_dict`.
+/// The key scheme of a PyTorch non-local block's `state_dict`. `#[non_exhaustive]`: schemes of
+/// other implementations may be added.
+///
+/// Every key, for C input channels and C' inter channels; a convolution weight is (out, in)
+/// followed by [`NonLocalConfig::conv_dims`] singleton dims (3 for `NonLocal3d`), a bias (out);
+/// "pooled" is sub-sampling ([`NonLocalConfig::sub_sample`]), which puts the max-pool after
+/// φ and g in a `Sequential`.
+///
+/// | part | [`Naming::AlexHex7`] | [`Naming::Mmcv`] | shape |
+/// |---|---|---|---|
+/// | θ | `theta.weight`, `theta.bias` | `theta.conv.weight`, `theta.conv.bias` | (C', C), (C') |
+/// | φ | `phi.weight`, `phi.bias`; pooled `phi.0.weight`, `phi.0.bias` | `phi.conv.*`; pooled `phi.0.conv.*` | (C', C), (C') |
+/// | g | `g.weight`, `g.bias`; pooled `g.0.weight`, `g.0.bias` | `g.conv.*`; pooled `g.0.conv.*` | (C', C), (C') |
+/// | `W_z`, BatchNorm after it | `W.0.weight`, `W.0.bias` | `conv_out.conv.weight` (no bias) | (C, C'), (C) |
+/// | BatchNorm | `W.1.weight`, `W.1.bias`, `W.1.running_mean`, `W.1.running_var`, `W.1.num_batches_tracked` | `conv_out.bn.weight`, `.bias`, `.running_mean`, `.running_var`, `.num_batches_tracked` | (C); the count is an I64 scalar |
+/// | `W_z`, no BatchNorm | `W.weight`, `W.bias` | `conv_out.conv.weight`, `conv_out.conv.bias` | (C, C'), (C) |
+/// | concatenation's projection | `concat_project.0.weight` | `concat_project.conv.weight` | (1, 2C', 1, 1) in every rank, no bias |
+///
+/// Gaussian mode has no θ and φ. With a prefix (a block inside a model, [`WeightKeys::with_prefix`]),
+/// every key starts with it. Loading reads the keys the configuration needs and checks what
+/// they show (pooling, BatchNorm, conv rank, mode) against it; other keys are ignored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Naming {
     /// AlexHex7/Non-local_pytorch: `theta.weight`, `phi.0.weight` (pooled), `W.0.weight`,
     /// `W.1.running_var` (BatchNorm), `concat_project.0.weight`.

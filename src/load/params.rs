@@ -4,7 +4,7 @@
 use ndarray::{Array1, Array2, ArrayD};
 use safetensors::tensor::Dtype;
 
-use super::find::key_layout;
+use super::find::{find_blocks, key_layout};
 use super::keys::{checkpoint_entry, Naming, WeightKeys};
 use super::TensorFile;
 use crate::config::{Mode, NonLocalConfig};
@@ -64,6 +64,7 @@ pub(crate) fn load_parameters(file: &TensorFile, config: &NonLocalConfig, keys: 
     config.validate()?;
     let (c, ci, dims) = (config.in_channels, config.inter_channels, config.conv_dims);
     let pooled = config.sub_sample.is_some();
+    check_block_present(file, keys)?;
     check_layout(file, config, keys)?;
 
     let embed = |name: &str| read_conv(file, &keys.embedding(name, pooled), ci, c, dims, true);
@@ -106,6 +107,23 @@ fn rename_key(e: Error, keys: &WeightKeys, config: &NonLocalConfig) -> Error {
         Error::WrongShape { key, expected, actual } => Error::WrongShape { key: full(&key), expected, actual },
         other => other,
     }
+}
+
+/// [`Error::BlockNotFound`] when no weight of a block (θ, φ, g or `W_z`, pooled or not) is
+/// under `keys`: the wrong key scheme or prefix, so the error lists the blocks the file has.
+fn check_block_present(file: &TensorFile, keys: &WeightKeys) -> Result<()> {
+    let stems = ["theta", "phi", "g"]
+        .iter()
+        .flat_map(|name| [keys.embedding(name, false), keys.embedding(name, true)])
+        .chain([keys.w_z(true), keys.w_z(false)]);
+    if stems.into_iter().any(|stem| file.has_entry(&format!("{stem}.weight"))) {
+        return Ok(());
+    }
+    Err(Error::BlockNotFound {
+        naming: keys.naming.name(),
+        prefix: keys.prefix.clone(),
+        found: find_blocks(file).iter().map(|info| format!("{} at {:?}", info.keys.naming, info.keys.prefix)).collect(),
+    })
 }
 
 /// Compares what the keys show (pooling, BatchNorm, mode) with the configuration.

@@ -7,7 +7,7 @@ pub mod golden;
 #[path = "../oracle/reference.rs"]
 pub mod reference;
 
-use ndarray::{Array1, Array2, Array5, ArrayView5};
+use ndarray::{Array1, Array2, Array5, ArrayBase, ArrayView5, Data, Dimension};
 use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters};
 
 /// xorshift64*: small, seeded, good enough for test data.
@@ -76,10 +76,20 @@ pub fn random_block(config: NonLocalConfig, rng: &mut Rng) -> NonLocalBlock {
 }
 
 /// Max |got − want| and the golden tolerance 1e-4·max(1, max|want|) (NaN counts as ∞).
-pub fn max_err<'a>(got: impl IntoIterator<Item = &'a f32>, want: impl IntoIterator<Item = &'a f64>) -> (f64, f64) {
+///
+/// # Panics
+/// When the shapes differ: a comparison of the overlap would pass a truncated output.
+pub fn max_err<S1, S2, D1, D2>(got: &ArrayBase<S1, D1>, want: &ArrayBase<S2, D2>) -> (f64, f64)
+where
+    S1: Data<Elem = f32>,
+    S2: Data<Elem = f64>,
+    D1: Dimension,
+    D2: Dimension,
+{
+    assert_eq!(got.shape(), want.shape(), "max_err: shapes differ");
     let mut err = 0.0f64;
     let mut scale = 1.0f64;
-    for (&g, &w) in got.into_iter().zip(want) {
+    for (&g, &w) in got.iter().zip(want.iter()) {
         let d = (g as f64 - w).abs();
         err = if d.is_nan() { f64::INFINITY } else { err.max(d) };
         scale = scale.max(w.abs());
@@ -92,11 +102,11 @@ pub fn assert_matches_reference(block: &NonLocalBlock, x: ArrayView5<'_, f32>, w
     let (want, want_attention) = reference::forward(block.config(), block.parameters(), x);
     let got = block.forward(&x).expect("forward");
     assert_eq!(got.shape(), want.shape());
-    let (err, tol) = max_err(got.iter(), want.iter());
+    let (err, tol) = max_err(&got, &want);
     assert!(err <= tol, "{what}: output error {err:.3e} > {tol:.3e}");
     let attention = block.attention(&x).expect("attention");
     assert_eq!(attention.shape(), want_attention.shape());
-    let (err, _) = max_err(attention.iter(), want_attention.iter());
+    let (err, _) = max_err(&attention, &want_attention);
     assert!(err <= 5e-5, "{what}: attention error {err:.3e}");
 }
 
