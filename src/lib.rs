@@ -52,7 +52,7 @@
 //! [`forward_sequences`]: NonLocalBlock::forward_sequences
 //!
 //! # Weights from PyTorch
-//! [`NonLocalBlock::from_safetensors_file`] loads a `state_dict` saved with safetensors, under
+//! [`NonLocalBlock::from_checkpoint_file`] loads a `state_dict` saved with safetensors, under
 //! the keys of AlexHex7's `Non-local_pytorch` ([`Naming::AlexHex7`]: `theta.weight`,
 //! `phi.0.weight`, `W.1.running_var`, …) or of mmcv's `NonLocal1d/2d/3d` ([`Naming::Mmcv`]:
 //! `theta.conv.weight`, `g.0.conv.bias`, `conv_out.bn.weight`, …), optionally under a prefix
