@@ -100,6 +100,10 @@ pub struct NonLocalConfig {
     /// Divide embedded-Gaussian logits by √C' (mmcv's default). Default `false` (the paper,
     /// AlexHex7). Has no effect in the other modes.
     pub use_scale: bool,
+    /// The factor applied to embedded-Gaussian logits when given outright, instead of
+    /// `use_scale`'s 1/√C': timm's `NonLocalAttn` uses `in_channels^-0.5`
+    /// ([`NonLocalConfig::timm`]). Default `None`. Has no effect in the other modes.
+    pub logit_factor: Option<f32>,
     /// Whether `W_z` is followed by BatchNorm (eval mode). Default `true`.
     pub bn_layer: bool,
     /// BatchNorm epsilon. Default `1e-5`.
@@ -120,6 +124,7 @@ impl NonLocalConfig {
             mode: Mode::EmbeddedGaussian,
             sub_sample: Some([1, 2, 2]),
             use_scale: false,
+            logit_factor: None,
             bn_layer: true,
             bn_eps: 1e-5,
             conv_dims: 3,
@@ -170,6 +175,30 @@ impl NonLocalConfig {
     /// ```
     pub fn mmaction2_i3d(in_channels: usize) -> Self {
         Self::mmcv(in_channels).use_scale(false).sub_sample(Some([1, 2, 2])).bn_layer(true)
+    }
+
+    /// The defaults of timm's `NonLocalAttn(in_channels)` (`timm.layers.non_local_attn`):
+    /// embedded Gaussian without sub-sampling, logits scaled by `in_channels^-0.5`
+    /// (`use_scale=True`: note C, not C'), C' = `make_divisible(C / 8, 8)` (a multiple of 8,
+    /// at least 8, rounded to nearest and never more than 10% below C/8), BatchNorm after `z`,
+    /// 2-d convolutions (keys [`Naming::Timm`](crate::Naming::Timm)). With `use_scale=False`,
+    /// set [`NonLocalConfig::logit_factor`] to `None`.
+    ///
+    /// ```
+    /// # use nonlocal::NonLocalConfig;
+    /// let config = NonLocalConfig::timm(512);
+    /// assert_eq!((config.inter_channels, config.sub_sample, config.conv_dims), (64, None, 2));
+    /// assert_eq!(config.logit_scale(), 1.0 / 512f32.sqrt());
+    /// assert_eq!(NonLocalConfig::timm(32).inter_channels, 8);
+    /// ```
+    pub fn timm(in_channels: usize) -> Self {
+        let scale = (in_channels as f64).powf(-0.5) as f32;
+        Self::new(in_channels)
+            .inter_channels(make_divisible(in_channels as f64 / 8.0, 8))
+            .sub_sample(None)
+            .conv_dims(2)
+            .use_scale(true)
+            .logit_factor(Some(scale))
     }
 
     /// Sets the pairwise function. Default [`Mode::EmbeddedGaussian`].
@@ -231,6 +260,19 @@ impl NonLocalConfig {
         self
     }
 
+    /// Sets the embedded-Gaussian logit factor outright, or `None` for `use_scale`'s rule.
+    /// Default `None`.
+    ///
+    /// ```
+    /// # use nonlocal::NonLocalConfig;
+    /// let config = NonLocalConfig::new(32).use_scale(true).logit_factor(Some(0.5));
+    /// assert_eq!(config.logit_scale(), 0.5);
+    /// ```
+    pub fn logit_factor(mut self, factor: Option<f32>) -> Self {
+        self.logit_factor = factor;
+        self
+    }
+
     /// Sets whether BatchNorm follows `W_z`. Default `true`.
     ///
     /// ```
@@ -266,12 +308,13 @@ impl NonLocalConfig {
         self
     }
 
-    /// The factor applied to the logits: `1/√C'` for embedded Gaussian with `use_scale`, else 1.
+    /// The factor applied to the logits: for embedded Gaussian [`NonLocalConfig::logit_factor`]
+    /// when given, else `1/√C'` with `use_scale`; 1 otherwise.
     pub fn logit_scale(&self) -> f32 {
-        if self.mode == Mode::EmbeddedGaussian && self.use_scale {
-            (1.0 / (self.inter_channels as f64).sqrt()) as f32
-        } else {
-            1.0
+        match (self.mode, self.logit_factor) {
+            (Mode::EmbeddedGaussian, Some(factor)) => factor,
+            (Mode::EmbeddedGaussian, None) if self.use_scale => (1.0 / (self.inter_channels as f64).sqrt()) as f32,
+            _ => 1.0,
         }
     }
 
@@ -284,7 +327,7 @@ impl NonLocalConfig {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for zero channels, a pool kernel with a zero, `conv_dims` not
-    /// 1, 2 or 3, or a BatchNorm epsilon that is negative or not finite.
+    /// 1, 2 or 3, or a logit factor or BatchNorm epsilon that is negative or not finite.
     pub fn validate(&self) -> Result<()> {
         let invalid = |reason: String| Err(Error::InvalidConfig { reason });
         if self.in_channels == 0 {
@@ -300,6 +343,9 @@ impl NonLocalConfig {
         }
         if !(1..=3).contains(&self.conv_dims) {
             return invalid(format!("conv_dims is {}, expected 1, 2 or 3", self.conv_dims));
+        }
+        if let Some(f) = self.logit_factor.filter(|f| !(f.is_finite() && *f >= 0.0)) {
+            return invalid(format!("logit_factor {f} is not a finite non-negative number"));
         }
         if !(self.bn_eps.is_finite() && self.bn_eps >= 0.0) {
             return invalid(format!("bn_eps {} is not a finite non-negative number", self.bn_eps));
@@ -323,4 +369,16 @@ pub fn parse_sub_sample(text: &str) -> Result<Option<[usize; 3]>> {
         text.split(',').map(|p| p.trim().parse::<usize>().map_err(|_| bad())).collect::<Result<_>>()?;
     let kernel: [usize; 3] = parts.try_into().map_err(|_| bad())?;
     Ok(Some(kernel))
+}
+
+/// timm's `make_divisible(v, divisor)` (round_limit 0.9): `v` rounded to the nearest multiple of
+/// `divisor`, at least `divisor`, bumped by one `divisor` when rounding lost more than 10%.
+fn make_divisible(v: f64, divisor: usize) -> usize {
+    let d = divisor as f64;
+    let rounded = (((v + d / 2.0) as usize) / divisor * divisor).max(divisor);
+    if (rounded as f64) < 0.9 * v {
+        rounded + divisor
+    } else {
+        rounded
+    }
 }

@@ -375,3 +375,31 @@ fn export_to_mmcv_keys_is_what_mmcv_loads_strictly() {
         assert!(report.passed(), "{case}: {report}");
     }
 }
+
+#[test]
+fn timm_non_local_blocks_are_found_configured_and_exported() {
+    let file = TensorFile::open(data().join("family/nl_timm.safetensors")).unwrap();
+    let blocks = find_blocks(&file);
+    assert_eq!(blocks.len(), 1);
+    let info = &blocks[0];
+    assert_eq!(info.keys, WeightKeys::timm());
+    assert_eq!(nonlocal::detect_naming(&file, "").unwrap(), nonlocal::Naming::Timm);
+    let config = info.config();
+    assert_eq!((config.in_channels, config.inter_channels, config.sub_sample, config.conv_dims), (32, 8, None, 2));
+    assert_eq!(config.logit_scale(), 32f32.powf(-0.5));
+    // The configuration read off the keys is timm's: the golden output, through the harness's
+    // own configuration and through this one.
+    let case = GoldenCase::open(data().join("family/nl_timm.safetensors")).unwrap();
+    assert_eq!(case.config, config);
+    let block = NonLocalBlock::from_checkpoint(config.clone(), &file, &info.keys).unwrap();
+    // Exported under timm's keys: exactly the keys of the file's block.
+    let exported = TensorFile::from_bytes(block.to_safetensors().unwrap()).unwrap();
+    let want: Vec<&str> = file.keys().into_iter().filter(|k| !["input", "output"].contains(k)).collect();
+    assert_eq!(exported.keys(), want);
+    // timm's module always has its BatchNorm: a block without one cannot be written for it.
+    let no_bn = NonLocalBlock::new(NonLocalConfig::timm(32).bn_layer(false)).unwrap();
+    assert!(matches!(
+        no_bn.to_safetensors_with_keys(&WeightKeys::timm()),
+        Err(Error::ConfigMismatch { what: "bn_layer", .. })
+    ));
+}

@@ -57,7 +57,8 @@ impl fmt::Display for BlockInfo {
 impl BlockInfo {
     /// The block's configuration: everything the keys show (channels, BatchNorm, pooling,
     /// conv rank, and the mode where the keys decide it), the rest from the preset of its
-    /// implementation ([`NonLocalConfig::alexhex7`] or [`NonLocalConfig::mmcv`]).
+    /// implementation ([`NonLocalConfig::alexhex7`], [`NonLocalConfig::mmcv`] or
+    /// [`NonLocalConfig::timm`]).
     ///
     /// What the weights cannot show, and you may have to set yourself from the model's
     /// training configuration:
@@ -67,7 +68,8 @@ impl BlockInfo {
     ///   implementation for its rank, `[1, 1, 2]` for 1-d blocks and `[1, 2, 2]` for 2-d and 3-d
     ///   ones (a `(2, 2, 2)` pool needs `.sub_sample(Some([2, 2, 2]))`);
     /// - **`use_scale`** — mmcv's default is `true`, AlexHex7 has no scaling; note that
-    ///   mmaction2's I3D non-local configs set `use_scale=False`.
+    ///   mmaction2's I3D non-local configs set `use_scale=False` ([`NonLocalConfig::mmaction2_i3d`]);
+    ///   timm scales by `in_channels^-0.5` by default ([`NonLocalConfig::logit_factor`]).
     /// - **`bn_eps`** — PyTorch's 1e-5.
     ///
     /// # Example
@@ -87,6 +89,7 @@ impl BlockInfo {
         let preset = match self.keys.naming {
             Naming::AlexHex7 => NonLocalConfig::alexhex7(self.in_channels),
             Naming::Mmcv => NonLocalConfig::mmcv(self.in_channels),
+            Naming::Timm => NonLocalConfig::timm(self.in_channels),
         };
         let kernel = if self.conv_dims == 1 { [1, 1, 2] } else { [1, 2, 2] };
         preset
@@ -98,7 +101,7 @@ impl BlockInfo {
     }
 }
 
-/// Every non-local block in a checkpoint, in the order of the file, under either key scheme:
+/// Every non-local block in a checkpoint, in the order of the file, under any key scheme:
 /// a `g` convolution (`g.weight`, `g.0.weight`, `g.conv.weight` or `g.0.conv.weight` after a
 /// prefix) beside a `W_z` (`W.weight`, `W.0.weight` or `conv_out.conv.weight`), with
 /// consistent 1x1 convolution shapes.
@@ -123,7 +126,7 @@ pub fn find_blocks(file: &TensorFile) -> Vec<BlockInfo> {
     let mut seen = HashSet::new();
     let mut blocks = Vec::new();
     for key in file.keys_in_order() {
-        for naming in [Naming::Mmcv, Naming::AlexHex7] {
+        for naming in Naming::ALL {
             for pooled in [false, true] {
                 let stem = format!("{}.weight", WeightKeys { naming, prefix: String::new() }.embedding("g", pooled));
                 let Some(prefix) = key.strip_suffix(stem.as_str()) else { continue };
@@ -194,9 +197,12 @@ pub(crate) fn key_layout(file: &TensorFile, keys: &WeightKeys) -> Option<KeyLayo
 /// # Errors
 /// [`Error::MissingKey`] when neither scheme's `g` convolution is found under the prefix.
 pub fn detect_naming(file: &TensorFile, prefix: &str) -> Result<Naming> {
-    for naming in [Naming::Mmcv, Naming::AlexHex7] {
+    for naming in Naming::ALL {
         let keys = WeightKeys { naming, prefix: prefix.into() };
-        if [true, false].iter().any(|&p| file.contains(&format!("{}.weight", keys.embedding("g", p)))) {
+        let has = |stem: String| file.contains(&format!("{stem}.weight"));
+        let g = has(keys.embedding("g", true)) || has(keys.embedding("g", false));
+        // AlexHex7's and timm's unpooled `g` have the same key: the output conv tells them apart.
+        if g && (has(keys.w_z(true)) || has(keys.w_z(false))) {
             return Ok(naming);
         }
     }

@@ -14,17 +14,17 @@ use crate::error::{Error, Result};
 /// "pooled" is sub-sampling ([`NonLocalConfig::sub_sample`]), which puts the max-pool after
 /// φ and g in a `Sequential`.
 ///
-/// | part | [`Naming::AlexHex7`] | [`Naming::Mmcv`] | shape |
-/// |---|---|---|---|
-/// | θ | `theta.weight`, `theta.bias` | `theta.conv.weight`, `theta.conv.bias` | (C', C), (C') |
-/// | φ | `phi.weight`, `phi.bias`; pooled `phi.0.weight`, `phi.0.bias` | `phi.conv.*`; pooled `phi.0.conv.*` | (C', C), (C') |
-/// | g | `g.weight`, `g.bias`; pooled `g.0.weight`, `g.0.bias` | `g.conv.*`; pooled `g.0.conv.*` | (C', C), (C') |
-/// | `W_z`, BatchNorm after it | `W.0.weight`, `W.0.bias` | `conv_out.conv.weight` (no bias) | (C, C'), (C) |
-/// | BatchNorm | `W.1.weight`, `W.1.bias`, `W.1.running_mean`, `W.1.running_var`, `W.1.num_batches_tracked` | `conv_out.bn.weight`, `.bias`, `.running_mean`, `.running_var`, `.num_batches_tracked` | (C); the count is an I64 scalar |
-/// | `W_z`, no BatchNorm | `W.weight`, `W.bias` | `conv_out.conv.weight`, `conv_out.conv.bias` | (C, C'), (C) |
-/// | concatenation's projection | `concat_project.0.weight` | `concat_project.conv.weight` | (1, 2C', 1, 1) in every rank, no bias |
+/// | part | [`Naming::AlexHex7`] | [`Naming::Mmcv`] | [`Naming::Timm`] | shape |
+/// |---|---|---|---|---|
+/// | θ | `theta.weight`, `theta.bias` | `theta.conv.weight`, `theta.conv.bias` | `t.weight`, `t.bias` | (C', C), (C') |
+/// | φ | `phi.weight`, `phi.bias`; pooled `phi.0.weight`, `phi.0.bias` | `phi.conv.*`; pooled `phi.0.conv.*` | `p.weight`, `p.bias` | (C', C), (C') |
+/// | g | `g.weight`, `g.bias`; pooled `g.0.weight`, `g.0.bias` | `g.conv.*`; pooled `g.0.conv.*` | `g.weight`, `g.bias` | (C', C), (C') |
+/// | `W_z`, BatchNorm after it | `W.0.weight`, `W.0.bias` | `conv_out.conv.weight` (no bias) | `z.weight`, `z.bias` | (C, C'), (C) |
+/// | BatchNorm | `W.1.weight`, `W.1.bias`, `W.1.running_mean`, `W.1.running_var`, `W.1.num_batches_tracked` | `conv_out.bn.weight`, `.bias`, `.running_mean`, `.running_var`, `.num_batches_tracked` | `norm.weight`, `.bias`, `.running_mean`, `.running_var`, `.num_batches_tracked` | (C); the count is an I64 scalar |
+/// | `W_z`, no BatchNorm | `W.weight`, `W.bias` | `conv_out.conv.weight`, `conv_out.conv.bias` | — (timm always has `norm`) | (C, C'), (C) |
+/// | concatenation's projection | `concat_project.0.weight` | `concat_project.conv.weight` | — (embedded Gaussian only) | (1, 2C', 1, 1) in every rank, no bias |
 ///
-/// Gaussian mode has no θ and φ. With a prefix (a block inside a model, [`WeightKeys::with_prefix`]),
+/// timm's block is a 2-d embedded-Gaussian block without sub-sampling. Gaussian mode has no θ and φ. With a prefix (a block inside a model, [`WeightKeys::with_prefix`]),
 /// every key starts with it. Loading reads the keys the configuration needs and checks what
 /// they show (pooling, BatchNorm, conv rank, mode) against it; other keys are ignored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -36,14 +36,22 @@ pub enum Naming {
     /// mmcv's `NonLocal1d/2d/3d`: `theta.conv.weight`, `g.0.conv.bias` (pooled),
     /// `conv_out.conv.weight`, `conv_out.bn.weight`, `concat_project.conv.weight`.
     Mmcv,
+    /// timm's `NonLocalAttn` (`timm.layers.non_local_attn`): `t`, `p`, `g`, `z` (with a bias)
+    /// and `norm` (BatchNorm2d), no sub-sampling, embedded Gaussian with logits scaled by
+    /// `in_channels^-0.5` ([`NonLocalConfig::timm`]).
+    Timm,
 }
 
 impl Naming {
-    /// The name used in golden-file metadata: `alexhex7` or `mmcv`.
+    /// Every scheme, in the order [`find_blocks`](crate::find_blocks) tries them.
+    pub const ALL: [Naming; 3] = [Naming::Mmcv, Naming::AlexHex7, Naming::Timm];
+
+    /// The name used in golden-file metadata: `alexhex7`, `mmcv` or `timm`.
     pub fn name(self) -> &'static str {
         match self {
             Naming::AlexHex7 => "alexhex7",
             Naming::Mmcv => "mmcv",
+            Naming::Timm => "timm",
         }
     }
 }
@@ -57,13 +65,11 @@ impl fmt::Display for Naming {
 impl std::str::FromStr for Naming {
     type Err = Error;
 
-    /// Parses `alexhex7` or `mmcv` (any case).
+    /// Parses `alexhex7`, `mmcv` or `timm` (any case).
     fn from_str(s: &str) -> Result<Naming> {
-        match s.to_ascii_lowercase().as_str() {
-            "alexhex7" => Ok(Naming::AlexHex7),
-            "mmcv" => Ok(Naming::Mmcv),
-            _ => Err(Error::InvalidConfig { reason: format!("unknown naming {s:?}: expected alexhex7 or mmcv") }),
-        }
+        Naming::ALL.into_iter().find(|n| n.name() == s.to_ascii_lowercase()).ok_or_else(|| Error::InvalidConfig {
+            reason: format!("unknown naming {s:?}: expected alexhex7, mmcv or timm"),
+        })
     }
 }
 
@@ -99,11 +105,24 @@ impl WeightKeys {
         self
     }
 
+    /// timm's NonLocalAttn keys: `t`, `p`, `g`, `z`, `norm`.
+    pub fn timm() -> Self {
+        WeightKeys { naming: Naming::Timm, prefix: String::new() }
+    }
+
     fn conv(&self, name: &str, pooled: bool) -> String {
         let stage = if pooled { ".0" } else { "" };
         match self.naming {
             Naming::AlexHex7 => format!("{}{name}{stage}", self.prefix),
             Naming::Mmcv => format!("{}{name}{stage}.conv", self.prefix),
+            Naming::Timm => {
+                let short = match name {
+                    "theta" => "t",
+                    "phi" => "p",
+                    other => other,
+                };
+                format!("{}{short}{stage}", self.prefix)
+            }
         }
     }
 
@@ -118,6 +137,7 @@ impl WeightKeys {
             (Naming::AlexHex7, true) => format!("{}W.0", self.prefix),
             (Naming::AlexHex7, false) => format!("{}W", self.prefix),
             (Naming::Mmcv, _) => format!("{}conv_out.conv", self.prefix),
+            (Naming::Timm, _) => format!("{}z", self.prefix),
         }
     }
 
@@ -126,6 +146,7 @@ impl WeightKeys {
         match self.naming {
             Naming::AlexHex7 => format!("{}W.1", self.prefix),
             Naming::Mmcv => format!("{}conv_out.bn", self.prefix),
+            Naming::Timm => format!("{}norm", self.prefix),
         }
     }
 
@@ -134,6 +155,8 @@ impl WeightKeys {
         match self.naming {
             Naming::AlexHex7 => format!("{}concat_project.0.weight", self.prefix),
             Naming::Mmcv => format!("{}concat_project.conv.weight", self.prefix),
+            // timm's block is embedded Gaussian only.
+            Naming::Timm => format!("{}concat_project.weight", self.prefix),
         }
     }
 }

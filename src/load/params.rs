@@ -168,8 +168,21 @@ fn check_layout(file: &TensorFile, config: &NonLocalConfig, keys: &WeightKeys) -
 /// `num_batches_tracked` included, so PyTorch's strict `load_state_dict` accepts it), F32.
 pub(crate) fn export(keys: &WeightKeys, config: &NonLocalConfig, params: &Parameters) -> Result<Vec<u8>> {
     let mut params = params.clone();
-    if keys.naming == Naming::Mmcv {
-        fold_w_z_bias_into_batchnorm(&mut params);
+    match keys.naming {
+        Naming::Mmcv => fold_w_z_bias_into_batchnorm(&mut params),
+        // timm's NonLocalAttn always has BatchNorm, and its `z` a bias.
+        Naming::Timm if params.bn.is_none() => {
+            return Err(Error::ConfigMismatch {
+                what: "bn_layer",
+                config: "false".into(),
+                weights: "timm keys, whose NonLocalAttn always has a BatchNorm `norm`".into(),
+            })
+        }
+        Naming::Timm => {
+            let c = params.w_z.weight.nrows();
+            params.w_z.bias.get_or_insert_with(|| Array1::zeros(c));
+        }
+        Naming::AlexHex7 => {}
     }
     let mut entries: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let stats: Vec<(String, Vec<f32>)> = params

@@ -283,6 +283,10 @@ pub fn config_from_metadata(meta: &HashMap<String, String>) -> Result<(NonLocalC
     if let Some(dims) = meta.get("dims") {
         config.conv_dims = parse("dims", dims)?;
     }
+    // timm's NonLocalAttn scales by in_channels^-0.5: the factor, outright.
+    if let Some(factor) = meta.get("logit_scale").filter(|_| config.use_scale) {
+        config.logit_factor = Some(parse("logit_scale", factor)?);
+    }
     config.validate()?;
     let naming: Naming = meta.get("naming").map_or(Ok(Naming::AlexHex7), |s| s.parse())?;
     let prefix = meta.get("prefix").cloned().unwrap_or_default();
