@@ -193,4 +193,8 @@ fn wide_channels_with_few_keys() {
             assert_matches_reference(&block, x.view(), &format!("{mode} wide, {sub:?}"));
         }
     }
+    // Dot product's direct form without either fold: few queries, no pooling, C' near C.
+    let block = random_block(config(Mode::DotProduct, 40, 32, None, true), &mut rng);
+    let x = rng.input((2, 1, 4, 4, 40), 1.0);
+    assert_matches_reference(&block, x.view(), "dot product, direct without folds");
 }

@@ -166,9 +166,14 @@ impl NonLocalBlock {
         Ok(())
     }
 
-    /// Dot product: `y = θ·(φᵀg/M)`, the C'×C' product instead of the N×M matrix.
+    /// Dot product: `y = θ·(φᵀg/M)`, the C'×C' product instead of the N×M matrix, or where the
+    /// plan finds it cheaper (few keys, many channels) the direct `(θφᵀ/M)·g` with θ folded into
+    /// the keys and `W_z` into the values, as the softmax modes.
     fn forward_dot_product(&self, p: &Prepared<'_>, out: &mut [f32]) -> Result<()> {
         let (n, c, ci) = (p.x.rows(), self.config.in_channels, self.config.inter_channels);
+        if self.compiled.dot_product_direct(n, p.m) {
+            return self.forward_dot_product_direct(p, out);
+        }
         let kv = key_value_product(p.keys(), p.values(), 1.0 / p.m as f32);
         let kv = MatRef::new(&kv, 0, ci, ci, ci);
         if self.compiled.folds_key_values_into_output(n) {
@@ -179,6 +184,34 @@ impl NonLocalBlock {
         } else {
             let mut y = self.workspace.take(n * ci, "y")?;
             par_gemm(1.0, p.queries(), kv, 0.0, &mut MatMut::new(&mut y, n, ci, ci));
+            self.output(p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
+        }
+        Ok(())
+    }
+
+    /// Dot product's direct form: logits `S = q·kᵀ (+ offsets)` (N × M: no larger than the
+    /// projections where the plan picks it), then `S·v/M`.
+    fn forward_dot_product_direct(&self, p: &Prepared<'_>, out: &mut [f32]) -> Result<()> {
+        let (n, m, c, ci) = (p.x.rows(), p.m, self.config.in_channels, self.config.inter_channels);
+        let (q, k, bias) = p.attention_operands();
+        let mut logits = self.workspace.take(n * m, "dot-product logits")?;
+        match bias {
+            Some(bias) => logits.par_chunks_mut(row_block(n, 64) * m).for_each(|rows| {
+                rows.chunks_mut(m).for_each(|row| row.copy_from_slice(bias));
+            }),
+            None => logits.fill(0.0),
+        }
+        par_gemm(1.0, q, k.t(), 1.0, &mut MatMut::new(&mut logits, n, m, m));
+        let s = MatRef::new(&logits, 0, n, m, m);
+        let inv_m = 1.0 / m as f32;
+        if self.compiled.folds_values(n, m) {
+            let mut vw = self.workspace.take(m * c, "projected values")?;
+            self.compiled.w_out.apply(p.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c), &self.workspace);
+            self.residual_rows(p.x, out, |row, residual| row.copy_from_slice(residual));
+            par_gemm(inv_m, s, MatRef::new(&vw, 0, m, c, c), 1.0, &mut MatMut::new(out, n, c, c));
+        } else {
+            let mut y = self.workspace.take(n * ci, "y")?;
+            par_gemm(inv_m, s, p.values(), 0.0, &mut MatMut::new(&mut y, n, ci, ci));
             self.output(p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
         }
         Ok(())

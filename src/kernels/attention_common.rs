@@ -11,9 +11,10 @@ use rayon::prelude::*;
 use super::tiles::QUERY_TILE;
 use super::views::MatRef;
 
-/// Number of query chunks whose key-side gradient partial sums are kept apart in the
-/// backward pass: fixed (not the thread count), so the final sums have one order.
-pub(crate) const BACKWARD_QUERY_CHUNKS: usize = 8;
+/// At most this many query chunks keep their key-side gradient partial sums apart in the
+/// backward pass. The chunking is fixed by N alone (not the thread count), so the final sums
+/// have one order; up to 64 chunks keep 64 threads busy on large maps.
+pub(crate) const MAX_BACKWARD_QUERY_CHUNKS: usize = 64;
 
 /// Forward query-tile height: about [`QUERY_TILE`], adjusted so the tiles divide evenly
 /// between the threads (the tile height changes no result: each row's sums are the same in
@@ -24,37 +25,46 @@ pub(crate) fn query_tile(n: usize) -> usize {
     n.div_ceil(tiles).next_multiple_of(8).clamp(8, QUERY_TILE.max(8))
 }
 
-/// The query split of the backward passes: N queries in at most [`BACKWARD_QUERY_CHUNKS`]
-/// chunks of whole tiles of `tile` rows (fixed by N alone, not the thread count). Chunks run
-/// in parallel, each starting from `init()` and calling `per_tile(rows, dq rows, partials)`
-/// for its tiles in order; the partials come back in chunk order, to be added in that order.
+/// The query split of the backward passes: N queries in at most
+/// [`MAX_BACKWARD_QUERY_CHUNKS`] chunks of whole tiles of `tile` rows, fixed by N alone.
+/// Each chunk starts from `init()` and calls `per_tile(rows, dq rows, partials)` for its tiles
+/// in order; then `absorb(partials)` is called on the caller's thread for every chunk, in chunk
+/// order, so the key-side sums have one order whatever the thread count.
+///
+/// Chunks run in parallel in waves of one chunk per thread, each wave absorbed before the next
+/// starts: at most one chunk's partials per thread are alive at once (the partials of the
+/// key side can be several MB each).
 pub(crate) fn over_query_chunks<P: Send>(
     n: usize,
     d: usize,
     tile: usize,
     dq: &mut [f32],
     init: impl Fn() -> P + Sync,
-    per_tile: impl Fn(std::ops::Range<usize>, &mut [f32], &mut P) + Sync,
-) -> Vec<P> {
+    per_tile: impl Fn(Range<usize>, &mut [f32], &mut P) + Sync,
+    mut absorb: impl FnMut(&P),
+) {
     let tiles = n.div_ceil(tile);
-    let chunks = tiles.clamp(1, BACKWARD_QUERY_CHUNKS);
+    let chunks = tiles.clamp(1, MAX_BACKWARD_QUERY_CHUNKS);
     let chunk_rows = tiles.div_ceil(chunks) * tile;
-    dq.par_chunks_mut(chunk_rows * d)
-        .enumerate()
-        .map(|(c, dq_chunk)| {
-            let start = c * chunk_rows;
-            let end = (start + chunk_rows).min(n);
-            let mut partials = init();
-            let mut tile_start = start;
-            while tile_start < end {
-                let tile_end = (tile_start + tile).min(end);
-                let local = (tile_start - start) * d..(tile_end - start) * d;
-                per_tile(tile_start..tile_end, &mut dq_chunk[local], &mut partials);
-                tile_start = tile_end;
-            }
-            partials
-        })
-        .collect()
+    let run_chunk = |c: usize, dq_chunk: &mut [f32]| {
+        let start = c * chunk_rows;
+        let end = (start + chunk_rows).min(n);
+        let mut partials = init();
+        let mut tile_start = start;
+        while tile_start < end {
+            let tile_end = (tile_start + tile).min(end);
+            let local = (tile_start - start) * d..(tile_end - start) * d;
+            per_tile(tile_start..tile_end, &mut dq_chunk[local], &mut partials);
+            tile_start = tile_end;
+        }
+        partials
+    };
+    let mut dq_chunks: Vec<(usize, &mut [f32])> = dq.chunks_mut((chunk_rows * d).max(1)).enumerate().collect();
+    let wave = rayon::current_num_threads().max(1);
+    for batch in dq_chunks.chunks_mut(wave) {
+        let partials: Vec<P> = batch.par_iter_mut().map(|(c, dq_chunk)| run_chunk(*c, dq_chunk)).collect();
+        partials.iter().for_each(&mut absorb);
+    }
 }
 
 /// Runs `work(rows, out rows, lse rows)` on every query tile of `tile` rows in parallel: `out`
@@ -125,22 +135,72 @@ pub(crate) fn row_dots(y: MatRef<'_>, dy: MatRef<'_>, delta: &mut [f32]) {
     }
 }
 
-/// The key-side gradients from the per-chunk partial sums of [`over_query_chunks`], added in
-/// chunk order: `dk` (M × d) and `dv` (M × dv) are overwritten with the sums of the first M
-/// rows of each partial (`dk` rows `d_stride` apart, `dv` rows `dv_stride` apart there).
-pub(crate) fn reduce_key_partials<T: std::ops::Deref<Target = [f32]>>(
-    partials: &[(T, T)],
+/// Adds one chunk's key-side partial sums (from [`over_query_chunks`]) to the key-side
+/// gradients `dk` (M × d) and `dv` (M × dv): the first M rows of `dk_part` (rows `d_stride`
+/// apart) and of `dv_part` (rows `dv_stride` apart). Rows in parallel; each element is one
+/// addition, so absorbing the chunks in order fixes every sum's order.
+pub(crate) fn add_key_partials(
+    (dk_part, dv_part): (&[f32], &[f32]),
     (dk, d, d_stride): (&mut [f32], usize, usize),
     (dv, dvc, dv_stride): (&mut [f32], usize, usize),
 ) {
-    dk.fill(0.0);
-    dv.fill(0.0);
-    for (dk_part, dv_part) in partials {
-        for (j, dst) in dk.chunks_mut(d.max(1)).enumerate() {
-            dst.iter_mut().zip(&dk_part[j * d_stride..][..d]).for_each(|(a, b)| *a += b);
+    let add = |dst: &mut [f32], width: usize, src: &[f32], stride: usize| {
+        dst.par_chunks_mut(width.max(1) * 64).enumerate().for_each(|(b, rows)| {
+            for (r, row) in rows.chunks_mut(width.max(1)).enumerate() {
+                let j = b * 64 + r;
+                row.iter_mut().zip(&src[j * stride..][..width]).for_each(|(a, v)| *a += v);
+            }
+        });
+    };
+    add(dk, d, dk_part, d_stride);
+    add(dv, dvc, dv_part, dv_stride);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `over_query_chunks` on n rows of tiles of `tile` rows, each tile adding
+    /// `sin(row)` for its rows into a one-float partial and writing its dq rows; returns the
+    /// order chunks were absorbed in (their first rows), the running sum's bits and dq.
+    fn run(n: usize, tile: usize, threads: usize) -> (Vec<usize>, u32, Vec<f32>) {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut dq = vec![f32::NAN; n * 2];
+            let (mut order, mut total) = (Vec::new(), 0.0f32);
+            over_query_chunks(
+                n,
+                2,
+                tile,
+                &mut dq,
+                || (usize::MAX, 0.0f32),
+                |rows, dq_rows, (first, sum)| {
+                    *first = (*first).min(rows.start);
+                    for r in rows.clone() {
+                        *sum += (r as f32).sin();
+                    }
+                    dq_rows.iter_mut().enumerate().for_each(|(i, v)| *v = (rows.start * 2 + i) as f32);
+                },
+                |&(first, sum)| {
+                    order.push(first);
+                    total += sum;
+                },
+            );
+            (order, total.to_bits(), dq)
+        })
+    }
+
+    #[test]
+    fn chunks_are_fixed_by_n_and_absorbed_in_order_for_any_thread_count() {
+        // 200 tiles of one row: capped at 64 chunks of 4 rows (50 chunks).
+        let (order, bits, dq) = run(200, 1, 1);
+        assert_eq!(order, (0..50).map(|c| c * 4).collect::<Vec<_>>());
+        assert_eq!(dq, (0..400).map(|i| i as f32).collect::<Vec<_>>(), "every dq row written once");
+        for threads in [2, 3, 5, 8] {
+            assert_eq!(run(200, 1, threads), (order.clone(), bits, dq.clone()), "{threads} threads");
         }
-        for (j, dst) in dv.chunks_mut(dvc.max(1)).enumerate() {
-            dst.iter_mut().zip(&dv_part[j * dv_stride..][..dvc]).for_each(|(a, b)| *a += b);
-        }
+        // Fewer tiles than the cap: one chunk per tile; a last, shorter tile.
+        let (order, ..) = run(10, 3, 2);
+        assert_eq!(order, vec![0, 3, 6, 9]);
     }
 }

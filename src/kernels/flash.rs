@@ -18,7 +18,7 @@
 //! results do not depend on how queries are split between threads.
 
 use super::attention_common::{
-    finish_rows, for_each_query_tile, over_query_chunks, reduce_key_partials, row_dots, Accumulated,
+    add_key_partials, finish_rows, for_each_query_tile, over_query_chunks, row_dots, Accumulated,
 };
 use super::attention_shapes::{check_backward, check_forward};
 use super::exp::exp_vector;
@@ -256,7 +256,9 @@ pub(crate) fn attention_backward<S: Simd, const MR: usize, const NV: usize>(
         dv_pad: dvc.next_multiple_of(nr),
     };
     let (d_pad, dv_pad) = (packed.d_pad, packed.dv_pad);
-    let partials = over_query_chunks(
+    dk.fill(0.0);
+    dv.fill(0.0);
+    over_query_chunks(
         n,
         d,
         QUERY_TILE,
@@ -279,8 +281,8 @@ pub(crate) fn attention_backward<S: Simd, const MR: usize, const NV: usize>(
                 ws,
             });
         },
+        |(dk_part, dv_part)| add_key_partials((dk_part, dv_part), (dk, d, d_pad), (dv, dvc, dv_pad)),
     );
-    reduce_key_partials(&partials, (dk, d, d_pad), (dv, dvc, dv_pad));
     dk.iter_mut().for_each(|v| *v *= scale);
 }
 

@@ -10,7 +10,7 @@
 //! key tiling is fixed, so every output row is the same sum whatever the thread count.
 
 use super::attention_common::{
-    finish_rows, for_each_query_tile, over_query_chunks, query_tile, reduce_key_partials, row_dots, Accumulated,
+    add_key_partials, finish_rows, for_each_query_tile, over_query_chunks, query_tile, row_dots, Accumulated,
 };
 use super::attention_shapes::{check_backward, check_forward};
 use super::exp::{exp_sum, row_max};
@@ -114,7 +114,9 @@ pub(crate) fn attention_backward(
 ) {
     check_backward((q, k, v), lse, (y, dy), (dq, dk, dv));
     let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
-    let partials = over_query_chunks(
+    dk.fill(0.0);
+    dv.fill(0.0);
+    over_query_chunks(
         n,
         d,
         QUERY_TILE,
@@ -129,8 +131,8 @@ pub(crate) fn attention_backward(
                 ws,
             )
         },
+        |(dk_part, dv_part)| add_key_partials((dk_part, dv_part), (dk, d, d), (dv, dvc, dvc)),
     );
-    reduce_key_partials(&partials, (dk, d, d), (dv, dvc, dvc));
 }
 
 /// One query tile against all keys: writes the tile's `dq` and adds to `dk`, `dv`.

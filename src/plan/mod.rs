@@ -31,6 +31,7 @@ pub(crate) struct Compiled {
     pub(crate) theta_fold: Option<ThetaFold>,
     /// C and C'.
     channels: (usize, usize),
+    mode: Mode,
 }
 
 /// Embedded Gaussian with θ folded into the keys, `θ_i·φ_j = x_i·(W_θᵀφ_j) + b_θ·φ_j`: the
@@ -103,38 +104,114 @@ impl Compiled {
         }
         // The fold pays only with fewer keys than queries (pooling) or C < C'.
         let fold_may_pay = config.sub_sample.is_some() || c < ci;
-        let theta_fold = (config.mode == Mode::EmbeddedGaussian && fold_may_pay).then(|| ThetaFold {
+        let uses_logits = matches!(config.mode, Mode::EmbeddedGaussian | Mode::DotProduct);
+        let theta_fold = (uses_logits && fold_may_pay).then(|| ThetaFold {
             w_keys: Weights::new(w_proj[ci * c..].to_vec(), 2 * ci, c),
             b_keys: b_proj[ci..].to_vec(),
             w_theta_t: Weights::new((0..c * ci).map(|i| w_proj[(i % ci) * c + i / ci]).collect(), c, ci),
             b_theta: b_proj[..ci].to_vec(),
         });
         let (w_proj, w_out) = (Weights::new(w_proj, proj_cols, c), Weights::new(w_out, c, ci));
-        Compiled { w_proj, b_proj, proj_cols, w_out, b_out, w_phi, bn_scale, theta_fold, channels: (c, ci) }
+        Compiled {
+            w_proj,
+            b_proj,
+            proj_cols,
+            w_out,
+            b_out,
+            w_phi,
+            bn_scale,
+            theta_fold,
+            channels: (c, ci),
+            mode: config.mode,
+        }
     }
 
     /// Whether the forward pass folds θ into the keys for N queries and M keys (see
-    /// [`ThetaFold`]): when the fold was prepared and costs less than projecting θ (M·C'·C
-    /// multiply-adds for `φ·W_θ`, then N·M·C for the logits `x_i·(W_θᵀφ_j)`, against N·C·C'
-    /// for θ and N·M·C' for `θ_i·φ_j`): with few keys and many channels, as at video-res4.
+    /// [`ThetaFold`]), in the modes that form logits `θ_i·φ_j` (embedded Gaussian, and dot
+    /// product in its direct form): when the fold was prepared and costs less than projecting θ
+    /// ([`Compiled::logit_costs`]), with few keys and many channels, as at video-res4.
     pub(crate) fn folds_theta(&self, n: usize, m: usize) -> bool {
-        let (c, ci) = self.channels;
-        let (n, m, c, ci) = (n as f64, m as f64, c as f64, ci as f64);
-        self.theta_fold.is_some() && m * ci * c + n * m * c < n * c * ci + n * m * ci
+        let uses_logits = match self.mode {
+            Mode::EmbeddedGaussian => true,
+            Mode::DotProduct => self.dot_product_direct(n, m),
+            Mode::Gaussian | Mode::Concatenation => false,
+        };
+        let (fold, project) = self.logit_costs(n, m);
+        self.theta_fold.is_some() && uses_logits && fold < project
     }
 
-    /// Whether the softmax modes apply `W_z` to the M values before the aggregation instead of
-    /// to the N outputs after it (`W·Σ_j a_ij g_j = Σ_j a_ij (W g_j)`): when C·C'·M + N·M·C
-    /// multiply-adds cost less than N·M·C' + N·C'·C, with few keys and many channels.
+    /// The multiply-adds of the logits `θ_i·φ_j` with θ folded into the keys (`φ·W_θ`, then
+    /// `x_i·(W_θᵀφ_j)`: M·C'·C + N·M·C) and with θ projected (N·C·C' + N·M·C').
+    fn logit_costs(&self, n: usize, m: usize) -> (f64, f64) {
+        let (c, ci) = self.channels;
+        let (n, m, c, ci) = (n as f64, m as f64, c as f64, ci as f64);
+        (m * ci * c + n * m * c, n * c * ci + n * m * ci)
+    }
+
+    /// The multiply-adds of the aggregation and output projection with `W_z` applied to the M
+    /// values first (C·C'·M + N·M·C) and to the N outputs after (N·M·C' + N·C'·C).
+    fn aggregation_costs(&self, n: usize, m: usize) -> (f64, f64) {
+        let (c, ci) = self.channels;
+        let (n, m, c, ci) = (n as f64, m as f64, c as f64, ci as f64);
+        (c * ci * m + n * m * c, n * m * ci + n * ci * c)
+    }
+
+    /// Whether the softmax modes (and dot product's direct form) apply `W_z` to the M values
+    /// before the aggregation instead of to the N outputs after it
+    /// (`W·Σ_j a_ij g_j = Σ_j a_ij (W g_j)`): with few keys and many channels.
     pub(crate) fn folds_values(&self, n: usize, m: usize) -> bool {
-        let (c, ci) = self.channels;
-        let (n, m, c, ci) = (n as f64, m as f64, c as f64, ci as f64);
-        c * ci * m + n * m * c < n * m * ci + n * ci * c
+        let (fold, after) = self.aggregation_costs(n, m);
+        fold < after
     }
 
-    /// Whether dot product folds `φᵀg/M` into the output projection (C'²·C work instead of
-    /// N·C'²): `z = x + θ·((φᵀg/M)·W_outᵀ) + b_out`, for more queries than channels.
+    /// Dot product: whether the direct form `(θφᵀ/M)·g`, with the cheaper of each fold, costs
+    /// less than the association `θ·(φᵀg/M)` (N·C·C' for θ, M·C'² for `φᵀg`, then `φᵀg/M` folded
+    /// into `W_z` (C'²·C + N·C'·C) or not (N·C'² + N·C'·C)). With few keys and many channels
+    /// (video-res4: 1.34 instead of 1.96 G multiply-adds with the projections of φ and g); the
+    /// N×M logits it forms are then no larger than the projections (M < C' or so).
+    pub(crate) fn dot_product_direct(&self, n: usize, m: usize) -> bool {
+        let (c, ci) = self.channels;
+        let associated = {
+            let (n, m, c, ci) = (n as f64, m as f64, c as f64, ci as f64);
+            let tail = if self.folds_key_values_into_output(n as usize) { ci * ci * c } else { n * ci * ci };
+            n * c * ci + m * ci * ci + tail + n * ci * c
+        };
+        let (fold, project) = self.logit_costs(n, m);
+        let (fold_v, after) = self.aggregation_costs(n, m);
+        let logits = if self.theta_fold.is_some() { fold.min(project) } else { project };
+        logits + fold_v.min(after) < associated
+    }
+
+    /// Whether dot product's association folds `φᵀg/M` into the output projection (C'²·C work
+    /// instead of N·C'²): `z = x + θ·((φᵀg/M)·W_outᵀ) + b_out`, for more queries than channels.
     pub(crate) fn folds_key_values_into_output(&self, n: usize) -> bool {
         n > self.channels.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compiled(mode: Mode, c: usize) -> Compiled {
+        let config = NonLocalConfig::new(c).mode(mode);
+        Compiled::new(&config, &Parameters::init(&config, 1))
+    }
+
+    #[test]
+    fn the_shortcuts_are_taken_where_they_cost_less_on_the_bench_shapes() {
+        // (C, N, M): video-res4, video-res3, detect-res4, video-res2 (1x2x2 pooling).
+        let shapes = [(1024, 784, 196), (512, 3136, 784), (1024, 4200, 1050), (256, 25088, 6272)];
+        for (i, &(c, n, m)) in shapes.iter().enumerate() {
+            let res4 = i == 0;
+            let eg = compiled(Mode::EmbeddedGaussian, c);
+            assert_eq!((eg.folds_theta(n, m), eg.folds_values(n, m)), (res4, res4), "eg at {c}, {n}, {m}");
+            let dp = compiled(Mode::DotProduct, c);
+            assert_eq!(dp.dot_product_direct(n, m), res4, "dp at {c}, {n}, {m}");
+            assert_eq!(dp.folds_theta(n, m), res4, "dp θ fold at {c}, {n}, {m}");
+            // Gaussian has no θ to fold; concatenation never forms logits.
+            assert!(!compiled(Mode::Gaussian, c).folds_theta(n, m));
+            assert!(!compiled(Mode::Concatenation, c).folds_theta(n, m));
+        }
     }
 }
