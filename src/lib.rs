@@ -123,6 +123,7 @@ mod workspace;
 // between kernels, some of them private.
 mod block;
 mod config;
+mod family;
 #[allow(rustdoc::private_intra_doc_links)]
 mod kernels;
 mod load;
@@ -152,6 +153,7 @@ pub fn simd_path() -> Isa {
 }
 pub use config::{Mode, NonLocalConfig};
 pub use error::{Error, Result};
+pub use family::{DisentangledConfig, DisentangledContext, DisentangledGradients, DisentangledNonLocal};
 pub use params::{BatchNorm, Conv1x1, Parameters};
 
 /// Scaffolding for this crate's tests, benches and examples — not part of the API: no

@@ -390,7 +390,7 @@ fn timm_non_local_blocks_are_found_configured_and_exported() {
     // The configuration read off the keys is timm's: the golden output, through the harness's
     // own configuration and through this one.
     let case = GoldenCase::open(data().join("family/nl_timm.safetensors")).unwrap();
-    assert_eq!(case.config, config);
+    assert_eq!(case.config(), Some(&config));
     let block = NonLocalBlock::from_checkpoint(config.clone(), &file, &info.keys).unwrap();
     // Exported under timm's keys: exactly the keys of the file's block.
     let exported = TensorFile::from_bytes(block.to_safetensors().unwrap()).unwrap();

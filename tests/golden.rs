@@ -10,8 +10,11 @@ use common::golden::GoldenCase;
 /// exports, and the family cases of the blocks supported so far (timm's non-local block).
 fn golden_files() -> Vec<std::path::PathBuf> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let supported_family =
-        |name: &str| ["nl_timm", "non_local_", "grad_non_local_"].iter().any(|p| name.starts_with(p));
+    let supported_family = |name: &str| {
+        ["nl_timm", "non_local_", "grad_non_local_", "dnl_", "disentangled_", "grad_disentangled_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+    };
     let mut files: Vec<_> = [root.clone(), root.join("grad"), root.join("mmcv_export"), root.join("family")]
         .iter()
         .flat_map(|dir| std::fs::read_dir(dir).expect("the test data folders exist"))
@@ -28,15 +31,18 @@ fn golden_files() -> Vec<std::path::PathBuf> {
 
 #[test]
 fn corrupted_references_fail() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/family/corrupt_non_local.safetensors");
-    let report = GoldenCase::open(&path).unwrap().check().unwrap();
-    assert!(!report.passed(), "{report}");
+    for block in ["non_local", "disentangled"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tests/data/family/corrupt_{block}.safetensors"));
+        let report = GoldenCase::open(&path).unwrap().check().unwrap();
+        assert!(!report.passed(), "{block}: {report}");
+    }
 }
 
 #[test]
 fn every_golden_case_passes() {
     let files = golden_files();
-    assert!(files.len() >= 33, "expected the vendored golden cases, found {}", files.len());
+    assert!(files.len() >= 45, "expected the vendored golden cases, found {}", files.len());
     let mut gradient_cases = 0;
     for path in files {
         let case = GoldenCase::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -44,7 +50,7 @@ fn every_golden_case_passes() {
         assert!(report.passed(), "{}: {report}", path.display());
         gradient_cases += report.grad_param_err.is_some() as usize;
     }
-    assert!(gradient_cases >= 7, "gradient cases checked: {gradient_cases}");
+    assert!(gradient_cases >= 10, "gradient cases checked: {gradient_cases}");
 }
 
 #[test]

@@ -228,7 +228,7 @@ impl NonLocalBlock {
     }
 
     /// `out ← x + y·W + b_out` with W = `w` (C' × C) or `W_outᵀ`.
-    pub(super) fn output(&self, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
+    pub(crate) fn output(&self, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
         let (n, c) = (x.rows(), x.cols());
         self.residual_rows(x, out, |row, residual| row.copy_from_slice(residual));
         let mut out = MatMut::new(out, n, c, c);
@@ -262,7 +262,7 @@ impl NonLocalBlock {
 
 /// The sample (T, H, W, C) as an N × C matrix: a view of the input when its positions have
 /// one common stride, else a contiguous copy in `copy`.
-pub(super) fn sample_matrix<'a>(sample: ArrayView4<'a, f32>, copy: &'a mut Vec<f32>) -> MatRef<'a> {
+pub(crate) fn sample_matrix<'a>(sample: ArrayView4<'a, f32>, copy: &'a mut Vec<f32>) -> MatRef<'a> {
     let (t, h, w, c) = sample.dim();
     let n = t * h * w;
     let strides = sample.strides();

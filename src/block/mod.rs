@@ -20,10 +20,12 @@ mod layout;
 mod loading;
 mod train;
 
+pub(crate) use forward::sample_matrix;
 pub use gradients::{Gradients, ParameterGradients};
 pub(crate) use layout::Layout;
 pub use loading::load_blocks;
 pub use train::TrainContext;
+pub(crate) use train::{column_sums, Accumulators};
 
 /// Seed of the weight init of [`NonLocalBlock::new`].
 const DEFAULT_SEED: u64 = 0x6e6f_6e6c_6f63_616c;
@@ -142,6 +144,21 @@ impl NonLocalBlock {
         self.params = params;
         self.generation = next_generation();
         Ok(())
+    }
+
+    /// The parameters rearranged for the kernels (family blocks built on this one).
+    pub(crate) fn compiled(&self) -> &Compiled {
+        &self.compiled
+    }
+
+    /// The scratch pool (family blocks built on this one share it).
+    pub(crate) fn workspace(&self) -> &Arc<Workspace> {
+        &self.workspace
+    }
+
+    /// Identifies the current parameters (see [`TrainContext`]).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Frees the scratch buffers the block keeps between calls (they are allocated again, as

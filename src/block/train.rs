@@ -182,13 +182,7 @@ impl NonLocalBlock {
             }
         };
         let mut dx = buffer(ctx.x.len(), "input gradient")?;
-        let mut acc = Accumulators {
-            dz_y: vec![0.0; c * ci],
-            dz_sum: vec![0.0; c],
-            d_proj_w: vec![0.0; k * c],
-            d_proj_b: vec![0.0; k],
-            d_w_phi: vec![0.0; ci],
-        };
+        let mut acc = Accumulators::new(c, ci, k);
         for (s, saved) in ctx.samples.iter().enumerate() {
             let range = s * n * c..(s + 1) * n * c;
             let x = MatRef::new(&ctx.x[range.clone()], 0, n, c, c);
@@ -405,8 +399,9 @@ impl NonLocalBlock {
         self.params.validate(&self.config)
     }
 
-    /// Maps the accumulated sums back onto the parameters' shapes.
-    fn parameter_gradients(&self, acc: &Accumulators) -> ParameterGradients {
+    /// Maps the accumulated sums back onto the parameters' shapes (the projection sums in the
+    /// column order of [`Columns::of`]).
+    pub(crate) fn parameter_gradients(&self, acc: &Accumulators) -> ParameterGradients {
         let (c, ci) = (self.config.in_channels, self.config.inter_channels);
         let params = &self.params;
         let cols = Columns::of(self.config.mode, ci);
@@ -459,21 +454,34 @@ impl NonLocalBlock {
 }
 
 /// Sums over the samples of a batch.
-struct Accumulators {
+pub(crate) struct Accumulators {
     /// Σ dzᵀ·y (C × C').
-    dz_y: Vec<f32>,
+    pub(crate) dz_y: Vec<f32>,
     /// Σ dz over positions (C).
-    dz_sum: Vec<f32>,
+    pub(crate) dz_sum: Vec<f32>,
     /// Σ dPᵀ·x (proj_cols × C) and Σ dP (proj_cols).
-    d_proj_w: Vec<f32>,
-    d_proj_b: Vec<f32>,
+    pub(crate) d_proj_w: Vec<f32>,
+    pub(crate) d_proj_b: Vec<f32>,
     /// Concatenation: Σ db_j·φ̂_j (C').
-    d_w_phi: Vec<f32>,
+    pub(crate) d_w_phi: Vec<f32>,
+}
+
+impl Accumulators {
+    /// Zero sums for C channels, C' inter channels and `proj_cols` projection columns.
+    pub(crate) fn new(c: usize, ci: usize, proj_cols: usize) -> Self {
+        Accumulators {
+            dz_y: vec![0.0; c * ci],
+            dz_sum: vec![0.0; c],
+            d_proj_w: vec![0.0; proj_cols * c],
+            d_proj_b: vec![0.0; proj_cols],
+            d_w_phi: vec![0.0; ci],
+        }
+    }
 }
 
 /// Adds the column sums of `m` to `out`, each in f64 over rows in order (columns in
 /// parallel blocks, so the order per column is fixed).
-fn column_sums(m: MatRef<'_>, out: &mut [f32]) {
+pub(crate) fn column_sums(m: MatRef<'_>, out: &mut [f32]) {
     const BLOCK: usize = 64;
     out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, out_block)| {
         let cols = m.cols_range(b * BLOCK, b * BLOCK + out_block.len());

@@ -26,6 +26,11 @@ impl Weights {
         Weights { data, out, inp, packed_t }
     }
 
+    /// W's values (`out × in`, row-major).
+    pub(crate) fn to_vec(&self) -> Vec<f32> {
+        self.data.clone()
+    }
+
     /// W as a view (`out × in`).
     pub(crate) fn view(&self) -> MatRef<'_> {
         MatRef::new(&self.data, 0, self.out, self.inp, self.inp)

@@ -18,19 +18,31 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-use ndarray::{ArrayD, Ix5};
+use ndarray::{Array5, ArrayD, Ix5, IxDyn};
 
 use nonlocal::internal::parse_sub_sample;
-use nonlocal::{Error, Mode, Naming, NonLocalBlock, NonLocalConfig, Result, TensorFile, WeightKeys};
+use nonlocal::{
+    DisentangledConfig, DisentangledNonLocal, Error, Mode, Naming, NonLocalBlock, NonLocalConfig, Result, TensorFile,
+    WeightKeys,
+};
 
 /// Largest attention error that passes.
 pub const ATTENTION_TOLERANCE: f32 = 5e-4;
 
+/// Which block a golden case holds (metadata `block`, `non_local` when absent), configured.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Spec {
+    /// A non-local block (AlexHex7, mmcv, timm).
+    NonLocal(NonLocalConfig),
+    /// mmsegmentation's disentangled non-local block.
+    Disentangled(DisentangledConfig),
+}
+
 /// A golden case: the file and the block configuration its metadata describes.
 #[derive(Debug)]
 pub struct GoldenCase {
-    /// The block configuration from the metadata.
-    pub config: NonLocalConfig,
+    /// The block and its configuration from the metadata.
+    pub spec: Spec,
     /// Where the parameters are in the file.
     pub keys: WeightKeys,
     /// The file itself.
@@ -99,8 +111,40 @@ impl GoldenCase {
     /// # Errors
     /// [`Error::InvalidConfig`] or [`Error::UnknownMode`] for missing or malformed metadata.
     pub fn from_file(file: TensorFile) -> Result<Self> {
-        let (config, keys) = config_from_metadata(file.metadata())?;
-        Ok(GoldenCase { config, keys, file, weights: None })
+        let meta = file.metadata();
+        let (spec, keys) = match meta.get("block").map(String::as_str).unwrap_or("non_local") {
+            "non_local" => {
+                let (config, keys) = config_from_metadata(meta)?;
+                (Spec::NonLocal(config), keys)
+            }
+            "disentangled" => {
+                // mmsegmentation's block: mmcv's NonLocal2d keys plus conv_mask.
+                let mut meta = meta.clone();
+                meta.insert("naming".into(), "mmcv".into());
+                let (config, keys) = config_from_metadata(&meta)?;
+                let temperature = parse("temperature", meta.get("temperature").map_or("0.05", String::as_str))?;
+                (
+                    Spec::Disentangled(
+                        DisentangledConfig::mmseg(config.in_channels).non_local(config).temperature(temperature),
+                    ),
+                    keys,
+                )
+            }
+            other => {
+                return Err(Error::InvalidConfig {
+                    reason: format!("metadata block {other:?} is not a block this harness runs"),
+                })
+            }
+        };
+        Ok(GoldenCase { spec, keys, file, weights: None })
+    }
+
+    /// The non-local configuration of a non-local case.
+    pub fn config(&self) -> Option<&NonLocalConfig> {
+        match &self.spec {
+            Spec::NonLocal(config) => Some(config),
+            Spec::Disentangled(config) => Some(&config.non_local),
+        }
     }
 
     /// Takes the parameters from `weights` (a checkpoint of any format) instead of the case
@@ -120,10 +164,27 @@ impl GoldenCase {
     /// metadata.
     ///
     /// # Errors
-    /// Any loading error of [`NonLocalBlock::from_checkpoint`].
+    /// Any loading error of [`NonLocalBlock::from_checkpoint`]; [`Error::InvalidConfig`] when
+    /// the case is of another block.
     pub fn block(&self) -> Result<NonLocalBlock> {
+        match self.runner()? {
+            Runner::NonLocal(block) => Ok(*block),
+            _ => Err(Error::InvalidConfig { reason: "not a non-local case".into() }),
+        }
+    }
+
+    fn runner(&self) -> Result<Runner> {
         let weights = self.weights.as_deref().unwrap_or(&self.file);
-        NonLocalBlock::from_checkpoint(self.config.clone(), weights, &self.keys)
+        Ok(match &self.spec {
+            Spec::NonLocal(config) => {
+                Runner::NonLocal(Box::new(NonLocalBlock::from_checkpoint(config.clone(), weights, &self.keys)?))
+            }
+            Spec::Disentangled(config) => Runner::Disentangled(Box::new(DisentangledNonLocal::from_checkpoint(
+                config.clone(),
+                weights,
+                &self.keys,
+            )?)),
+        })
     }
 
     /// The `input` tensor, which must be rank 5 (B, T, H, W, C).
@@ -146,18 +207,19 @@ impl GoldenCase {
     /// Any error loading the block, reading the tensors or running the block, and
     /// [`Error::WrongShape`] when `output` or `attention` has an unexpected shape.
     pub fn check(&self) -> Result<GoldenReport> {
-        let block = self.block()?;
+        let block = self.runner()?;
         let input = self.input()?;
         let got = block.forward(&input)?;
         let want = self.file.tensor("output")?;
         let got_bits = fnv1a64(got.iter().copied());
         let (output_err, tol) = compare("output", &got.into_dyn(), &want)?;
-        let attention_err = if self.file.contains("attention") {
-            let want = self.file.tensor("attention")?;
-            let got = block.attention(&input)?;
-            Some(compare("attention", &got.into_dyn(), &want)?.0)
-        } else {
-            None
+        let attention_err = match (&block, self.file.contains("attention")) {
+            (Runner::NonLocal(block), true) => {
+                let want = self.file.tensor("attention")?;
+                let got = block.attention(&input)?;
+                Some(compare("attention", &got.into_dyn(), &want)?.0)
+            }
+            _ => None,
         };
         let (grad_input, grad_param_err) = if self.file.contains("grad_output") {
             let (input_err, param_err) = self.check_gradients(&block, &input)?;
@@ -170,7 +232,7 @@ impl GoldenCase {
 
     /// Runs the training forward and backward with `grad_output` and compares ∂L/∂input and
     /// every `grad.<key>` of the file with the block's gradients.
-    fn check_gradients(&self, block: &NonLocalBlock, input: &ndarray::Array5<f32>) -> Result<((f32, f32), f32)> {
+    fn check_gradients(&self, block: &Runner, input: &ndarray::Array5<f32>) -> Result<((f32, f32), f32)> {
         let grad_output = self.file.tensor("grad_output")?;
         let shape = grad_output.shape().to_vec();
         let grad_output = grad_output.into_dimensionality::<Ix5>().map_err(|_| Error::WrongShape {
@@ -178,15 +240,10 @@ impl GoldenCase {
             expected: input.shape().to_vec(),
             actual: shape,
         })?;
-        let (_, ctx) = block.forward_train(input)?;
-        let grads = block.backward(&ctx, &grad_output)?;
-        let input_err = compare("grad_input", &grads.input.into_dyn(), &self.file.tensor("grad_input")?)?;
-        let mut ours: HashMap<String, ArrayD<f32>> = grads
-            .params
-            .by_checkpoint_key(&self.keys, &self.config)?
-            .into_iter()
-            .map(|(key, g)| (format!("grad.{key}"), g))
-            .collect();
+        let (input_grad, by_key) = block.gradients(input, &grad_output, &self.keys)?;
+        let input_err = compare("grad_input", &input_grad.into_dyn(), &self.file.tensor("grad_input")?)?;
+        let mut ours: HashMap<String, ArrayD<f32>> =
+            by_key.into_iter().map(|(key, g)| (format!("grad.{key}"), g)).collect();
         let mut worst = 0.0f32;
         for key in self.file.keys().into_iter().filter(|k| k.starts_with("grad.")) {
             let want = self.file.tensor(key)?;
@@ -199,6 +256,52 @@ impl GoldenCase {
         }
         Ok((input_err, worst))
     }
+}
+
+/// A case's block, built.
+enum Runner {
+    NonLocal(Box<NonLocalBlock>),
+    Disentangled(Box<DisentangledNonLocal>),
+}
+
+/// Every parameter's gradient under its checkpoint key.
+type KeyedGradients = Vec<(String, ArrayD<f32>)>;
+
+impl Runner {
+    fn forward(&self, x: &Array5<f32>) -> Result<Array5<f32>> {
+        match self {
+            Runner::NonLocal(block) => block.forward(x),
+            Runner::Disentangled(block) => block.forward(x),
+        }
+    }
+
+    /// ∂L/∂input and every parameter's gradient under its checkpoint key (prefix included).
+    fn gradients(&self, x: &Array5<f32>, dz: &Array5<f32>, keys: &WeightKeys) -> Result<(Array5<f32>, KeyedGradients)> {
+        match self {
+            Runner::NonLocal(block) => {
+                let (_, ctx) = block.forward_train(x)?;
+                let grads = block.backward(&ctx, dz)?;
+                Ok((grads.input, grads.params.by_checkpoint_key(keys, block.config())?))
+            }
+            Runner::Disentangled(block) => {
+                let (_, ctx) = block.forward_train(x)?;
+                let grads = block.backward(&ctx, dz)?;
+                let mut by_key = grads.params.by_checkpoint_key(keys, &block.config().non_local)?;
+                let c = block.config().non_local.in_channels;
+                let w = grads.conv_mask.weight.into_shape_with_order(IxDyn(&[1, c, 1, 1])).expect("(1, C)");
+                by_key.push((format!("{}conv_mask.weight", keys.prefix), w));
+                if let Some(b) = grads.conv_mask.bias {
+                    by_key.push((format!("{}conv_mask.bias", keys.prefix), b.into_dyn()));
+                }
+                Ok((grads.input, by_key))
+            }
+        }
+    }
+}
+
+/// Parses a metadata value.
+fn parse<T: std::str::FromStr>(key: &str, text: &str) -> Result<T> {
+    text.trim().parse().map_err(|_| Error::InvalidConfig { reason: format!("metadata {key} = {text:?} is malformed") })
 }
 
 /// Maximum absolute difference and the tolerance `1e-4 · max(1, max |want|)`.
@@ -253,11 +356,6 @@ pub fn config_from_metadata(meta: &HashMap<String, String>) -> Result<(NonLocalC
             .map(String::as_str)
             .ok_or_else(|| Error::InvalidConfig { reason: format!("metadata has no {key:?}") })
     };
-    fn parse<T: std::str::FromStr>(key: &str, text: &str) -> Result<T> {
-        text.trim()
-            .parse()
-            .map_err(|_| Error::InvalidConfig { reason: format!("metadata {key} = {text:?} is malformed") })
-    }
     let flag = |key: &str, default: bool| -> Result<bool> {
         match meta.get(key).map(|s| s.trim().to_ascii_lowercase()) {
             None => Ok(default),

@@ -110,3 +110,55 @@ pub fn softmax_rows(mut logits: Array2<f64>) -> Array2<f64> {
     }
     logits
 }
+
+/// The disentangled non-local block (mmsegmentation's `DisentangledNonLocal2d`) in f64,
+/// straight from its definition: θ and φ whitened over positions, logits `θ̂·φ̂ᵀ·s/T` with a
+/// softmax (embedded Gaussian) or `/N` (dot product), plus the unary term
+/// `softmax(conv_mask(x))·g` added to every y before `W_z` (and BatchNorm). Clips (B, 1, H, W, C).
+pub fn disentangled_forward(
+    config: &NonLocalConfig,
+    params: &Parameters,
+    mask: &Conv1x1,
+    temperature: f64,
+    x: ArrayView5<'_, f32>,
+) -> Array5<f64> {
+    let (b, t, h, w, c) = x.dim();
+    let n = t * h * w;
+    let mut out = Array5::<f64>::zeros((b, t, h, w, c));
+    for s in 0..b {
+        let xs = Array2::from_shape_fn((n, c), |(i, ch)| x[[s, i / (h * w), (i / w) % h, i % w, ch]] as f64);
+        let whiten = |m: Array2<f64>| {
+            let mean = m.mean_axis(ndarray::Axis(0)).expect("positions");
+            m - &mean
+        };
+        let theta = whiten(conv(params.theta.as_ref().expect("θ"), &xs));
+        let phi = whiten(conv(params.phi.as_ref().expect("φ"), &xs));
+        let g = conv(&params.g, &xs);
+        let logits = theta.dot(&phi.t());
+        let a = if config.mode == Mode::DotProduct {
+            logits / n as f64
+        } else {
+            let scale = if config.use_scale { 1.0 / (config.inter_channels as f64).sqrt() } else { 1.0 };
+            softmax_rows(logits * scale / temperature)
+        };
+        let m = conv(mask, &xs); // N × 1
+        let unary_w = softmax_rows(m.t().to_owned()); // 1 × N
+        let unary = unary_w.dot(&g); // 1 × C'
+        let y = a.dot(&g) + unary.row(0);
+        let mut z = conv(&params.w_z, &y);
+        if let Some(bn) = &params.bn {
+            for ch in 0..c {
+                let inv = 1.0 / (bn.running_var[ch] as f64 + config.bn_eps).sqrt();
+                z.column_mut(ch).mapv_inplace(|v| {
+                    (v - bn.running_mean[ch] as f64) * inv * bn.weight[ch] as f64 + bn.bias[ch] as f64
+                });
+            }
+        }
+        for i in 0..n {
+            for ch in 0..c {
+                out[[s, i / (h * w), (i / w) % h, i % w, ch]] = z[[i, ch]] + xs[[i, ch]];
+            }
+        }
+    }
+    out
+}
