@@ -137,7 +137,7 @@ pub use ndarray;
 pub use block::{load_blocks, Gradients, NonLocalBlock, ParameterGradients, TrainContext};
 pub use checkpoint::{CheckpointFormat, DType};
 pub use kernels::simd::Isa;
-pub use load::{detect_naming, find_blocks, BlockInfo, Naming, TensorFile, WeightKeys};
+pub use load::{detect_naming, find_blocks, BlockInfo, BlockKind, Naming, TensorFile, WeightKeys};
 
 /// The instruction set the kernels run on in this process: the widest the CPU has, or the
 /// one `NONLOCAL_SIMD=avx512|avx2|portable` asks for when the CPU has it (else the widest,

@@ -403,3 +403,20 @@ fn timm_non_local_blocks_are_found_configured_and_exported() {
         Err(Error::ConfigMismatch { what: "bn_layer", .. })
     ));
 }
+
+#[test]
+fn disentangled_blocks_are_found_as_such_and_not_loaded_as_non_local_blocks() {
+    let file = TensorFile::open(data().join("family/disentangled_prefix.safetensors")).unwrap();
+    let blocks = find_blocks(&file);
+    assert_eq!(blocks.len(), 1, "{blocks:?}");
+    let info = &blocks[0];
+    assert_eq!(info.kind, nonlocal::BlockKind::Disentangled);
+    assert!(info.to_string().ends_with(" block=disentangled"), "{info}");
+    // load_blocks loads non-local blocks only: a disentangled one run as one would be wrong.
+    assert!(load_blocks(&file, |info| info.config()).unwrap().is_empty());
+    let case = GoldenCase::open(data().join("family/disentangled_prefix.safetensors")).unwrap();
+    assert_eq!(info.keys, case.keys);
+    // A plain mmcv block is still a non-local one.
+    let plain = TensorFile::open(data().join("eg_mmcv_scaled.safetensors")).unwrap();
+    assert_eq!(find_blocks(&plain)[0].kind, nonlocal::BlockKind::NonLocal);
+}

@@ -5,10 +5,11 @@ use std::path::Path;
 use super::NonLocalBlock;
 use crate::config::NonLocalConfig;
 use crate::error::{Error, Result};
-use crate::load::{find_blocks, load_parameters, BlockInfo, TensorFile, WeightKeys};
+use crate::load::{find_blocks, load_parameters, BlockInfo, BlockKind, TensorFile, WeightKeys};
 
-/// Loads every block [`find_blocks`] lists, each with the configuration `configure` gives
-/// for it: start from [`BlockInfo::config`] and set what the keys cannot show (the mode where
+/// Loads every non-local block [`find_blocks`] lists ([`BlockKind::NonLocal`]; disentangled
+/// blocks load with [`DisentangledNonLocal::from_checkpoint`](crate::DisentangledNonLocal::from_checkpoint)),
+/// each with the configuration `configure` gives for it: start from [`BlockInfo::config`] and set what the keys cannot show (the mode where
 /// embedded Gaussian and dot product share keys, the pool kernel, `use_scale`). The closure is
 /// not optional because those settings change the output: mmcv's `NonLocal3d` defaults to
 /// `use_scale` true, but mmaction2's I3D configs set it false, and loading their checkpoints
@@ -35,6 +36,7 @@ pub fn load_blocks(
 ) -> Result<Vec<(BlockInfo, NonLocalBlock)>> {
     find_blocks(file)
         .into_iter()
+        .filter(|info| info.kind == BlockKind::NonLocal)
         .map(|info| {
             let block = NonLocalBlock::from_checkpoint(configure(&info), file, &info.keys)?;
             Ok((info, block))

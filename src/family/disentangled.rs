@@ -29,7 +29,7 @@ use crate::kernels::attention::{attention_backward_in, attention_in};
 use crate::kernels::dot_product::key_value_product;
 use crate::kernels::gemm::par_gemm;
 use crate::kernels::views::{MatMut, MatRef};
-use crate::load::{Naming, TensorFile, WeightKeys};
+use crate::load::{BlockInfo, Naming, TensorFile, WeightKeys};
 use crate::params::{check_shape, Conv1x1, Parameters};
 use crate::plan::Weights;
 use crate::workspace::Workspace;
@@ -63,6 +63,27 @@ impl DisentangledConfig {
             non_local: NonLocalConfig::mmcv(in_channels).conv_dims(2).bn_layer(true),
             temperature: 0.05,
         }
+    }
+
+    /// The configuration a checkpoint's keys show for a block [`find_blocks`](crate::find_blocks)
+    /// found ([`BlockInfo::config`]: channels, BatchNorm, conv rank), the rest from
+    /// [`DisentangledConfig::mmseg`]. The keys cannot show the temperature (0.05 here),
+    /// `use_scale` (true) or embedded Gaussian against dot product (embedded Gaussian): set
+    /// those from the model's config.
+    ///
+    /// ```
+    /// use nonlocal::{find_blocks, BlockKind, DisentangledConfig, DisentangledNonLocal, TensorFile};
+    ///
+    /// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/family/dnl_mmseg.safetensors");
+    /// let file = TensorFile::open(path)?;
+    /// let info = &find_blocks(&file)[0];
+    /// assert_eq!(info.kind, BlockKind::Disentangled);
+    /// let block = DisentangledNonLocal::from_checkpoint(DisentangledConfig::from_info(info), &file, &info.keys)?;
+    /// assert_eq!(block.config().non_local.in_channels, 16);
+    /// # Ok::<(), nonlocal::Error>(())
+    /// ```
+    pub fn from_info(info: &BlockInfo) -> Self {
+        DisentangledConfig::mmseg(info.in_channels).non_local(info.config())
     }
 
     /// Sets the temperature. Default 0.05.

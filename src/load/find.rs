@@ -1,6 +1,6 @@
 //! Finding blocks by their keys: what the keys under a prefix show ([`KeyLayout`]), the key
-//! scheme of a prefix ([`detect_naming`]), and every non-local block of a checkpoint with the
-//! configuration its keys show ([`find_blocks`], [`BlockInfo`]).
+//! scheme of a prefix ([`detect_naming`]), and every non-local (or disentangled) block of a
+//! checkpoint with the configuration its keys show ([`find_blocks`], [`BlockInfo`]).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -11,12 +11,39 @@ use crate::checkpoint::DType;
 use crate::config::{Mode, NonLocalConfig};
 use crate::error::{Error, Result};
 
+/// Which block a non-local block's keys make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BlockKind {
+    /// A non-local block ([`NonLocalBlock`](crate::NonLocalBlock)).
+    NonLocal,
+    /// mmsegmentation's disentangled non-local block: mmcv's keys plus `conv_mask`
+    /// ([`DisentangledNonLocal`](crate::DisentangledNonLocal), configured by
+    /// [`DisentangledConfig::from_info`](crate::DisentangledConfig::from_info)).
+    Disentangled,
+}
+
+impl BlockKind {
+    /// The name used in golden-file metadata (`block`): `non_local`, `disentangled`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockKind::NonLocal => "non_local",
+            BlockKind::Disentangled => "disentangled",
+        }
+    }
+}
+
 /// A non-local block found in a checkpoint: where its keys are and what they show.
 ///
 /// Its [`Display`](fmt::Display) is one line,
-/// `prefix=<p> naming=<alexhex7|mmcv> in_channels=<C> inter_channels=<C'> sub_sample=<true|false> bn=<true|false> dims=<1|2|3> dtype=<f32|f16|bf16|f64>`.
+/// `prefix=<p> naming=<alexhex7|mmcv|timm> in_channels=<C> inter_channels=<C'> sub_sample=<true|false> bn=<true|false> dims=<1|2|3> dtype=<f32|f16|bf16|f64>`,
+/// followed by ` block=disentangled` for a disentangled block. `#[non_exhaustive]`: what the
+/// keys show may grow.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct BlockInfo {
+    /// Which block the keys make.
+    pub kind: BlockKind,
     /// The key scheme and prefix of its parameters.
     pub keys: WeightKeys,
     /// C, from the `g` convolution's input channels.
@@ -50,7 +77,11 @@ impl fmt::Display for BlockInfo {
             self.bn,
             self.conv_dims,
             self.dtype.name()
-        )
+        )?;
+        match self.kind {
+            BlockKind::NonLocal => Ok(()),
+            kind => write!(f, " block={}", kind.name()),
+        }
     }
 }
 
@@ -158,7 +189,25 @@ fn block_at(file: &TensorFile, keys: WeightKeys) -> Option<BlockInfo> {
         return None;
     }
     let dtype = file.dtype(&g_key).ok()?.clone();
-    Some(BlockInfo { keys, in_channels: c, inter_channels: ci, sub_sample, bn, conv_dims, dtype, modes: layout.modes })
+    // mmsegmentation's disentangled block: mmcv's keys and a 1-channel conv_mask of the same rank.
+    let mask = file.shape(&format!("{}conv_mask.weight", keys.prefix)).ok();
+    let mut mask_shape = vec![1, c];
+    mask_shape.resize(2 + conv_dims, 1);
+    let kind = match mask {
+        Some(shape) if keys.naming == Naming::Mmcv && shape == mask_shape => BlockKind::Disentangled,
+        _ => BlockKind::NonLocal,
+    };
+    Some(BlockInfo {
+        kind,
+        keys,
+        in_channels: c,
+        inter_channels: ci,
+        sub_sample,
+        bn,
+        conv_dims,
+        dtype,
+        modes: layout.modes,
+    })
 }
 
 /// What the keys under a prefix say about a block.

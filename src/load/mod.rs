@@ -10,7 +10,7 @@ mod keys;
 mod params;
 
 pub use file::TensorFile;
-pub use find::{detect_naming, find_blocks, BlockInfo};
+pub use find::{detect_naming, find_blocks, BlockInfo, BlockKind};
 pub(crate) use keys::checkpoint_entry;
 pub use keys::{Naming, WeightKeys};
 pub(crate) use params::{export, load_parameters};
