@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use ndarray::Array5;
-use nonlocal::{find_blocks, TensorFile};
+use nonlocal::{find_blocks, BlockKind, DisentangledConfig, DisentangledNonLocal, NonLocalBlock, TensorFile};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(file) = TensorFile::from_bytes(data.to_vec()) else { return };
@@ -16,13 +16,28 @@ fuzz_target!(|data: &[u8]| {
     }
     for info in find_blocks(&file) {
         let _ = info.to_string();
-        let Ok(block) = info.load(&file) else { continue };
         if info.in_channels > 64 {
             continue;
         }
-        let x = Array5::from_shape_fn((1, 2, 4, 4, info.in_channels), |(_, t, h, w, c)| {
+        // A clip the block's rank takes: T = 1 for 2-d blocks, T = H = 1 for 1-d ones.
+        let (t, h) = match info.conv_dims {
+            1 => (1, 1),
+            2 => (1, 4),
+            _ => (2, 4),
+        };
+        let x = Array5::from_shape_fn((1, t, h, 4, info.in_channels), |(_, t, h, w, c)| {
             ((t * 7 + h * 5 + w * 3 + c) % 11) as f32 * 0.2 - 1.0
         });
-        let _ = block.forward(&x);
+        match info.kind {
+            BlockKind::Disentangled => {
+                let config = DisentangledConfig::from_info(&info);
+                let Ok(block) = DisentangledNonLocal::from_checkpoint(config, &file, &info.keys) else { continue };
+                let _ = block.forward(&x);
+            }
+            _ => {
+                let Ok(block) = NonLocalBlock::from_checkpoint(info.config(), &file, &info.keys) else { continue };
+                let _ = block.forward(&x);
+            }
+        }
     }
 });
