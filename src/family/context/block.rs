@@ -1,13 +1,14 @@
 //! [`ContextBlock`]: parameters plus the forward pass (shape checks, pooling, the two MLPs,
 //! fusion).
 
+use std::mem::MaybeUninit;
 use std::path::Path;
 use std::sync::Arc;
 
 use ndarray::{Array, Array2, ArrayBase, ArrayView4, Data, DataMut, Dimension};
 
 use super::config::ContextConfig;
-use super::input::{buffer, check_input, contiguous, Layout};
+use super::input::{as_uninit, check_input, contiguous, written_buffer, Layout};
 use super::kernels::{combine, fuse, matvec, on_worker, pool, FusionTerms, Pooled};
 use super::params::{ContextMlp, ContextParameters};
 use crate::error::{Error, Result};
@@ -347,16 +348,14 @@ impl ContextBlock {
         }
         let x4 = check_input(x.view().into_dyn(), Layout::Clips, self.config.in_channels)?;
         match out.as_slice_mut() {
-            Some(slice) => {
-                self.forward_checked(&x4, slice)?;
-            }
+            // SAFETY: the forward pass writes only initialised values.
+            Some(slice) => self.forward_checked(&x4, unsafe { as_uninit(slice) }),
             None => {
-                let mut tmp = buffer(x4.len(), "output")?;
-                self.forward_checked(&x4, &mut tmp)?;
+                let tmp = self.forward_new(&x4)?;
                 out.iter_mut().zip(tmp).for_each(|(o, v)| *o = v);
+                Ok(())
             }
         }
-        Ok(())
     }
 
     /// The context vector of each sample of image maps `x` (B, H, W, C): shape (B, C), what
@@ -384,12 +383,20 @@ impl ContextBlock {
         D: Dimension,
     {
         let x4 = check_input(x.view().into_dyn(), layout, self.config.in_channels)?;
-        let mut out = buffer(x4.len(), "output")?;
-        self.forward_checked(&x4, &mut out)?;
+        let out = self.forward_new(&x4)?;
         Ok(Array::from_shape_vec(x.raw_dim(), out)?)
     }
 
-    fn forward_checked(&self, x4: &ArrayView4<'_, f32>, out: &mut [f32]) -> Result<()> {
+    /// The forward pass into a new buffer (B·N·C), not zero-filled first.
+    fn forward_new(&self, x4: &ArrayView4<'_, f32>) -> Result<Vec<f32>> {
+        let (b, h, w, _) = x4.dim();
+        let xs = contiguous(x4, &self.workspace)?;
+        let mut e = self.workspace.take(b * h * w, "attention weights")?;
+        // SAFETY: `run` cannot fail, and its fusion pass writes every element of `out`.
+        unsafe { written_buffer(x4.len(), "output", |out| _ = on_worker(|| self.run(&xs, b, h * w, &mut e, out))) }
+    }
+
+    fn forward_checked(&self, x4: &ArrayView4<'_, f32>, out: &mut [MaybeUninit<f32>]) -> Result<()> {
         let (b, h, w, _) = x4.dim();
         let xs = contiguous(x4, &self.workspace)?;
         let mut e = self.workspace.take(b * h * w, "attention weights")?;
@@ -408,7 +415,14 @@ impl ContextBlock {
 
     /// The whole block on B samples of N positions (x, out: B·N·C): pooling, the MLPs,
     /// fusion. Returns what each sample computed, for training.
-    pub(super) fn run(&self, x: &[f32], b: usize, n: usize, e: &mut [f32], out: &mut [f32]) -> Vec<SampleTrace> {
+    pub(super) fn run(
+        &self,
+        x: &[f32],
+        b: usize,
+        n: usize,
+        e: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
+    ) -> Vec<SampleTrace> {
         let c = self.config.in_channels;
         let eps = self.config.ln_eps;
         let traces: Vec<SampleTrace> = self

@@ -1,6 +1,8 @@
 //! The inputs a context block takes, and the checks every input passes before the kernels
 //! see it.
 
+use std::mem::MaybeUninit;
+
 use ndarray::{ArrayBase, ArrayView4, ArrayViewD, Axis, Data, Dimension, Ix4};
 
 use crate::error::{Error, Result};
@@ -109,22 +111,37 @@ where
     Ok(Contiguous::Copy(copy))
 }
 
-/// A zeroed f32 buffer: [`Error::TooLarge`] when its size overflows, [`Error::AllocationFailed`]
-/// when it cannot be allocated.
+/// A buffer of `len` floats, every one written by `write` (given the buffer uninitialised):
+/// no zero-fill pass, as PyTorch's `empty`. Fresh memory still costs its page faults, in the
+/// pass that writes it.
 ///
-/// Allocated zeroed (`calloc`), not filled: memory fresh from the system is zero already, so
-/// a large output costs its page faults once, in the pass that writes it, not also a memset.
-pub(super) fn buffer(len: usize, what: &'static str) -> Result<Vec<f32>> {
-    if len == 0 {
-        return Ok(Vec::new());
-    }
-    let layout = std::alloc::Layout::array::<f32>(len).map_err(|_| Error::TooLarge { what })?;
-    // SAFETY: the layout has a non-zero size.
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<f32>();
-    if ptr.is_null() {
-        return Err(Error::AllocationFailed { what, bytes: layout.size() });
-    }
-    // SAFETY: `ptr` comes from the global allocator with the layout of `len` f32 (f32's
-    // alignment), so it is a valid allocation of capacity `len`; all bits zero is 0.0.
-    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
+/// # Errors
+/// [`Error::AllocationFailed`] when the buffer cannot be allocated.
+///
+/// # Safety
+/// `write` must write every element of the slice it is given.
+pub(super) unsafe fn written_buffer(
+    len: usize,
+    what: &'static str,
+    write: impl FnOnce(&mut [MaybeUninit<f32>]),
+) -> Result<Vec<f32>> {
+    let mut v: Vec<f32> = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::AllocationFailed { what, bytes: len.saturating_mul(4) })?;
+    write(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: the capacity is at least `len`, and the caller guarantees that `write`
+    // initialised all `len` elements.
+    unsafe { v.set_len(len) };
+    Ok(v)
+}
+
+/// An initialised buffer seen as possibly uninitialised floats, for a pass that writes every
+/// element.
+///
+/// # Safety
+/// Only initialised values may be written through the result (as the passes do), so the
+/// buffer stays initialised.
+pub(super) unsafe fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; the caller keeps the contents
+    // initialised.
+    unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
 }

@@ -23,6 +23,8 @@
 //! product's lane order, is fixed by the 16-lane layout, not the vector width); the
 //! portable path rounds products separately.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::kernels::exp::{exp_sum, fmadd, row_max};
@@ -216,7 +218,8 @@ pub(super) struct Affine<'a> {
     pub x: &'a [f32],
     pub s: Option<&'a [f32]>,
     pub a: Option<&'a [f32]>,
-    pub out: &'a mut [f32],
+    /// Written element by element, every one (it may start uninitialised).
+    pub out: &'a mut [MaybeUninit<f32>],
 }
 
 impl Pass for Affine<'_> {
@@ -228,12 +231,12 @@ impl Pass for Affine<'_> {
             match (self.s, self.a) {
                 (Some(s), Some(a)) => {
                     for (((o, &x), &s), &a) in o.iter_mut().zip(x).zip(s).zip(a) {
-                        *o = x * s + a;
+                        o.write(x * s + a);
                     }
                 }
-                (Some(s), None) => o.iter_mut().zip(x).zip(s).for_each(|((o, &x), &s)| *o = x * s),
-                (None, Some(a)) => o.iter_mut().zip(x).zip(a).for_each(|((o, &x), &a)| *o = x + a),
-                (None, None) => o.copy_from_slice(x),
+                (Some(s), None) => o.iter_mut().zip(x).zip(s).for_each(|((o, &x), &s)| _ = o.write(x * s)),
+                (None, Some(a)) => o.iter_mut().zip(x).zip(a).for_each(|((o, &x), &a)| _ = o.write(x + a)),
+                (None, None) => o.iter_mut().zip(x).for_each(|(o, &x)| _ = o.write(x)),
             }
         }
     }
@@ -274,7 +277,8 @@ pub(super) struct InputGrad<'a> {
     pub dc: &'a [f32],
     pub p: Option<&'a [f32]>,
     pub dl: Option<(&'a [f32], &'a [f32])>,
-    pub dx: &'a mut [f32],
+    /// Written row by row, every element (it may start uninitialised).
+    pub dx: &'a mut [MaybeUninit<f32>],
 }
 
 impl Pass for InputGrad<'_> {
@@ -284,9 +288,12 @@ impl Pass for InputGrad<'_> {
         let c = self.dc.len();
         for (j, (dx, g)) in self.dx.chunks_exact_mut(c).zip(self.g.chunks_exact(c)).enumerate() {
             match self.s {
-                Some(s) => dx.iter_mut().zip(g).zip(s).for_each(|((d, &g), &s)| *d = g * s),
-                None => dx.copy_from_slice(g),
+                Some(s) => dx.iter_mut().zip(g).zip(s).for_each(|((d, &g), &s)| _ = d.write(g * s)),
+                None => dx.iter_mut().zip(g).for_each(|(d, &g)| _ = d.write(g)),
             }
+            // SAFETY: every element of the row was written just above; MaybeUninit<f32> has
+            // the layout of f32.
+            let dx = unsafe { std::slice::from_raw_parts_mut(dx.as_mut_ptr().cast::<f32>(), dx.len()) };
             match self.p {
                 Some(p) => {
                     let p = p[j];
@@ -381,10 +388,14 @@ pub(super) struct FusionTerms<'a> {
 }
 
 /// The fusion pass: `out_j = x_j ⊙ s_b + a_b` for every position of every sample b (x and
-/// out: B·N·C), chunks in parallel, with `terms[b]` sample b's terms.
-pub(super) fn fuse(x: &[f32], n: usize, c: usize, terms: &[FusionTerms<'_>], out: &mut [f32]) {
+/// out: B·N·C), chunks in parallel, with `terms[b]` sample b's terms. Writes every element
+/// of `out`, which may start uninitialised.
+pub(super) fn fuse(x: &[f32], n: usize, c: usize, terms: &[FusionTerms<'_>], out: &mut [MaybeUninit<f32>]) {
+    debug_assert_eq!(x.len(), out.len());
     let rows = chunk_rows(c);
-    let tasks: Vec<(&[f32], &mut [f32], usize)> = x
+    // (input rows, output rows, sample) per chunk.
+    type Task<'t> = (&'t [f32], &'t mut [MaybeUninit<f32>], usize);
+    let tasks: Vec<Task<'_>> = x
         .chunks(n * c)
         .zip(out.chunks_mut(n * c))
         .enumerate()
@@ -458,12 +469,19 @@ pub(super) struct InputGradTerms<'a> {
     pub attention: Option<(&'a [f32], &'a [f32], &'a [f32])>,
 }
 
-/// The input gradient of one sample into `dx` (N·C), chunks in parallel; with attention
-/// pooling also `(∂L/∂w, ∂L/∂b)` of the mask conv, added in chunk order in f64.
+/// The input gradient of one sample into `dx` (N·C; every element written, it may start
+/// uninitialised), chunks in parallel; with attention pooling also `(∂L/∂w, ∂L/∂b)` of the
+/// mask conv, added in chunk order in f64.
 ///
 /// With `q_j = dc·x_j` and `dl_j = p_j·(q_j − dc·context)` (the softmax backward):
 /// `dx_j = g_j ⊙ s + p_j·dc + dl_j·w`, `∂L/∂w = Σ_j dl_j·x_j`, `∂L/∂b = Σ_j dl_j`.
-pub(super) fn input_grad(x: &[f32], g: &[f32], t: &InputGradTerms<'_>, dx: &mut [f32]) -> Option<(Vec<f32>, f64)> {
+pub(super) fn input_grad(
+    x: &[f32],
+    g: &[f32],
+    t: &InputGradTerms<'_>,
+    dx: &mut [MaybeUninit<f32>],
+) -> Option<(Vec<f32>, f64)> {
+    debug_assert_eq!(g.len(), dx.len());
     let c = t.dc.len();
     let rows = chunk_rows(c);
     match t.attention {
@@ -504,6 +522,7 @@ pub(super) fn dot64(a: &[f32], b: &[f32]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::input::as_uninit;
     use super::*;
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
@@ -597,7 +616,8 @@ mod tests {
         let (s, a) = (data(c, 7), data(c, 8));
         for (s, a) in [(Some(&s[..]), Some(&a[..])), (Some(&s[..]), None), (None, Some(&a[..])), (None, None)] {
             let mut out = vec![f32::NAN; rows * c];
-            dispatch(Affine { x: &x, s, a, out: &mut out });
+            // SAFETY: the pass writes initialised values only.
+            dispatch(Affine { x: &x, s, a, out: unsafe { as_uninit(&mut out) } });
             for (i, &o) in out.iter().enumerate() {
                 let k = i % c;
                 let want = x[i] * s.map_or(1.0, |s| s[k]) + a.map_or(0.0, |a| a[k]);
@@ -606,7 +626,9 @@ mod tests {
         }
         let (g, dc, p, dl, w) = (data(rows * c, 9), data(c, 10), data(rows, 11), data(rows, 12), data(c, 13));
         let mut dx = vec![f32::NAN; rows * c];
-        dispatch(InputGrad { g: &g, s: Some(&s), dc: &dc, p: Some(&p), dl: Some((&dl, &w)), dx: &mut dx });
+        // SAFETY: as above.
+        let dx_out = unsafe { as_uninit(&mut dx) };
+        dispatch(InputGrad { g: &g, s: Some(&s), dc: &dc, p: Some(&p), dl: Some((&dl, &w)), dx: dx_out });
         for (i, &d) in dx.iter().enumerate() {
             let (j, k) = (i / c, i % c);
             let want = f64::from(g[i]) * f64::from(s[k])

@@ -19,13 +19,14 @@ use ndarray::{Array, Array1, Array2, ArrayBase, ArrayViewD, ArrayViewMutD, Data,
 use rayon::prelude::*;
 
 use super::block::{next_generation, Compiled, CompiledMlp, ContextBlock, MlpTrace, SampleTrace};
-use super::input::{buffer, check_input, contiguous, Layout};
+use super::input::{check_input, contiguous, written_buffer, Layout};
 use super::kernels::{chunk_rows, grad_sums, input_grad, on_worker, weighted_rows_sum, InputGradTerms};
 use super::params::{ContextMlp, ContextParameters};
 use crate::error::{Error, Result};
 use crate::load::Naming;
 use crate::params::Conv1x1;
 use crate::workspace::Workspace;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 /// What [`ContextBlock::forward_train`] keeps for [`ContextBlock::backward`]: a copy of the
@@ -194,8 +195,11 @@ impl ContextBlock {
             None => saved.iter_mut().zip(x4.iter()).for_each(|(s, &v)| *s = v),
         }
         let mut e = self.workspace.take(b * n, "attention weights")?.into_vec();
-        let mut out = buffer(saved.len(), "output")?;
-        let samples = on_worker(|| self.run(&saved, b, n, &mut e, &mut out));
+        let mut samples = Vec::new();
+        // SAFETY: `run` cannot fail, and its fusion pass writes every element of `out`.
+        let out = unsafe {
+            written_buffer(saved.len(), "output", |out| samples = on_worker(|| self.run(&saved, b, n, &mut e, out)))
+        }?;
         let z = Array::from_shape_vec(x.raw_dim(), out)?;
         let ctx = ContextTrainContext {
             shape: x.shape().to_vec(),
@@ -254,15 +258,18 @@ impl ContextBlock {
         }
         let (c, n) = (self.config.in_channels, ctx.n);
         let g = contiguous(grad_output, &self.workspace)?;
-        let mut dx = buffer(ctx.x.len(), "input gradient")?;
         let compiled = &self.compiled;
         let mut add_grads = compiled.add.as_ref().map(MlpGrads::zeros);
         let mut mul_grads = compiled.mul.as_ref().map(MlpGrads::zeros);
         let mut d_mask = (vec![0.0f64; c], 0.0f64);
         let rows = chunk_rows(c);
-        let samples =
-            ctx.x.chunks(n * c).zip(g.chunks(n * c)).zip(dx.chunks_mut(n * c)).zip(ctx.e.chunks(n).zip(&ctx.samples));
-        on_worker(|| {
+        let mut per_sample = |dx: &mut [MaybeUninit<f32>]| {
+            let samples = ctx
+                .x
+                .chunks(n * c)
+                .zip(g.chunks(n * c))
+                .zip(dx.chunks_mut(n * c))
+                .zip(ctx.e.chunks(n).zip(&ctx.samples));
             for (((xs, gs), dxs), (es, trace)) in samples {
                 let (ds, da) = grad_sums(xs, gs, c, trace.gate.is_some(), trace.add.is_some());
                 let context = &trace.pooled.context;
@@ -302,7 +309,10 @@ impl ContextBlock {
                     }
                 }
             }
-        });
+        };
+        // SAFETY: nothing in `per_sample` can fail, and its input_grad calls write every
+        // element of each sample's share of `dx`; the samples cover it.
+        let dx = unsafe { written_buffer(ctx.x.len(), "input gradient", |dx| on_worker(|| per_sample(dx))) }?;
         let params = &self.params;
         let mask = match &params.mask {
             Some(m) => Some(Conv1x1::new(
