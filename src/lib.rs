@@ -153,6 +153,10 @@ pub fn simd_path() -> Isa {
 }
 pub use config::{Mode, NonLocalConfig};
 pub use error::{Error, Result};
+pub use family::{
+    ContextBlock, ContextConfig, ContextGradients, ContextMlp, ContextParameterGradients, ContextParameters,
+    ContextTrainContext, Pooling,
+};
 pub use family::{DisentangledConfig, DisentangledContext, DisentangledGradients, DisentangledNonLocal};
 pub use params::{BatchNorm, Conv1x1, Parameters};
 

@@ -1,8 +1,15 @@
 //! The non-local family: blocks that descend from the non-local block, in the same slot of
 //! the same models, each PyTorch-exact against its upstream module.
 //!
+//! - [`ContextBlock`] — GCNet's global context block (mmcv's `ContextBlock`, timm's
+//!   `GlobalContext`): one query-independent attention map per sample.
 //! - [`DisentangledNonLocal`] — DNLNet's disentangled non-local block (mmsegmentation).
 
+mod context;
 mod disentangled;
 
+pub use context::{
+    ContextBlock, ContextConfig, ContextGradients, ContextMlp, ContextParameterGradients, ContextParameters,
+    ContextTrainContext, Pooling,
+};
 pub use disentangled::{DisentangledConfig, DisentangledContext, DisentangledGradients, DisentangledNonLocal};
