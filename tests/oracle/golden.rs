@@ -22,8 +22,8 @@ use ndarray::{Array5, ArrayD, Ix5, IxDyn};
 
 use nonlocal::internal::parse_sub_sample;
 use nonlocal::{
-    DisentangledConfig, DisentangledNonLocal, Error, Mode, Naming, NonLocalBlock, NonLocalConfig, Result, TensorFile,
-    WeightKeys,
+    ContextBlock, ContextConfig, DisentangledConfig, DisentangledNonLocal, Error, Mode, Naming, NonLocalBlock,
+    NonLocalConfig, Result, TensorFile, WeightKeys,
 };
 
 /// Largest attention error that passes.
@@ -36,6 +36,8 @@ pub enum Spec {
     NonLocal(NonLocalConfig),
     /// mmsegmentation's disentangled non-local block.
     Disentangled(DisentangledConfig),
+    /// GCNet's global context block (mmcv's `ContextBlock`, timm's `GlobalContext`).
+    Context(ContextConfig),
 }
 
 /// A golden case: the file and the block configuration its metadata describes.
@@ -130,6 +132,16 @@ impl GoldenCase {
                     keys,
                 )
             }
+            "context_block" | "global_context" => {
+                let naming: Naming = meta.get("naming").map_or("mmcv", String::as_str).parse()?;
+                let keys = WeightKeys::new(naming, meta.get("prefix").cloned().unwrap_or_default());
+                // Channels, planes, pooling and fusion from the keys; the epsilon from the metadata.
+                let mut config = ContextConfig::from_keys(&file, &keys)?;
+                if let Some(eps) = meta.get("ln_eps") {
+                    config = config.ln_eps(parse("ln_eps", eps)?);
+                }
+                (Spec::Context(config), keys)
+            }
             other => {
                 return Err(Error::InvalidConfig {
                     reason: format!("metadata block {other:?} is not a block this harness runs"),
@@ -144,6 +156,7 @@ impl GoldenCase {
         match &self.spec {
             Spec::NonLocal(config) => Some(config),
             Spec::Disentangled(config) => Some(&config.non_local),
+            Spec::Context(_) => None,
         }
     }
 
@@ -184,6 +197,9 @@ impl GoldenCase {
                 weights,
                 &self.keys,
             )?)),
+            Spec::Context(config) => {
+                Runner::Context(Box::new(ContextBlock::from_checkpoint(config.clone(), weights, &self.keys)?))
+            }
         })
     }
 
@@ -262,6 +278,7 @@ impl GoldenCase {
 enum Runner {
     NonLocal(Box<NonLocalBlock>),
     Disentangled(Box<DisentangledNonLocal>),
+    Context(Box<ContextBlock>),
 }
 
 /// Every parameter's gradient under its checkpoint key.
@@ -272,6 +289,7 @@ impl Runner {
         match self {
             Runner::NonLocal(block) => block.forward(x),
             Runner::Disentangled(block) => block.forward(x),
+            Runner::Context(block) => block.forward(x),
         }
     }
 
@@ -293,6 +311,17 @@ impl Runner {
                 if let Some(b) = grads.conv_mask.bias {
                     by_key.push((format!("{}conv_mask.bias", keys.prefix), b.into_dyn()));
                 }
+                Ok((grads.input, by_key))
+            }
+            Runner::Context(block) => {
+                let (_, ctx) = block.forward_train(x)?;
+                let grads = block.backward(&ctx, dz)?;
+                let by_key = grads
+                    .params
+                    .named()
+                    .into_iter()
+                    .map(|(k, g)| (format!("{}{k}", keys.prefix), g.to_owned()))
+                    .collect();
                 Ok((grads.input, by_key))
             }
         }
