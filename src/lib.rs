@@ -116,6 +116,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod block;
+#[cfg(feature = "candle")]
+pub mod candle;
 mod checkpoint;
 mod config;
 mod error;
