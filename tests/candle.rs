@@ -358,3 +358,59 @@ fn attention_map_rows_are_the_softmax_and_sum_to_one() {
     let sums = a.sum(D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
 }
+
+#[test]
+fn layer_is_the_native_block_and_thread_count_independent() {
+    // The same parameters through nonlocal::NonLocalBlock on channels-last input.
+    for mode in Mode::ALL {
+        let config = NonLocalConfig::new(6).mode(mode);
+        let (block, varmap) = random_block(&config, Naming::AlexHex7, 31);
+        let mut tensors = HashMap::new();
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            tensors.insert(name.trim_start_matches("nl.").to_string(), var.as_tensor().clone());
+        }
+        let path = std::env::temp_dir().join(format!("nonlocal_candle_test_{mode}_{}.safetensors", std::process::id()));
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let keys = nonlocal::WeightKeys::alexhex7();
+        let native = nonlocal::NonLocalBlock::from_safetensors_file(config.clone(), &path, &keys).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let x = random(&[2, 6, 3, 6, 5], 2, 1.0);
+        let xl: Vec<f32> = x.permute((0, 2, 3, 4, 1)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let xl = ndarray::Array5::from_shape_vec((2, 3, 6, 5, 6), xl).unwrap();
+        let want = native.forward(&xl).unwrap();
+        // Inference: plain tensors, no gradient tracked.
+        let detached = block.forward(&x).unwrap();
+        let got: Vec<f32> = detached.permute((0, 2, 3, 4, 1)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let err = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(err < 1e-6, "{mode}: {err}");
+        // Training: through Vars, 1, 2 and 3 threads, output and gradients bit for bit.
+        let xv = Var::from_tensor(&x).unwrap();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let z = block.forward(xv.as_tensor()).unwrap();
+                let grads = z.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                let mut out = vec![bits(&z), bits(grads.get(xv.as_tensor()).unwrap())];
+                for (_, var) in varmap.data().lock().unwrap().iter() {
+                    out.extend(grads.get(var.as_tensor()).map(bits));
+                }
+                out
+            })
+        };
+        let one = run(1);
+        assert!(one.len() > 4, "{mode}: parameter gradients");
+        assert_eq!(run(2), one, "{mode}: 2 threads");
+        assert_eq!(run(3), one, "{mode}: 3 threads");
+    }
+}
+
+#[test]
+fn a_graph_can_be_differentiated_twice() {
+    let (block, varmap) = random_block(&NonLocalConfig::new(4), Naming::Mmcv, 8);
+    let x = Var::from_tensor(&random(&[1, 4, 2, 4, 4], 3, 1.0)).unwrap();
+    let loss = block.forward(x.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap();
+    let (a, b) = (loss.backward().unwrap(), loss.backward().unwrap());
+    assert_eq!(bits(a.get(x.as_tensor()).unwrap()), bits(b.get(x.as_tensor()).unwrap()));
+    let theta = varmap.data().lock().unwrap()["nl.theta.conv.weight"].clone();
+    assert_eq!(bits(a.get(theta.as_tensor()).unwrap()), bits(b.get(theta.as_tensor()).unwrap()));
+}

@@ -4,11 +4,13 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
-use super::attention::attention;
-use super::ops::{Concat, Output, Pool, Projection};
-use super::views::collapsed;
+use std::sync::{Arc, Mutex};
+
+use super::block_op::{entries, BlockOp, Present};
+use super::views::collapsible;
 use crate::config::{Mode, NonLocalConfig};
 use crate::weights::{Naming, WeightKeys};
+use crate::workspace::Workspace;
 
 /// A 1x1(x1) convolution's weight as (out, in) and its bias.
 #[derive(Clone, Debug)]
@@ -44,13 +46,15 @@ struct BatchNorm {
 /// same shape (contiguous).
 ///
 /// # Speed and memory
-/// On the CPU the block runs the crate's kernels through custom candle ops, each with an
-/// exact backward: the projections (one GEMM from the channels-first input), the max-pool,
-/// the fused softmax attention (modes with a softmax; see [`attention`]), concatenation by
-/// sorted prefix sums, dot product as `θ·(φᵀg)/M` in candle ops, and the output GEMM with
-/// BatchNorm folded into `W_z` (in candle ops on the parameters, so their gradients are
-/// exact) and the residual added in place. Nothing of size N×M exists, forward or
-/// backward. BF16 and F16 inputs and parameters are converted to f32 and the output back.
+/// On the CPU the block is one custom candle op that runs the crate's own block: its
+/// inference `forward` when nothing needs a gradient (parameters loaded as plain tensors, an
+/// input that is no `Var`'s descendant), else `forward_train`, keeping the O(N·C) training
+/// context (projections, pooled keys, y, one log-sum-exp per query) inside the op for its
+/// `bwd`, which runs the exact backward pass for the input and every parameter. Nothing of
+/// size N×M exists, forward or backward: the softmax modes use the fused online-softmax
+/// kernel, dot product `θ·(φᵀg)/M`, concatenation sorted prefix sums. The parameters reach
+/// the op as one concatenated f32 tensor, whose candle backward hands each `Var` its slice of
+/// the gradient. BF16 and F16 inputs and parameters are converted to f32 and the output back.
 /// On other devices, or through [`NonLocal::forward_plain`], the block is plain candle ops,
 /// which form the N×M attention.
 ///
@@ -82,6 +86,8 @@ pub struct NonLocal {
     w_z: Conv,
     bn: Option<BatchNorm>,
     concat_project: Option<Tensor>,
+    /// Scratch buffers of the CPU path, kept between calls (shared by clones).
+    workspace: Arc<Workspace>,
 }
 
 fn uniform(bound: f64) -> Init {
@@ -214,7 +220,7 @@ impl NonLocal {
         } else {
             None
         };
-        Ok(NonLocal { config, theta, phi, g, w_z, bn, concat_project })
+        Ok(NonLocal { config, theta, phi, g, w_z, bn, concat_project, workspace: Arc::default() })
     }
 
     /// The configuration.
@@ -262,14 +268,6 @@ impl NonLocal {
         Ok(grid)
     }
 
-    /// The parameters in f32 (a no-op for f32 ones; a differentiable conversion otherwise).
-    fn conv32(conv: &Conv) -> Result<Conv> {
-        Ok(Conv {
-            weight: conv.weight.to_dtype(DType::F32)?,
-            bias: conv.bias.as_ref().map(|b| b.to_dtype(DType::F32)).transpose()?,
-        })
-    }
-
     /// `W_z` with BatchNorm folded in, `[W' | b']` (C × (C' + 1)), in candle ops on the
     /// parameters: `W' = s ⊙ W_z`, `b' = s ⊙ (b_z − mean) + β` with `s = γ / √(var + eps)`.
     fn folded_output(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
@@ -291,97 +289,48 @@ impl NonLocal {
         }
     }
 
-    /// The fused CPU forward pass on f32.
-    fn forward_fused(&self, x: &Tensor, grid: [usize; 3]) -> Result<Tensor> {
+    /// The parameters as one flat f32 tensor in the order of [`entries`], and what it holds.
+    fn flat_parameters(&self) -> Result<(Present, Tensor)> {
+        let present = Present {
+            theta_phi: self.theta.is_some(),
+            bias: [&self.theta, &self.phi, &Some(self.g.clone()), &Some(self.w_z.clone())]
+                .map(|c| c.as_ref().is_some_and(|c| c.bias.is_some())),
+            bn: self.bn.is_some(),
+            concat: self.concat_project.is_some(),
+        };
+        let mut parts: Vec<Tensor> = Vec::new();
+        for conv in [&self.theta, &self.phi].into_iter().flatten().chain([&self.g, &self.w_z]) {
+            parts.push(conv.weight.flatten_all()?);
+            parts.extend(conv.bias.iter().cloned());
+        }
+        if let Some(bn) = &self.bn {
+            parts.extend([bn.weight.clone(), bn.bias.clone()]);
+        }
+        parts.extend(self.concat_project.iter().cloned());
+        if let Some(bn) = &self.bn {
+            parts.extend([bn.running_mean.clone(), bn.running_var.clone()]);
+        }
+        let parts: Vec<Tensor> = parts.iter().map(|t| t.to_dtype(DType::F32)).collect::<Result<_>>()?;
+        let flat = Tensor::cat(&parts, 0)?;
+        let expected: usize = entries(&self.config, present).iter().map(|e| e.1).sum();
+        debug_assert_eq!(flat.elem_count(), expected);
+        Ok((present, flat))
+    }
+
+    /// The CPU forward pass: the whole block as one custom op (see `block_op`), in f32.
+    fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let x = collapsed(&x.to_dtype(DType::F32)?, 1, 1)?;
-        let (c, ci) = (self.config.in_channels, self.config.inter_channels);
-        let kernel = self.config.pool_kernel();
-        let n: usize = grid.iter().product();
-        let pooled = self.config.sub_sample.is_some();
-        let pool = |t: &Tensor, channels_first: bool| -> Result<Tensor> {
-            if pooled {
-                t.apply_op1(Pool { grid, kernel, channels_first })
-            } else if channels_first {
-                // (B, C, positions…) → (B, N, C), a transposed view.
-                t.flatten_from(2)?.transpose(1, 2)
-            } else {
-                Ok(t.clone())
-            }
-        };
-        let (w_out, b_out) = self.folded_output(DType::F32)?;
-        let shared_wb = |w: &Tensor| Tensor::cat(&[w, &b_out.unsqueeze(1)?], 1)?.unsqueeze(0);
-        let project = |convs: &[Conv], extra: Option<(Tensor, Tensor)>| -> Result<Tensor> {
-            let convs: Vec<Conv> = convs.iter().map(Self::conv32).collect::<Result<_>>()?;
-            let mut ws: Vec<Tensor> = convs.iter().map(|cv| cv.weight.clone()).collect();
-            let mut bs: Vec<Tensor> = convs
-                .iter()
-                .map(|cv| match &cv.bias {
-                    Some(b) => Ok(b.clone()),
-                    None => Tensor::zeros(ci, DType::F32, x.device()),
-                })
-                .collect::<Result<_>>()?;
-            if let Some((w, b)) = extra {
-                ws.push(w);
-                bs.push(b);
-            }
-            let (w, b) = (Tensor::cat(&ws, 0)?, Tensor::cat(&bs, 0)?);
-            x.apply_op3(&w, &b, Projection)
-        };
-        let heads = |t: &Tensor| t.unsqueeze(1);
-        let z = match self.config.mode {
-            Mode::EmbeddedGaussian | Mode::DotProduct => {
-                let (theta, phi) = (self.theta.as_ref(), self.phi.as_ref());
-                let convs = [theta.expect("θ").clone(), phi.expect("φ").clone(), self.g.clone()];
-                let p = project(&convs, None)?;
-                let q = p.narrow(2, 0, ci)?;
-                let keys = pool(&p.narrow(2, ci, 2 * ci)?, false)?;
-                let (k, v) = (keys.narrow(2, 0, ci)?, keys.narrow(2, ci, ci)?);
-                if self.config.mode == Mode::EmbeddedGaussian {
-                    let y = attention(&heads(&q)?, &heads(&k)?, &heads(&v)?, self.config.logit_scale() as f64)?;
-                    x.apply_op3(&y.squeeze(1)?, &shared_wb(&w_out)?, Output)?
-                } else {
-                    // y = θ·(φᵀg)/M; with more positions than channels, fold (φᵀg/M) into W_z
-                    // too: z = x + (W'·(φᵀg/M)ᵀ)·θ + b' (as the native block does).
-                    let m = k.dim(1)?;
-                    let kv = (k.t()?.contiguous()?.matmul(&v.contiguous()?)? / m as f64)?;
-                    if n > c {
-                        let folded = w_out.broadcast_matmul(&kv.t()?)?;
-                        let b = b_out.reshape((1, c, 1))?.broadcast_as((folded.dim(0)?, c, 1))?;
-                        x.apply_op3(&q, &Tensor::cat(&[&folded, &b], 2)?, Output)?
-                    } else {
-                        let y = q.contiguous()?.matmul(&kv)?;
-                        x.apply_op3(&y, &shared_wb(&w_out)?, Output)?
-                    }
-                }
-            }
-            Mode::Gaussian => {
-                let p = project(std::slice::from_ref(&self.g), None)?;
-                let q = x.flatten_from(2)?.transpose(1, 2)?;
-                let (k, v) = (pool(&x, true)?, pool(&p, false)?);
-                let y = attention(&heads(&q)?, &heads(&k)?, &heads(&v)?, 1.0)?;
-                x.apply_op3(&y.squeeze(1)?, &shared_wb(&w_out)?, Output)?
-            }
-            Mode::Concatenation => {
-                // a_i = w_θ·θ_i = (w_θᵀW_θ)·x_i + w_θ·b_θ: one projection column instead of C'.
-                let theta = Self::conv32(self.theta.as_ref().expect("θ"))?;
-                let project_w = self.concat_project.as_ref().expect("projection").to_dtype(DType::F32)?;
-                let (w_theta, w_phi) = (project_w.narrow(0, 0, ci)?, project_w.narrow(0, ci, ci)?);
-                let u = w_theta.unsqueeze(0)?.matmul(&theta.weight)?;
-                let ub = match &theta.bias {
-                    Some(b) => (&w_theta * b)?.sum_keepdim(0)?,
-                    None => Tensor::zeros(1, DType::F32, x.device())?,
-                };
-                let convs = [self.phi.as_ref().expect("φ").clone(), self.g.clone()];
-                let p = project(&convs, Some((u, ub)))?;
-                let a = p.narrow(2, 2 * ci, 1)?;
-                let keys = pool(&p.narrow(2, 0, 2 * ci)?, false)?;
-                let (k, v) = (keys.narrow(2, 0, ci)?, keys.narrow(2, ci, ci)?);
-                let b = k.broadcast_matmul(&w_phi.unsqueeze(1)?)?;
-                let y = a.apply_op3(&b, &v, Concat)?;
-                x.apply_op3(&y, &shared_wb(&w_out)?, Output)?
-            }
-        };
+        let mut x32 = x.to_dtype(DType::F32)?;
+        // The block reads positions through one stride (a broadcast axis is none): else copy.
+        let broadcast = x32.stride().iter().zip(x32.dims()).any(|(&s, &d)| s == 0 && d > 1);
+        if broadcast || !collapsible(&x32, 1, 1) {
+            x32 = x32.contiguous()?;
+        }
+        let (present, flat) = self.flat_parameters()?;
+        let train = x32.track_op() || flat.track_op();
+        let workspace = Arc::clone(&self.workspace);
+        let op = BlockOp { config: self.config.clone(), present, train, workspace, saved: Mutex::new(None) };
+        let z = if train { x32.apply_op2(&flat, op)? } else { x32.apply_op2_no_bwd(&flat, &op)? };
         z.to_dtype(dtype)
     }
 
@@ -472,10 +421,10 @@ impl NonLocal {
 impl Module for NonLocal {
     /// `z = BN(W_z·y) + x` on channels-first input, fused on the CPU (see [`NonLocal`]).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let grid = self.grid(x)?;
+        self.grid(x)?;
         if !x.device().is_cpu() {
             return self.forward_plain(x);
         }
-        self.forward_fused(x, grid)
+        self.forward_fused(x)
     }
 }

@@ -37,10 +37,10 @@
 //! ```
 
 mod attention;
+mod block_op;
 #[doc(hidden)]
 pub mod golden;
 mod layer;
-mod ops;
 mod views;
 
 pub use attention::{attention, attention_plain};
