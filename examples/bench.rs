@@ -17,6 +17,14 @@
 //!
 //! With `--backward`, each case adds a line
 //! `shape=… mode=… pass=train ms=<median forward_train + backward> gflops=<3 × nominal / ms> …`.
+//!
+//! With `--candle` (build with `--features candle`), every line says its `backend` and the peak
+//! heap of one run above what was live before it (`peak_mb`, counted by the bench's allocator),
+//! and each case adds `backend=candle` (the `nonlocal::candle::NonLocal` layer on the same
+//! parameters, channels-first input (1, C, T, H, W)) and `backend=candle-plain` (the same layer
+//! in plain candle ops, `NonLocal::forward_plain`: the N×M attention); with `--backward` their
+//! `pass=train` lines time forward + `backward()` of `Σ z ⊙ grad_output` (every parameter is a
+//! `Var`).
 
 use std::time::Instant;
 
@@ -24,6 +32,12 @@ use ndarray::Array5;
 use nonlocal::internal::kernels::gemm::{par_gemm, MatMut, MatRef};
 use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters};
 use rayon::prelude::*;
+
+#[path = "support/peak_alloc.rs"]
+mod peak_alloc;
+
+#[global_allocator]
+static ALLOC: peak_alloc::PeakAlloc = peak_alloc::PeakAlloc;
 
 /// (name, C, T, H, W) with B = 1, sub-sampling 1x2x2, C' = C/2, BatchNorm.
 const SHAPES: [(&str, usize, usize, usize, usize); 4] = [
@@ -45,10 +59,11 @@ struct Args {
     mode: Option<String>,
     reps: usize,
     backward: bool,
+    candle: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { shape: None, mode: None, reps: 5, backward: false };
+    let mut args = Args { shape: None, mode: None, reps: 5, backward: false, candle: false };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -56,6 +71,8 @@ fn parse_args() -> Result<Args, String> {
             "--shape" => args.shape = Some(value()?),
             "--mode" => args.mode = Some(value()?),
             "--backward" => args.backward = true,
+            "--candle" if cfg!(feature = "candle") => args.candle = true,
+            "--candle" => return Err("--candle needs the bench built with --features candle".into()),
             "--reps" => args.reps = value()?.parse().map_err(|e| format!("--reps: {e}"))?,
             other => return Err(format!("unknown argument {other}")),
         }
@@ -195,6 +212,14 @@ fn bench_block(mode: Mode, c: usize) -> NonLocalBlock {
     NonLocalBlock::from_parameters(config, params).expect("bench parameters fit")
 }
 
+/// The peak heap of one run of `run` above what was live before, in MB.
+fn peak_mb(run: impl FnOnce()) -> f64 {
+    let base = peak_alloc::live_bytes();
+    peak_alloc::reset_peak();
+    run();
+    peak_alloc::peak_above(base) as f64 / 1e6
+}
+
 /// Median wall time of `reps` runs after one warm-up run.
 fn median_seconds(reps: usize, mut run: impl FnMut()) -> f64 {
     run();
@@ -240,29 +265,113 @@ fn main() {
             }
             let block = bench_block(mode, c);
             let flops = nominal_flops(mode, c, n, m);
-            let median = median_seconds(args.reps, || {
-                std::hint::black_box(block.forward(&x).expect("bench forward"));
-            });
-            let gflops = flops / median / 1e9;
-            println!(
-                "shape={name} mode={mode_name} ms={:.2} gflops={gflops:.1} sgemm_gflops={peak:.1} pct_peak={:.1}",
-                median * 1e3,
-                100.0 * gflops / peak
-            );
-            if args.backward {
-                let grad_output = x.mapv(|v| v * 0.5);
-                let median = median_seconds(args.reps, || {
-                    let (z, ctx) = block.forward_train(&x).expect("bench forward_train");
-                    std::hint::black_box(z);
-                    std::hint::black_box(block.backward(&ctx, &grad_output).expect("bench backward"));
-                });
-                let gflops = 3.0 * flops / median / 1e9;
+            let report = |backend: &str, pass: &str, median: f64, flops: f64, heap: Option<f64>| {
+                let gflops = flops / median / 1e9;
+                let (backend, peak_field) = match (args.candle, heap) {
+                    (true, Some(mb)) => (format!(" backend={backend}"), format!(" peak_mb={mb:.1}")),
+                    _ => (String::new(), String::new()),
+                };
                 println!(
-                    "shape={name} mode={mode_name} pass=train ms={:.2} gflops={gflops:.1} sgemm_gflops={peak:.1} pct_peak={:.1}",
+                    "shape={name} mode={mode_name}{backend}{pass} ms={:.2} gflops={gflops:.1} sgemm_gflops={peak_gf:.1} pct_peak={:.1}{peak_field}",
                     median * 1e3,
-                    100.0 * gflops / peak
+                    100.0 * gflops / peak,
+                    peak_gf = peak,
                 );
+            };
+            let forward = || {
+                std::hint::black_box(block.forward(&x).expect("bench forward"));
+            };
+            let median = median_seconds(args.reps, forward);
+            report("native", "", median, flops, Some(peak_mb(forward)));
+            let grad_output = x.mapv(|v| v * 0.5);
+            let train = || {
+                let (z, ctx) = block.forward_train(&x).expect("bench forward_train");
+                std::hint::black_box(z);
+                std::hint::black_box(block.backward(&ctx, &grad_output).expect("bench backward"));
+            };
+            if args.backward {
+                let median = median_seconds(args.reps, train);
+                report("native", " pass=train", median, 3.0 * flops, Some(peak_mb(train)));
             }
+            #[cfg(feature = "candle")]
+            if args.candle {
+                let layer = candle_bench::Layer::new(&block, &x, &grad_output);
+                for (backend, plain) in [("candle", false), ("candle-plain", true)] {
+                    let forward = || layer.forward(plain);
+                    let median = median_seconds(args.reps, forward);
+                    report(backend, "", median, flops, Some(peak_mb(forward)));
+                    if args.backward {
+                        let train = || layer.train(plain);
+                        let median = median_seconds(args.reps, train);
+                        report(backend, " pass=train", median, 3.0 * flops, Some(peak_mb(train)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The candle layer on the native block's parameters, for `--candle`.
+#[cfg(feature = "candle")]
+mod candle_bench {
+    use candle_core::{DType, Device, Module, Tensor, Var};
+    use candle_nn::{VarBuilder, VarMap};
+    use ndarray::Array5;
+    use nonlocal::candle::NonLocal;
+    use nonlocal::{NonLocalBlock, WeightKeys};
+
+    /// The layer twice, on plain tensors (inference: nothing tracks gradients) and on
+    /// `Var`s (training), its input (channels-first; a `Var` for training, as the output of
+    /// earlier layers would be) and the output gradient.
+    pub struct Layer {
+        inference: NonLocal,
+        trainable: NonLocal,
+        x: Tensor,
+        x_var: Var,
+        grad_output: Tensor,
+        _varmap: VarMap,
+    }
+
+    /// (B, T, H, W, C) → (B, C, T, H, W), contiguous.
+    fn channels_first(x: &Array5<f32>) -> Tensor {
+        let shape = x.shape().to_vec();
+        let t = Tensor::from_vec(x.iter().copied().collect(), shape, &Device::Cpu).expect("input tensor");
+        t.permute((0, 4, 1, 2, 3)).and_then(|t| t.contiguous()).expect("channels-first copy")
+    }
+
+    impl Layer {
+        pub fn new(block: &NonLocalBlock, x: &Array5<f32>, grad_output: &Array5<f32>) -> Layer {
+            let bytes = block.to_safetensors_with_keys(&WeightKeys::alexhex7()).expect("parameters");
+            let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).expect("safetensors");
+            let varmap = VarMap::new();
+            for (key, t) in &tensors {
+                if t.dtype() == DType::F32 {
+                    let var = Var::from_tensor(t).expect("variable");
+                    varmap.data().lock().expect("lock").insert(key.clone(), var);
+                }
+            }
+            let config = block.config().clone();
+            let naming = nonlocal::Naming::AlexHex7;
+            let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+            let inference = NonLocal::new(config.clone(), naming, vb).expect("candle layer");
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            let trainable = NonLocal::new(config, naming, vb).expect("candle layer");
+            let x = channels_first(x);
+            let x_var = Var::from_tensor(&x).expect("input variable");
+            Layer { inference, trainable, x, x_var, grad_output: channels_first(grad_output), _varmap: varmap }
+        }
+
+        pub fn forward(&self, plain: bool) {
+            let layer = &self.inference;
+            let z = if plain { layer.forward_plain(&self.x) } else { layer.forward(&self.x) };
+            std::hint::black_box(z.expect("candle forward"));
+        }
+
+        pub fn train(&self, plain: bool) {
+            let (layer, x) = (&self.trainable, self.x_var.as_tensor());
+            let z = if plain { layer.forward_plain(x) } else { layer.forward(x) };
+            let loss = (z.expect("candle forward") * &self.grad_output).and_then(|p| p.sum_all()).expect("loss");
+            std::hint::black_box(loss.backward().expect("candle backward"));
         }
     }
 }
