@@ -292,10 +292,14 @@ impl NonLocalBlock {
     }
 
     fn forward_checked(&self, x5: ArrayView5<'_, f32>, out: &mut [f32]) -> Result<()> {
+        self.forward_ordered(x5, out, Order::PositionMajor)
+    }
+
+    fn forward_ordered(&self, x5: ArrayView5<'_, f32>, out: &mut [f32], order: Order) -> Result<()> {
         let (_, t, h, w, c) = x5.dim();
         let n = t * h * w;
         for (sample, out_sample) in x5.outer_iter().zip(out.chunks_mut(n * c)) {
-            self.forward_sample(sample, out_sample)?;
+            self.forward_sample(sample, out_sample, order)?;
         }
         Ok(())
     }
@@ -373,8 +377,39 @@ impl NonLocalBlock {
         Ok(Array3::from_shape_vec((b, queries.len(), m), out).expect("sized above"))
     }
 
-    /// The whole block for one sample: `out ← x + BN(W_z·y)`.
-    fn forward_sample(&self, sample: ArrayView4<'_, f32>, out: &mut [f32]) -> Result<()> {
+    /// Runs the block on clips in PyTorch's layout, (B, C, T, H, W) channels-first with any
+    /// strides, and returns (B, C, T, H, W) in standard layout: the output GEMM writes the
+    /// channel-major result directly (`zᵀ = xᵀ + W·yᵀ + b`), at the speed of
+    /// [`NonLocalBlock::forward`] and without a permuting copy. The same values as `forward`
+    /// on the permuted input, up to float rounding (the output GEMM's operands swap roles).
+    ///
+    /// ```
+    /// use ndarray::Array5;
+    /// use nonlocal::{NonLocalBlock, NonLocalConfig};
+    ///
+    /// let block = NonLocalBlock::new(NonLocalConfig::new(4))?;
+    /// let x = Array5::<f32>::from_shape_fn((1, 4, 2, 4, 4), |(_, c, t, h, w)| (c + t * h + w) as f32 * 0.1);
+    /// let z = block.forward_channels_first(&x)?;
+    /// assert_eq!(z.shape(), &[1, 4, 2, 4, 4]);
+    /// # Ok::<(), nonlocal::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`NonLocalBlock::forward`] (shapes in them are named channels-last, (B, T, H, W, C));
+    /// [`Error::InputRank`] unless `x` has rank 5.
+    pub fn forward_channels_first<S>(&self, x: &ArrayBase<S, ndarray::Ix5>) -> Result<ndarray::Array5<f32>>
+    where
+        S: Data<Elem = f32>,
+    {
+        let x5 = self.check_input(x.view().permuted_axes([0, 2, 3, 4, 1]).into_dyn(), Layout::Clips)?;
+        let mut out = buffer(x5.len(), "output")?;
+        self.forward_ordered(x5, &mut out, Order::ChannelMajor)?;
+        Ok(ndarray::Array5::from_shape_vec(x.raw_dim(), out).expect("output has the input's element count"))
+    }
+
+    /// The whole block for one sample: `out ← x + BN(W_z·y)`, positions × channels or, with
+    /// [`Order::ChannelMajor`], channels × positions.
+    fn forward_sample(&self, sample: ArrayView4<'_, f32>, out: &mut [f32], order: Order) -> Result<()> {
         let (t, h, w, _) = sample.dim();
         let mut copy = Vec::new();
         let x = sample_matrix(sample, &mut copy);
@@ -413,12 +448,22 @@ impl NonLocalBlock {
                     // instead of the N outputs, and aggregate C columns instead of C'.
                     let mut vw = self.workspace.take(m * c, "projected values")?;
                     self.compiled.w_out.apply(prepared.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c));
-                    attend(MatRef::new(&vw, 0, m, c, c), out);
-                    self.add_residual(x, out);
+                    match order {
+                        Order::PositionMajor => {
+                            attend(MatRef::new(&vw, 0, m, c, c), out);
+                            self.add_residual(x, out);
+                        }
+                        Order::ChannelMajor => {
+                            let mut rows = self.workspace.take(n * c, "attention output")?;
+                            attend(MatRef::new(&vw, 0, m, c, c), &mut rows);
+                            self.residual_channels(x, out);
+                            add_transposed(MatRef::new(&rows, 0, n, c, c), out);
+                        }
+                    }
                 } else {
                     let mut y = self.workspace.take(n * ci, "y")?;
                     attend(prepared.values(), &mut y);
-                    self.output(x, MatRef::new(&y, 0, n, ci, ci), None, out);
+                    self.output_in(order, x, MatRef::new(&y, 0, n, ci, ci), None, out);
                 }
             }
             Mode::DotProduct => {
@@ -431,18 +476,18 @@ impl NonLocalBlock {
                     // z = x + θ·((φᵀg/M)·W_outᵀ) + b_out.
                     let mut folded = vec![0.0f32; ci * c];
                     par_gemm(1.0, kv, self.w_out_t(), 0.0, &mut MatMut::new(&mut folded, ci, c, c));
-                    self.output(x, prepared.queries(), Some(MatRef::new(&folded, 0, ci, c, c)), out);
+                    self.output_in(order, x, prepared.queries(), Some(MatRef::new(&folded, 0, ci, c, c)), out);
                 } else {
                     let mut y = self.workspace.take(n * ci, "y")?;
                     par_gemm(1.0, prepared.queries(), kv, 0.0, &mut MatMut::new(&mut y, n, ci, ci));
-                    self.output(x, MatRef::new(&y, 0, n, ci, ci), None, out);
+                    self.output_in(order, x, MatRef::new(&y, 0, n, ci, ci), None, out);
                 }
             }
             Mode::Concatenation => {
                 let mut y = self.workspace.take(n * ci, "y")?;
                 let b = prepared.concat_b(&self.compiled.w_phi);
                 concat_attention(prepared.concat_a(), &b, prepared.values(), &mut y);
-                self.output(x, MatRef::new(&y, 0, n, ci, ci), None, out);
+                self.output_in(order, x, MatRef::new(&y, 0, n, ci, ci), None, out);
             }
         }
         Ok(())
@@ -467,6 +512,29 @@ impl NonLocalBlock {
             Some(w) => par_gemm(1.0, y, w, 1.0, &mut out),
             None => self.compiled.w_out.apply(y, 1.0, &mut out),
         }
+    }
+
+    /// [`NonLocalBlock::output`], or with [`Order::ChannelMajor`] its transpose
+    /// `outᵀ ← xᵀ + Wᵀ·yᵀ + b_out` (C × N): the GEMM writes channel-major rows directly.
+    fn output_in(&self, order: Order, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
+        if order == Order::PositionMajor {
+            return self.output(x, y, w, out);
+        }
+        let (n, c) = (x.rows(), x.cols());
+        self.residual_channels(x, out);
+        let w_t = w.map_or_else(|| self.compiled.w_out.view(), |w| w.t());
+        par_gemm(1.0, w_t, y.t(), 1.0, &mut MatMut::new(out, c, n, n));
+    }
+
+    /// `outᵀ ← xᵀ + b_out` (C × N), channel rows in parallel.
+    fn residual_channels(&self, x: MatRef<'_>, out: &mut [f32]) {
+        let n = x.rows();
+        out.par_chunks_mut(n.max(1)).enumerate().for_each(|(ch, row)| {
+            let column = x.cols_range(ch, ch + 1).t();
+            column.copy_row(0, row);
+            let bias = self.compiled.b_out[ch];
+            row.iter_mut().for_each(|v| *v += bias);
+        });
     }
 
     /// `out ← out + x + b_out`.
@@ -523,6 +591,30 @@ impl NonLocalBlock {
             }
         }
     }
+}
+
+/// The order of a sample's output: positions × channels (channels-last, as `forward`) or
+/// channels × positions (channels-first, as `forward_channels_first`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    PositionMajor,
+    ChannelMajor,
+}
+
+/// `out ← out + mᵀ` for `m` N × C and `out` C × N row-major, in 32 × 32 tiles, channel rows in
+/// parallel.
+fn add_transposed(m: MatRef<'_>, out: &mut [f32]) {
+    const TILE: usize = 32;
+    let (n, c) = (m.rows(), m.cols());
+    out.par_chunks_mut(TILE * n.max(1)).enumerate().for_each(|(t, rows)| {
+        let c0 = t * TILE;
+        let width = rows.len() / n.max(1);
+        for i in 0..n {
+            for dc in 0..width.min(c - c0) {
+                rows[dc * n + i] += m.at(i, c0 + dc);
+            }
+        }
+    });
 }
 
 /// The sample (T, H, W, C) as an N × C matrix: a view of the input when its positions have
@@ -593,6 +685,54 @@ fn check_parameter_count(config: &NonLocalConfig) -> Result<()> {
 mod tests {
     use super::*;
     use ndarray::{s, Array5, Axis};
+
+    /// A block with every parameter non-trivial.
+    fn busy_block(config: NonLocalConfig, seed: u64) -> NonLocalBlock {
+        let mut params = Parameters::init(&config, seed);
+        if let Some(bn) = &mut params.bn {
+            bn.weight.fill(0.7);
+            bn.bias.fill(-0.2);
+        }
+        params.w_z.weight.mapv_inplace(|v| v + 0.1);
+        NonLocalBlock::from_parameters(config, params).unwrap()
+    }
+
+    #[test]
+    fn forward_channels_first_is_forward_transposed_in_every_path() {
+        use crate::config::Mode;
+        // (C, C', grid, pooling): the plain paths, the dot-product fold (N > C) and not, and
+        // the values fold of the softmax modes (few keys, many channels).
+        let shapes =
+            [(6, 3, [2, 5, 7], Some([1, 2, 2])), (40, 8, [1, 3, 4], None), (64, 32, [1, 8, 8], Some([1, 2, 2]))];
+        for mode in Mode::ALL {
+            for (i, &(c, ci, [t, h, w], pool)) in shapes.iter().enumerate() {
+                let config = NonLocalConfig::new(c).inter_channels(ci).mode(mode).sub_sample(pool);
+                let block = busy_block(config, 7 + i as u64);
+                let x = Array5::<f32>::from_shape_fn((2, c, t, h, w), |(b, ch, tt, hh, ww)| {
+                    (((b * 7 + ch * 13 + tt * 5 + hh * 3 + ww) % 17) as f32 - 8.0) * 0.1
+                });
+                let want = block.forward(&x.view().permuted_axes([0, 2, 3, 4, 1])).unwrap();
+                let runs: Vec<_> = [1, 2, 3]
+                    .iter()
+                    .map(|&threads| {
+                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                        pool.install(|| block.forward_channels_first(&x).unwrap())
+                    })
+                    .collect();
+                let got = &runs[0];
+                assert_eq!(got.shape(), x.shape());
+                let want = want.permuted_axes([0, 4, 1, 2, 3]);
+                let err = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(err < 1e-5, "{mode} shape {i}: {err}");
+                for run in &runs[1..] {
+                    assert!(run.iter().zip(got.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{mode} {i}: threads");
+                }
+            }
+        }
+        let block = NonLocalBlock::new(NonLocalConfig::new(4)).unwrap();
+        let wrong = Array5::<f32>::zeros((1, 3, 2, 4, 4));
+        assert!(matches!(block.forward_channels_first(&wrong), Err(Error::InputChannels { expected: 4, .. })));
+    }
 
     #[test]
     fn sample_matrix_views_collapsible_layouts_and_copies_others() {
