@@ -414,3 +414,23 @@ fn a_graph_can_be_differentiated_twice() {
     let theta = varmap.data().lock().unwrap()["nl.theta.conv.weight"].clone();
     assert_eq!(bits(a.get(theta.as_tensor()).unwrap()), bits(b.get(theta.as_tensor()).unwrap()));
 }
+
+#[test]
+fn inference_sees_parameters_that_change_under_it() {
+    // Plain tensors sharing storage with Vars: the inference block kept by the layer must be
+    // rebuilt when their values change.
+    let config = NonLocalConfig::new(4);
+    let (trained, varmap) = random_block(&config, Naming::AlexHex7, 12);
+    let tensors: HashMap<String, Tensor> =
+        varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_detached_tensor())).collect();
+    let plain =
+        NonLocal::new(config, Naming::AlexHex7, VarBuilder::from_tensors(tensors, DType::F32, &CPU).pp("nl")).unwrap();
+    let x = random(&[1, 4, 2, 4, 4], 6, 1.0);
+    let before = plain.forward(&x).unwrap();
+    assert_eq!(bits(&before), bits(&plain.forward(&x).unwrap()), "same parameters, same output");
+    let gamma = varmap.data().lock().unwrap()["nl.W.1.weight"].clone();
+    gamma.set(&(gamma.as_tensor() * 2.0).unwrap()).unwrap();
+    let after = plain.forward(&x).unwrap();
+    assert!(rel_err(&after, &before) > 1e-3, "the kept block went stale");
+    assert!(rel_err(&after, &trained.forward(&x.detach()).unwrap()) < 1e-6);
+}

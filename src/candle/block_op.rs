@@ -83,11 +83,18 @@ pub(crate) struct BlockOp {
     /// The layer's scratch buffers, kept between calls (fresh pages for every projection and
     /// gradient buffer would cost more than some of the passes that fill them).
     pub(crate) workspace: Arc<Workspace>,
+    /// The layer's last inference block and the flat parameters it was built from: reused
+    /// when they are equal (one comparison instead of rebuilding the packed weights).
+    pub(crate) cache: Arc<Mutex<Option<(Vec<f32>, NonLocalBlock)>>>,
     pub(crate) saved: Mutex<Option<(NonLocalBlock, TrainContext)>>,
 }
 
 fn wrap(e: crate::Error) -> candle_core::Error {
     candle_core::Error::wrap(e)
+}
+
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("nonlocal: a lock was poisoned by a panic".into())
 }
 
 impl BlockOp {
@@ -128,6 +135,11 @@ impl BlockOp {
         let concat_project = vector("concat_project");
         Ok(Parameters { theta, phi, g, w_z, bn, concat_project })
     }
+}
+
+/// A channels-first tensor's storage (B, C, positions…) viewed as (B, C, T, H, W).
+fn channels_first<'a>(data: &'a [f32], layout: &Layout) -> Result<ArrayView5<'a, f32>> {
+    Ok(clips(data, layout)?.permuted_axes([0, 4, 1, 2, 3]))
 }
 
 /// A channels-first tensor's storage (B, C, positions…) viewed as clips (B, T, H, W, C).
@@ -178,23 +190,30 @@ impl CustomOp2 for BlockOp {
         if !lp.is_contiguous() {
             candle_core::bail!("nonlocal: the flat parameters must be contiguous");
         }
-        let mut block = NonLocalBlock::from_parameters(self.config.clone(), self.parameters(flat)?).map_err(wrap)?;
-        block.workspace = Arc::clone(&self.workspace);
-        let view = clips(x, lx)?;
-        let (b, c) = (view.shape()[0], view.shape()[4]);
-        let n = view.len() / (b * c).max(1);
-        let z = if self.train {
+        let build = || -> Result<NonLocalBlock> {
+            let mut block =
+                NonLocalBlock::from_parameters(self.config.clone(), self.parameters(flat)?).map_err(wrap)?;
+            block.workspace = Arc::clone(&self.workspace);
+            Ok(block)
+        };
+        if self.train {
+            let block = build()?;
             let copy = clips_copy(x, lx, &self.workspace)?;
             let (z, ctx) = block.forward_train(&copy).map_err(wrap)?;
             self.workspace.give(copy.into_raw_vec_and_offset().0);
-            *self.saved.lock().map_err(|_| candle_core::Error::Msg("nonlocal: poisoned lock".into()))? =
-                Some((block, ctx));
-            z
-        } else {
-            block.forward(&view).map_err(wrap)?
-        };
-        let z = z.as_slice().expect("the block's output is standard layout");
-        Ok((CpuStorage::F32(to_channels_first(z, b, n, c)), lx.shape().clone()))
+            let (b, c) = (z.shape()[0], z.shape()[4]);
+            let n = z.len() / (b * c).max(1);
+            let z = to_channels_first(z.as_slice().expect("the block's output is standard layout"), b, n, c);
+            *self.saved.lock().map_err(|_| poisoned())? = Some((block, ctx));
+            return Ok((CpuStorage::F32(z), lx.shape().clone()));
+        }
+        let mut cache = self.cache.lock().map_err(|_| poisoned())?;
+        if cache.as_ref().is_none_or(|(params, _)| params.as_slice() != flat) {
+            *cache = Some((flat.to_vec(), build()?));
+        }
+        let (_, block) = cache.as_ref().expect("filled above");
+        let z = block.forward_channels_first(&channels_first(x, lx)?).map_err(wrap)?;
+        Ok((CpuStorage::F32(z.into_raw_vec_and_offset().0), lx.shape().clone()))
     }
 
     fn bwd(
@@ -204,7 +223,7 @@ impl CustomOp2 for BlockOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let saved = self.saved.lock().map_err(|_| candle_core::Error::Msg("nonlocal: poisoned lock".into()))?;
+        let saved = self.saved.lock().map_err(|_| poisoned())?;
         let Some((block, ctx)) = saved.as_ref() else {
             candle_core::bail!("nonlocal: backward of a block run without gradients");
         };

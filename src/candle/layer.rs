@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use super::block_op::{entries, BlockOp, Present};
 use super::views::collapsible;
+use crate::block::NonLocalBlock;
 use crate::config::{Mode, NonLocalConfig};
 use crate::weights::{Naming, WeightKeys};
 use crate::workspace::Workspace;
@@ -47,8 +48,10 @@ struct BatchNorm {
 ///
 /// # Speed and memory
 /// On the CPU the block is one custom candle op that runs the crate's own block: its
-/// inference `forward` when nothing needs a gradient (parameters loaded as plain tensors, an
-/// input that is no `Var`'s descendant), else `forward_train`, keeping the O(N·C) training
+/// inference pass when nothing needs a gradient (parameters loaded as plain tensors, an
+/// input that is no `Var`'s descendant) — `NonLocalBlock::forward_channels_first`, which
+/// writes the channels-first output directly, on a block kept while the parameters stay the
+/// same — else `forward_train`, keeping the O(N·C) training
 /// context (projections, pooled keys, y, one log-sum-exp per query) inside the op for its
 /// `bwd`, which runs the exact backward pass for the input and every parameter. Nothing of
 /// size N×M exists, forward or backward: the softmax modes use the fused online-softmax
@@ -88,6 +91,8 @@ pub struct NonLocal {
     concat_project: Option<Tensor>,
     /// Scratch buffers of the CPU path, kept between calls (shared by clones).
     workspace: Arc<Workspace>,
+    /// The inference block last built, with the parameters it was built from.
+    cache: Arc<Mutex<Option<(Vec<f32>, NonLocalBlock)>>>,
 }
 
 fn uniform(bound: f64) -> Init {
@@ -220,7 +225,17 @@ impl NonLocal {
         } else {
             None
         };
-        Ok(NonLocal { config, theta, phi, g, w_z, bn, concat_project, workspace: Arc::default() })
+        Ok(NonLocal {
+            config,
+            theta,
+            phi,
+            g,
+            w_z,
+            bn,
+            concat_project,
+            workspace: Arc::default(),
+            cache: Arc::default(),
+        })
     }
 
     /// The configuration.
@@ -328,8 +343,8 @@ impl NonLocal {
         }
         let (present, flat) = self.flat_parameters()?;
         let train = x32.track_op() || flat.track_op();
-        let workspace = Arc::clone(&self.workspace);
-        let op = BlockOp { config: self.config.clone(), present, train, workspace, saved: Mutex::new(None) };
+        let (workspace, cache) = (Arc::clone(&self.workspace), Arc::clone(&self.cache));
+        let op = BlockOp { config: self.config.clone(), present, train, workspace, cache, saved: Mutex::new(None) };
         let z = if train { x32.apply_op2(&flat, op)? } else { x32.apply_op2_no_bwd(&flat, &op)? };
         z.to_dtype(dtype)
     }
