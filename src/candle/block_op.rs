@@ -74,6 +74,9 @@ pub(crate) fn entries(config: &NonLocalConfig, present: Present) -> Vec<(&'stati
     out
 }
 
+/// The inference block a layer keeps, with the flat parameters it was built from.
+pub(crate) type BlockCache = Arc<Mutex<Option<(Vec<f32>, NonLocalBlock)>>>;
+
 /// The block on channels-first input (B, C, positions…) with flat parameters.
 pub(crate) struct BlockOp {
     pub(crate) config: NonLocalConfig,
@@ -85,7 +88,7 @@ pub(crate) struct BlockOp {
     pub(crate) workspace: Arc<Workspace>,
     /// The layer's last inference block and the flat parameters it was built from: reused
     /// when they are equal (one comparison instead of rebuilding the packed weights).
-    pub(crate) cache: Arc<Mutex<Option<(Vec<f32>, NonLocalBlock)>>>,
+    pub(crate) cache: BlockCache,
     pub(crate) saved: Mutex<Option<(NonLocalBlock, TrainContext)>>,
 }
 

@@ -6,9 +6,8 @@ use candle_nn::{Init, VarBuilder};
 
 use std::sync::{Arc, Mutex};
 
-use super::block_op::{entries, BlockOp, Present};
+use super::block_op::{entries, BlockCache, BlockOp, Present};
 use super::views::collapsible;
-use crate::block::NonLocalBlock;
 use crate::config::{Mode, NonLocalConfig};
 use crate::weights::{Naming, WeightKeys};
 use crate::workspace::Workspace;
@@ -92,7 +91,7 @@ pub struct NonLocal {
     /// Scratch buffers of the CPU path, kept between calls (shared by clones).
     workspace: Arc<Workspace>,
     /// The inference block last built, with the parameters it was built from.
-    cache: Arc<Mutex<Option<(Vec<f32>, NonLocalBlock)>>>,
+    cache: BlockCache,
 }
 
 fn uniform(bound: f64) -> Init {
