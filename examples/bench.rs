@@ -24,7 +24,8 @@
 //! parameters, channels-first input (1, C, T, H, W)) and `backend=candle-plain` (the same layer
 //! in plain candle ops, `NonLocal::forward_plain`: the N×M attention); with `--backward` their
 //! `pass=train` lines time forward + `backward()` of `Σ z ⊙ grad_output` (every parameter is a
-//! `Var`).
+//! `Var`, and so is the input, as the output of earlier layers would be). The three backends run
+//! in turn within each repetition, so a change of machine load moves them alike.
 
 use std::time::Instant;
 
@@ -281,34 +282,64 @@ fn main() {
             let forward = || {
                 std::hint::black_box(block.forward(&x).expect("bench forward"));
             };
-            let median = median_seconds(args.reps, forward);
-            report("native", "", median, flops, Some(peak_mb(forward)));
             let grad_output = x.mapv(|v| v * 0.5);
             let train = || {
                 let (z, ctx) = block.forward_train(&x).expect("bench forward_train");
                 std::hint::black_box(z);
                 std::hint::black_box(block.backward(&ctx, &grad_output).expect("bench backward"));
             };
+            #[cfg(feature = "candle")]
+            if args.candle {
+                // The backends in turn within each repetition, so a change of machine load
+                // between them moves all three alike.
+                let layer = candle_bench::Layer::new(&block, &x, &grad_output);
+                let backends = ["native", "candle", "candle-plain"];
+                let mut runs: [Box<dyn FnMut()>; 3] =
+                    [Box::new(forward), Box::new(|| layer.forward(false)), Box::new(|| layer.forward(true))];
+                let medians = medians_interleaved(args.reps, &mut runs);
+                for ((backend, median), run) in backends.iter().zip(medians).zip(&mut runs) {
+                    report(backend, "", median, flops, Some(peak_mb(run)));
+                }
+                if args.backward {
+                    let mut runs: [Box<dyn FnMut()>; 3] =
+                        [Box::new(train), Box::new(|| layer.train(false)), Box::new(|| layer.train(true))];
+                    let medians = medians_interleaved(args.reps, &mut runs);
+                    for ((backend, median), run) in backends.iter().zip(medians).zip(&mut runs) {
+                        report(backend, " pass=train", median, 3.0 * flops, Some(peak_mb(run)));
+                    }
+                }
+                continue;
+            }
+            let median = median_seconds(args.reps, forward);
+            report("native", "", median, flops, Some(peak_mb(forward)));
             if args.backward {
                 let median = median_seconds(args.reps, train);
                 report("native", " pass=train", median, 3.0 * flops, Some(peak_mb(train)));
             }
-            #[cfg(feature = "candle")]
-            if args.candle {
-                let layer = candle_bench::Layer::new(&block, &x, &grad_output);
-                for (backend, plain) in [("candle", false), ("candle-plain", true)] {
-                    let forward = || layer.forward(plain);
-                    let median = median_seconds(args.reps, forward);
-                    report(backend, "", median, flops, Some(peak_mb(forward)));
-                    if args.backward {
-                        let train = || layer.train(plain);
-                        let median = median_seconds(args.reps, train);
-                        report(backend, " pass=train", median, 3.0 * flops, Some(peak_mb(train)));
-                    }
-                }
-            }
         }
     }
+}
+
+/// Median wall times of `reps` rounds that run each of `runs` once in turn, after one warm-up
+/// round.
+#[cfg(feature = "candle")]
+fn medians_interleaved(reps: usize, runs: &mut [Box<dyn FnMut() + '_>]) -> Vec<f64> {
+    runs.iter_mut().for_each(|run| run());
+    let mut times = vec![Vec::new(); runs.len()];
+    for _ in 0..reps.max(1) {
+        for (run, times) in runs.iter_mut().zip(&mut times) {
+            let start = Instant::now();
+            run();
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect()
 }
 
 /// The candle layer on the native block's parameters, for `--candle`.
