@@ -59,7 +59,9 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 all_passed = false;
-                println!("{path}: error: {e} FAIL");
+                // One line per file: candle appends a backtrace when RUST_BACKTRACE is set.
+                let message = e.to_string();
+                println!("{path}: error: {} FAIL", message.lines().next().unwrap_or_default());
             }
         }
     }

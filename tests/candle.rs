@@ -434,3 +434,29 @@ fn inference_sees_parameters_that_change_under_it() {
     assert!(rel_err(&after, &before) > 1e-3, "the kept block went stale");
     assert!(rel_err(&after, &trained.forward(&x.detach()).unwrap()) < 1e-6);
 }
+
+#[test]
+fn candle_golden_example_passes_good_files_and_exits_1_on_a_bad_one() {
+    // The example binary is built by `cargo test --features candle` next to the test binaries.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap().join("examples");
+    let example = dir.join(format!("candle_golden{}", std::env::consts::EXE_SUFFIX));
+    assert!(example.exists(), "examples/candle_golden not built at {}", example.display());
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let bad = std::env::temp_dir().join(format!("nonlocal-candle-bad-{}.safetensors", std::process::id()));
+    std::fs::write(&bad, b"not a safetensors file").unwrap();
+    let run = |files: &[std::path::PathBuf]| std::process::Command::new(&example).args(files).output().unwrap();
+    let good = [data.join("eg_video.safetensors"), data.join("grad/grad_concat.safetensors")];
+    let out = run(&good);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("attention_err=") && stdout.contains("grad_param_err="), "{stdout}");
+    assert_eq!(stdout.matches("PASS").count(), 2, "{stdout}");
+    let out = run(&[good[0].clone(), bad.clone()]);
+    std::fs::remove_file(&bad).ok();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert_eq!(stdout.lines().count(), 2, "one line per file: {stdout}");
+    assert!(stdout.contains("error:") && stdout.contains("FAIL"), "{stdout}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
