@@ -83,11 +83,12 @@
 //! loaded with, for PyTorch.
 //!
 //! # In candle models
-//! With the `candle` feature, the module `nonlocal::candle` (candle-core and candle-nn 0.11) has the
-//! block as a candle layer, `nonlocal::candle::NonLocal` (a `candle_core::Module` built from
-//! a `candle_nn::VarBuilder` under the same PyTorch keys, channels-first like PyTorch, with
-//! candle's autograd through it at the native speed and O(N·C) memory), and the fused
-//! attention as a candle op with a backward pass, `nonlocal::candle::attention`.
+//! With the `candle` feature, the module `nonlocal::candle` (candle-core and candle-nn 0.11)
+//! has the block as a candle layer, `nonlocal::candle::NonLocal` (a `candle_core::Module`
+//! built from a `candle_nn::VarBuilder` under the same PyTorch keys, channels-first like
+//! PyTorch, with candle's autograd through it, close to the native block's speed and in
+//! O(N·C) memory), and the fused attention as a candle op with a backward pass,
+//! `nonlocal::candle::attention`.
 //! [`NonLocalBlock::forward_channels_first`] runs the native block in PyTorch's layout.
 //!
 //! # Speed and memory
