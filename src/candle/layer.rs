@@ -56,7 +56,8 @@ struct BatchNorm {
 /// size N×M exists, forward or backward: the softmax modes use the fused online-softmax
 /// kernel, dot product `θ·(φᵀg)/M`, concatenation sorted prefix sums. The parameters reach
 /// the op as one concatenated f32 tensor, whose candle backward hands each `Var` its slice of
-/// the gradient. BF16 and F16 inputs and parameters are converted to f32 and the output back.
+/// the gradient. BF16, F16 and F64 inputs and parameters are converted to f32 and the output
+/// back. The op's backward is not itself differentiable (no second-order gradients).
 /// On other devices, or through [`NonLocal::forward_plain`], the block is plain candle ops,
 /// which form the N×M attention.
 ///
