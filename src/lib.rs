@@ -82,6 +82,15 @@
 //! [`NonLocalBlock::save_safetensors`] writes the parameters back under the keys they were
 //! loaded with, for PyTorch.
 //!
+//! # In candle models
+//! With the `candle` feature, the module `nonlocal::candle` (candle-core and candle-nn 0.11)
+//! has the block as a candle layer, `nonlocal::candle::NonLocal` (a `candle_core::Module`
+//! built from a `candle_nn::VarBuilder` under the same PyTorch keys, channels-first like
+//! PyTorch, with candle's autograd through it, close to the native block's speed and in
+//! O(N·C) memory), and the fused attention as a candle op with a backward pass,
+//! `nonlocal::candle::attention`.
+//! [`NonLocalBlock::forward_channels_first`] runs the native block in PyTorch's layout.
+//!
 //! # Speed and memory
 //! The forward pass never builds the N×M matrix: the Gaussian modes use a fused online-softmax
 //! kernel (as FlashAttention), dot product uses `θ·(φᵀg)`, concatenation a sort and prefix
@@ -115,20 +124,32 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
-// The layers, bottom to top; each imports only from those listed before it.
+// The layers, bottom to top: each imports only from those above it in this list.
 mod checkpoint;
+
 mod error;
+
 mod workspace;
+
 // Reached from outside only through the hidden `internal` module; its docs link freely
 // between kernels, some of them private.
-mod block;
-mod config;
-mod family;
 #[allow(rustdoc::private_intra_doc_links)]
 mod kernels;
-mod load;
+
+mod config;
+
 mod params;
+
+mod load;
+
 mod plan;
+
+mod block;
+
+mod family;
+
+#[cfg(feature = "candle")]
+pub mod candle;
 
 /// The ndarray version every signature of this crate uses (0.17), re-exported so a caller's
 /// arrays are of the same crate.

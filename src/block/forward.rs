@@ -1,7 +1,7 @@
 //! The forward pass: the entry points per input layout, then one sample at a time, one
 //! function per pairwise mode, each a few kernel calls on the plan's prepared operands.
 
-use ndarray::{Array, ArrayBase, ArrayView4, ArrayView5, Data, DataMut, Dimension};
+use ndarray::{Array, Array5, ArrayBase, ArrayView4, ArrayView5, Data, DataMut, Dimension, Ix5};
 use rayon::prelude::*;
 
 use super::{buffer, Layout, NonLocalBlock};
@@ -129,7 +129,41 @@ impl NonLocalBlock {
         }
     }
 
+    /// Runs the block on clips in PyTorch's layout, (B, C, T, H, W) channels-first with any
+    /// strides, and returns (B, C, T, H, W) in standard layout: the output GEMM writes the
+    /// channel-major result directly (`zᵀ = xᵀ + W·yᵀ + b`), at the speed of
+    /// [`NonLocalBlock::forward`] and without a permuting copy. The same values as `forward`
+    /// on the permuted input, up to float rounding (the output GEMM's operands swap roles).
+    ///
+    /// ```
+    /// use ndarray::Array5;
+    /// use nonlocal::{NonLocalBlock, NonLocalConfig};
+    ///
+    /// let block = NonLocalBlock::new(NonLocalConfig::new(4))?;
+    /// let x = Array5::<f32>::from_shape_fn((1, 4, 2, 4, 4), |(_, c, t, h, w)| (c + t * h + w) as f32 * 0.1);
+    /// let z = block.forward_channels_first(&x)?;
+    /// assert_eq!(z.shape(), &[1, 4, 2, 4, 4]);
+    /// # Ok::<(), nonlocal::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`NonLocalBlock::forward`] (shapes in them are named channels-last, (B, T, H, W, C)).
+    pub fn forward_channels_first<S>(&self, x: &ArrayBase<S, Ix5>) -> Result<Array5<f32>>
+    where
+        S: Data<Elem = f32>,
+    {
+        let x5 = self.check_input(x.view().permuted_axes([0, 2, 3, 4, 1]).into_dyn(), Layout::Clips)?;
+        let mut out = buffer(x5.len(), "output")?;
+        self.forward_ordered(x5, &mut out, Order::ChannelMajor)?;
+        Ok(Array5::from_shape_vec(x.raw_dim(), out).expect("output has the input's element count"))
+    }
+
     fn forward_checked(&self, x5: ArrayView5<'_, f32>, out: &mut [f32]) -> Result<()> {
+        self.forward_ordered(x5, out, Order::PositionMajor)
+    }
+
+    /// Every sample of `x5` into `out`, each sample positions × channels or channels × positions.
+    fn forward_ordered(&self, x5: ArrayView5<'_, f32>, out: &mut [f32], order: Order) -> Result<()> {
         let (_, t, h, w, c) = x5.dim();
         let n = t * h * w;
         for (sample, out_sample) in x5.outer_iter().zip(out.chunks_mut(n * c)) {
@@ -137,9 +171,9 @@ impl NonLocalBlock {
             let x = sample_matrix(sample, &mut copy);
             let prepared = prepare(&self.config, &self.compiled, &self.workspace, (x, [t, h, w]), Purpose::Inference)?;
             match self.config.mode {
-                Mode::EmbeddedGaussian | Mode::Gaussian => self.forward_softmax(&prepared, out_sample)?,
-                Mode::DotProduct => self.forward_dot_product(&prepared, out_sample)?,
-                Mode::Concatenation => self.forward_concatenation(&prepared, out_sample)?,
+                Mode::EmbeddedGaussian | Mode::Gaussian => self.forward_softmax(&prepared, out_sample, order)?,
+                Mode::DotProduct => self.forward_dot_product(&prepared, out_sample, order)?,
+                Mode::Concatenation => self.forward_concatenation(&prepared, out_sample, order)?,
             }
         }
         Ok(())
@@ -147,7 +181,7 @@ impl NonLocalBlock {
 
     /// The (embedded) Gaussian modes: the fused online-softmax attention, with `W_z` applied
     /// to the M values first when the plan says that is cheaper.
-    fn forward_softmax(&self, p: &Prepared<'_>, out: &mut [f32]) -> Result<()> {
+    fn forward_softmax(&self, p: &Prepared<'_>, out: &mut [f32], order: Order) -> Result<()> {
         let (n, m, c, ci) = (p.x.rows(), p.m, self.config.in_channels, self.config.inter_channels);
         let (q, k, bias) = p.attention_operands();
         let scale = self.config.logit_scale();
@@ -156,12 +190,22 @@ impl NonLocalBlock {
             // W_out·Σ_j a_ij ĝ_j = Σ_j a_ij (W_out ĝ_j): aggregate C columns instead of C'.
             let mut vw = self.workspace.take(m * c, "projected values")?;
             self.compiled.w_out.apply(p.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c), &self.workspace);
-            attend(MatRef::new(&vw, 0, m, c, c), out);
-            self.add_residual(p.x, out);
+            match order {
+                Order::PositionMajor => {
+                    attend(MatRef::new(&vw, 0, m, c, c), out);
+                    self.add_residual(p.x, out);
+                }
+                Order::ChannelMajor => {
+                    let mut rows = self.workspace.take(n * c, "attention output")?;
+                    attend(MatRef::new(&vw, 0, m, c, c), &mut rows);
+                    self.residual_channels(p.x, out);
+                    add_transposed(MatRef::new(&rows, 0, n, c, c), out);
+                }
+            }
         } else {
             let mut y = self.workspace.take(n * ci, "y")?;
             attend(p.values(), &mut y);
-            self.output(p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
+            self.output_in(order, p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
         }
         Ok(())
     }
@@ -169,10 +213,10 @@ impl NonLocalBlock {
     /// Dot product: `y = θ·(φᵀg/M)`, the C'×C' product instead of the N×M matrix, or where the
     /// plan finds it cheaper (few keys, many channels) the direct `(θφᵀ/M)·g` with θ folded into
     /// the keys and `W_z` into the values, as the softmax modes.
-    fn forward_dot_product(&self, p: &Prepared<'_>, out: &mut [f32]) -> Result<()> {
+    fn forward_dot_product(&self, p: &Prepared<'_>, out: &mut [f32], order: Order) -> Result<()> {
         let (n, c, ci) = (p.x.rows(), self.config.in_channels, self.config.inter_channels);
         if self.compiled.dot_product_direct(n, p.m) {
-            return self.forward_dot_product_direct(p, out);
+            return self.forward_dot_product_direct(p, out, order);
         }
         let kv = key_value_product(p.keys(), p.values(), 1.0 / p.m as f32);
         let kv = MatRef::new(&kv, 0, ci, ci, ci);
@@ -180,18 +224,18 @@ impl NonLocalBlock {
             // z = x + θ·((φᵀg/M)·W_outᵀ) + b_out.
             let mut folded = vec![0.0f32; ci * c];
             par_gemm(1.0, kv, self.compiled.w_out.view().t(), 0.0, &mut MatMut::new(&mut folded, ci, c, c));
-            self.output(p.x, p.queries(), Some(MatRef::new(&folded, 0, ci, c, c)), out);
+            self.output_in(order, p.x, p.queries(), Some(MatRef::new(&folded, 0, ci, c, c)), out);
         } else {
             let mut y = self.workspace.take(n * ci, "y")?;
             par_gemm(1.0, p.queries(), kv, 0.0, &mut MatMut::new(&mut y, n, ci, ci));
-            self.output(p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
+            self.output_in(order, p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
         }
         Ok(())
     }
 
     /// Dot product's direct form: logits `S = q·kᵀ (+ offsets)` (N × M: no larger than the
     /// projections where the plan picks it), then `S·v/M`.
-    fn forward_dot_product_direct(&self, p: &Prepared<'_>, out: &mut [f32]) -> Result<()> {
+    fn forward_dot_product_direct(&self, p: &Prepared<'_>, out: &mut [f32], order: Order) -> Result<()> {
         let (n, m, c, ci) = (p.x.rows(), p.m, self.config.in_channels, self.config.inter_channels);
         let (q, k, bias) = p.attention_operands();
         let mut logits = self.workspace.take(n * m, "dot-product logits")?;
@@ -207,24 +251,55 @@ impl NonLocalBlock {
         if self.compiled.folds_values(n, m) {
             let mut vw = self.workspace.take(m * c, "projected values")?;
             self.compiled.w_out.apply(p.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c), &self.workspace);
-            self.residual_rows(p.x, out, |row, residual| row.copy_from_slice(residual));
-            par_gemm(inv_m, s, MatRef::new(&vw, 0, m, c, c), 1.0, &mut MatMut::new(out, n, c, c));
+            let vw = MatRef::new(&vw, 0, m, c, c);
+            match order {
+                Order::PositionMajor => {
+                    self.residual_rows(p.x, out, |row, residual| row.copy_from_slice(residual));
+                    par_gemm(inv_m, s, vw, 1.0, &mut MatMut::new(out, n, c, c));
+                }
+                Order::ChannelMajor => {
+                    self.residual_channels(p.x, out);
+                    par_gemm(inv_m, vw.t(), s.t(), 1.0, &mut MatMut::new(out, c, n, n));
+                }
+            }
         } else {
             let mut y = self.workspace.take(n * ci, "y")?;
             par_gemm(inv_m, s, p.values(), 0.0, &mut MatMut::new(&mut y, n, ci, ci));
-            self.output(p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
+            self.output_in(order, p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
         }
         Ok(())
     }
 
     /// Concatenation: sorted keys and prefix sums (see [`concat_attention`]).
-    fn forward_concatenation(&self, p: &Prepared<'_>, out: &mut [f32]) -> Result<()> {
+    fn forward_concatenation(&self, p: &Prepared<'_>, out: &mut [f32], order: Order) -> Result<()> {
         let (n, ci) = (p.x.rows(), self.config.inter_channels);
         let mut y = self.workspace.take(n * ci, "y")?;
         let b = p.concat_b(&self.compiled.w_phi);
         concat_attention(p.concat_a(), &b, p.values(), &mut y);
-        self.output(p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
+        self.output_in(order, p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
         Ok(())
+    }
+
+    /// [`NonLocalBlock::output`], or with [`Order::ChannelMajor`] its transpose
+    /// `outᵀ ← xᵀ + Wᵀ·yᵀ + b_out` (C × N): the GEMM writes channel-major rows directly.
+    fn output_in(&self, order: Order, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
+        if order == Order::PositionMajor {
+            return self.output(x, y, w, out);
+        }
+        let (n, c) = (x.rows(), x.cols());
+        self.residual_channels(x, out);
+        let w_t = w.map_or_else(|| self.compiled.w_out.view(), |w| w.t());
+        par_gemm(1.0, w_t, y.t(), 1.0, &mut MatMut::new(out, c, n, n));
+    }
+
+    /// `outᵀ ← xᵀ + b_out` (C × N), channel rows in parallel.
+    fn residual_channels(&self, x: MatRef<'_>, out: &mut [f32]) {
+        let n = x.rows();
+        out.par_chunks_mut(n.max(1)).enumerate().for_each(|(ch, row)| {
+            x.cols_range(ch, ch + 1).t().copy_row(0, row);
+            let bias = self.compiled.b_out[ch];
+            row.iter_mut().for_each(|v| *v += bias);
+        });
     }
 
     /// `out ← x + y·W + b_out` with W = `w` (C' × C) or `W_outᵀ`.
@@ -260,6 +335,30 @@ impl NonLocalBlock {
     }
 }
 
+/// The order of a sample's output: positions × channels (channels-last, as `forward`) or
+/// channels × positions (channels-first, as `forward_channels_first`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    PositionMajor,
+    ChannelMajor,
+}
+
+/// `out ← out + mᵀ` for `m` N × C and `out` C × N row-major, 32 channel rows at a time in
+/// parallel.
+fn add_transposed(m: MatRef<'_>, out: &mut [f32]) {
+    const TILE: usize = 32;
+    let (n, c) = (m.rows(), m.cols());
+    out.par_chunks_mut(TILE * n.max(1)).enumerate().for_each(|(t, rows)| {
+        let c0 = t * TILE;
+        let width = rows.len() / n.max(1);
+        for i in 0..n {
+            for dc in 0..width.min(c - c0) {
+                rows[dc * n + i] += m.at(i, c0 + dc);
+            }
+        }
+    });
+}
+
 /// The sample (T, H, W, C) as an N × C matrix: a view of the input when its positions have
 /// one common stride, else a contiguous copy in `copy`.
 pub(crate) fn sample_matrix<'a>(sample: ArrayView4<'a, f32>, copy: &'a mut Vec<f32>) -> MatRef<'a> {
@@ -292,7 +391,62 @@ pub(crate) fn sample_matrix<'a>(sample: ArrayView4<'a, f32>, copy: &'a mut Vec<f
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::{s, Array5, Axis};
+    use crate::config::NonLocalConfig;
+    use crate::params::Parameters;
+    use ndarray::{s, Axis};
+
+    /// A block with every parameter non-trivial.
+    fn busy_block(config: NonLocalConfig, seed: u64) -> NonLocalBlock {
+        let mut params = Parameters::init(&config, seed);
+        if let Some(bn) = &mut params.bn {
+            bn.weight.fill(0.7);
+            bn.bias.fill(-0.2);
+        }
+        params.w_z.weight.mapv_inplace(|v| v + 0.1);
+        NonLocalBlock::from_parameters(config, params).unwrap()
+    }
+
+    #[test]
+    fn forward_channels_first_is_forward_transposed_in_every_path() {
+        // (C, C', grid, pooling): the plain paths, the dot-product fold (N > C) and not, the
+        // values fold of the softmax modes and dot product's direct form (few keys, many
+        // channels).
+        let shapes = [
+            (6, 3, [2, 5, 7], Some([1, 2, 2])),
+            (40, 8, [1, 3, 4], None),
+            (64, 32, [1, 8, 8], Some([1, 2, 2])),
+            (40, 20, [1, 4, 6], Some([1, 2, 2])),
+        ];
+        for mode in Mode::ALL {
+            for (i, &(c, ci, [t, h, w], pool)) in shapes.iter().enumerate() {
+                let config = NonLocalConfig::new(c).inter_channels(ci).mode(mode).sub_sample(pool);
+                let block = busy_block(config, 7 + i as u64);
+                let x = Array5::<f32>::from_shape_fn((2, c, t, h, w), |(b, ch, tt, hh, ww)| {
+                    (((b * 7 + ch * 13 + tt * 5 + hh * 3 + ww) % 17) as f32 - 8.0) * 0.1
+                });
+                let want = block.forward(&x.view().permuted_axes([0, 2, 3, 4, 1])).unwrap();
+                let runs: Vec<_> = [1, 2, 3]
+                    .iter()
+                    .map(|&threads| {
+                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                        pool.install(|| block.forward_channels_first(&x).unwrap())
+                    })
+                    .collect();
+                let got = &runs[0];
+                assert_eq!(got.shape(), x.shape());
+                let want = want.permuted_axes([0, 4, 1, 2, 3]);
+                let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+                let err = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(err < 1e-5 * scale, "{mode} shape {i}: {err}");
+                for run in &runs[1..] {
+                    assert!(run.iter().zip(got.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{mode} {i}: threads");
+                }
+            }
+        }
+        let block = NonLocalBlock::new(NonLocalConfig::new(4)).unwrap();
+        let wrong = Array5::<f32>::zeros((1, 3, 2, 4, 4));
+        assert!(matches!(block.forward_channels_first(&wrong), Err(Error::InputChannels { expected: 4, .. })));
+    }
 
     #[test]
     fn sample_matrix_views_collapsible_layouts_and_copies_others() {

@@ -156,6 +156,13 @@ impl NonLocalBlock {
         &self.workspace
     }
 
+    /// Makes the block take its scratch buffers from `workspace` (shared with other blocks or
+    /// ops that run one after the other).
+    #[cfg_attr(not(feature = "candle"), allow(dead_code))]
+    pub(crate) fn share_workspace(&mut self, workspace: Arc<Workspace>) {
+        self.workspace = workspace;
+    }
+
     /// Identifies the current parameters (see [`TrainContext`]).
     pub(crate) fn generation(&self) -> u64 {
         self.generation

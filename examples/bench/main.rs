@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--shape NAME] [--mode eg|dp|concat|gauss] [--reps N] [--backward]
+//!     [--block nl|gc] [--candle]
 //! ```
 //!
 //! First measures the sgemm peak: the best 2048×2048×2048 sgemm a Rust crate runs on this
@@ -17,6 +18,15 @@
 //!
 //! With `--backward`, each case adds a line
 //! `shape=… mode=… pass=train ms=<median forward_train + backward> gflops=<3 × nominal / ms> …`.
+//!
+//! With `--candle` (build with `--features candle`), every line says its `backend` and the peak
+//! heap of one run above what was live before it (`peak_mb`, counted by the bench's allocator),
+//! and each case adds `backend=candle` (the `nonlocal::candle::NonLocal` layer on the same
+//! parameters, channels-first input (1, C, T, H, W)) and `backend=candle-plain` (the same layer
+//! in plain candle ops, `NonLocal::forward_plain`: the N×M attention); with `--backward` their
+//! `pass=train` lines time forward + `backward()` of `Σ z ⊙ grad_output` (every parameter is a
+//! `Var`, and so is the input, as the output of earlier layers would be). The three backends run
+//! in turn within each repetition, so a change of machine load moves them alike.
 //!
 //! `--block gc` times the global context block (GCNet) instead, at ResNet-50 stage 4
 //! detection size (C = 2048, H = 25, W = 42): a memory-bound block, so it is compared with
@@ -36,11 +46,17 @@ use std::time::Instant;
 use ndarray::Array5;
 use nonlocal::internal::kernels::gemm::par_gemm;
 use nonlocal::internal::kernels::views::{MatMut, MatRef};
-use nonlocal::{
-    BatchNorm, ContextBlock, ContextConfig, ContextMlp, ContextParameters, Conv1x1, Mode, NonLocalBlock,
-    NonLocalConfig, Parameters,
-};
+use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters};
 use rayon::prelude::*;
+
+#[cfg(feature = "candle")]
+mod candle_backend;
+mod context;
+#[path = "../support/peak_alloc.rs"]
+mod peak_alloc;
+
+#[global_allocator]
+static ALLOC: peak_alloc::PeakAlloc = peak_alloc::PeakAlloc;
 
 /// (name, C, T, H, W) with B = 1, sub-sampling 1x2x2, C' = C/2, BatchNorm.
 const SHAPES: [(&str, usize, usize, usize, usize); 4] = [
@@ -62,12 +78,13 @@ struct Args {
     mode: Option<String>,
     reps: usize,
     backward: bool,
+    candle: bool,
     /// `nl` (the non-local block, default) or `gc` (the global context block).
     block: String,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { shape: None, mode: None, reps: 5, backward: false, block: "nl".into() };
+    let mut args = Args { shape: None, mode: None, reps: 5, backward: false, candle: false, block: "nl".into() };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -76,15 +93,11 @@ fn parse_args() -> Result<Args, String> {
             "--mode" => args.mode = Some(value()?),
             "--backward" => args.backward = true,
             "--block" => args.block = value()?,
+            "--candle" if cfg!(feature = "candle") => args.candle = true,
+            "--candle" => return Err("--candle needs the bench built with --features candle".into()),
             "--reps" => args.reps = value()?.parse().map_err(|e| format!("--reps: {e}"))?,
             other => return Err(format!("unknown argument {other}")),
         }
-    }
-    if !["nl", "gc"].contains(&args.block.as_str()) {
-        return Err(format!("unknown block {}: nl or gc", args.block));
-    }
-    if args.block == "gc" {
-        return Ok(args);
     }
     if let Some(s) = &args.shape {
         if !SHAPES.iter().any(|(n, ..)| n == s) {
@@ -221,6 +234,14 @@ fn bench_block(mode: Mode, c: usize) -> NonLocalBlock {
     NonLocalBlock::from_parameters(config, params).expect("bench parameters fit")
 }
 
+/// The peak heap of one run of `run` above what was live before, in MB.
+fn peak_mb(run: &mut dyn FnMut()) -> f64 {
+    let base = peak_alloc::live_bytes();
+    peak_alloc::reset_peak();
+    run();
+    peak_alloc::peak_above(base) as f64 / 1e6
+}
+
 /// Median wall time of `reps` runs after one warm-up run.
 fn median_seconds(reps: usize, mut run: impl FnMut()) -> f64 {
     run();
@@ -244,7 +265,7 @@ fn main() {
         }
     };
     if args.block == "gc" {
-        bench_context_block(&args);
+        context::bench_context_block(&args);
         return;
     }
     let threads = rayon::current_num_threads();
@@ -270,97 +291,58 @@ fn main() {
             }
             let block = bench_block(mode, c);
             let flops = nominal_flops(mode, c, n, m);
-            let median = median_seconds(args.reps, || {
-                std::hint::black_box(block.forward(&x).expect("bench forward"));
-            });
-            let gflops = flops / median / 1e9;
-            println!(
-                "shape={name} mode={mode_name} ms={:.2} gflops={gflops:.1} sgemm_gflops={peak:.1} pct_peak={:.1}",
-                median * 1e3,
-                100.0 * gflops / peak
-            );
-            if args.backward {
-                let grad_output = x.mapv(|v| v * 0.5);
-                let median = median_seconds(args.reps, || {
-                    let (z, ctx) = block.forward_train(&x).expect("bench forward_train");
-                    std::hint::black_box(z);
-                    std::hint::black_box(block.backward(&ctx, &grad_output).expect("bench backward"));
-                });
-                let gflops = 3.0 * flops / median / 1e9;
+            let report = |backend: &str, pass: &str, median: f64, flops: f64, heap: Option<f64>| {
+                let gflops = flops / median / 1e9;
+                let (backend, peak_field) = match (args.candle, heap) {
+                    (true, Some(mb)) => (format!(" backend={backend}"), format!(" peak_mb={mb:.1}")),
+                    _ => (String::new(), String::new()),
+                };
                 println!(
-                    "shape={name} mode={mode_name} pass=train ms={:.2} gflops={gflops:.1} sgemm_gflops={peak:.1} pct_peak={:.1}",
+                    "shape={name} mode={mode_name}{backend}{pass} ms={:.2} gflops={gflops:.1} sgemm_gflops={peak_gf:.1} pct_peak={:.1}{peak_field}",
                     median * 1e3,
-                    100.0 * gflops / peak
+                    100.0 * gflops / peak,
+                    peak_gf = peak,
                 );
+            };
+            let forward = || {
+                std::hint::black_box(block.forward(&x).expect("bench forward"));
+            };
+            let grad_output = x.mapv(|v| v * 0.5);
+            let train = || {
+                let (z, ctx) = block.forward_train(&x).expect("bench forward_train");
+                std::hint::black_box(z);
+                std::hint::black_box(block.backward(&ctx, &grad_output).expect("bench backward"));
+            };
+            #[cfg(feature = "candle")]
+            if args.candle {
+                // The backends in turn within each repetition, so a change of machine load
+                // between them moves all three alike.
+                let layer = candle_backend::Layer::new(&block, &x, &grad_output);
+                let backends = ["native", "candle", "candle-plain"];
+                let (mut forward, mut candle, mut plain) = (forward, || layer.forward(false), || layer.forward(true));
+                let mut runs: [&mut dyn FnMut(); 3] = [&mut forward, &mut candle, &mut plain];
+                let medians = interleaved_medians(args.reps, &mut runs);
+                for ((backend, (median, _)), run) in backends.iter().zip(medians).zip(runs.iter_mut()) {
+                    report(backend, "", median, flops, Some(peak_mb(run)));
+                }
+                if args.backward {
+                    let (mut train, mut candle, mut plain) = (train, || layer.train(false), || layer.train(true));
+                    let mut runs: [&mut dyn FnMut(); 3] = [&mut train, &mut candle, &mut plain];
+                    let medians = interleaved_medians(args.reps, &mut runs);
+                    for ((backend, (median, _)), run) in backends.iter().zip(medians).zip(runs.iter_mut()) {
+                        report(backend, " pass=train", median, 3.0 * flops, Some(peak_mb(run)));
+                    }
+                }
+                continue;
+            }
+            let median = median_seconds(args.reps, forward);
+            report("native", "", median, flops, Some(peak_mb(&mut { forward })));
+            if args.backward {
+                let median = median_seconds(args.reps, train);
+                report("native", " pass=train", median, 3.0 * flops, Some(peak_mb(&mut { train })));
             }
         }
     }
-}
-
-/// The context block's configurations timed by `--block gc`: GCNet's detection settings in
-/// mmdetection (ratio 1/16 and 1/4, attention pooling, add fusion) and timm's default.
-fn context_configs(c: usize) -> [(&'static str, ContextConfig); 3] {
-    [
-        ("mmcv-r16-add", ContextConfig::mmcv(c, 1.0 / 16.0)),
-        ("mmcv-r4-add", ContextConfig::mmcv(c, 0.25)),
-        ("timm-scale", ContextConfig::timm(c)),
-    ]
-}
-
-/// A context block with every parameter non-trivial.
-fn bench_context(config: ContextConfig) -> ContextBlock {
-    let (c, p) = (config.in_channels, config.planes);
-    let mut state = 0x0123_4567_89ab_cdefu64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    };
-    let mut conv = |out: usize, inp: usize| {
-        let scale = 1.0 / (inp as f32).sqrt();
-        Conv1x1::new(
-            ndarray::Array2::from_shape_fn((out, inp), |_| next() * scale),
-            Some(ndarray::Array1::from_shape_fn(out, |_| next() * 0.1)),
-        )
-    };
-    let mask = Some(conv(1, c));
-    let mut mlp = |on: bool| {
-        on.then(|| ContextMlp {
-            conv1: conv(p, c),
-            ln_weight: ndarray::Array1::ones(p),
-            ln_bias: ndarray::Array1::zeros(p),
-            conv2: conv(c, p),
-        })
-    };
-    let (add, mul) = (mlp(config.fuse_add), mlp(config.fuse_mul));
-    ContextBlock::from_parameters(config, ContextParameters { mask, add, mul }).expect("bench parameters fit")
-}
-
-/// One parallel copy of `x` into `out`, in 64k-float chunks over the current rayon pool (as
-/// the block's passes run).
-fn copy_probe(x: &[f32], out: &mut [f32]) {
-    out.par_chunks_mut(1 << 16).zip(x.par_chunks(1 << 16)).for_each(|(o, x)| o.copy_from_slice(x));
-    std::hint::black_box(out);
-}
-
-/// One parallel sum over `x`: 64 lanes (four AVX-512 vectors) so the adds keep up with
-/// the loads.
-fn sum_probe(x: &[f32]) {
-    let total: f32 = x
-        .par_chunks(1 << 16)
-        .map(|x| {
-            let (blocks, tail) = x.as_chunks::<64>();
-            let mut acc = [0.0f32; 64];
-            for block in blocks {
-                for (a, &v) in acc.iter_mut().zip(block) {
-                    *a += v;
-                }
-            }
-            acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
-        })
-        .sum();
-    std::hint::black_box(total);
 }
 
 /// (median, min) seconds of each of `runs`, timed interleaved (one of each per round, `reps`
@@ -383,84 +365,4 @@ fn interleaved_medians(reps: usize, runs: &mut [&mut dyn FnMut()]) -> Vec<(f64, 
             (t[t.len() / 2], t[0])
         })
         .collect()
-}
-
-fn bench_context_block(args: &Args) {
-    let (name, c, h, w) = ("detect-res5", 2048, 25, 42);
-    let threads = rayon::current_num_threads();
-    let x = Array5::<f32>::from_shape_fn((1, 1, h, w, c), |(_, _, hi, wi, ci)| {
-        (((hi * 17 + wi * 7 + ci * 3) % 29) as f32 / 29.0 - 0.5) * 2.0
-    });
-    let x_images = x.index_axis(ndarray::Axis(1), 0);
-    let xs = x.as_slice().expect("standard layout");
-    let mut out = Array5::<f32>::zeros(x.raw_dim());
-    let mut copy_out = vec![0.0f32; xs.len()];
-    let bytes = (x.len() * 4) as f64;
-    let gbs = |bytes: f64, seconds: f64| bytes / seconds / 1e9;
-    // Sub-millisecond runs: many rounds for stable medians.
-    let reps = args.reps.max(5) * 20;
-    println!("threads={threads} simd={} x_mb={:.1}", nonlocal::simd_path(), bytes / 1e6);
-    for (config_name, config) in context_configs(c) {
-        let block = bench_context(config);
-        let weights: usize = block.parameters().named(block.config().naming).iter().map(|(_, t)| t.len()).sum();
-        let weight_bytes = (weights * 4) as f64;
-        // One position: pooling and fusion vanish, the MLPs remain.
-        let one = x.slice(ndarray::s![.., .., ..1, ..1, ..]).to_owned();
-        let t = interleaved_medians(
-            reps,
-            &mut [
-                &mut || {
-                    std::hint::black_box(block.forward(&one).expect("bench forward"));
-                },
-                &mut || copy_probe(xs, &mut copy_out),
-                &mut || sum_probe(xs),
-                &mut || {
-                    std::hint::black_box(block.context(&x_images).expect("bench context"));
-                },
-                &mut || block.forward_into(&x, &mut out).expect("bench forward"),
-                &mut || {
-                    std::hint::black_box(block.forward(&x).expect("bench forward"));
-                },
-            ],
-        );
-        let ((mlp, _), (copy, copy_min), (sum, _), (pool, _), (forward, forward_min), (alloc, _)) =
-            (t[0], t[1], t[2], t[3], t[4], t[5]);
-        // Streaming bound: x read twice, out written once, the MLP weights read once.
-        let ideal = copy + sum * (1.0 + weight_bytes / bytes);
-        println!(
-            "shape={name} block=gc config={config_name} ms={:.3} gbs={:.1} copy_gbs={:.1} sum_gbs={:.1} pct_copy={:.1} \
-             pct_ideal={:.1} pool_ms={:.3} mlp_ms={:.3} copy_ms={:.3} sum_ms={:.3} weights_mb={:.1} min_ms={:.3} min_pct_copy={:.1} alloc_ms={:.3}",
-            forward * 1e3,
-            gbs(2.0 * bytes, forward),
-            gbs(2.0 * bytes, copy),
-            gbs(bytes, sum),
-            100.0 * copy / forward,
-            100.0 * ideal / forward,
-            pool * 1e3,
-            mlp * 1e3,
-            copy * 1e3,
-            sum * 1e3,
-            weight_bytes / 1e6,
-            forward_min * 1e3,
-            100.0 * copy_min / forward_min,
-            alloc * 1e3
-        );
-        if args.backward {
-            let grad_output = x.mapv(|v| v * 0.5);
-            let t = interleaved_medians(
-                args.reps.max(5) * 4,
-                &mut [&mut || copy_probe(xs, &mut copy_out), &mut || {
-                    let (z, ctx) = block.forward_train(&x).expect("bench forward_train");
-                    std::hint::black_box(z);
-                    std::hint::black_box(block.backward(&ctx, &grad_output).expect("bench backward"));
-                }],
-            );
-            println!(
-                "shape={name} block=gc config={config_name} pass=train ms={:.3} pct_copy={:.1} copy_ms={:.3}",
-                t[1].0 * 1e3,
-                100.0 * t[0].0 / t[1].0,
-                t[0].0 * 1e3
-            );
-        }
-    }
 }

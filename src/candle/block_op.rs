@@ -1,0 +1,256 @@
+//! The whole block as one custom candle op on the CPU: [`NonLocalBlock`]'s own forward (and
+//! `forward_train` + `backward` when gradients are needed), so the candle layer runs at the
+//! native block's speed.
+//!
+//! **Why one op.** Candle's backward adds every gradient into a fresh zero tensor
+//! (`or_insert` + `add`) and pads the gradient of every `narrow` with a concatenation: a
+//! chain of small ops (projection, narrows of it, pooling, attention, output) pays several
+//! full passes over N×C' tensors per op in the backward pass, which measured 1.8× the native
+//! `forward_train` + `backward` at video-res3 (commit "candle feature: …" had that chain).
+//! As one op, the only N-sized gradients candle handles are those of the output and of the
+//! input.
+//!
+//! **What it keeps for the backward pass.** The op's `cpu_fwd` runs `forward_train` and keeps
+//! the block and its [`TrainContext`](crate::TrainContext) (O(N·C): the projections, pooled
+//! keys, y and one log-sum-exp per query, never N×M) inside the op itself, which candle holds
+//! in the graph for `bwd`. When neither the input nor a parameter needs a gradient, it is
+//! applied without backward and runs the inference `forward` (with its folds) instead.
+//!
+//! **Parameters** travel as one flat f32 tensor (their concatenation, a candle op whose
+//! backward hands each parameter its slice of the gradient), in the order of
+//! [`ParameterGradients::named`](crate::ParameterGradients::named), the BatchNorm running
+//! statistics last (detached).
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use ndarray::{Array1, Array2, ArrayView5, ShapeBuilder};
+
+use super::views::{collapsed, f32_data, transpose_into, with_cpu_f32, MatBatch};
+use crate::block::NonLocalBlock;
+use crate::block::TrainContext;
+use crate::config::NonLocalConfig;
+use crate::kernels::views::MatRef;
+use crate::params::{BatchNorm, Conv1x1, Parameters};
+use crate::workspace::Workspace;
+
+/// Which optional parameters the flat tensor holds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Present {
+    pub(crate) theta_phi: bool,
+    pub(crate) bias: [bool; 4],
+    pub(crate) bn: bool,
+    pub(crate) concat: bool,
+}
+
+/// The entries of the flat parameter tensor: name and element count, in order.
+pub(crate) fn entries(config: &NonLocalConfig, present: Present) -> Vec<(&'static str, usize)> {
+    let (c, ci) = (config.in_channels, config.inter_channels);
+    let mut out = Vec::new();
+    let convs: [(&str, &str, usize, usize); 4] = [
+        ("theta.weight", "theta.bias", ci, c),
+        ("phi.weight", "phi.bias", ci, c),
+        ("g.weight", "g.bias", ci, c),
+        ("w_z.weight", "w_z.bias", c, ci),
+    ];
+    for (i, (w, b, o, inp)) in convs.into_iter().enumerate() {
+        if i < 2 && !present.theta_phi {
+            continue;
+        }
+        out.push((w, o * inp));
+        if present.bias[i] {
+            out.push((b, o));
+        }
+    }
+    if present.bn {
+        out.extend([("bn.weight", c), ("bn.bias", c)]);
+    }
+    if present.concat {
+        out.push(("concat_project", 2 * ci));
+    }
+    if present.bn {
+        out.extend([("bn.running_mean", c), ("bn.running_var", c)]);
+    }
+    out
+}
+
+/// The inference block a layer keeps, with the flat parameters it was built from.
+pub(crate) type BlockCache = Arc<Mutex<Option<(Vec<f32>, NonLocalBlock)>>>;
+
+/// The block on channels-first input (B, C, positions…) with flat parameters.
+pub(crate) struct BlockOp {
+    pub(crate) config: NonLocalConfig,
+    pub(crate) present: Present,
+    /// Whether to run `forward_train` and keep what `bwd` needs.
+    pub(crate) train: bool,
+    /// The layer's scratch buffers, kept between calls (fresh pages for every projection and
+    /// gradient buffer would cost more than some of the passes that fill them).
+    pub(crate) workspace: Arc<Workspace>,
+    /// The layer's last inference block and the flat parameters it was built from: reused
+    /// when they are equal (one comparison instead of rebuilding the packed weights).
+    pub(crate) cache: BlockCache,
+    pub(crate) saved: Mutex<Option<(NonLocalBlock, TrainContext)>>,
+}
+
+fn wrap(e: crate::Error) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
+
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("nonlocal: a lock was poisoned by a panic".into())
+}
+
+impl BlockOp {
+    /// Parameters from the flat f32 values.
+    fn parameters(&self, flat: &[f32]) -> Result<Parameters> {
+        let entries = entries(&self.config, self.present);
+        let total: usize = entries.iter().map(|e| e.1).sum();
+        if flat.len() != total {
+            candle_core::bail!("nonlocal: {} parameter values, expected {total}", flat.len());
+        }
+        let (c, ci) = (self.config.in_channels, self.config.inter_channels);
+        let mut at = 0;
+        let mut take = |len: usize| {
+            let part = &flat[at..at + len];
+            at += len;
+            part.to_vec()
+        };
+        let mut values = std::collections::HashMap::new();
+        for (name, len) in &entries {
+            values.insert(*name, take(*len));
+        }
+        let mut conv = |name: &str, out: usize, inp: usize| -> Option<Conv1x1> {
+            let weight = values.remove(format!("{name}.weight").as_str())?;
+            let bias = values.remove(format!("{name}.bias").as_str()).map(Array1::from_vec);
+            Some(Conv1x1 { weight: Array2::from_shape_vec((out, inp), weight).expect("sized by entries"), bias })
+        };
+        let theta = conv("theta", ci, c);
+        let phi = conv("phi", ci, c);
+        let g = conv("g", ci, c).expect("g is always present");
+        let w_z = conv("w_z", c, ci).expect("W_z is always present");
+        let mut vector = |name: &str| values.remove(name).map(Array1::from_vec);
+        let bn = match (vector("bn.weight"), vector("bn.bias"), vector("bn.running_mean"), vector("bn.running_var")) {
+            (Some(weight), Some(bias), Some(running_mean), Some(running_var)) => {
+                Some(BatchNorm { weight, bias, running_mean, running_var })
+            }
+            _ => None,
+        };
+        let concat_project = vector("concat_project");
+        Ok(Parameters { theta, phi, g, w_z, bn, concat_project })
+    }
+}
+
+/// A channels-first tensor's storage (B, C, positions…) viewed as (B, C, T, H, W).
+fn channels_first<'a>(data: &'a [f32], layout: &Layout) -> Result<ArrayView5<'a, f32>> {
+    Ok(clips(data, layout)?.permuted_axes([0, 4, 1, 2, 3]))
+}
+
+/// A channels-first tensor's storage (B, C, positions…) viewed as clips (B, T, H, W, C).
+fn clips<'a>(data: &'a [f32], layout: &Layout) -> Result<ArrayView5<'a, f32>> {
+    let (dims, strides) = (layout.dims(), layout.stride());
+    let spatial = dims.len() - 2;
+    let mut shape = [dims[0], 1, 1, 1, dims[1]];
+    let mut st = [strides[0], 0, 0, 0, strides[1]];
+    shape[4 - spatial..4].copy_from_slice(&dims[2..]);
+    st[4 - spatial..4].copy_from_slice(&strides[2..]);
+    let base = data.get(layout.start_offset()..).unwrap_or(&[]);
+    ArrayView5::from_shape(shape.strides(st), base)
+        .map_err(|e| candle_core::Error::Msg(format!("nonlocal: layout {dims:?} strides {strides:?}: {e}")))
+}
+
+/// A channels-first tensor's storage (B, C, positions…) as contiguous clips (B, T, H, W, C)
+/// in a buffer of `workspace` (give it back with [`Workspace::give`]): one blocked transpose
+/// per sample. The block reads a channels-first view fine for its GEMMs, but its training
+/// copies would go element by element.
+fn clips_copy(data: &[f32], layout: &Layout, workspace: &Workspace) -> Result<ndarray::Array5<f32>> {
+    let batch = MatBatch::new(layout, 1, 1, data.len())?;
+    let (c, n) = (batch.rows(), batch.cols());
+    let view = clips(data, layout)?;
+    let mut out = workspace.take(batch.count() * n * c, "channels-last copy").map_err(wrap)?.into_vec();
+    for (s, out) in out.chunks_mut((n * c).max(1)).enumerate().take(batch.count()) {
+        transpose_into(batch.mat(data, s), out);
+    }
+    Ok(ndarray::Array5::from_shape_vec(view.raw_dim(), out).expect("sized from the view"))
+}
+
+/// Clips (B, N, C) row-major → (B, C, N) row-major.
+fn to_channels_first(z: &[f32], b: usize, n: usize, c: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; z.len()];
+    for (s, out) in out.chunks_mut((n * c).max(1)).enumerate().take(b) {
+        transpose_into(MatRef::new(z, s * n * c, n, c, c), out);
+    }
+    out
+}
+
+impl CustomOp2 for BlockOp {
+    fn name(&self) -> &'static str {
+        "nonlocal-block"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sp: &CpuStorage, lp: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, p) = (f32_data(sx, "x")?, f32_data(sp, "parameters")?);
+        let flat = p.get(lp.start_offset()..lp.start_offset() + lp.shape().elem_count()).unwrap_or(&[]);
+        if !lp.is_contiguous() {
+            candle_core::bail!("nonlocal: the flat parameters must be contiguous");
+        }
+        let build = || -> Result<NonLocalBlock> {
+            let mut block =
+                NonLocalBlock::from_parameters(self.config.clone(), self.parameters(flat)?).map_err(wrap)?;
+            block.share_workspace(Arc::clone(&self.workspace));
+            Ok(block)
+        };
+        if self.train {
+            let block = build()?;
+            let copy = clips_copy(x, lx, &self.workspace)?;
+            let (z, ctx) = block.forward_train(&copy).map_err(wrap)?;
+            self.workspace.give(copy.into_raw_vec_and_offset().0);
+            let (b, c) = (z.shape()[0], z.shape()[4]);
+            let n = z.len() / (b * c).max(1);
+            let z = to_channels_first(z.as_slice().expect("the block's output is standard layout"), b, n, c);
+            *self.saved.lock().map_err(|_| poisoned())? = Some((block, ctx));
+            return Ok((CpuStorage::F32(z), lx.shape().clone()));
+        }
+        let mut cache = self.cache.lock().map_err(|_| poisoned())?;
+        if cache.as_ref().is_none_or(|(params, _)| params.as_slice() != flat) {
+            *cache = Some((flat.to_vec(), build()?));
+        }
+        let (_, block) = cache.as_ref().expect("filled above");
+        let z = block.forward_channels_first(&channels_first(x, lx)?).map_err(wrap)?;
+        Ok((CpuStorage::F32(z.into_raw_vec_and_offset().0), lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let saved = self.saved.lock().map_err(|_| poisoned())?;
+        let Some((block, ctx)) = saved.as_ref() else {
+            candle_core::bail!("nonlocal: backward of a block run without gradients");
+        };
+        let grad = collapsed(grad, 1, 1)?;
+        let grads = with_cpu_f32(&grad, "output gradient", |data, layout| {
+            let copy = clips_copy(data, layout, &self.workspace)?;
+            let grads = block.backward(ctx, &copy).map_err(wrap);
+            self.workspace.give(copy.into_raw_vec_and_offset().0);
+            grads
+        })?;
+        // ∂L/∂x comes channels-last (B, T, H, W, C); x is channels-first.
+        let (b, c) = (grads.input.shape()[0], grads.input.shape()[4]);
+        let n = grads.input.len() / (b * c).max(1);
+        let dx = grads.input.as_slice().expect("the block's gradient is standard layout");
+        let dx = Tensor::from_vec(to_channels_first(dx, b, n, c), x.dims(), &candle_core::Device::Cpu)?;
+        let named = grads.params.named();
+        let mut flat = Vec::with_capacity(params.elem_count());
+        for (name, len) in entries(&self.config, self.present) {
+            match named.iter().find(|(n, _)| n == name) {
+                Some((_, g)) => flat.extend(g.iter().copied()),
+                None => flat.extend(std::iter::repeat_n(0.0, len)),
+            }
+        }
+        let dp = Tensor::from_vec(flat, params.dims(), &candle_core::Device::Cpu)?;
+        Ok((x.track_op().then_some(dx), params.track_op().then_some(dp)))
+    }
+}
