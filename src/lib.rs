@@ -119,6 +119,7 @@ mod block;
 mod checkpoint;
 mod config;
 mod error;
+pub mod family;
 mod golden;
 // Reached from outside only through the hidden `internal` module; its docs link freely
 // between kernels, some of them private.
@@ -150,6 +151,10 @@ pub fn simd_path() -> Isa {
 }
 pub use config::{Mode, NonLocalConfig};
 pub use error::{Error, Result};
+pub use family::criss_cross::{
+    CrissCrossAttention, CrissCrossConfig, CrissCrossContext, CrissCrossGradients, CrissCrossParameterGradients,
+    CrissCrossParameters,
+};
 pub use params::{BatchNorm, Conv1x1, Parameters};
 pub use train::{Gradients, ParameterGradients, TrainContext};
 pub use weights::{detect_naming, Naming, WeightKeys};
