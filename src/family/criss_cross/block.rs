@@ -53,7 +53,7 @@ const DEFAULT_SEED: u64 = 0x6363_6e65_7400_0001;
 /// ```
 ///
 /// [paper]: https://arxiv.org/abs/1811.11721
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct CrissCrossAttention {
     pub(crate) config: CrissCrossConfig,
     pub(crate) params: CrissCrossParameters,
@@ -62,6 +62,21 @@ pub struct CrissCrossAttention {
     pub(crate) workspace: Arc<Workspace>,
     /// Identifies the current parameters, so a training context can tell it is stale.
     pub(crate) generation: u64,
+}
+
+impl Clone for CrissCrossAttention {
+    /// The same block, starting without scratch buffers of its own (so clones used on
+    /// different threads do not share them).
+    fn clone(&self) -> Self {
+        CrissCrossAttention {
+            config: self.config.clone(),
+            params: self.params.clone(),
+            keys: self.keys.clone(),
+            compiled: self.compiled.clone(),
+            workspace: Default::default(),
+            generation: self.generation,
+        }
+    }
 }
 
 impl CrissCrossAttention {

@@ -20,9 +20,10 @@ use crate::error::{Error, Result};
 pub struct CrissCrossConfig {
     /// C, the channels of the input, of the values and of the output.
     pub in_channels: usize,
-    /// The channels of the queries and keys. Default `C / 8`, rounded down as mmcv's
-    /// `in_channels // 8`: 0 below 8 channels, where every logit is 0 and each position
-    /// takes the plain mean of the values on its row and column.
+    /// The channels of the queries and keys, at least 1. Default `C / 8`, rounded down as
+    /// mmcv's `in_channels // 8`: that is 0 below 8 channels, which
+    /// [`CrissCrossConfig::validate`] refuses (mmcv builds such a module, but its forward
+    /// fails: PyTorch's `conv2d` takes no zero-channel weight), so set it there.
     pub qk_channels: usize,
     /// How many times the block is applied in a row, with the same weights (CCNet's head
     /// uses 2). Checkpoints do not show it. Default 1.
@@ -41,8 +42,11 @@ impl CrissCrossConfig {
     /// ```
     /// # use nonlocal::CrissCrossConfig;
     /// assert_eq!(CrissCrossConfig::new(20).qk_channels, 2);
-    /// assert_eq!(CrissCrossConfig::new(4).qk_channels, 0); // mmcv: Conv2d(4, 0, 1)
     /// assert_eq!(CrissCrossConfig::new(64).qk_channels(16).qk_channels, 16);
+    /// // mmcv's CrissCrossAttention(4) has Conv2d(4, 0, 1) and cannot run: choose a width.
+    /// assert!(CrissCrossConfig::new(4).validate().is_err());
+    /// CrissCrossConfig::new(4).qk_channels(1).validate()?;
+    /// # Ok::<(), nonlocal::Error>(())
     /// ```
     pub fn qk_channels(mut self, qk_channels: usize) -> Self {
         self.qk_channels = qk_channels;
@@ -70,12 +74,20 @@ impl CrissCrossConfig {
     /// Checks the configuration.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for zero input channels, a recurrence of 0, or channel counts
-    /// whose parameter tensors cannot be sized.
+    /// [`Error::InvalidConfig`] for zero input channels, zero query/key channels (the default
+    /// below 8 input channels), a recurrence of 0, or channel counts whose parameter tensors
+    /// cannot be sized.
     pub fn validate(&self) -> Result<()> {
         let invalid = |reason: String| Err(Error::InvalidConfig { reason });
         if self.in_channels == 0 {
             return invalid("in_channels is 0".into());
+        }
+        if self.qk_channels == 0 {
+            return invalid(format!(
+                "qk_channels is 0 (in_channels {} // 8 as mmcv: its module has zero-channel query and key \
+                 convolutions and cannot run); set qk_channels to at least 1",
+                self.in_channels
+            ));
         }
         if self.recurrence == 0 {
             return invalid("recurrence is 0: the block must be applied at least once".into());
