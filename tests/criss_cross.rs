@@ -149,34 +149,75 @@ fn below_eight_channels_the_query_width_must_be_chosen() {
     assert!(err <= tol, "error {err:.3e}");
 }
 
-#[test]
-fn the_mmcv_golden_case_passes() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/family/cc_mmcv.safetensors");
-    let file = TensorFile::open(path).unwrap();
+/// The criss-cross cases among the family's golden files (`block` = `criss_cross`).
+fn golden_cases() -> Vec<(std::path::PathBuf, TensorFile)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/family");
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .expect("tests/data/family exists")
+        .map(|e| e.expect("readable entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| (p.clone(), TensorFile::open(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))))
+        .filter(|(_, f)| f.metadata().get("block").is_some_and(|b| b == "criss_cross"))
+        .collect()
+}
+
+/// The block a golden file describes, from its metadata and parameters.
+fn golden_block(file: &TensorFile) -> CrissCrossAttention {
     let meta = |key: &str| file.metadata().get(key).unwrap_or_else(|| panic!("metadata {key}")).clone();
-    assert_eq!(meta("block"), "criss_cross");
     assert_eq!(meta("naming"), "mmcv");
     let number = |key: &str| meta(key).parse::<usize>().unwrap();
     let config = CrissCrossConfig::new(number("in_channels"))
         .qk_channels(number("qk_channels"))
         .recurrence(number("recurrence"));
     let keys = WeightKeys::mmcv().with_prefix(meta("prefix"));
-    let block = CrissCrossAttention::from_checkpoint(config, &file, &keys).unwrap();
-    assert!(block.parameters().gamma != 0.0, "the case has a non-zero γ");
-    let x = file.tensor_as::<Ix5>("input").unwrap();
-    let want = file.tensor_as::<Ix5>("output").unwrap();
-    let got = block.forward(&x).unwrap();
-    let want64 = want.mapv(f64::from);
-    let (err, tol) = max_err(got.iter(), want64.iter());
-    assert!(err <= tol, "golden: error {err:.3e} > {tol:.3e}");
-    // The same through the image entry point, forward_into and the training forward.
-    let images = x.index_axis(Axis(1), 0);
-    assert_eq!(bits(block.forward_images(&images).unwrap().iter()), bits(got.iter()));
-    let mut into = Array5::<f32>::from_elem(x.raw_dim(), f32::NAN);
-    block.forward_into(&x, &mut into).unwrap();
-    assert_eq!(bits(into.iter()), bits(got.iter()));
-    let (trained, _) = block.forward_train(&x).unwrap();
-    assert_eq!(bits(trained.iter()), bits(got.iter()));
+    CrissCrossAttention::from_checkpoint(config, file, &keys).unwrap()
+}
+
+#[test]
+fn the_mmcv_golden_cases_pass() {
+    let cases = golden_cases();
+    let mut gradient_cases = 0;
+    for (path, file) in &cases {
+        let what = path.file_name().unwrap().to_string_lossy();
+        let block = golden_block(file);
+        assert!(block.parameters().gamma != 0.0, "{what}: the case has a non-zero γ");
+        let x = file.tensor_as::<Ix5>("input").unwrap();
+        let want = file.tensor_as::<Ix5>("output").unwrap().mapv(f64::from);
+        let got = block.forward(&x).unwrap();
+        let (err, tol) = max_err(got.iter(), want.iter());
+        assert!(err <= tol, "{what}: output error {err:.3e} > {tol:.3e}");
+        // The same through the image entry point, forward_into and the training forward.
+        let images = x.index_axis(Axis(1), 0);
+        assert_eq!(bits(block.forward_images(&images).unwrap().iter()), bits(got.iter()), "{what}");
+        let mut into = Array5::<f32>::from_elem(x.raw_dim(), f32::NAN);
+        block.forward_into(&x, &mut into).unwrap();
+        assert_eq!(bits(into.iter()), bits(got.iter()), "{what}");
+        let (trained, ctx) = block.forward_train(&x).unwrap();
+        assert_eq!(bits(trained.iter()), bits(got.iter()), "{what}");
+        if !file.contains("grad_output") {
+            continue;
+        }
+        // PyTorch autograd's gradients of sum(output * grad_output), per tensor.
+        gradient_cases += 1;
+        let grads = block.backward(&ctx, &file.tensor_as::<Ix5>("grad_output").unwrap()).unwrap();
+        let want = file.tensor("grad_input").unwrap().mapv(f64::from);
+        let (err, tol) = max_err(grads.input.iter(), want.iter());
+        assert!(err <= tol, "{what}: grad_input error {err:.3e} > {tol:.3e}");
+        let named = grads.params.named();
+        assert_eq!(named.len(), 7, "{what}");
+        for (name, got) in named {
+            let want = file.tensor(&format!("grad.{name}")).unwrap();
+            assert_eq!(got.shape(), want.shape(), "{what}: grad.{name}");
+            let want = want.mapv(f64::from);
+            let (err, tol) = max_err(got.iter(), want.iter());
+            assert!(err <= tol, "{what}: grad.{name} error {err:.3e} > {tol:.3e}");
+        }
+    }
+    assert!(cases.len() >= 3 && gradient_cases >= 2, "{} cases, {gradient_cases} with gradients", cases.len());
 }
 
 #[test]
