@@ -205,12 +205,12 @@ impl CrissCrossAttention {
         let mut acc = Accumulators { weight: vec![0.0; width * c], bias: vec![0.0; width], gamma: 0.0 };
         let gamma = self.compiled.gamma;
         let ws = &self.workspace;
+        // Each application turns dz into its input's gradient in place, sample by sample.
         for step in ctx.steps.iter().rev() {
-            let mut dx = buffer(dz.len(), "input gradient")?;
             for s in 0..b {
                 let p = Projections::new(&step.proj[s * n * width..][..n * width], [h, w], qk, c);
                 let saved = Forward { y: &step.y[s * n * c..][..n * c], lse: &step.lse[s * n..][..n] };
-                let dz_s = &dz[s * n * c..][..n * c];
+                let dz_s = &mut dz[s * n * c..][..n * c];
                 let (dproj, dz_y) = backward(p, saved, dz_s, gamma, ws)?;
                 acc.gamma += dz_y;
                 let dproj = MatRef::new(&dproj, 0, n, width, width);
@@ -218,11 +218,8 @@ impl CrissCrossAttention {
                 par_gemm(1.0, dproj.t(), x, 1.0, &mut MatMut::new(&mut acc.weight, width, c, c));
                 add_column_sums(dproj, &mut acc.bias);
                 // dx = dz + ∂[q | k | v]·[W_q; W_k; W_v].
-                let dx_s = &mut dx[s * n * c..][..n * c];
-                dx_s.copy_from_slice(dz_s);
-                par_gemm(1.0, dproj, self.compiled.w_proj.view(), 1.0, &mut MatMut::new(dx_s, n, c, c));
+                par_gemm(1.0, dproj, self.compiled.w_proj.view(), 1.0, &mut MatMut::new(dz_s, n, c, c));
             }
-            dz = dx;
         }
         let params = self.parameter_gradients(&acc);
         let input = Array::from_shape_vec(grad_output.raw_dim(), dz).expect("input gradient has the input's size");
