@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--shape NAME] [--mode eg|dp|concat|gauss] [--reps N] [--backward]
+//! cargo run --release --example bench -- --block cc [--reps N] [--backward]
 //! ```
 //!
 //! First measures the sgemm peak: the best 2048×2048×2048 sgemm a Rust crate runs on this
@@ -17,13 +18,61 @@
 //!
 //! With `--backward`, each case adds a line
 //! `shape=… mode=… pass=train ms=<median forward_train + backward> gflops=<3 × nominal / ms> …`.
+//!
+//! `--block cc` runs criss-cross attention (mmcv's `CrissCrossAttention`) instead, at the
+//! shape of CCNet's head on a Cityscapes 512×1024 crop at stride 8 (C = 512, H = 64, W = 128,
+//! qk = C/8), recurrence 1 and 2: `shape=seg-stride8 block=cc recurrence=… ms=… gflops=… …
+//! peak_mb=…`, nominal FLOPs r·(2·N·C·(2·qk + C) + 2·N·(H + W − 1)·(qk + C)) (projections,
+//! logits, aggregation; see `cc_flops`), `peak_mb` the most heap one call on a fresh block (no
+//! scratch buffers kept yet) held above what was allocated before it, its output included, and
+//! `min_ms` the fastest run (steadier than the median on a shared machine).
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use ndarray::Array5;
 use nonlocal::internal::kernels::gemm::{par_gemm, MatMut, MatRef};
-use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters};
+use nonlocal::{
+    BatchNorm, Conv1x1, CrissCrossAttention, CrissCrossConfig, CrissCrossParameters, Mode, NonLocalBlock,
+    NonLocalConfig, Parameters,
+};
 use rayon::prelude::*;
+
+/// The system allocator, counting the bytes held and their high-water mark.
+struct Counting;
+
+static HELD: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only counters are added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as the caller promises for `GlobalAlloc::alloc`.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let held = HELD.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(held, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as the caller promises for `GlobalAlloc::dealloc`.
+        unsafe { System.dealloc(ptr, layout) };
+        HELD.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// The most heap `run` held above what was held before it, in MiB.
+fn peak_mib(run: impl FnOnce()) -> f64 {
+    let before = HELD.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    run();
+    (PEAK.load(Ordering::Relaxed) - before) as f64 / (1 << 20) as f64
+}
 
 /// (name, C, T, H, W) with B = 1, sub-sampling 1x2x2, C' = C/2, BatchNorm.
 const SHAPES: [(&str, usize, usize, usize, usize); 4] = [
@@ -41,6 +90,7 @@ const MODES: [(&str, Mode); 4] = [
 ];
 
 struct Args {
+    block: String,
     shape: Option<String>,
     mode: Option<String>,
     reps: usize,
@@ -48,11 +98,12 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { shape: None, mode: None, reps: 5, backward: false };
+    let mut args = Args { block: "nl".into(), shape: None, mode: None, reps: 5, backward: false };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
+            "--block" => args.block = value()?,
             "--shape" => args.shape = Some(value()?),
             "--mode" => args.mode = Some(value()?),
             "--backward" => args.backward = true,
@@ -60,8 +111,11 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown argument {other}")),
         }
     }
+    if args.block != "nl" && args.block != "cc" {
+        return Err(format!("unknown block {}: nl (non-local) or cc (criss-cross)", args.block));
+    }
     if let Some(s) = &args.shape {
-        if !SHAPES.iter().any(|(n, ..)| n == s) {
+        if !SHAPES.iter().any(|(n, ..)| n == s) && !CC_SHAPES.iter().any(|(n, ..)| n == s) {
             return Err(format!("unknown shape {s}"));
         }
     }
@@ -196,7 +250,13 @@ fn bench_block(mode: Mode, c: usize) -> NonLocalBlock {
 }
 
 /// Median wall time of `reps` runs after one warm-up run.
-fn median_seconds(reps: usize, mut run: impl FnMut()) -> f64 {
+fn median_seconds(reps: usize, run: impl FnMut()) -> f64 {
+    median_and_min_seconds(reps, run).0
+}
+
+/// Median and minimum wall time of `reps` runs after one warm-up run (the minimum is the
+/// steadier figure on a machine shared with other work).
+fn median_and_min_seconds(reps: usize, mut run: impl FnMut()) -> (f64, f64) {
     run();
     let mut times: Vec<f64> = (0..reps.max(1))
         .map(|_| {
@@ -206,7 +266,84 @@ fn median_seconds(reps: usize, mut run: impl FnMut()) -> f64 {
         })
         .collect();
     times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    (times[times.len() / 2], times[0])
+}
+
+/// Criss-cross shapes: (name, C, H, W), B = 1, qk = C/8.
+const CC_SHAPES: [(&str, usize, usize, usize); 1] = [("seg-stride8", 512, 64, 128)];
+
+/// Nominal FLOPs of criss-cross attention applied r times: per application the stacked
+/// projection 2·N·C·(2·qk + C), the logits 2·N·(H + W − 1)·qk and the aggregation
+/// 2·N·(H + W − 1)·C (the energies of the diagonal, computed and dropped, not counted).
+fn cc_flops(c: usize, h: usize, w: usize, r: usize) -> f64 {
+    let (c, qk, n, keys) = (c as f64, (c / 8) as f64, (h * w) as f64, (h + w - 1) as f64);
+    r as f64 * (2.0 * n * c * (2.0 * qk + c) + 2.0 * n * keys * qk + 2.0 * n * keys * c)
+}
+
+/// A criss-cross block with every parameter non-trivial.
+fn cc_block(c: usize, recurrence: usize) -> CrissCrossAttention {
+    let config = CrissCrossConfig::new(c).recurrence(recurrence);
+    let qk = config.qk_channels;
+    let mut state = 0x0bad_cafe_1234_5678u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let mut conv = |out: usize| {
+        let weight = ndarray::Array2::from_shape_fn((out, c), |_| next() / (c as f32).sqrt());
+        Conv1x1::new(weight, Some(ndarray::Array1::from_shape_fn(out, |_| next() * 0.1)))
+    };
+    let (query, key, value) = (conv(qk), conv(qk), conv(c));
+    let params = CrissCrossParameters { query, key, value, gamma: 0.5 };
+    CrissCrossAttention::from_parameters(config, params).expect("bench parameters fit")
+}
+
+fn bench_cc(args: &Args, peak: f64) {
+    for (name, c, h, w) in CC_SHAPES {
+        if args.shape.as_deref().is_some_and(|s| s != name) {
+            continue;
+        }
+        let x = ndarray::Array4::<f32>::from_shape_fn((1, h, w, c), |(_, hi, wi, ci)| {
+            (((hi * 17 + wi * 7 + ci * 3) % 29) as f32 / 29.0 - 0.5) * 2.0
+        });
+        for recurrence in [1, 2] {
+            let block = cc_block(c, recurrence);
+            let flops = cc_flops(c, h, w, recurrence);
+            let (median, min) = median_and_min_seconds(args.reps, || {
+                std::hint::black_box(block.forward_images(&x).expect("bench forward"));
+            });
+            // A clone starts without the scratch buffers the block keeps, so all of them count.
+            let fresh = block.clone();
+            let mib = peak_mib(|| _ = std::hint::black_box(fresh.forward_images(&x).expect("bench forward")));
+            let gflops = flops / median / 1e9;
+            println!(
+                "shape={name} block=cc recurrence={recurrence} ms={:.2} gflops={gflops:.1} sgemm_gflops={peak:.1} pct_peak={:.1} peak_mb={mib:.1} min_ms={:.2}",
+                median * 1e3,
+                100.0 * gflops / peak,
+                min * 1e3
+            );
+            if args.backward {
+                let grad_output = x.mapv(|v| v * 0.5);
+                let step = |block: &CrissCrossAttention| {
+                    let (z, ctx) = block.forward_train(&x).expect("bench forward_train");
+                    std::hint::black_box(z);
+                    std::hint::black_box(block.backward(&ctx, &grad_output).expect("bench backward"));
+                };
+                let (median, min) = median_and_min_seconds(args.reps, || step(&block));
+                let fresh = block.clone();
+                let mib = peak_mib(|| step(&fresh));
+                let gflops = 3.0 * flops / median / 1e9;
+                println!(
+                    "shape={name} block=cc recurrence={recurrence} pass=train ms={:.2} gflops={gflops:.1} sgemm_gflops={peak:.1} pct_peak={:.1} peak_mb={mib:.1} min_ms={:.2}",
+                    median * 1e3,
+                    100.0 * gflops / peak,
+                    min * 1e3
+                );
+            }
+        }
+    }
 }
 
 fn main() {
@@ -226,6 +363,9 @@ fn main() {
         nonlocal::simd_path(),
         each.join(" ")
     );
+    if args.block == "cc" {
+        return bench_cc(&args, peak);
+    }
     for (name, c, t, h, w) in SHAPES {
         if args.shape.as_deref().is_some_and(|s| s != name) {
             continue;
