@@ -176,9 +176,10 @@ pub use config::{Mode, NonLocalConfig};
 pub use error::{Error, Result};
 pub use family::{
     ContextBlock, ContextConfig, ContextGradients, ContextMlp, ContextParameterGradients, ContextParameters,
-    ContextTrainContext, Pooling,
+    ContextTrainContext, CrissCrossAttention, CrissCrossConfig, CrissCrossContext, CrissCrossGradients,
+    CrissCrossParameterGradients, CrissCrossParameters, DisentangledConfig, DisentangledContext, DisentangledGradients,
+    DisentangledNonLocal, Pooling,
 };
-pub use family::{DisentangledConfig, DisentangledContext, DisentangledGradients, DisentangledNonLocal};
 pub use params::{BatchNorm, Conv1x1, Parameters};
 
 /// Scaffolding for this crate's tests, benches and examples — not part of the API: no

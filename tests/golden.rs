@@ -7,7 +7,7 @@ mod common;
 use common::golden::GoldenCase;
 
 /// Blocks whose family cases the harness does not run yet.
-const NOT_YET: [&str; 3] = ["cc_", "criss_cross", "grad_criss_cross"];
+const NOT_YET: [&str; 0] = [];
 
 /// The `.safetensors` files of the test data folders, sorted: tests/data, its gradient cases,
 /// mmcv's checks of the exports, and the family cases made by the upstream modules.

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--shape NAME] [--mode eg|dp|concat|gauss] [--reps N] [--backward]
-//!     [--block nl|gc] [--candle]
+//!     [--block nl|gc|cc] [--candle]
 //! ```
 //!
 //! First measures the sgemm peak: the best 2048×2048×2048 sgemm a Rust crate runs on this
@@ -40,6 +40,14 @@
 //! 8.6 MB buffer can cost as much as the block), `pool_ms` the context pooling alone,
 //! `mlp_ms` the block on one position (the MLPs alone), `min_ms` the fastest round. With
 //! `--backward`, a `pass=train` line times forward_train + backward against the same copy.
+//!
+//! `--block cc` runs criss-cross attention (mmcv's `CrissCrossAttention`) instead, at the
+//! shape of CCNet's head on a Cityscapes 512×1024 crop at stride 8 (C = 512, H = 64, W = 128,
+//! qk = C/8), recurrence 1 and 2: `shape=seg-stride8 block=cc recurrence=… ms=… gflops=… …
+//! peak_mb=…`, nominal FLOPs r·(2·N·C·(2·qk + C) + 2·N·(H + W − 1)·(qk + C)) (projections,
+//! logits, aggregation; see `cc_flops`), `peak_mb` the most heap one call on a fresh block (no
+//! scratch buffers kept yet) held above what was allocated before it, its output included, and
+//! `min_ms` the fastest run (steadier than the median on a shared machine).
 
 use std::time::Instant;
 
@@ -52,6 +60,7 @@ use rayon::prelude::*;
 #[cfg(feature = "candle")]
 mod candle_backend;
 mod context;
+mod criss_cross;
 #[path = "../support/peak_alloc.rs"]
 mod peak_alloc;
 
@@ -79,7 +88,8 @@ struct Args {
     reps: usize,
     backward: bool,
     candle: bool,
-    /// `nl` (the non-local block, default) or `gc` (the global context block).
+    /// `nl` (the non-local block, default), `gc` (the global context block) or `cc`
+    /// (criss-cross attention).
     block: String,
 }
 
@@ -243,7 +253,13 @@ fn peak_mb(run: &mut dyn FnMut()) -> f64 {
 }
 
 /// Median wall time of `reps` runs after one warm-up run.
-fn median_seconds(reps: usize, mut run: impl FnMut()) -> f64 {
+fn median_seconds(reps: usize, run: impl FnMut()) -> f64 {
+    median_and_min_seconds(reps, run).0
+}
+
+/// Median and minimum wall time of `reps` runs after one warm-up run (the minimum is the
+/// steadier figure on a machine shared with other work).
+fn median_and_min_seconds(reps: usize, mut run: impl FnMut()) -> (f64, f64) {
     run();
     let mut times: Vec<f64> = (0..reps.max(1))
         .map(|_| {
@@ -253,7 +269,7 @@ fn median_seconds(reps: usize, mut run: impl FnMut()) -> f64 {
         })
         .collect();
     times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    (times[times.len() / 2], times[0])
 }
 
 fn main() {
@@ -277,6 +293,9 @@ fn main() {
         nonlocal::simd_path(),
         each.join(" ")
     );
+    if args.block == "cc" {
+        return criss_cross::bench_cc(&args, peak);
+    }
     for (name, c, t, h, w) in SHAPES {
         if args.shape.as_deref().is_some_and(|s| s != name) {
             continue;

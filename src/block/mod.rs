@@ -82,7 +82,8 @@ const _: () = {
 /// Source of [`NonLocalBlock::generation`] values.
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
-fn next_generation() -> u64 {
+/// A new value for a block's parameters' identity (family blocks number theirs from it too).
+pub(crate) fn next_generation() -> u64 {
     GENERATION.fetch_add(1, Ordering::Relaxed)
 }
 

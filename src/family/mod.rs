@@ -3,13 +3,20 @@
 //!
 //! - [`ContextBlock`] — GCNet's global context block (mmcv's `ContextBlock`, timm's
 //!   `GlobalContext`): one query-independent attention map per sample.
+//! - [`CrissCrossAttention`] — CCNet's criss-cross attention (mmcv's `CrissCrossAttention`):
+//!   each position attends over its own row and column.
 //! - [`DisentangledNonLocal`] — DNLNet's disentangled non-local block (mmsegmentation).
 
 mod context;
+mod criss_cross;
 mod disentangled;
 
 pub use context::{
     ContextBlock, ContextConfig, ContextGradients, ContextMlp, ContextParameterGradients, ContextParameters,
     ContextTrainContext, Pooling,
+};
+pub use criss_cross::{
+    CrissCrossAttention, CrissCrossConfig, CrissCrossContext, CrissCrossGradients, CrissCrossParameterGradients,
+    CrissCrossParameters,
 };
 pub use disentangled::{DisentangledConfig, DisentangledContext, DisentangledGradients, DisentangledNonLocal};

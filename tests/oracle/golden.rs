@@ -22,8 +22,8 @@ use ndarray::{Array5, ArrayD, Ix5, IxDyn};
 
 use nonlocal::internal::parse_sub_sample;
 use nonlocal::{
-    ContextBlock, ContextConfig, DisentangledConfig, DisentangledNonLocal, Error, Mode, Naming, NonLocalBlock,
-    NonLocalConfig, Result, TensorFile, WeightKeys,
+    ContextBlock, ContextConfig, CrissCrossAttention, CrissCrossConfig, DisentangledConfig, DisentangledNonLocal,
+    Error, Mode, Naming, NonLocalBlock, NonLocalConfig, Result, TensorFile, WeightKeys,
 };
 
 /// Largest attention error that passes.
@@ -38,6 +38,8 @@ pub enum Spec {
     Disentangled(DisentangledConfig),
     /// GCNet's global context block (mmcv's `ContextBlock`, timm's `GlobalContext`).
     Context(ContextConfig),
+    /// CCNet's criss-cross attention (mmcv's `CrissCrossAttention`).
+    CrissCross(CrissCrossConfig),
 }
 
 /// A golden case: the file and the block configuration its metadata describes.
@@ -142,6 +144,12 @@ impl GoldenCase {
                 }
                 (Spec::Context(config), keys)
             }
+            "criss_cross" => {
+                let keys = WeightKeys::mmcv().with_prefix(meta.get("prefix").cloned().unwrap_or_default());
+                // Channels from the keys; the recurrence (what the keys cannot show) from the metadata.
+                let recurrence = parse("recurrence", meta.get("recurrence").map_or("1", String::as_str))?;
+                (Spec::CrissCross(CrissCrossConfig::from_keys(&file, &keys)?.recurrence(recurrence)), keys)
+            }
             other => {
                 return Err(Error::InvalidConfig {
                     reason: format!("metadata block {other:?} is not a block this harness runs"),
@@ -156,7 +164,7 @@ impl GoldenCase {
         match &self.spec {
             Spec::NonLocal(config) => Some(config),
             Spec::Disentangled(config) => Some(&config.non_local),
-            Spec::Context(_) => None,
+            Spec::Context(_) | Spec::CrissCross(_) => None,
         }
     }
 
@@ -199,6 +207,9 @@ impl GoldenCase {
             )?)),
             Spec::Context(config) => {
                 Runner::Context(Box::new(ContextBlock::from_checkpoint(config.clone(), weights, &self.keys)?))
+            }
+            Spec::CrissCross(config) => {
+                Runner::CrissCross(Box::new(CrissCrossAttention::from_checkpoint(config.clone(), weights, &self.keys)?))
             }
         })
     }
@@ -279,6 +290,7 @@ enum Runner {
     NonLocal(Box<NonLocalBlock>),
     Disentangled(Box<DisentangledNonLocal>),
     Context(Box<ContextBlock>),
+    CrissCross(Box<CrissCrossAttention>),
 }
 
 /// Every parameter's gradient under its checkpoint key.
@@ -290,6 +302,7 @@ impl Runner {
             Runner::NonLocal(block) => block.forward(x),
             Runner::Disentangled(block) => block.forward(x),
             Runner::Context(block) => block.forward(x),
+            Runner::CrissCross(block) => block.forward(x),
         }
     }
 
@@ -314,6 +327,17 @@ impl Runner {
                 Ok((grads.input, by_key))
             }
             Runner::Context(block) => {
+                let (_, ctx) = block.forward_train(x)?;
+                let grads = block.backward(&ctx, dz)?;
+                let by_key = grads
+                    .params
+                    .named()
+                    .into_iter()
+                    .map(|(k, g)| (format!("{}{k}", keys.prefix), g.to_owned()))
+                    .collect();
+                Ok((grads.input, by_key))
+            }
+            Runner::CrissCross(block) => {
                 let (_, ctx) = block.forward_train(x)?;
                 let grads = block.backward(&ctx, dz)?;
                 let by_key = grads
