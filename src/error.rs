@@ -167,13 +167,14 @@ pub enum Error {
         /// The input's shape.
         shape: Vec<usize>,
     },
-    /// The input spans more axes than the block's PyTorch module attends over: with
-    /// `conv_dims` d (`NonLocal1d/2d/3d`) attention runs over the last d of (T, H, W), so the
-    /// others must be 1.
+    /// The input spans more axes than the block's PyTorch module attends over: a block of
+    /// rank d (`conv_dims` d, as `NonLocal1d/2d/3d`; the family blocks are 2-d) attends over
+    /// the last d of (T, H, W), so the others must be 1.
     #[error(
-        "the block has conv_dims = {conv_dims} (PyTorch's NonLocal{conv_dims}d): it attends over the last \
+        "the block is {conv_dims}-d (as its PyTorch module, e.g. NonLocal{conv_dims}d): it attends over the last \
          {conv_dims} of (T, H, W), but the input has (T, H, W) = {grid:?}; give image maps (B, H, W, C) to \
-         forward_images and sequences (B, L, C) to forward_sequences, or set a larger conv_dims"
+         forward_images (a non-local block also takes sequences (B, L, C) in forward_sequences, or a larger \
+         conv_dims)"
     )]
     LayoutMismatch {
         /// The block's [`NonLocalConfig::conv_dims`](crate::NonLocalConfig::conv_dims).

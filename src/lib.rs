@@ -131,6 +131,8 @@ mod error;
 
 mod workspace;
 
+mod input;
+
 // Reached from outside only through the hidden `internal` module; its docs link freely
 // between kernels, some of them private.
 #[allow(rustdoc::private_intra_doc_links)]

@@ -1,89 +1,30 @@
-//! How inputs are read: the three layouts the entry points take, the checks every input
-//! passes before the kernels see it, and the numbering of query and key positions.
+//! How inputs are read: the checks every input passes before the kernels see it (those of
+//! `crate::input`, with the block's channels, rank and pool kernel), and the numbering of
+//! query and key positions.
 
 use std::ops::Range;
 
-use ndarray::{ArrayView5, ArrayViewD, Axis, Ix5};
+use ndarray::{ArrayView5, ArrayViewD};
 
 use super::NonLocalBlock;
 use crate::error::{Error, Result};
+pub(crate) use crate::input::Layout;
+use crate::input::{check_input, Expected};
 use crate::kernels::pool::pooled_grid;
 
-/// The axes of an input, channels last, batch first. Each layout has its own entry points and
-/// its rank is checked, never guessed; the kernels read every layout as clips, an image map
-/// as T = 1 and a sequence as T = H = 1 (W = L).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Layout {
-    /// (B, T, H, W, C): `forward` and every other entry point.
-    Clips,
-    /// (B, H, W, C): `forward_images`.
-    Images,
-    /// (B, L, C): `forward_sequences`.
-    Sequences,
-}
-
-impl Layout {
-    fn axis_names(self) -> &'static [&'static str] {
-        match self {
-            Layout::Clips => &["B", "T", "H", "W", "C"],
-            Layout::Images => &["B", "H", "W", "C"],
-            Layout::Sequences => &["B", "L", "C"],
-        }
-    }
-
-    /// The rank and axes, and where the other layouts go, for [`Error::InputRank`].
-    fn expected(self) -> &'static str {
-        match self {
-            Layout::Clips => {
-                "5 (B, T, H, W, C); image maps (B, H, W, C) go to forward_images, sequences (B, L, C) to \
-                 forward_sequences"
-            }
-            Layout::Images => "4 (B, H, W, C) for forward_images; clips (B, T, H, W, C) go to forward",
-            Layout::Sequences => "3 (B, L, C) for forward_sequences; clips (B, T, H, W, C) go to forward",
-        }
-    }
-}
-
 impl NonLocalBlock {
-    /// Checks an input of the given layout and views it as clips (B, T, H, W, C).
+    /// Checks an input of the given layout and views it as clips (B, T, H, W, C) (see
+    /// [`check_input`]).
     pub(crate) fn check_input<'a>(&self, x: ArrayViewD<'a, f32>, layout: Layout) -> Result<ArrayView5<'a, f32>> {
-        let shape = x.shape().to_vec();
-        let names = layout.axis_names();
-        if shape.len() != names.len() {
-            return Err(Error::InputRank { expected: layout.expected(), actual: shape.len(), shape });
-        }
-        let channels = shape[shape.len() - 1];
-        if channels != self.config.in_channels {
-            return Err(Error::InputChannels { expected: self.config.in_channels, actual: channels, shape });
-        }
-        if let Some(axis) = shape.iter().position(|&d| d == 0) {
-            return Err(Error::EmptyInput { axis, name: names[axis], shape });
-        }
-        let x = match layout {
-            Layout::Clips => x,
-            Layout::Images => x.insert_axis(Axis(1)),
-            Layout::Sequences => x.insert_axis(Axis(1)).insert_axis(Axis(1)),
+        let expected = Expected {
+            channels: self.config.in_channels,
+            conv_dims: self.config.conv_dims,
+            sequences: true,
+            min_grid: self.config.pool_kernel(),
+            // Every buffer is at most max(C, proj_cols, C') floats per position.
+            floats_per_position: self.config.in_channels.max(self.compiled.proj_cols).max(self.config.inter_channels),
         };
-        let x = x.into_dimensionality::<Ix5>().expect("rank checked");
-        let (b, t, h, w, c) = x.dim();
-        let grid = [t, h, w];
-        // conv_dims d attends over the last d axes of (T, H, W), as PyTorch's NonLocal{d}d.
-        let conv_dims = self.config.conv_dims;
-        if grid[..3 - conv_dims.min(3)].iter().any(|&d| d != 1) {
-            return Err(Error::LayoutMismatch { conv_dims, grid });
-        }
-        let kernel = self.config.pool_kernel();
-        if grid.iter().zip(kernel).any(|(&g, k)| g < k) {
-            return Err(Error::NoKeys { size: grid, kernel });
-        }
-        // Every buffer is at most max(C, proj_cols, C') floats per position.
-        let width = c.max(self.compiled.proj_cols).max(self.config.inter_channels);
-        [b, t, h, w, width]
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .filter(|&floats| floats <= isize::MAX as usize / 4)
-            .ok_or(Error::TooLarge { what: "B·T·H·W·channels" })?;
-        Ok(x)
+        check_input(x, layout, expected)
     }
 
     /// The key grid (T', H', W') for an input grid (T, H, W): the pooled grid with

@@ -3,37 +3,15 @@
 
 use std::mem::MaybeUninit;
 
-use ndarray::{ArrayBase, ArrayView4, ArrayViewD, Axis, Data, Dimension, Ix4};
+use ndarray::{ArrayBase, ArrayView4, ArrayViewD, Axis, Data, Dimension};
 
 use crate::error::{Error, Result};
+use crate::input::Expected;
+pub(super) use crate::input::Layout;
 use crate::workspace::{Scratch, Workspace};
 
-/// The axes of an input, channels last, batch first. The rank is checked, never guessed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Layout {
-    /// (B, T, H, W, C) with T = 1: `forward`, `forward_into`, `forward_train`.
-    Clips,
-    /// (B, H, W, C): `forward_images`.
-    Images,
-}
-
-impl Layout {
-    fn axis_names(self) -> &'static [&'static str] {
-        match self {
-            Layout::Clips => &["B", "T", "H", "W", "C"],
-            Layout::Images => &["B", "H", "W", "C"],
-        }
-    }
-
-    fn expected(self) -> &'static str {
-        match self {
-            Layout::Clips => "5 (B, T, H, W, C) with T = 1; image maps (B, H, W, C) go to forward_images",
-            Layout::Images => "4 (B, H, W, C) for forward_images; clips (B, 1, H, W, C) go to forward",
-        }
-    }
-}
-
-/// Checks an input of the given layout against `channels` and views it as image maps
+/// Checks an input of the given layout (clips of one frame or image maps) against `channels`
+/// (the crate's checks, `crate::input`, for a 2-d block) and views it as image maps
 /// (B, H, W, C).
 ///
 /// # Errors
@@ -41,39 +19,10 @@ impl Layout {
 /// [`Error::LayoutMismatch`] (a clip with T > 1: the block is 2-d, as the upstream modules),
 /// [`Error::TooLarge`].
 pub(super) fn check_input<'a>(x: ArrayViewD<'a, f32>, layout: Layout, channels: usize) -> Result<ArrayView4<'a, f32>> {
-    let shape = x.shape().to_vec();
-    let names = layout.axis_names();
-    if shape.len() != names.len() {
-        return Err(Error::InputRank { expected: layout.expected(), actual: shape.len(), shape });
-    }
-    let actual = shape[shape.len() - 1];
-    if actual != channels {
-        return Err(Error::InputChannels { expected: channels, actual, shape });
-    }
-    if let Some(axis) = shape.iter().position(|&d| d == 0) {
-        return Err(Error::EmptyInput { axis, name: names[axis], shape });
-    }
-    let x = match layout {
-        Layout::Clips => {
-            if shape[1] != 1 {
-                return Err(Error::LayoutMismatch { conv_dims: 2, grid: [shape[1], shape[2], shape[3]] });
-            }
-            x.index_axis_move(Axis(1), 0)
-        }
-        Layout::Images => x,
-    };
-    let x = x.into_dimensionality::<Ix4>().map_err(|_| Error::InputRank {
-        expected: layout.expected(),
-        actual: shape.len(),
-        shape: shape.clone(),
-    })?;
     // The output and, in training, a copy of the input: B·N·C floats each.
-    x.shape()
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .filter(|&floats| floats <= isize::MAX as usize / 4)
-        .ok_or(Error::TooLarge { what: "B·H·W·C" })?;
-    Ok(x)
+    let expected =
+        Expected { channels, conv_dims: 2, sequences: false, min_grid: [1, 1, 1], floats_per_position: channels };
+    Ok(crate::input::check_input(x, layout, expected)?.index_axis_move(Axis(1), 0))
 }
 
 /// An array's elements as one row-major slice: its own memory, or a copy in a workspace
