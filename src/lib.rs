@@ -176,6 +176,7 @@ pub fn simd_path() -> Isa {
 }
 pub use config::{Mode, NonLocalConfig};
 pub use error::{Error, Result};
+pub use family::{find_all_blocks, FoundBlock};
 pub use family::{
     ContextBlock, ContextConfig, ContextGradients, ContextMlp, ContextParameterGradients, ContextParameters,
     ContextTrainContext, CrissCrossAttention, CrissCrossConfig, CrissCrossContext, CrissCrossGradients,

@@ -420,3 +420,99 @@ fn disentangled_blocks_are_found_as_such_and_not_loaded_as_non_local_blocks() {
     let plain = TensorFile::open(data().join("eg_mmcv_scaled.safetensors")).unwrap();
     assert_eq!(find_blocks(&plain)[0].kind, nonlocal::BlockKind::NonLocal);
 }
+
+#[test]
+fn every_family_case_is_found_as_its_block_with_the_configuration_its_keys_show() {
+    let dir = data().join("family");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "safetensors") {
+            continue;
+        }
+        let file = TensorFile::open(&path).unwrap();
+        let meta = file.metadata();
+        // The case's block, under its prefix (a prefixed case may hold other blocks of a
+        // surrounding model, and a gradient case the `grad.<key>` tensors, which have the
+        // parameters' shapes: blocks too).
+        let prefix = meta.get("prefix").cloned().unwrap_or_default();
+        let found: Vec<_> =
+            nonlocal::find_all_blocks(&file).into_iter().filter(|b| b.keys().prefix == prefix).collect();
+        assert_eq!(found.len(), 1, "{}: {found:?}", path.display());
+        assert_eq!(found[0].block_name(), meta["block"], "{}", path.display());
+        match &found[0] {
+            nonlocal::FoundBlock::Context { config, .. } => {
+                let planes = meta.get("planes").or(meta.get("rd_channels")).unwrap();
+                assert_eq!(config.planes.to_string(), *planes, "{}", path.display());
+            }
+            nonlocal::FoundBlock::CrissCross { config, .. } => {
+                assert_eq!(config.qk_channels.to_string(), meta["qk_channels"], "{}", path.display());
+            }
+            nonlocal::FoundBlock::NonLocal(info) => {
+                assert_eq!(info.inter_channels.to_string(), meta["inter_channels"], "{}", path.display());
+            }
+            _ => unreachable!(),
+        }
+        checked += 1;
+    }
+    assert!(checked >= 60, "family files: {checked}");
+}
+
+#[test]
+fn a_model_with_blocks_of_every_kind_lists_them_in_file_order() {
+    // One checkpoint holding a criss-cross block, a context block, a non-local block and a
+    // disentangled one, under model-like prefixes.
+    let parts = [
+        ("family/cc_mmcv.safetensors", "head.cc."),
+        ("family/gc_timm_scale.safetensors", "stage4.gc."),
+        ("eg_video.safetensors", "stage3.nl."),
+        ("family/dnl_mmseg.safetensors", "head.dnl."),
+    ];
+    let mut owned = Vec::new();
+    for (name, prefix) in parts {
+        let bytes = std::fs::read(data().join(name)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (key, view) in st.tensors() {
+            if ["input", "output", "attention"].contains(&key.as_str()) {
+                continue;
+            }
+            owned.push((format!("{prefix}{key}"), view.dtype(), view.shape().to_vec(), view.data().to_vec()));
+        }
+    }
+    let views: Vec<_> = owned
+        .iter()
+        .map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let file = TensorFile::from_bytes(safetensors::serialize(views, None).unwrap()).unwrap();
+    let found = nonlocal::find_all_blocks(&file);
+    let names: Vec<(&str, &str)> = found.iter().map(|b| (b.block_name(), b.keys().prefix.as_str())).collect();
+    let mut want = vec![
+        ("criss_cross", "head.cc."),
+        ("global_context", "stage4.gc."),
+        ("non_local", "stage3.nl."),
+        ("disentangled", "head.dnl."),
+    ];
+    // safetensors keeps its own key order: the listing follows the file's.
+    let at = |prefix: &str| file.keys_in_order().position(|k| k.starts_with(prefix)).unwrap();
+    want.sort_by_key(|(_, prefix)| at(prefix));
+    assert_eq!(names, want);
+    // Each loads with the configuration found.
+    for block in &found {
+        match block {
+            nonlocal::FoundBlock::CrissCross { keys, config } => {
+                nonlocal::CrissCrossAttention::from_checkpoint(config.clone(), &file, keys).unwrap();
+            }
+            nonlocal::FoundBlock::Context { keys, config } => {
+                nonlocal::ContextBlock::from_checkpoint(config.clone(), &file, keys).unwrap();
+            }
+            nonlocal::FoundBlock::NonLocal(info) if info.kind == nonlocal::BlockKind::Disentangled => {
+                let config = nonlocal::DisentangledConfig::from_info(info);
+                nonlocal::DisentangledNonLocal::from_checkpoint(config, &file, &info.keys).unwrap();
+            }
+            nonlocal::FoundBlock::NonLocal(info) => {
+                NonLocalBlock::from_checkpoint(info.config(), &file, &info.keys).unwrap();
+            }
+            _ => unreachable!(),
+        }
+    }
+}

@@ -6,10 +6,14 @@
 //! - [`CrissCrossAttention`] — CCNet's criss-cross attention (mmcv's `CrissCrossAttention`):
 //!   each position attends over its own row and column.
 //! - [`DisentangledNonLocal`] — DNLNet's disentangled non-local block (mmsegmentation).
+//!
+//! [`find_all_blocks`] lists every block of the family a checkpoint holds, each with the
+//! configuration its keys show.
 
 mod context;
 mod criss_cross;
 mod disentangled;
+mod found;
 
 pub use context::{
     ContextBlock, ContextConfig, ContextGradients, ContextMlp, ContextParameterGradients, ContextParameters,
@@ -20,3 +24,4 @@ pub use criss_cross::{
     CrissCrossParameters,
 };
 pub use disentangled::{DisentangledConfig, DisentangledContext, DisentangledGradients, DisentangledNonLocal};
+pub use found::{find_all_blocks, FoundBlock};
