@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--shape NAME] [--mode eg|dp|concat|gauss] [--reps N] [--backward]
-//!     [--block nl|gc|cc] [--candle]
+//!     [--block nl|gc|cc|dnl] [--candle]
 //! ```
 //!
 //! First measures the sgemm peak: the best 2048×2048×2048 sgemm a Rust crate runs on this
@@ -48,6 +48,11 @@
 //! logits, aggregation; see `cc_flops`), `peak_mb` the most heap one call on a fresh block (no
 //! scratch buffers kept yet) held above what was allocated before it, its output included, and
 //! `min_ms` the fastest run (steadier than the median on a shared machine).
+//!
+//! `--block dnl` runs the disentangled non-local block (mmsegmentation's `DNLHead` block:
+//! embedded Gaussian, temperature 0.05, BatchNorm) at the same segmentation shape (C = 512,
+//! 64×128, every position a key): `shape=seg-stride8 block=dnl ms=… gflops=… peak_mb=…`,
+//! nominal FLOPs 2·N·C·(3C' + 1) + 2·N·C'·C + 4·N²·C' (`dnl_flops`).
 
 use std::time::Instant;
 
@@ -61,6 +66,7 @@ use rayon::prelude::*;
 mod candle_backend;
 mod context;
 mod criss_cross;
+mod disentangled;
 #[path = "../support/peak_alloc.rs"]
 mod peak_alloc;
 
@@ -88,8 +94,8 @@ struct Args {
     reps: usize,
     backward: bool,
     candle: bool,
-    /// `nl` (the non-local block, default), `gc` (the global context block) or `cc`
-    /// (criss-cross attention).
+    /// `nl` (the non-local block, default), `gc` (the global context block), `cc`
+    /// (criss-cross attention) or `dnl` (the disentangled non-local block).
     block: String,
 }
 
@@ -295,6 +301,9 @@ fn main() {
     );
     if args.block == "cc" {
         return criss_cross::bench_cc(&args, peak);
+    }
+    if args.block == "dnl" {
+        return disentangled::bench_dnl(&args, peak);
     }
     for (name, c, t, h, w) in SHAPES {
         if args.shape.as_deref().is_some_and(|s| s != name) {
