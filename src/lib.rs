@@ -55,16 +55,33 @@
 //! [`NonLocalBlock::from_checkpoint_file`] loads a `state_dict` saved with safetensors, under
 //! the keys of AlexHex7's `Non-local_pytorch` ([`Naming::AlexHex7`]: `theta.weight`,
 //! `phi.0.weight`, `W.1.running_var`, …) or of mmcv's `NonLocal1d/2d/3d` ([`Naming::Mmcv`]:
-//! `theta.conv.weight`, `g.0.conv.bias`, `conv_out.bn.weight`, …), optionally under a prefix
-//! inside a whole-model checkpoint. F32, F16, BF16 and F64 tensors are converted to f32.
+//! `theta.conv.weight`, `g.0.conv.bias`, `conv_out.bn.weight`, …) or of timm's
+//! `NonLocalAttn` ([`Naming::Timm`]: `t.weight`, `z.weight`, `norm.running_var`, …; see
+//! [`NonLocalConfig::timm`]), optionally under a prefix inside a whole-model checkpoint. F32, F16, BF16 and F64 tensors are converted to f32.
 //! Every mismatch is a typed [`Error`] naming the key and both shapes.
 //!
 //! `.pth`/`.pt` files load directly: [`TensorFile`] reads safetensors, the `torch.save` zip
 //! archive and the legacy `torch.save` stream (told apart by content), finds the state dict
 //! of a training checkpoint (`state_dict`, `model`, …), and never runs code, so checkpoints
-//! that `torch.load(weights_only=True)` refuses load safely. [`find_blocks`] lists the blocks
-//! of a checkpoint and [`BlockInfo::config`] reads their configuration off the keys;
-//! [`NonLocalBlock::from_checkpoint_file`] loads one.
+//! that `torch.load(weights_only=True)` refuses load safely. [`find_blocks`] lists the
+//! non-local blocks of a checkpoint and [`BlockInfo::config`] reads their configuration off
+//! the keys; [`NonLocalBlock::from_checkpoint_file`] loads one. [`find_all_blocks`] lists
+//! every block of the family ([`FoundBlock`]), in file order.
+//!
+//! # The family
+//! Three relatives share the loaders, the kernels and the conventions (channels-last input,
+//! typed errors, f64 references in the tests, forward and backward passes):
+//!
+//! | block | paper, PyTorch module | what it computes |
+//! |---|---|---|
+//! | [`ContextBlock`] | GCNet (Cao et al. 2019); mmcv `ContextBlock`, timm `GlobalContext` | one softmax-pooled context per image, a bottleneck transform, added or multiplied in |
+//! | [`CrissCrossAttention`] | CCNet (Huang et al. 2019); mmcv `CrissCrossAttention` | each position attends over its row and column, one joint softmax |
+//! | [`DisentangledNonLocal`] | DNL (Yin et al. 2020); mmseg `DisentangledNonLocal2d` | whitened pairwise term plus a unary softmax mask over the keys |
+//!
+//! Each has a config with presets for the library it comes from
+//! ([`ContextConfig::mmcv`], [`ContextConfig::timm`], [`DisentangledConfig::mmseg`], …), a
+//! `from_checkpoint_file` loader that checks every key and shape, and `forward` /
+//! `forward_train` / `backward`.
 //!
 //! # Attention maps
 //! [`NonLocalBlock::attention`] returns the normalised weights `f(x_i, x_j)/C(x)` for all
@@ -93,8 +110,9 @@
 //!
 //! # Speed and memory
 //! The forward pass never builds the N×M matrix: the Gaussian modes use a fused online-softmax
-//! kernel (as FlashAttention), dot product uses `θ·(φᵀg)`, concatenation a sort and prefix
-//! sums. Work is spread over the current rayon pool; results are bit-identical for any
+//! kernel (as FlashAttention), dot product `θ·(φᵀg)/M` or, when the keys outnumber the
+//! channels little, `(θφᵀ/M)·g` with the projections folded in, whichever costs fewer
+//! multiply-adds; concatenation a sort and prefix sums. Work is spread over the current rayon pool; results are bit-identical for any
 //! thread count. The kernels are chosen at run time for the widest instruction set the CPU
 //! has — AVX-512, AVX2+FMA or portable code ([`simd_path`]; `NONLOCAL_SIMD` forces one) — and
 //! layer weights are packed once for them when the parameters are set. See the README for
