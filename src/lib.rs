@@ -150,7 +150,7 @@ pub use load::{detect_naming, find_blocks, BlockInfo, Naming, TensorFile, Weight
 pub fn simd_path() -> Isa {
     kernels::simd::isa()
 }
-pub use config::{Mode, NonLocalConfig};
+pub use config::{Mode, NonLocalConfig, Precision};
 pub use error::{Error, Result};
 pub use params::{BatchNorm, Conv1x1, Parameters};
 

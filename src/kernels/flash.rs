@@ -20,10 +20,12 @@
 use super::attention_common::{
     finish_rows, for_each_query_tile, over_query_chunks, reduce_key_partials, row_dots, Accumulated,
 };
+use super::attention_common::{MIN_WEIGHT, MIN_WEIGHT_EXPONENT};
 use super::attention_shapes::{check_backward, check_forward};
+use super::bf16_simd::Bf16Simd;
 use super::exp::exp_vector;
-use super::microkernel::{packed_panels, tile};
-use super::simd::{Job, Simd};
+use super::microkernel::{packed_panels, tile, Elem, Word, F32};
+use super::simd::Job;
 use super::tiles::{KEY_TILE, QUERY_TILE};
 use super::views::MatRef;
 use crate::workspace::{Scratch, Workspace};
@@ -33,11 +35,15 @@ use crate::workspace::{Scratch, Workspace};
 /// Query tiles of `tile` rows (rounded up to NR, at most [`QUERY_TILE`]) run in parallel;
 /// packed operands and tile buffers come from `ws`.
 ///
+/// With bf16 elements ([`Elem::DEPTH`] 2) q, k and v are rounded to bf16 as they are packed,
+/// the logits and the softmax are f32, and the weights are rounded to bf16 per tile for the
+/// value product (weights below [`MIN_WEIGHT`] dropped); the row sums add the rounded weights.
+///
 /// # Panics
 /// If the shapes disagree: `q` N × d, `k` M × d with M ≥ 1, `v` M × dv, `bias` M, `out`
 /// N·dv, `lse` N.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention<S: Simd, const MR: usize, const NV: usize>(
+pub(crate) fn attention<S: Bf16Simd, E: Elem, const MR: usize, const NV: usize>(
     s: S,
     (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
     bias: Option<&[f32]>,
@@ -47,55 +53,86 @@ pub(crate) fn attention<S: Simd, const MR: usize, const NV: usize>(
     ws: &Workspace,
 ) {
     let nr = NV * S::LANES;
-    const { assert!(KEY_TILE.is_multiple_of(MR) && QUERY_TILE.is_multiple_of(NV * S::LANES)) };
+    const {
+        assert!(KEY_TILE.is_multiple_of(MR) && QUERY_TILE.is_multiple_of(NV * S::LANES));
+        assert!(MR.is_multiple_of(E::DEPTH) && KEY_TILE.is_multiple_of(E::DEPTH));
+    };
     check_forward((q, k, v), bias, out, lse.as_deref());
     let (n, m, d, dv) = (q.rows(), k.rows(), q.cols(), v.cols());
     let m_pad = m.next_multiple_of(MR);
-    let k_packed = packed_panels(ws, k, MR, d);
-    let v_packed = packed_panels(ws, v.t(), MR, m_pad);
+    let d_groups = d.div_ceil(E::DEPTH);
+    let k_packed = packed_panels::<E>(ws, k, MR, d_groups);
+    let v_packed = packed_panels::<E>(ws, v.t(), MR, m_pad / E::DEPTH);
+    let floors = (E::exponent_floor::<S>(E::Packed::of(&k_packed)), E::exponent_floor::<S>(E::Packed::of(&v_packed)));
     let tile = tile.next_multiple_of(nr).min(QUERY_TILE);
     for_each_query_tile(n, dv, tile, out, lse, |rows, out, lse| {
         let q = q.rows_range(rows.start, rows.end);
-        s.vectorize(AttendTile::<MR, NV> { q, k: (&k_packed, m), bias, v: (&v_packed, dv), scale, out, lse, ws });
+        let (k, v) = ((E::Packed::of(&k_packed), m), (E::Packed::of(&v_packed), dv));
+        s.vectorize(AttendTile::<E, MR, NV> { q, k, bias, v, floors, scale, out, lse, ws });
     });
 }
 
 /// One query tile against all keys: `q` (rows × d) with K and V packed.
-struct AttendTile<'a, const MR: usize, const NV: usize> {
+struct AttendTile<'a, E: Elem, const MR: usize, const NV: usize> {
     q: MatRef<'a>,
-    /// K packed in panels of MR keys (depth d), and M.
-    k: (&'a [f32], usize),
+    /// K packed in panels of MR keys (⌈d / DEPTH⌉ groups deep), and M.
+    k: (&'a [E::Packed], usize),
     /// Per-key logit offsets (M), if any.
     bias: Option<&'a [f32]>,
-    /// Vᵀ packed in panels of MR channels (depth M rounded up to MR), and dv.
-    v: (&'a [f32], usize),
+    /// Vᵀ packed in panels of MR channels (M rounded up to MR, over DEPTH, groups deep), and
+    /// dv.
+    v: (&'a [E::Packed], usize),
+    /// The exponent floors of K and V ([`Elem::exponent_floor`]).
+    floors: (Option<i32>, Option<i32>),
     scale: f32,
     out: &'a mut [f32],
     lse: Option<&'a mut [f32]>,
     ws: &'a Workspace,
 }
 
-impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
+impl<E: Elem, const MR: usize, const NV: usize> Job for AttendTile<'_, E, MR, NV> {
     type Out = ();
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) {
-        let AttendTile { q, k: (k_packed, m), bias, v: (v_packed, dv), scale, out, lse, ws } = self;
+    fn run<S: Bf16Simd>(self, s: S) {
         let nr = NV * S::LANES;
-        let (rows, d) = (q.rows(), q.cols());
+        let q_packed = packed_panels::<E>(self.ws, self.q, nr, self.q.cols().div_ceil(E::DEPTH));
+        let q_floor = E::exponent_floor::<S>(E::Packed::of(&q_packed));
+        // The emulations need their checks unless the logits' and the value product's operands
+        // are certified (the weights' exponents are at least MIN_WEIGHT_EXPONENT).
+        let (k_floor, v_floor) = self.floors;
+        if E::checked::<S>(k_floor, q_floor) || E::checked::<S>(v_floor, Some(MIN_WEIGHT_EXPONENT)) {
+            self.attend::<S, E::Checked>(s, &q_packed);
+        } else {
+            self.attend::<S, E>(s, &q_packed);
+        }
+    }
+}
+
+impl<E: Elem, const MR: usize, const NV: usize> AttendTile<'_, E, MR, NV> {
+    /// The tile's work with the register tile on `T` (E itself, or its checked twin).
+    #[inline(always)]
+    fn attend<S: Bf16Simd, T: Elem<Packed = E::Packed>>(self, s: S, q_packed: &[f32]) {
+        let AttendTile { q, k: (k_packed, m), bias, v: (v_packed, dv), scale, out, lse, ws, .. } = self;
+        let q_packed = E::Packed::of(q_packed);
+        let nr = NV * S::LANES;
+        let pairs = E::DEPTH == 2;
+        let (rows, d_groups) = (q.rows(), q.cols().div_ceil(E::DEPTH));
         let qpanels = rows.div_ceil(nr);
         let width = qpanels * nr;
         let m_pad = m.next_multiple_of(MR);
         let dv_panels = dv.div_ceil(MR);
-        let q_packed = packed_panels(ws, q, nr, d);
-        // P: [query panel][KEY_TILE keys][nr queries]; Oᵀ: [dv_panels·MR channels][width queries].
-        // Both are written before they are read (P's used rows by the tile, Oᵀ by the first key
-        // tile), so their scratch needs no zeroing.
+        // P: [query panel][KEY_TILE keys][nr queries] logits; bf16: the weights as pair words
+        // [query panel][KEY_TILE / 2 key pairs][nr queries]. Oᵀ: [dv_panels·MR channels][width
+        // queries]. Each is written before it is read (P's used rows by the tile, the words by
+        // the softmax, Oᵀ by the first key tile), so their scratch needs no zeroing.
         let mut p = ws.scratch(qpanels * KEY_TILE * nr);
+        let mut p_words = ws.scratch(if pairs { qpanels * (KEY_TILE / 2) * nr } else { 0 });
         let mut o_t = ws.scratch(dv_panels * MR * width);
         let mut run_max = vec![f32::NEG_INFINITY; width];
         let mut run_sum = vec![0.0f32; width];
         let mut correction = vec![1.0f32; nr];
+        let (p_stride, v_groups) = (KEY_TILE / E::DEPTH * nr, m_pad / E::DEPTH);
         let mut start = 0;
         while start < m {
             let end = (start + KEY_TILE).min(m);
@@ -105,15 +142,15 @@ impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
             for qp in 0..qpanels {
                 let panel = &mut p[qp * KEY_TILE * nr..][..kpanels * MR * nr];
                 for kp in 0..kpanels {
-                    let a = &k_packed[(start / MR + kp) * d * MR..][..d * MR];
-                    // SAFETY: `a` holds d·MR floats, the query panel d·nr, and the P tile is
-                    // MR rows of nr inside `panel` (kp < kpanels).
+                    let a = &k_packed[(start / MR + kp) * d_groups * MR..][..d_groups * MR];
+                    // SAFETY: `a` holds d_groups·MR elements, the query panel d_groups·nr, and
+                    // the P tile is MR rows of nr inside `panel` (kp < kpanels).
                     unsafe {
-                        tile::<S, MR, NV>(
+                        tile::<S, T, MR, NV>(
                             s,
-                            d,
+                            d_groups,
                             a.as_ptr(),
-                            q_packed[qp * d * nr..][..d * nr].as_ptr(),
+                            q_packed[qp * d_groups * nr..][..d_groups * nr].as_ptr(),
                             panel[kp * MR * nr..][..MR * nr].as_mut_ptr(),
                             nr,
                             false,
@@ -121,6 +158,7 @@ impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
                     };
                 }
                 let lanes = qp * nr..(qp + 1) * nr;
+                let words = pairs.then(|| &mut u32::of_mut(&mut p_words)[qp * p_stride..][..kpanels * MR / 2 * nr]);
                 let grew = softmax_panel::<S, NV>(
                     s,
                     panel,
@@ -129,6 +167,7 @@ impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
                     (&mut run_max[lanes.clone()], &mut run_sum[lanes]),
                     first,
                     &mut correction,
+                    words,
                 );
                 if grew {
                     for ch in 0..dv {
@@ -138,16 +177,16 @@ impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
                 }
             }
             // Value panels outer: each stays in L1 while the query panels of P pass by.
+            let weights = E::Packed::of(if pairs { &p_words } else { &p });
+            let groups = kpanels * MR / E::DEPTH;
             for vp in 0..dv_panels {
-                let a = &v_packed[vp * m_pad * MR + start * MR..][..kpanels * MR * MR];
+                let a = &v_packed[vp * v_groups * MR + start / E::DEPTH * MR..][..groups * MR];
                 for qp in 0..qpanels {
-                    let b = &p[qp * KEY_TILE * nr..][..kpanels * MR * nr];
+                    let b = &weights[qp * p_stride..][..groups * nr];
                     let c = &mut o_t[vp * MR * width + qp * nr..][..(MR - 1) * width + nr];
-                    // SAFETY: `a` holds kpanels·MR groups of MR, `b` as many groups of nr, and
-                    // `c` MR rows of nr floats `width` apart.
-                    unsafe {
-                        tile::<S, MR, NV>(s, kpanels * MR, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), width, !first)
-                    };
+                    // SAFETY: `a` holds groups runs of MR, `b` as many runs of nr, and `c` MR
+                    // rows of nr floats `width` apart.
+                    unsafe { tile::<S, T, MR, NV>(s, groups, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), width, !first) };
                 }
             }
             start = end;
@@ -161,8 +200,13 @@ impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
 /// sum, turns the logits into `exp(s·logit − s·max)` (zero for the padding rows past `keys`)
 /// and, when the maximum grew in some lane, writes the rescaling of earlier sums into
 /// `correction` and returns true.
+///
+/// With `words` (bf16), the weights go there instead, rounded to bf16 (zero below
+/// [`MIN_WEIGHT`]) as pair words of consecutive keys, `[key pair][NR queries]`, and the sums
+/// add the rounded weights.
 #[inline(always)]
-fn softmax_panel<S: Simd, const NV: usize>(
+#[allow(clippy::too_many_arguments)]
+fn softmax_panel<S: Bf16Simd, const NV: usize>(
     s: S,
     panel: &mut [f32],
     (keys, bias): (usize, Option<&[f32]>),
@@ -170,6 +214,7 @@ fn softmax_panel<S: Simd, const NV: usize>(
     (run_max, run_sum): (&mut [f32], &mut [f32]),
     first: bool,
     correction: &mut [f32],
+    mut words: Option<&mut [u32]>,
 ) -> bool {
     let (lanes, nr) = (S::LANES, NV * S::LANES);
     if let Some(bias) = bias {
@@ -199,11 +244,29 @@ fn softmax_panel<S: Simd, const NV: usize>(
         let shift = s.mul(s.splat(-scale), new);
         let vscale = s.splat(scale);
         let mut sum = s.zero();
-        for key in 0..keys {
-            let row = &mut panel[key * nr + v * lanes..][..lanes];
-            let e = exp_vector(s, s.fmadd(s.load_slice(row), vscale, shift));
-            s.store_slice(row, e);
-            sum = s.add(sum, e);
+        match words.as_deref_mut() {
+            None => {
+                for key in 0..keys {
+                    let row = &mut panel[key * nr + v * lanes..][..lanes];
+                    let e = exp_vector(s, s.fmadd(s.load_slice(row), vscale, shift));
+                    s.store_slice(row, e);
+                    sum = s.add(sum, e);
+                }
+            }
+            Some(words) => {
+                for pair in 0..keys.div_ceil(2) {
+                    let at = |key: usize| key * nr + v * lanes;
+                    let even = bf16_weight(s, s.load_slice(&panel[at(2 * pair)..]), vscale, shift);
+                    let odd = match 2 * pair + 1 < keys {
+                        true => bf16_weight(s, s.load_slice(&panel[at(2 * pair + 1)..]), vscale, shift),
+                        false => s.zero(),
+                    };
+                    sum = s.add(s.add(sum, even), odd);
+                    let dst = &mut words[pair * nr + v * lanes..][..lanes];
+                    // SAFETY: `dst` holds LANES words.
+                    unsafe { s.store_rounded_pairs(even, odd, dst.as_mut_ptr()) };
+                }
+            }
         }
         let run = s.load_slice(&run_sum[group.clone()]);
         let total = if first {
@@ -217,8 +280,20 @@ fn softmax_panel<S: Simd, const NV: usize>(
         s.store_slice(&mut run_sum[group.clone()], total);
         s.store_slice(&mut run_max[group], new);
     }
-    panel[keys * nr..].fill(0.0);
+    match words {
+        None => panel[keys * nr..].fill(0.0),
+        Some(words) => words[keys.div_ceil(2) * nr..].fill(0),
+    }
     grew
+}
+
+/// A bf16 attention weight from its logit: `exp(scale·logit + shift)` rounded to bf16, zero
+/// below [`MIN_WEIGHT`]. (A function, not a closure in the loop: a closure is compiled without
+/// the kernel's instruction set.)
+#[inline(always)]
+fn bf16_weight<S: Bf16Simd>(s: S, logit: S::V, scale: S::V, shift: S::V) -> S::V {
+    let e = exp_vector(s, s.fmadd(logit, scale, shift));
+    s.zero_below(e, s.splat(MIN_WEIGHT), s.round_bf16(e))
 }
 
 /// The backward of [`attention`] (with its log-sum-exp): writes `dq` (N × d), `dk` (M × d),
@@ -233,7 +308,7 @@ fn softmax_panel<S: Simd, const NV: usize>(
 /// # Panics
 /// If the shapes disagree.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_backward<S: Simd, const MR: usize, const NV: usize>(
+pub(crate) fn attention_backward<S: Bf16Simd, const MR: usize, const NV: usize>(
     s: S,
     (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
     lse: &[f32],
@@ -248,9 +323,9 @@ pub(crate) fn attention_backward<S: Simd, const MR: usize, const NV: usize>(
     let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
     let m_pad = m.next_multiple_of(MR);
     let packed = BackwardPacked {
-        k_rows: packed_panels(ws, k, MR, d),
-        v_rows: packed_panels(ws, v, MR, dvc),
-        k_cols: packed_panels(ws, k.t(), MR, m_pad),
+        k_rows: packed_panels::<F32>(ws, k, MR, d),
+        v_rows: packed_panels::<F32>(ws, v, MR, dvc),
+        k_cols: packed_panels::<F32>(ws, k.t(), MR, m_pad),
         m,
         d_pad: d.next_multiple_of(nr),
         dv_pad: dvc.next_multiple_of(nr),
@@ -317,7 +392,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
     type Out = ();
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) {
+    fn run<S: Bf16Simd>(self, s: S) {
         let BackwardTile { packed, q, scale, lse, y, dy, dq, dk, dv, ws } = self;
         let (lanes, nr) = (S::LANES, NV * S::LANES);
         let (rows, d, dvc, m) = (q.rows(), q.cols(), dy.cols(), packed.m);
@@ -331,11 +406,11 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
         let mut delta = vec![0.0f32; width];
         row_dots(y, dy, &mut delta);
         // B operands with d or dv as depth (queries in panels of NR) ...
-        let q_by_d = packed_panels(ws, q, nr, d);
-        let dy_by_dv = packed_panels(ws, dy, nr, dvc);
+        let q_by_d = packed_panels::<F32>(ws, q, nr, d);
+        let dy_by_dv = packed_panels::<F32>(ws, dy, nr, dvc);
         // ... and with the queries as depth (channels in panels of NR).
-        let q_by_query = packed_panels(ws, q.t(), nr, width);
-        let dy_by_query = packed_panels(ws, dy.t(), nr, width);
+        let q_by_query = packed_panels::<F32>(ws, q.t(), nr, width);
+        let dy_by_query = packed_panels::<F32>(ws, dy.t(), nr, width);
         // Each written before it is read: P and dS by the tiles (their used rows), their
         // re-packings by `repack_by_keys`, dQᵀ by the first key tile.
         let mut p = ws.scratch(qpanels * KEY_TILE * nr);
@@ -360,7 +435,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                     // SAFETY: each operand slice holds what the tile reads; the outputs are MR
                     // rows of nr inside the panels (kp < kpanels).
                     unsafe {
-                        tile::<S, MR, NV>(
+                        tile::<S, F32, MR, NV>(
                             s,
                             d,
                             kq.as_ptr(),
@@ -369,7 +444,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                             nr,
                             false,
                         );
-                        tile::<S, MR, NV>(
+                        tile::<S, F32, MR, NV>(
                             s,
                             dvc,
                             vq.as_ptr(),
@@ -404,7 +479,15 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                     let c = &mut dq_t[cp * MR * width + qp * nr..][..(MR - 1) * width + nr];
                     // SAFETY: as in the forward pass.
                     unsafe {
-                        tile::<S, MR, NV>(s, kpanels * MR, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), width, start > 0)
+                        tile::<S, F32, MR, NV>(
+                            s,
+                            kpanels * MR,
+                            a.as_ptr(),
+                            b.as_ptr(),
+                            c.as_mut_ptr(),
+                            width,
+                            start > 0,
+                        )
                     };
                 }
             }
@@ -421,7 +504,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                     // SAFETY: `pa` holds width groups of MR, `b` width groups of nr, `c` MR rows
                     // of nr floats dv_pad apart (row + MR ≤ m_pad rows of the partials).
                     unsafe {
-                        tile::<S, MR, NV>(s, width, pa.as_ptr(), b.as_ptr(), c.as_mut_ptr(), packed.dv_pad, true)
+                        tile::<S, F32, MR, NV>(s, width, pa.as_ptr(), b.as_ptr(), c.as_mut_ptr(), packed.dv_pad, true)
                     };
                 }
                 for cp in 0..d.div_ceil(nr) {
@@ -429,7 +512,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                     let c = &mut dk[row * packed.d_pad + cp * nr..][..(MR - 1) * packed.d_pad + nr];
                     // SAFETY: as above, with d_pad.
                     unsafe {
-                        tile::<S, MR, NV>(s, width, dsa.as_ptr(), b.as_ptr(), c.as_mut_ptr(), packed.d_pad, true)
+                        tile::<S, F32, MR, NV>(s, width, dsa.as_ptr(), b.as_ptr(), c.as_mut_ptr(), packed.d_pad, true)
                     };
                 }
             }

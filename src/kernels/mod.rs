@@ -17,6 +17,8 @@
 pub mod attention;
 pub(crate) mod attention_common;
 pub(crate) mod attention_shapes;
+pub(crate) mod bf16;
+pub(crate) mod bf16_simd;
 pub mod concat;
 pub mod dot_product;
 pub mod exp;

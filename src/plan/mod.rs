@@ -103,13 +103,15 @@ impl Compiled {
         }
         // The fold pays only with fewer keys than queries (pooling) or C < C'.
         let fold_may_pay = config.sub_sample.is_some() || c < ci;
+        let precision = config.precision;
         let theta_fold = (config.mode == Mode::EmbeddedGaussian && fold_may_pay).then(|| ThetaFold {
-            w_keys: Weights::new(w_proj[ci * c..].to_vec(), 2 * ci, c),
+            w_keys: Weights::new(w_proj[ci * c..].to_vec(), 2 * ci, c, precision),
             b_keys: b_proj[ci..].to_vec(),
-            w_theta_t: Weights::new((0..c * ci).map(|i| w_proj[(i % ci) * c + i / ci]).collect(), c, ci),
+            w_theta_t: Weights::new((0..c * ci).map(|i| w_proj[(i % ci) * c + i / ci]).collect(), c, ci, precision),
             b_theta: b_proj[..ci].to_vec(),
         });
-        let (w_proj, w_out) = (Weights::new(w_proj, proj_cols, c), Weights::new(w_out, c, ci));
+        let w_proj = Weights::new(w_proj, proj_cols, c, precision);
+        let w_out = Weights::new(w_out, c, ci, precision);
         Compiled { w_proj, b_proj, proj_cols, w_out, b_out, w_phi, bn_scale, theta_fold, channels: (c, ci) }
     }
 
