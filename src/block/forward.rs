@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::attention_in;
 use crate::kernels::concat::concat_attention;
 use crate::kernels::dot_product::key_value_product_in;
-use crate::kernels::gemm::{par_gemm_in, row_block};
+use crate::kernels::gemm::{par_gemm, row_block};
 use crate::kernels::views::{MatMut, MatRef};
 use crate::plan::{prepare, Prepared, Purpose};
 
@@ -156,13 +156,13 @@ impl NonLocalBlock {
         if self.compiled.folds_values(n, m) {
             // W_out·Σ_j a_ij ĝ_j = Σ_j a_ij (W_out ĝ_j): aggregate C columns instead of C'.
             let mut vw = self.workspace.take(m * c, "projected values")?;
-            self.compiled.w_out.apply(precision, p.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c), ws);
+            self.compiled.w_out.apply(Precision::F32, p.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c), ws);
             attend(MatRef::new(&vw, 0, m, c, c), out);
             self.add_residual(p.x, out);
         } else {
             let mut y = self.workspace.take(n * ci, "y")?;
             attend(p.values(), &mut y);
-            self.output(p.x, MatRef::new(&y, 0, n, ci, ci), None, out, precision);
+            self.output(p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
         }
         Ok(())
     }
@@ -170,25 +170,17 @@ impl NonLocalBlock {
     /// Dot product: `y = θ·(φᵀg/M)`, the C'×C' product instead of the N×M matrix.
     fn forward_dot_product(&self, p: &Prepared<'_>, out: &mut [f32]) -> Result<()> {
         let (n, c, ci) = (p.x.rows(), self.config.in_channels, self.config.inter_channels);
-        let precision = self.config.precision;
-        let kv = key_value_product_in(precision, p.keys(), p.values(), 1.0 / p.m as f32);
+        let kv = key_value_product_in(self.config.precision, p.keys(), p.values(), 1.0 / p.m as f32);
         let kv = MatRef::new(&kv, 0, ci, ci, ci);
         if self.compiled.folds_key_values_into_output(n) {
             // z = x + θ·((φᵀg/M)·W_outᵀ) + b_out.
             let mut folded = vec![0.0f32; ci * c];
-            par_gemm_in(
-                precision,
-                1.0,
-                kv,
-                self.compiled.w_out.view().t(),
-                0.0,
-                &mut MatMut::new(&mut folded, ci, c, c),
-            );
-            self.output(p.x, p.queries(), Some(MatRef::new(&folded, 0, ci, c, c)), out, precision);
+            par_gemm(1.0, kv, self.compiled.w_out.view().t(), 0.0, &mut MatMut::new(&mut folded, ci, c, c));
+            self.output(p.x, p.queries(), Some(MatRef::new(&folded, 0, ci, c, c)), out);
         } else {
             let mut y = self.workspace.take(n * ci, "y")?;
-            par_gemm_in(precision, 1.0, p.queries(), kv, 0.0, &mut MatMut::new(&mut y, n, ci, ci));
-            self.output(p.x, MatRef::new(&y, 0, n, ci, ci), None, out, precision);
+            par_gemm(1.0, p.queries(), kv, 0.0, &mut MatMut::new(&mut y, n, ci, ci));
+            self.output(p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
         }
         Ok(())
     }
@@ -199,26 +191,18 @@ impl NonLocalBlock {
         let mut y = self.workspace.take(n * ci, "y")?;
         let b = p.concat_b(&self.compiled.w_phi);
         concat_attention(p.concat_a(), &b, p.values(), &mut y);
-        self.output(p.x, MatRef::new(&y, 0, n, ci, ci), None, out, self.config.precision);
+        self.output(p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
         Ok(())
     }
 
-    /// `out ← x + y·W + b_out` with W = `w` (C' × C) or `W_outᵀ`, the product in `precision`
-    /// (the residual and the bias in f32).
-    pub(super) fn output(
-        &self,
-        x: MatRef<'_>,
-        y: MatRef<'_>,
-        w: Option<MatRef<'_>>,
-        out: &mut [f32],
-        precision: Precision,
-    ) {
+    /// `out ← x + y·W + b_out` with W = `w` (C' × C) or `W_outᵀ`, in f32 in both precisions.
+    pub(super) fn output(&self, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
         let (n, c) = (x.rows(), x.cols());
         self.residual_rows(x, out, |row, residual| row.copy_from_slice(residual));
         let mut out = MatMut::new(out, n, c, c);
         match w {
-            Some(w) => par_gemm_in(precision, 1.0, y, w, 1.0, &mut out),
-            None => self.compiled.w_out.apply(precision, y, 1.0, &mut out, &self.workspace),
+            Some(w) => par_gemm(1.0, y, w, 1.0, &mut out),
+            None => self.compiled.w_out.apply(Precision::F32, y, 1.0, &mut out, &self.workspace),
         }
     }
 

@@ -132,7 +132,7 @@ impl NonLocalBlock {
                 concat_attention(p.concat_a(), &b, p.values(), &mut y);
             }
         }
-        self.output(x, MatRef::new(&y, 0, n, ci, ci), None, out, Precision::F32);
+        self.output(x, MatRef::new(&y, 0, n, ci, ci), None, out);
         let cols = p.cols;
         let k = p.proj_cols;
         let pooled = match p.pooled {

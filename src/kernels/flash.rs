@@ -1,7 +1,8 @@
 //! The packed softmax attention, forward and backward, written once over the vector
-//! operations of [`Simd`] and a register tile of MR rows × NV vectors (see
-//! [`microkernel`](super::microkernel)); [`attention`](super::attention) instantiates it for
-//! AVX-512 (12×32) and AVX2 (6×16), and the tests for portable vectors of both geometries.
+//! operations of [`Simd`](super::simd::Simd) and a register tile of MR rows × NV vectors (see
+//! [`microkernel`](super::microkernel)) and its element types: f32, or bf16 pairs for the
+//! value product; [`attention`](super::attention) instantiates it for AVX-512 (12×32) and AVX2
+//! (6×16; 4×16 for bf16), and the tests for portable vectors of those geometries.
 //!
 //! Every operand is packed once instead of on every GEMM call, and one micro-kernel does both
 //! products, transposed so that its outputs land where the next step wants them:
@@ -35,15 +36,17 @@ use crate::workspace::{Scratch, Workspace};
 /// Query tiles of `tile` rows (rounded up to NR, at most [`QUERY_TILE`]) run in parallel;
 /// packed operands and tile buffers come from `ws`.
 ///
-/// With bf16 elements ([`Elem::DEPTH`] 2) q, k and v are rounded to bf16 as they are packed,
-/// the logits and the softmax are f32, and the weights are rounded to bf16 per tile for the
-/// value product (weights below [`MIN_WEIGHT`] dropped); the row sums add the rounded weights.
+/// The logits `Sᵀ = K·Qᵀ` multiply elements `QE` in MR × NR tiles, the value product
+/// `Oᵀ += Vᵀ·Pᵀ` elements `VE` in MRV × NR tiles. With bf16 elements for a product
+/// ([`Elem::DEPTH`] 2) its operands are rounded to bf16 as they are packed (the weights P per
+/// tile, dropped below [`MIN_WEIGHT`], the row sums adding the rounded weights); the softmax is
+/// f32 whatever the elements.
 ///
 /// # Panics
 /// If the shapes disagree: `q` N × d, `k` M × d with M ≥ 1, `v` M × dv, `bias` M, `out`
 /// N·dv, `lse` N.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention<S: Bf16Simd, E: Elem, const MR: usize, const NV: usize>(
+pub(crate) fn attention<S: Bf16Simd, QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize>(
     s: S,
     (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
     bias: Option<&[f32]>,
@@ -55,33 +58,34 @@ pub(crate) fn attention<S: Bf16Simd, E: Elem, const MR: usize, const NV: usize>(
     let nr = NV * S::LANES;
     const {
         assert!(KEY_TILE.is_multiple_of(MR) && QUERY_TILE.is_multiple_of(NV * S::LANES));
-        assert!(MR.is_multiple_of(E::DEPTH) && KEY_TILE.is_multiple_of(E::DEPTH));
+        // The value product's depth, the keys padded to whole K panels, holds whole groups.
+        assert!(MR.is_multiple_of(VE::DEPTH) && KEY_TILE.is_multiple_of(VE::DEPTH));
     };
     check_forward((q, k, v), bias, out, lse.as_deref());
     let (n, m, d, dv) = (q.rows(), k.rows(), q.cols(), v.cols());
     let m_pad = m.next_multiple_of(MR);
-    let d_groups = d.div_ceil(E::DEPTH);
-    let k_packed = packed_panels::<E>(ws, k, MR, d_groups);
-    let v_packed = packed_panels::<E>(ws, v.t(), MR, m_pad / E::DEPTH);
-    let floors = (E::exponent_floor::<S>(E::Packed::of(&k_packed)), E::exponent_floor::<S>(E::Packed::of(&v_packed)));
+    let k_packed = packed_panels::<QE>(ws, k, MR, d.div_ceil(QE::DEPTH));
+    let v_packed = packed_panels::<VE>(ws, v.t(), MRV, m_pad / VE::DEPTH);
+    let floors =
+        (QE::exponent_floor::<S>(QE::Packed::of(&k_packed)), VE::exponent_floor::<S>(VE::Packed::of(&v_packed)));
     let tile = tile.next_multiple_of(nr).min(QUERY_TILE);
     for_each_query_tile(n, dv, tile, out, lse, |rows, out, lse| {
         let q = q.rows_range(rows.start, rows.end);
-        let (k, v) = ((E::Packed::of(&k_packed), m), (E::Packed::of(&v_packed), dv));
-        s.vectorize(AttendTile::<E, MR, NV> { q, k, bias, v, floors, scale, out, lse, ws });
+        let (k, v) = ((QE::Packed::of(&k_packed), m), (VE::Packed::of(&v_packed), dv));
+        s.vectorize(AttendTile::<QE, VE, MR, MRV, NV> { q, k, bias, v, floors, scale, out, lse, ws });
     });
 }
 
 /// One query tile against all keys: `q` (rows × d) with K and V packed.
-struct AttendTile<'a, E: Elem, const MR: usize, const NV: usize> {
+struct AttendTile<'a, QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize> {
     q: MatRef<'a>,
     /// K packed in panels of MR keys (⌈d / DEPTH⌉ groups deep), and M.
-    k: (&'a [E::Packed], usize),
+    k: (&'a [QE::Packed], usize),
     /// Per-key logit offsets (M), if any.
     bias: Option<&'a [f32]>,
-    /// Vᵀ packed in panels of MR channels (M rounded up to MR, over DEPTH, groups deep), and
+    /// Vᵀ packed in panels of MRV channels (M rounded up to MR, over DEPTH, groups deep), and
     /// dv.
-    v: (&'a [E::Packed], usize),
+    v: (&'a [VE::Packed], usize),
     /// The exponent floors of K and V ([`Elem::exponent_floor`]).
     floors: (Option<i32>, Option<i32>),
     scale: f32,
@@ -90,49 +94,53 @@ struct AttendTile<'a, E: Elem, const MR: usize, const NV: usize> {
     ws: &'a Workspace,
 }
 
-impl<E: Elem, const MR: usize, const NV: usize> Job for AttendTile<'_, E, MR, NV> {
+impl<QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize> Job
+    for AttendTile<'_, QE, VE, MR, MRV, NV>
+{
     type Out = ();
 
     #[inline(always)]
     fn run<S: Bf16Simd>(self, s: S) {
         let nr = NV * S::LANES;
-        let q_packed = packed_panels::<E>(self.ws, self.q, nr, self.q.cols().div_ceil(E::DEPTH));
-        let q_floor = E::exponent_floor::<S>(E::Packed::of(&q_packed));
-        // The emulations need their checks unless the logits' and the value product's operands
-        // are certified (the weights' exponents are at least MIN_WEIGHT_EXPONENT).
+        let q_packed = packed_panels::<QE>(self.ws, self.q, nr, self.q.cols().div_ceil(QE::DEPTH));
+        let q_floor = QE::exponent_floor::<S>(QE::Packed::of(&q_packed));
+        // The emulations need their checks unless both products' operands are certified (the
+        // weights' exponents are at least MIN_WEIGHT_EXPONENT).
         let (k_floor, v_floor) = self.floors;
-        if E::checked::<S>(k_floor, q_floor) || E::checked::<S>(v_floor, Some(MIN_WEIGHT_EXPONENT)) {
-            self.attend::<S, E::Checked>(s, &q_packed);
+        if QE::checked::<S>(k_floor, q_floor) || VE::checked::<S>(v_floor, Some(MIN_WEIGHT_EXPONENT)) {
+            self.attend::<S, QE::Checked, VE::Checked>(s, &q_packed);
         } else {
-            self.attend::<S, E>(s, &q_packed);
+            self.attend::<S, QE, VE>(s, &q_packed);
         }
     }
 }
 
-impl<E: Elem, const MR: usize, const NV: usize> AttendTile<'_, E, MR, NV> {
-    /// The tile's work with the register tile on `T` (E itself, or its checked twin).
+impl<QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize> AttendTile<'_, QE, VE, MR, MRV, NV> {
+    /// The tile's work with the register tiles on `TQ` and `TV` (the elements themselves, or
+    /// their checked twins).
     #[inline(always)]
-    fn attend<S: Bf16Simd, T: Elem<Packed = E::Packed>>(self, s: S, q_packed: &[f32]) {
+    fn attend<S: Bf16Simd, TQ: Elem<Packed = QE::Packed>, TV: Elem<Packed = VE::Packed>>(self, s: S, q_packed: &[f32]) {
         let AttendTile { q, k: (k_packed, m), bias, v: (v_packed, dv), scale, out, lse, ws, .. } = self;
-        let q_packed = E::Packed::of(q_packed);
+        let q_packed = QE::Packed::of(q_packed);
         let nr = NV * S::LANES;
-        let pairs = E::DEPTH == 2;
-        let (rows, d_groups) = (q.rows(), q.cols().div_ceil(E::DEPTH));
+        let pairs = VE::DEPTH == 2;
+        let (rows, d_groups) = (q.rows(), q.cols().div_ceil(QE::DEPTH));
         let qpanels = rows.div_ceil(nr);
         let width = qpanels * nr;
         let m_pad = m.next_multiple_of(MR);
-        let dv_panels = dv.div_ceil(MR);
-        // P: [query panel][KEY_TILE keys][nr queries] logits; bf16: the weights as pair words
-        // [query panel][KEY_TILE / 2 key pairs][nr queries]. Oᵀ: [dv_panels·MR channels][width
-        // queries]. Each is written before it is read (P's used rows by the tile, the words by
-        // the softmax, Oᵀ by the first key tile), so their scratch needs no zeroing.
+        let dv_panels = dv.div_ceil(MRV);
+        // P: [query panel][KEY_TILE keys][nr queries] logits, then (f32) the weights; bf16: the
+        // weights as pair words [query panel][KEY_TILE / 2 key pairs][nr queries]. Oᵀ:
+        // [dv_panels·MRV channels][width queries]. Each is written before it is read (P's used
+        // rows by the tile, the words by the softmax, Oᵀ by the first key tile), so their
+        // scratch needs no zeroing.
         let mut p = ws.scratch(qpanels * KEY_TILE * nr);
         let mut p_words = ws.scratch(if pairs { qpanels * (KEY_TILE / 2) * nr } else { 0 });
-        let mut o_t = ws.scratch(dv_panels * MR * width);
+        let mut o_t = ws.scratch(dv_panels * MRV * width);
         let mut run_max = vec![f32::NEG_INFINITY; width];
         let mut run_sum = vec![0.0f32; width];
         let mut correction = vec![1.0f32; nr];
-        let (p_stride, v_groups) = (KEY_TILE / E::DEPTH * nr, m_pad / E::DEPTH);
+        let (p_stride, v_groups) = (KEY_TILE / VE::DEPTH * nr, m_pad / VE::DEPTH);
         let mut start = 0;
         while start < m {
             let end = (start + KEY_TILE).min(m);
@@ -146,7 +154,7 @@ impl<E: Elem, const MR: usize, const NV: usize> AttendTile<'_, E, MR, NV> {
                     // SAFETY: `a` holds d_groups·MR elements, the query panel d_groups·nr, and
                     // the P tile is MR rows of nr inside `panel` (kp < kpanels).
                     unsafe {
-                        tile::<S, T, MR, NV>(
+                        tile::<S, TQ, MR, NV>(
                             s,
                             d_groups,
                             a.as_ptr(),
@@ -177,16 +185,16 @@ impl<E: Elem, const MR: usize, const NV: usize> AttendTile<'_, E, MR, NV> {
                 }
             }
             // Value panels outer: each stays in L1 while the query panels of P pass by.
-            let weights = E::Packed::of(if pairs { &p_words } else { &p });
-            let groups = kpanels * MR / E::DEPTH;
+            let weights = VE::Packed::of(if pairs { &p_words } else { &p });
+            let groups = kpanels * MR / VE::DEPTH;
             for vp in 0..dv_panels {
-                let a = &v_packed[vp * v_groups * MR + start / E::DEPTH * MR..][..groups * MR];
+                let a = &v_packed[vp * v_groups * MRV + start / VE::DEPTH * MRV..][..groups * MRV];
                 for qp in 0..qpanels {
                     let b = &weights[qp * p_stride..][..groups * nr];
-                    let c = &mut o_t[vp * MR * width + qp * nr..][..(MR - 1) * width + nr];
-                    // SAFETY: `a` holds groups runs of MR, `b` as many runs of nr, and `c` MR
+                    let c = &mut o_t[vp * MRV * width + qp * nr..][..(MRV - 1) * width + nr];
+                    // SAFETY: `a` holds groups runs of MRV, `b` as many runs of nr, and `c` MRV
                     // rows of nr floats `width` apart.
-                    unsafe { tile::<S, T, MR, NV>(s, groups, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), width, !first) };
+                    unsafe { tile::<S, TV, MRV, NV>(s, groups, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), width, !first) };
                 }
             }
             start = end;

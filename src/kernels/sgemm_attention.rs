@@ -9,9 +9,9 @@
 //! single-threaded sgemm calls on the tile; rayon spreads the query tiles over threads. The
 //! key tiling is fixed, so every output row is the same sum whatever the thread count.
 //!
-//! In bf16 (portable code's bf16 path) q, k and v are rounded to bf16 first and the weights
-//! per tile, as the packed kernel does, and the products run in f32 on the rounded values:
-//! the same rounding points, not the packed kernel's bits.
+//! In bf16 (portable code's bf16 path) v is rounded to bf16 first and the weights per tile, as
+//! the packed kernel does, and the value product runs in f32 on the rounded values: the same
+//! rounding points, not the packed kernel's bits.
 
 use super::attention_common::{
     bf16_weight, finish_rows, for_each_query_tile, over_query_chunks, query_tile, reduce_key_partials, row_dots,
@@ -27,7 +27,7 @@ use crate::config::Precision;
 use crate::workspace::{Scratch, Workspace};
 
 /// `out ← softmax(scale · (q·kᵀ + bias))·v` (N × dv, row-major), `bias` one logit offset per
-/// key (none: 0), and each row's log-sum-exp in `lse` when asked; in bf16 on operands and
+/// key (none: 0), and each row's log-sum-exp in `lse` when asked; in bf16 with v and the
 /// weights rounded to bf16.
 ///
 /// # Panics
@@ -44,16 +44,10 @@ pub(crate) fn attention(
     let (n, dv) = (q.rows(), v.cols());
     let tile = query_tile(n);
     let bf16 = precision == Precision::Bf16;
-    let (k_rounded, v_rounded) = match bf16 {
-        true => (Some(rounded(ws, k)), Some(rounded(ws, v))),
-        false => (None, None),
-    };
-    let (k, v) = (view(&k_rounded, k), view(&v_rounded, v));
+    let v_rounded = bf16.then(|| rounded(ws, v));
+    let v = view(&v_rounded, v);
     for_each_query_tile(n, dv, tile, out, lse, |rows, out_tile, lse_tile| {
-        let q = q.rows_range(rows.start, rows.end);
-        let q_rounded = bf16.then(|| rounded(ws, q));
-        let q = view(&q_rounded, q);
-        attend_tile(q, (k, bias), v, scale, (out_tile, lse_tile), ws, bf16);
+        attend_tile(q.rows_range(rows.start, rows.end), (k, bias), v, scale, (out_tile, lse_tile), ws, bf16);
     });
 }
 
@@ -77,7 +71,7 @@ fn rounded<'w>(ws: &'w Workspace, m: MatRef<'_>) -> Scratch<'w> {
 }
 
 /// One query tile against all keys (with their logit offsets); `bf16`: the weights rounded for
-/// the value product (q, k and v are already rounded).
+/// the value product (v is already rounded).
 fn attend_tile(
     q: MatRef<'_>,
     (k, bias): (MatRef<'_>, Option<&[f32]>),

@@ -103,15 +103,17 @@ impl Compiled {
         }
         // The fold pays only with fewer keys than queries (pooling) or C < C'.
         let fold_may_pay = config.sub_sample.is_some() || c < ci;
-        let precision = config.precision;
+        // bf16 blocks keep the logits' projections (θ, φ; dot product's θ) in f32: see
+        // `Precision::Bf16`.
+        let (precision, f32_rows) = (config.precision, if config.mode == Mode::EmbeddedGaussian { 2 * ci } else { ci });
         let theta_fold = (config.mode == Mode::EmbeddedGaussian && fold_may_pay).then(|| ThetaFold {
-            w_keys: Weights::new(w_proj[ci * c..].to_vec(), 2 * ci, c, precision),
+            w_keys: Weights::mixed(w_proj[ci * c..].to_vec(), 2 * ci, c, precision, ci),
             b_keys: b_proj[ci..].to_vec(),
-            w_theta_t: Weights::new((0..c * ci).map(|i| w_proj[(i % ci) * c + i / ci]).collect(), c, ci, precision),
+            w_theta_t: Weights::new((0..c * ci).map(|i| w_proj[(i % ci) * c + i / ci]).collect(), c, ci),
             b_theta: b_proj[..ci].to_vec(),
         });
-        let w_proj = Weights::new(w_proj, proj_cols, c, precision);
-        let w_out = Weights::new(w_out, c, ci, precision);
+        let f32_rows = if config.mode.has_theta_phi() && config.mode != Mode::Concatenation { f32_rows } else { 0 };
+        let (w_proj, w_out) = (Weights::mixed(w_proj, proj_cols, c, precision, f32_rows), Weights::new(w_out, c, ci));
         Compiled { w_proj, b_proj, proj_cols, w_out, b_out, w_phi, bn_scale, theta_fold, channels: (c, ci) }
     }
 
