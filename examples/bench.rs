@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--shape NAME] [--mode eg|dp|concat|gauss] [--reps N] [--backward]
+//!     [--precision f32|bf16|both]
 //! ```
 //!
 //! First measures the sgemm peak: the best 2048×2048×2048 sgemm a Rust crate runs on this
@@ -17,13 +18,21 @@
 //!
 //! With `--backward`, each case adds a line
 //! `shape=… mode=… pass=train ms=<median forward_train + backward> gflops=<3 × nominal / ms> …`.
+//!
+//! `--precision bf16` (or `both`, f32 and bf16 lines one after the other for each case) runs
+//! blocks configured with `Precision::Bf16`: the header adds the bf16 GEMM peak, this crate's
+//! packed bf16 GEMM at 2048³ over the same threads (`VDPBF16PS` where the CPU has
+//! AVX512_BF16), and each bf16 line says `precision=bf16` and gives `pct_peak` against that
+//! peak (`bf16_gemm_gflops`), with `speedup=<f32 ms / bf16 ms>` when the f32 line was measured
+//! just before. Every line ends with `rss_peak_mb`, the process's peak resident memory during
+//! that case (Linux; the peak is reset before each case).
 
 use std::time::Instant;
 
 use ndarray::Array5;
-use nonlocal::internal::kernels::gemm::par_gemm;
+use nonlocal::internal::kernels::gemm::{par_gemm, par_gemm_in};
 use nonlocal::internal::kernels::views::{MatMut, MatRef};
-use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters};
+use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters, Precision};
 use rayon::prelude::*;
 
 /// (name, C, T, H, W) with B = 1, sub-sampling 1x2x2, C' = C/2, BatchNorm.
@@ -46,10 +55,11 @@ struct Args {
     mode: Option<String>,
     reps: usize,
     backward: bool,
+    precisions: Vec<Precision>,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { shape: None, mode: None, reps: 5, backward: false };
+    let mut args = Args { shape: None, mode: None, reps: 5, backward: false, precisions: vec![Precision::F32] };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -58,6 +68,12 @@ fn parse_args() -> Result<Args, String> {
             "--mode" => args.mode = Some(value()?),
             "--backward" => args.backward = true,
             "--reps" => args.reps = value()?.parse().map_err(|e| format!("--reps: {e}"))?,
+            "--precision" => {
+                args.precisions = match value()?.as_str() {
+                    "both" => vec![Precision::F32, Precision::Bf16],
+                    other => vec![other.parse().map_err(|e| format!("--precision: {e}"))?],
+                }
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -148,6 +164,42 @@ fn sgemm_peaks() -> [(&'static str, f64); 3] {
     ]
 }
 
+/// Best-of-5 GFLOP/s of this crate's bf16 GEMM (operands rounded as they are packed, sums in
+/// f32) at 2048³ over the rayon pool: the peak the bf16 lines are measured against.
+fn bf16_gemm_peak() -> f64 {
+    let n = 2048;
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut c = vec![0.0f32; n * n];
+    let flops = 2.0 * (n * n * n) as f64;
+    let (am, bm) = (MatRef::new(&a, 0, n, n, n), MatRef::new(&b, 0, n, n, n));
+    let best = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            par_gemm_in(Precision::Bf16, 1.0, am, bm, 0.0, &mut MatMut::new(&mut c, n, n, n));
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min);
+    flops / best / 1e9
+}
+
+/// Resets the process's peak resident memory to its current value (Linux; elsewhere nothing).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The process's peak resident memory in MB since the last reset (Linux), else `None`.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn rss_field() -> String {
+    peak_rss_mb().map_or_else(|| "rss_peak_mb=unknown".into(), |mb| format!("rss_peak_mb={mb:.0}"))
+}
+
 /// The direct algorithm's FLOPs: projections 2·N·C·C' each (θ, φ, g; Gaussian only g) and
 /// 2·N·C'·C for W_z; pairwise 2·N·M·d (d = C' for EG/DP, C for Gaussian, 2C' for
 /// concatenation); aggregation 2·N·M·C'.
@@ -163,8 +215,8 @@ fn nominal_flops(mode: Mode, c: usize, n: usize, m: usize) -> f64 {
 }
 
 /// A block with every parameter non-trivial (so no work can be skipped).
-fn bench_block(mode: Mode, c: usize) -> NonLocalBlock {
-    let config = NonLocalConfig::new(c).mode(mode).sub_sample(Some([1, 2, 2]));
+fn bench_block(mode: Mode, c: usize, precision: Precision) -> NonLocalBlock {
+    let config = NonLocalConfig::new(c).mode(mode).sub_sample(Some([1, 2, 2])).precision(precision);
     let ci = config.inter_channels;
     let mut state = 0x1234_5678_9abc_def0u64;
     let mut next = move || {
@@ -227,6 +279,10 @@ fn main() {
         nonlocal::simd_path(),
         each.join(" ")
     );
+    let bf16_peak = args.precisions.contains(&Precision::Bf16).then(bf16_gemm_peak);
+    if let Some(bf16_peak) = bf16_peak {
+        println!("threads={threads} simd={} bf16 gemm 2048^3 GFLOP/s: nonlocal={bf16_peak:.1}", nonlocal::simd_path());
+    }
     for (name, c, t, h, w) in SHAPES {
         if args.shape.as_deref().is_some_and(|s| s != name) {
             continue;
@@ -239,30 +295,47 @@ fn main() {
             if args.mode.as_deref().is_some_and(|s| s != mode_name) {
                 continue;
             }
-            let block = bench_block(mode, c);
             let flops = nominal_flops(mode, c, n, m);
-            let median = median_seconds(args.reps, || {
-                std::hint::black_box(block.forward(&x).expect("bench forward"));
-            });
-            let gflops = flops / median / 1e9;
-            println!(
-                "shape={name} mode={mode_name} ms={:.2} gflops={gflops:.1} sgemm_gflops={peak:.1} pct_peak={:.1}",
-                median * 1e3,
-                100.0 * gflops / peak
-            );
-            if args.backward {
-                let grad_output = x.mapv(|v| v * 0.5);
+            let mut f32_ms = None;
+            for &precision in &args.precisions {
+                reset_peak_rss();
+                let block = bench_block(mode, c, precision);
                 let median = median_seconds(args.reps, || {
-                    let (z, ctx) = block.forward_train(&x).expect("bench forward_train");
-                    std::hint::black_box(z);
-                    std::hint::black_box(block.backward(&ctx, &grad_output).expect("bench backward"));
+                    std::hint::black_box(block.forward(&x).expect("bench forward"));
                 });
-                let gflops = 3.0 * flops / median / 1e9;
+                let gflops = flops / median / 1e9;
+                let (peak_name, peak) = match (precision, bf16_peak) {
+                    (Precision::Bf16, Some(bf16)) => ("bf16_gemm_gflops", bf16),
+                    _ => ("sgemm_gflops", peak),
+                };
+                let speedup = match (precision, f32_ms) {
+                    (Precision::Bf16, Some(ms)) => format!(" speedup={:.2}", ms / (median * 1e3)),
+                    _ => String::new(),
+                };
                 println!(
-                    "shape={name} mode={mode_name} pass=train ms={:.2} gflops={gflops:.1} sgemm_gflops={peak:.1} pct_peak={:.1}",
+                    "shape={name} mode={mode_name} precision={precision} ms={:.2} gflops={gflops:.1} {peak_name}={peak:.1} pct_peak={:.1}{speedup} {}",
                     median * 1e3,
-                    100.0 * gflops / peak
+                    100.0 * gflops / peak,
+                    rss_field()
                 );
+                if precision == Precision::F32 {
+                    f32_ms = Some(median * 1e3);
+                }
+                if args.backward {
+                    let grad_output = x.mapv(|v| v * 0.5);
+                    let median = median_seconds(args.reps, || {
+                        let (z, ctx) = block.forward_train(&x).expect("bench forward_train");
+                        std::hint::black_box(z);
+                        std::hint::black_box(block.backward(&ctx, &grad_output).expect("bench backward"));
+                    });
+                    let gflops = 3.0 * flops / median / 1e9;
+                    println!(
+                        "shape={name} mode={mode_name} precision={precision} pass=train ms={:.2} gflops={gflops:.1} sgemm_gflops={peak:.1} pct_peak={:.1} {}",
+                        median * 1e3,
+                        100.0 * gflops / peak,
+                        rss_field()
+                    );
+                }
             }
         }
     }
