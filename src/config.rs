@@ -76,15 +76,18 @@ pub enum Precision {
     /// default.
     #[default]
     F32,
-    /// bf16 operands with f32 accumulation, as PyTorch's bf16 autocast but with more kept in
-    /// f32: parameters rounded to bf16 once, when they are packed; activations rounded to bf16
-    /// as they are packed for a product; every product summed in f32; the softmax (maximum,
-    /// exponential, sums), the BatchNorm fold, the residual and the output in f32; the
-    /// attention weights rounded to bf16 per tile for the product with the values (as
-    /// FlashAttention). Twice the multiply-adds per instruction where the CPU has AVX512_BF16
-    /// ([`Isa::Avx512Bf16`](crate::Isa::Avx512Bf16)); elsewhere an exact emulation (the
-    /// same bits on every x86 CPU) at about the f32 speed. Only the forward pass: attention
-    /// maps and training run in f32 (see [`NonLocalConfig::precision`]).
+    /// bf16 operands with f32 accumulation on the value side, where that keeps the block at
+    /// least as accurate as PyTorch's bf16 autocast: the g projection (φ and g in dot product
+    /// and concatenation), the product of the attention weights (rounded to bf16 per key tile,
+    /// as FlashAttention) with the values, and dot product's φᵀg. Parameters are rounded once,
+    /// when they are packed; activations as they are packed for a product; every sum is f32.
+    /// The logits and their projections (θ, φ), the softmax (maximum, exponential, sums),
+    /// `W_z` with the folded BatchNorm, the residual and the output stay f32: bf16 logits
+    /// would make the error PyTorch autocast's own (measured, README "bf16"). On `VDPBF16PS`
+    /// where the CPU has AVX512_BF16 ([`Isa::Avx512Bf16`](crate::Isa::Avx512Bf16)); elsewhere
+    /// an exact emulation (the same bits on every x86 CPU) at about the f32 speed. Only the
+    /// forward pass: attention maps and training run in f32 (see
+    /// [`NonLocalConfig::precision`]).
     Bf16,
 }
 
@@ -365,10 +368,10 @@ impl NonLocalConfig {
     /// Sets the arithmetic of the forward pass. Default [`Precision::F32`], PyTorch's float32
     /// results.
     ///
-    /// [`Precision::Bf16`] rounds the parameters to bf16 once, when they are packed, and the
-    /// activations as they are packed for each product; every product is summed in f32, and
-    /// the softmax, the BatchNorm fold, the residual and the output stay f32 (see
-    /// [`Precision`]). It applies to [`forward`](crate::NonLocalBlock::forward) and the other
+    /// [`Precision::Bf16`] multiplies the value side in bf16 (parameters rounded once, when
+    /// they are packed, activations as they are packed for each product, every sum in f32) and
+    /// keeps the logits, the softmax, `W_z` with the BatchNorm fold, the residual and the
+    /// output in f32 (see [`Precision`]). It applies to [`forward`](crate::NonLocalBlock::forward) and the other
     /// forward entry points (`forward_into`, `forward_images`, `forward_sequences`) in every
     /// mode. [`attention`](crate::NonLocalBlock::attention),
     /// [`attention_rows`](crate::NonLocalBlock::attention_rows),
