@@ -24,8 +24,9 @@
 //! packed bf16 GEMM at 2048³ over the same threads (`VDPBF16PS` where the CPU has
 //! AVX512_BF16), and each bf16 line says `precision=bf16` and gives `pct_peak` against that
 //! peak (`bf16_gemm_gflops`), with `speedup=<f32 ms / bf16 ms>` when the f32 line was measured
-//! just before. Every line ends with `rss_peak_mb`, the process's peak resident memory during
-//! that case (Linux; the peak is reset before each case).
+//! in the same rounds (with `both`, each round runs the f32 block then the bf16 one, so both
+//! medians see the same load). Every line ends with `rss_peak_mb`, the process's peak resident
+//! memory during that case (Linux; reset before each case; with `both`, over both blocks).
 
 use std::time::Instant;
 
@@ -248,6 +249,30 @@ fn bench_block(mode: Mode, c: usize, precision: Precision) -> NonLocalBlock {
     NonLocalBlock::from_parameters(config, params).expect("bench parameters fit")
 }
 
+/// Median wall time of each block's forward pass over `reps` rounds, one run of every block per
+/// round in turn, after one warm-up round.
+fn alternated_medians(reps: usize, blocks: &[(Precision, NonLocalBlock)], x: &Array5<f32>) -> Vec<f64> {
+    let run = |block: &NonLocalBlock| {
+        let start = Instant::now();
+        std::hint::black_box(block.forward(x).expect("bench forward"));
+        start.elapsed().as_secs_f64()
+    };
+    blocks.iter().for_each(|(_, b)| _ = run(b));
+    let mut times = vec![Vec::new(); blocks.len()];
+    for _ in 0..reps.max(1) {
+        for ((_, block), t) in blocks.iter().zip(&mut times) {
+            t.push(run(block));
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect()
+}
+
 /// Median wall time of `reps` runs after one warm-up run.
 fn median_seconds(reps: usize, mut run: impl FnMut()) -> f64 {
     run();
@@ -296,13 +321,16 @@ fn main() {
                 continue;
             }
             let flops = nominal_flops(mode, c, n, m);
-            let mut f32_ms = None;
-            for &precision in &args.precisions {
-                reset_peak_rss();
-                let block = bench_block(mode, c, precision);
-                let median = median_seconds(args.reps, || {
-                    std::hint::black_box(block.forward(&x).expect("bench forward"));
-                });
+            let blocks: Vec<(Precision, NonLocalBlock)> =
+                args.precisions.iter().map(|&p| (p, bench_block(mode, c, p))).collect();
+            // With both precisions the runs alternate, one of each per repetition, so that the
+            // speed-up compares runs under the same load.
+            reset_peak_rss();
+            let medians = alternated_medians(args.reps, &blocks, &x);
+            let rss = rss_field();
+            let f32_ms = blocks.iter().zip(&medians).find(|((p, _), _)| *p == Precision::F32).map(|(_, m)| m * 1e3);
+            for ((precision, block), &median) in blocks.iter().zip(&medians) {
+                let precision = *precision;
                 let gflops = flops / median / 1e9;
                 let (peak_name, peak) = match (precision, bf16_peak) {
                     (Precision::Bf16, Some(bf16)) => ("bf16_gemm_gflops", bf16),
@@ -313,15 +341,12 @@ fn main() {
                     _ => String::new(),
                 };
                 println!(
-                    "shape={name} mode={mode_name} precision={precision} ms={:.2} gflops={gflops:.1} {peak_name}={peak:.1} pct_peak={:.1}{speedup} {}",
+                    "shape={name} mode={mode_name} precision={precision} ms={:.2} gflops={gflops:.1} {peak_name}={peak:.1} pct_peak={:.1}{speedup} {rss}",
                     median * 1e3,
                     100.0 * gflops / peak,
-                    rss_field()
                 );
-                if precision == Precision::F32 {
-                    f32_ms = Some(median * 1e3);
-                }
                 if args.backward {
+                    reset_peak_rss();
                     let grad_output = x.mapv(|v| v * 0.5);
                     let median = median_seconds(args.reps, || {
                         let (z, ctx) = block.forward_train(&x).expect("bench forward_train");

@@ -57,15 +57,14 @@ pub(crate) trait Bf16Simd: Simd {
     fn dot_pairs_unchecked(self, acc: Self::V, a: Self::Pairs, b: Self::Pairs) -> Self::V {
         self.dot_pairs(acc, a, b)
     }
-    /// Each lane rounded to bf16 ([`bf16::round_to_bf16`]): an f32 whose low half is zero.
-    fn round_bf16(self, v: Self::V) -> Self::V;
-    /// Stores [`Simd::LANES`] pair words from lanes already rounded to bf16
-    /// ([`Bf16Simd::round_bf16`]): lane l of `even` in the low half of word l, of `odd` in the
-    /// high half.
+    /// Rounds the lanes of `even` and `odd` to bf16 ([`bf16::f32_to_bf16`]) and stores
+    /// [`Simd::LANES`] pair words: lane l of `even` in the low half of word l, of `odd` in the
+    /// high half (`VCVTNE2PS2BF16` and a word interleave on the instruction set that has it,
+    /// integer rounding elsewhere: the same bits).
     ///
     /// # Safety
     /// `dst` must be writable for [`Simd::LANES`] u32.
-    unsafe fn store_rounded_pairs(self, even: Self::V, odd: Self::V, dst: *mut u32);
+    unsafe fn store_bf16_pairs(self, even: Self::V, odd: Self::V, dst: *mut u32);
 }
 
 #[cfg(test)]
@@ -88,12 +87,9 @@ impl<const L: usize> Bf16Simd for Portable<L> {
         std::array::from_fn(|l| bf16::dpbf16_word(acc[l], a[l], b[l]))
     }
     #[inline(always)]
-    fn round_bf16(self, v: [f32; L]) -> [f32; L] {
-        v.map(bf16::round_to_bf16)
-    }
-    #[inline(always)]
-    unsafe fn store_rounded_pairs(self, even: [f32; L], odd: [f32; L], dst: *mut u32) {
-        let words: [u32; L] = std::array::from_fn(|l| even[l].to_bits() >> 16 | (odd[l].to_bits() & 0xFFFF_0000));
+    unsafe fn store_bf16_pairs(self, even: [f32; L], odd: [f32; L], dst: *mut u32) {
+        let words: [u32; L] =
+            std::array::from_fn(|l| bf16::pair(bf16::f32_to_bf16(even[l]), bf16::f32_to_bf16(odd[l])));
         // SAFETY: the caller guarantees L writable words.
         unsafe { std::ptr::write_unaligned(dst as *mut [u32; L], words) }
     }
@@ -146,14 +142,31 @@ mod x86 {
             }
         }
         #[inline(always)]
-        fn round_bf16(self, v: __m512) -> __m512 {
-            self.base().round_bf16(v)
+        unsafe fn store_bf16_pairs(self, even: __m512, odd: __m512, dst: *mut u32) {
+            // SAFETY: the token proves AVX512_BF16 and AVX512BW; the caller guarantees `dst`.
+            unsafe {
+                // The second source fills halves 0..16: [even 0..16 | odd 0..16], then interleaved.
+                let halves = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(odd, even));
+                _mm512_storeu_si512(dst as *mut __m512i, _mm512_permutexvar_epi16(interleave_index(), halves));
+            }
         }
-        #[inline(always)]
-        unsafe fn store_rounded_pairs(self, even: __m512, odd: __m512, dst: *mut u32) {
-            // SAFETY: the caller's guarantee, passed on.
-            unsafe { self.base().store_rounded_pairs(even, odd, dst) }
-        }
+    }
+
+    /// Halves 2k ← k, 2k+1 ← 16+k: [even 0..16 | odd 0..16] into 16 (even, odd) words.
+    #[inline(always)]
+    unsafe fn interleave_index() -> __m512i {
+        const INDEX: [u16; 32] = {
+            let mut index = [0u16; 32];
+            let mut k = 0;
+            while k < 16 {
+                index[2 * k] = k as u16;
+                index[2 * k + 1] = 16 + k as u16;
+                k += 1;
+            }
+            index
+        };
+        // SAFETY: 64 readable bytes; the caller has AVX-512F.
+        unsafe { _mm512_loadu_si512(INDEX.as_ptr() as *const __m512i) }
     }
 
     /// The f32 bits of `v` with the bf16 rounding of [`super::bf16::f32_to_bf16`] in the top
@@ -266,16 +279,11 @@ mod x86 {
             unsafe { _mm512_fmadd_ps(a_even, b_even, _mm512_fmadd_ps(a_odd, b_odd, acc)) }
         }
         #[inline(always)]
-        fn round_bf16(self, v: __m512) -> __m512 {
-            // SAFETY: the token proves AVX-512F.
-            unsafe { _mm512_castsi512_ps(_mm512_and_si512(round_512(v), _mm512_set1_epi32(0xFFFF_0000u32 as i32))) }
-        }
-        #[inline(always)]
-        unsafe fn store_rounded_pairs(self, even: __m512, odd: __m512, dst: *mut u32) {
+        unsafe fn store_bf16_pairs(self, even: __m512, odd: __m512, dst: *mut u32) {
             // SAFETY: the token proves AVX-512F; the caller guarantees `dst`.
             unsafe {
-                let high = _mm512_and_si512(_mm512_castps_si512(odd), _mm512_set1_epi32(0xFFFF_0000u32 as i32));
-                let words = _mm512_or_si512(high, _mm512_srli_epi32::<16>(_mm512_castps_si512(even)));
+                let high = _mm512_and_si512(round_512(odd), _mm512_set1_epi32(0xFFFF_0000u32 as i32));
+                let words = _mm512_or_si512(high, _mm512_srli_epi32::<16>(round_512(even)));
                 _mm512_storeu_si512(dst as *mut __m512i, words);
             }
         }
@@ -385,16 +393,11 @@ mod x86 {
             unsafe { _mm256_fmadd_ps(a_even, b_even, _mm256_fmadd_ps(a_odd, b_odd, acc)) }
         }
         #[inline(always)]
-        fn round_bf16(self, v: __m256) -> __m256 {
-            // SAFETY: the token proves AVX2.
-            unsafe { _mm256_castsi256_ps(_mm256_and_si256(round_256(v), _mm256_set1_epi32(0xFFFF_0000u32 as i32))) }
-        }
-        #[inline(always)]
-        unsafe fn store_rounded_pairs(self, even: __m256, odd: __m256, dst: *mut u32) {
+        unsafe fn store_bf16_pairs(self, even: __m256, odd: __m256, dst: *mut u32) {
             // SAFETY: the token proves AVX2; the caller guarantees `dst`.
             unsafe {
-                let high = _mm256_and_si256(_mm256_castps_si256(odd), _mm256_set1_epi32(0xFFFF_0000u32 as i32));
-                let words = _mm256_or_si256(high, _mm256_srli_epi32::<16>(_mm256_castps_si256(even)));
+                let high = _mm256_and_si256(round_256(odd), _mm256_set1_epi32(0xFFFF_0000u32 as i32));
+                let words = _mm256_or_si256(high, _mm256_srli_epi32::<16>(round_256(even)));
                 _mm256_storeu_si256(dst as *mut __m256i, words);
             }
         }
@@ -496,9 +499,9 @@ mod tests {
             fn run<S: Bf16Simd>(self, s: S) -> Vec<u32> {
                 let mut words = vec![0u32; self.0.len() / 2];
                 for (src, dst) in self.0.chunks_exact(2 * L).zip(words.chunks_exact_mut(L)) {
-                    let (even, odd) = (s.round_bf16(s.load_slice(&src[..L])), s.round_bf16(s.load_slice(&src[L..])));
+                    let (even, odd) = (s.load_slice(&src[..L]), s.load_slice(&src[L..]));
                     // SAFETY: `dst` holds L words.
-                    unsafe { s.store_rounded_pairs(even, odd, dst.as_mut_ptr()) };
+                    unsafe { s.store_bf16_pairs(even, odd, dst.as_mut_ptr()) };
                 }
                 words
             }
@@ -521,7 +524,7 @@ mod tests {
     }
 
     #[test]
-    fn vector_rounding_is_the_instructions() {
+    fn vector_rounding_is_the_instructions_on_every_kind_of_value() {
         check_rounding::<_, 16>(Portable::<16>, "portable");
         #[cfg(target_arch = "x86_64")]
         {

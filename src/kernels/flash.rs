@@ -18,13 +18,13 @@
 //! Every sum runs in a fixed order (over d for a logit, over key tiles for an output), so the
 //! results do not depend on how queries are split between threads.
 
+use super::attention_common::MIN_WEIGHT_EXPONENT;
 use super::attention_common::{
     finish_rows, for_each_query_tile, over_query_chunks, reduce_key_partials, row_dots, Accumulated,
 };
-use super::attention_common::{MIN_WEIGHT, MIN_WEIGHT_EXPONENT};
 use super::attention_shapes::{check_backward, check_forward};
 use super::bf16_simd::Bf16Simd;
-use super::exp::exp_vector;
+use super::exp::{exp2_weight, exp_vector, LOG2E};
 use super::microkernel::{packed_panels, tile, Elem, Word, F32};
 use super::simd::Job;
 use super::tiles::{KEY_TILE, QUERY_TILE};
@@ -39,8 +39,9 @@ use crate::workspace::{Scratch, Workspace};
 /// The logits `Sᵀ = K·Qᵀ` multiply elements `QE` in MR × NR tiles, the value product
 /// `Oᵀ += Vᵀ·Pᵀ` elements `VE` in MRV × NR tiles. With bf16 elements for a product
 /// ([`Elem::DEPTH`] 2) its operands are rounded to bf16 as they are packed (the weights P per
-/// tile, dropped below [`MIN_WEIGHT`], the row sums adding the rounded weights); the softmax is
-/// f32 whatever the elements.
+/// tile, dropped below 2^-63 of the running maximum; the row sums add them unrounded); the
+/// softmax is f32
+/// whatever the elements.
 ///
 /// # Panics
 /// If the shapes disagree: `q` N × d, `k` M × d with M ≥ 1, `v` M × dv, `bias` M, `out`
@@ -209,9 +210,9 @@ impl<QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize> Att
 /// and, when the maximum grew in some lane, writes the rescaling of earlier sums into
 /// `correction` and returns true.
 ///
-/// With `words` (bf16), the weights go there instead, rounded to bf16 (zero below
-/// [`MIN_WEIGHT`]) as pair words of consecutive keys, `[key pair][NR queries]`, and the sums
-/// add the rounded weights.
+/// With `words` (bf16), the weights go there instead, zero below 2^-63 and rounded to
+/// bf16, as pair words of consecutive keys, `[key pair][NR queries]`; the sums add them
+/// unrounded.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn softmax_panel<S: Bf16Simd, const NV: usize>(
@@ -262,17 +263,20 @@ fn softmax_panel<S: Bf16Simd, const NV: usize>(
                 }
             }
             Some(words) => {
+                // The weights as 2^(s·log2(e)·(logit − max)).
+                let scale2 = scale * LOG2E;
+                let (vscale2, shift2) = (s.splat(scale2), s.mul(s.splat(-scale2), new));
                 for pair in 0..keys.div_ceil(2) {
                     let at = |key: usize| key * nr + v * lanes;
-                    let even = bf16_weight(s, s.load_slice(&panel[at(2 * pair)..]), vscale, shift);
+                    let even = bf16_weight(s, s.load_slice(&panel[at(2 * pair)..]), vscale2, shift2);
                     let odd = match 2 * pair + 1 < keys {
-                        true => bf16_weight(s, s.load_slice(&panel[at(2 * pair + 1)..]), vscale, shift),
+                        true => bf16_weight(s, s.load_slice(&panel[at(2 * pair + 1)..]), vscale2, shift2),
                         false => s.zero(),
                     };
                     sum = s.add(s.add(sum, even), odd);
                     let dst = &mut words[pair * nr + v * lanes..][..lanes];
                     // SAFETY: `dst` holds LANES words.
-                    unsafe { s.store_rounded_pairs(even, odd, dst.as_mut_ptr()) };
+                    unsafe { s.store_bf16_pairs(even, odd, dst.as_mut_ptr()) };
                 }
             }
         }
@@ -295,14 +299,16 @@ fn softmax_panel<S: Bf16Simd, const NV: usize>(
     grew
 }
 
-/// A bf16 attention weight from its logit: `exp(scale·logit + shift)` rounded to bf16, zero
-/// below [`MIN_WEIGHT`]. (A function, not a closure in the loop: a closure is compiled without
+/// An attention weight for the bf16 value product from its logit: `2^(scale2·logit + shift2)`
+/// ([`exp2_weight`]: zero below 2^-63, so of exponent at least [`MIN_WEIGHT_EXPONENT`]; rounded to
+/// bf16 as it is stored). (A function, not a closure in the loop: a closure is compiled without
 /// the kernel's instruction set.)
 #[inline(always)]
-fn bf16_weight<S: Bf16Simd>(s: S, logit: S::V, scale: S::V, shift: S::V) -> S::V {
-    let e = exp_vector(s, s.fmadd(logit, scale, shift));
-    s.zero_below(e, s.splat(MIN_WEIGHT), s.round_bf16(e))
+fn bf16_weight<S: Bf16Simd>(s: S, logit: S::V, scale2: S::V, shift2: S::V) -> S::V {
+    exp2_weight(s, s.fmadd(logit, scale2, shift2))
 }
+
+const _: () = assert!(super::exp::WEIGHT_LOW as i32 > MIN_WEIGHT_EXPONENT);
 
 /// The backward of [`attention`] (with its log-sum-exp): writes `dq` (N × d), `dk` (M × d),
 /// `dv` (M × dv) from the forward output `y` and its gradient `dy` (N × dv).

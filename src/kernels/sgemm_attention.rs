@@ -105,10 +105,9 @@ fn attend_tile(
             let tile_max = row_max(row);
             let old = run_max[r];
             let new = if tile_max > old || tile_max.is_nan() { tile_max } else { old };
-            let mut sum = exp_sum(row, scale, scale * new);
+            let sum = exp_sum(row, scale, scale * new);
             if bf16 {
                 row.iter_mut().for_each(|w| *w = bf16_weight(*w));
-                sum = row.iter().sum();
             }
             if first {
                 run_sum[r] = sum;
