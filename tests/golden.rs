@@ -96,10 +96,10 @@ fn bf16_outputs_are_the_same_bits_on_every_x86_path() {
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
     let files = ["eg_video", "gauss_video", "dp_video", "concat_video", "eg_many_keys"]
         .map(|f| data.join(format!("{f}.safetensors")));
-    let hashes = |path: &str| {
+    let hashes = |path: &str, precision: &str| {
         let out = std::process::Command::new(&golden)
             .env("NONLOCAL_SIMD", path)
-            .args(["--precision", "bf16"])
+            .args(["--precision", precision])
             .args(&files)
             .output()
             .expect("the golden example runs");
@@ -114,10 +114,14 @@ fn bf16_outputs_are_the_same_bits_on_every_x86_path() {
         eprintln!("fewer than two x86 paths here: nothing to compare");
         return;
     }
-    let first = hashes(paths[0]);
+    let first = hashes(paths[0], "bf16");
     assert_eq!(first.len(), files.len());
     for path in &paths[1..] {
-        assert_eq!(hashes(path), first, "{path} differs from {}", paths[0]);
+        assert_eq!(hashes(path, "bf16"), first, "{path} differs from {}", paths[0]);
+    }
+    // And the f32 kernels of avx512bf16 are avx512's.
+    if paths[..2] == ["avx512bf16", "avx512"] {
+        assert_eq!(hashes("avx512bf16", "f32"), hashes("avx512", "f32"), "f32 on avx512bf16 and avx512");
     }
 }
 

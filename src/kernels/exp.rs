@@ -203,7 +203,7 @@ fn exp_sum_fn() -> ExpSumFn {
         // SAFETY (both arms): `isa()` chose a path the CPU has, with the features these
         // functions enable.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => |r, s, m| unsafe { x86::exp_sum_avx512(r, s, m) },
+        Isa::Avx512 | Isa::Avx512Bf16 => |r, s, m| unsafe { x86::exp_sum_avx512(r, s, m) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => |r, s, m| unsafe { x86::exp_sum_avx2(r, s, m) },
         _ => exp_sum_portable,
@@ -215,7 +215,7 @@ fn max_fn() -> MaxFn {
     *F.get_or_init(|| match isa() {
         // SAFETY (both arms): as in `exp_sum_fn`.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => |r| unsafe { x86::max_avx512(r) },
+        Isa::Avx512 | Isa::Avx512Bf16 => |r| unsafe { x86::max_avx512(r) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => |r| unsafe { x86::max_avx2(r) },
         _ => max_portable,
@@ -293,6 +293,20 @@ mod tests {
                 let err = ulp_error(got, (x as f64).exp());
                 assert!(err <= 2.0, "exp({x}) = {got}, {err} ulp off");
             }
+        }
+    }
+
+    #[test]
+    fn the_row_functions_are_the_fused_ones_on_every_vector_path() {
+        // Every x86 path isa() may choose compiles the row loops with FMA: their exp is the
+        // vector exp's (which the packed kernels use) bit for bit.
+        let xs: Vec<f32> = (0..4096).map(|i| -80.0 + 80.0 * i as f32 / 4096.0).collect();
+        let mut row = xs.clone();
+        exp_sum(&mut row, 1.0, 0.0);
+        let fused = isa() != Isa::Portable;
+        for (x, got) in xs.iter().zip(&row) {
+            let want = if fused { exp_lane::<true>(*x) } else { exp_lane::<false>(*x) };
+            assert_eq!(got.to_bits(), want.to_bits(), "exp({x}) on {}", isa());
         }
     }
 

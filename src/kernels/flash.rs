@@ -136,7 +136,8 @@ impl<QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize> Att
         // rows by the tile, the words by the softmax, Oᵀ by the first key tile), so their
         // scratch needs no zeroing.
         let mut p = ws.scratch(qpanels * KEY_TILE * nr);
-        let mut p_words = ws.scratch(if pairs { qpanels * (KEY_TILE / 2) * nr } else { 0 });
+        // (None in f32: no buffer taken from the pool, whose other takers would then allocate.)
+        let mut p_words = pairs.then(|| ws.scratch(qpanels * (KEY_TILE / 2) * nr));
         let mut o_t = ws.scratch(dv_panels * MRV * width);
         let mut run_max = vec![f32::NEG_INFINITY; width];
         let mut run_sum = vec![0.0f32; width];
@@ -167,7 +168,7 @@ impl<QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize> Att
                     };
                 }
                 let lanes = qp * nr..(qp + 1) * nr;
-                let words = pairs.then(|| &mut u32::of_mut(&mut p_words)[qp * p_stride..][..kpanels * MR / 2 * nr]);
+                let words = p_words.as_mut().map(|w| &mut u32::of_mut(w)[qp * p_stride..][..kpanels * MR / 2 * nr]);
                 let grew = softmax_panel::<S, NV>(
                     s,
                     panel,
@@ -186,7 +187,7 @@ impl<QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize> Att
                 }
             }
             // Value panels outer: each stays in L1 while the query panels of P pass by.
-            let weights = VE::Packed::of(if pairs { &p_words } else { &p });
+            let weights = VE::Packed::of(p_words.as_deref().unwrap_or(&p));
             let groups = kpanels * MR / VE::DEPTH;
             for vp in 0..dv_panels {
                 let a = &v_packed[vp * v_groups * MRV + start / VE::DEPTH * MRV..][..groups * MRV];

@@ -103,16 +103,21 @@ impl Compiled {
         }
         // The fold pays only with fewer keys than queries (pooling) or C < C'.
         let fold_may_pay = config.sub_sample.is_some() || c < ci;
-        // bf16 blocks keep the logits' projections (θ, φ; dot product's θ) in f32: see
-        // `Precision::Bf16`.
-        let (precision, f32_rows) = (config.precision, if config.mode == Mode::EmbeddedGaussian { 2 * ci } else { ci });
+        // bf16 blocks keep the logits' projections (θ, φ; dot product's θ) in f32 (see
+        // `Precision::Bf16`): the θ fold's φ rows too, and W_θᵀ.
+        let precision = config.precision;
         let theta_fold = (config.mode == Mode::EmbeddedGaussian && fold_may_pay).then(|| ThetaFold {
             w_keys: Weights::mixed(w_proj[ci * c..].to_vec(), 2 * ci, c, precision, ci),
             b_keys: b_proj[ci..].to_vec(),
             w_theta_t: Weights::new((0..c * ci).map(|i| w_proj[(i % ci) * c + i / ci]).collect(), c, ci),
             b_theta: b_proj[..ci].to_vec(),
         });
-        let f32_rows = if config.mode.has_theta_phi() && config.mode != Mode::Concatenation { f32_rows } else { 0 };
+        // The leading projection rows that stay f32 in a bf16 block.
+        let f32_rows = match config.mode {
+            Mode::EmbeddedGaussian => 2 * ci,
+            Mode::DotProduct => ci,
+            Mode::Gaussian | Mode::Concatenation => 0,
+        };
         let (w_proj, w_out) = (Weights::mixed(w_proj, proj_cols, c, precision, f32_rows), Weights::new(w_out, c, ci));
         Compiled { w_proj, b_proj, proj_cols, w_out, b_out, w_phi, bn_scale, theta_fold, channels: (c, ci) }
     }
