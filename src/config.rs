@@ -66,6 +66,60 @@ impl FromStr for Mode {
     }
 }
 
+/// The arithmetic of a block's forward pass ([`NonLocalConfig::precision`]).
+///
+/// `#[non_exhaustive]`: precisions may be added.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Precision {
+    /// f32 throughout: PyTorch's float32 results (within its own float32 accuracy). The
+    /// default.
+    #[default]
+    F32,
+    /// bf16 operands with f32 accumulation on the value side, where that keeps the block at
+    /// least as accurate as PyTorch's bf16 autocast: the g projection (φ and g in dot product
+    /// and concatenation), the product of the attention weights (rounded to bf16 per key tile,
+    /// as FlashAttention) with the values, and dot product's φᵀg. Parameters are rounded once,
+    /// when they are packed; activations as they are packed for a product; every sum is f32.
+    /// The logits and their projections (θ, φ), the softmax (maximum, exponential, sums),
+    /// `W_z` with the folded BatchNorm, the residual and the output stay f32: bf16 logits
+    /// would make the error PyTorch autocast's own (measured, README "bf16"). On `VDPBF16PS`
+    /// where the CPU has AVX512_BF16 ([`Isa::Avx512Bf16`](crate::Isa::Avx512Bf16)); elsewhere
+    /// an exact emulation (the same bits on every x86 CPU) at about the f32 speed. Only the
+    /// forward pass: attention maps and training run in f32 (see
+    /// [`NonLocalConfig::precision`]).
+    Bf16,
+}
+
+impl Precision {
+    /// The name used on command lines and in reports: `f32` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Precision {
+    type Err = Error;
+
+    /// Parses `f32` or `bf16` (any case).
+    fn from_str(s: &str) -> Result<Precision> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            _ => Err(Error::InvalidConfig { reason: format!("precision {s:?} is neither f32 nor bf16") }),
+        }
+    }
+}
+
 /// Configuration of a [`NonLocalBlock`](crate::NonLocalBlock).
 ///
 /// Fields are public to read; [`NonLocalConfig::new`] and the presets of the PyTorch
@@ -112,6 +166,8 @@ pub struct NonLocalConfig {
     /// of trailing singleton dims of their weights in a checkpoint. It changes no arithmetic;
     /// it is checked against the weights on load and used when saving them. Default 3.
     pub conv_dims: usize,
+    /// The arithmetic of the forward pass. Default [`Precision::F32`].
+    pub precision: Precision,
 }
 
 impl NonLocalConfig {
@@ -128,6 +184,7 @@ impl NonLocalConfig {
             bn_layer: true,
             bn_eps: 1e-5,
             conv_dims: 3,
+            precision: Precision::F32,
         }
     }
 
@@ -305,6 +362,45 @@ impl NonLocalConfig {
     /// ```
     pub fn conv_dims(mut self, dims: usize) -> Self {
         self.conv_dims = dims;
+        self
+    }
+
+    /// Sets the arithmetic of the forward pass. Default [`Precision::F32`], PyTorch's float32
+    /// results.
+    ///
+    /// [`Precision::Bf16`] multiplies the value side in bf16 (parameters rounded once, when
+    /// they are packed, activations as they are packed for each product, every sum in f32) and
+    /// keeps the logits, the softmax, `W_z` with the BatchNorm fold, the residual and the
+    /// output in f32 (see [`Precision`]). It applies to [`forward`](crate::NonLocalBlock::forward) and the other
+    /// forward entry points (`forward_into`, `forward_images`, `forward_sequences`) in every
+    /// mode. [`attention`](crate::NonLocalBlock::attention),
+    /// [`attention_rows`](crate::NonLocalBlock::attention_rows),
+    /// [`forward_train`](crate::NonLocalBlock::forward_train) and
+    /// [`backward`](crate::NonLocalBlock::backward) run in f32 exactly as on an f32 block (the
+    /// same bits), from the f32 parameters the block keeps.
+    ///
+    /// Accuracy: on each of the PyTorch golden cases the crate tests, the bf16 output's error
+    /// `max |z − z_ref| / max(1, max |z_ref|)` is at most `max(1.25 × e, 4e-3)`, where `e` is
+    /// PyTorch's own error there under `torch.autocast("cpu", dtype=torch.bfloat16)` (the
+    /// README lists both per case).
+    ///
+    /// ```
+    /// use ndarray::Array5;
+    /// use nonlocal::{NonLocalBlock, NonLocalConfig, Parameters, Precision};
+    ///
+    /// let config = NonLocalConfig::new(16);
+    /// let mut params = Parameters::init(&config, 7);
+    /// params.bn.as_mut().unwrap().weight.fill(1.0); // not the identity
+    /// let f32_block = NonLocalBlock::from_parameters(config.clone(), params.clone())?;
+    /// let bf16_block = NonLocalBlock::from_parameters(config.precision(Precision::Bf16), params)?;
+    /// let x = Array5::<f32>::from_shape_fn((1, 2, 6, 6, 16), |(_, t, h, w, c)| ((t + h * w + c) % 7) as f32 * 0.1);
+    /// let (z32, z16) = (f32_block.forward(&x)?, bf16_block.forward(&x)?);
+    /// let err = (&z32 - &z16).iter().fold(0f32, |m, d| m.max(d.abs()));
+    /// assert!(err > 0.0 && err < 0.05);
+    /// # Ok::<(), nonlocal::Error>(())
+    /// ```
+    pub fn precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
         self
     }
 

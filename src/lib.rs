@@ -108,14 +108,29 @@
 //! `nonlocal::candle::attention`.
 //! [`NonLocalBlock::forward_channels_first`] runs the native block in PyTorch's layout.
 //!
+//! # Precision
+//! [`NonLocalConfig::precision`] chooses the forward pass's arithmetic. [`Precision::F32`], the
+//! default, gives PyTorch's float32 results. [`Precision::Bf16`] multiplies bf16 operands with
+//! f32 sums on the value side — the g projection (φ and g in dot product and concatenation),
+//! the product of the attention weights (rounded to bf16 per key tile, as FlashAttention) with
+//! the values, dot product's φᵀg — and keeps f32 what bf16 would make less accurate than
+//! PyTorch's autocast: the logits and their projections, the softmax, `W_z` with the folded
+//! BatchNorm, the residual and the output. Parameters are rounded once, when packed. It runs on
+//! `VDPBF16PS` where the CPU has AVX512_BF16 ([`Isa::Avx512Bf16`]) and on an exact emulation of
+//! it elsewhere (the same bits on every x86 CPU, at about the f32 speed). Accuracy contract,
+//! tested on every PyTorch golden case: `max |z − z_ref| / max(1, max |z_ref|)` at most
+//! `max(1.25 × e, 4e-3)`, `e` PyTorch's own error under bf16 autocast. Attention maps and
+//! training run in f32 on any block, with the f32 block's bits. See the README's "bf16".
+//!
 //! # Speed and memory
 //! The forward pass never builds the N×M matrix: the Gaussian modes use a fused online-softmax
 //! kernel (as FlashAttention), dot product `θ·(φᵀg)/M` or, when the keys outnumber the
 //! channels little, `(θφᵀ/M)·g` with the projections folded in, whichever costs fewer
-//! multiply-adds; concatenation a sort and prefix sums. Work is spread over the current rayon pool; results are bit-identical for any
-//! thread count. The kernels are chosen at run time for the widest instruction set the CPU
-//! has — AVX-512, AVX2+FMA or portable code ([`simd_path`]; `NONLOCAL_SIMD` forces one) — and
-//! layer weights are packed once for them when the parameters are set. See the README for
+//! multiply-adds; concatenation a sort and prefix sums. Work is spread over the current rayon
+//! pool; results are bit-identical for any thread count. The kernels are chosen at run time
+//! for the widest instruction set the CPU has — AVX-512 (with AVX512_BF16 for bf16), AVX2+FMA
+//! or portable code ([`simd_path`]; `NONLOCAL_SIMD` forces one) — and layer weights are packed
+//! once for them when the parameters are set. See the README for
 //! figures.
 //!
 //! # Example
@@ -181,18 +196,20 @@ pub use kernels::simd::Isa;
 pub use load::{detect_naming, find_blocks, BlockInfo, BlockKind, Naming, TensorFile, WeightKeys};
 
 /// The instruction set the kernels run on in this process: the widest the CPU has, or the
-/// one `NONLOCAL_SIMD=avx512|avx2|portable` asks for when the CPU has it (else the widest,
-/// with a message on stderr). See the README's "What runs where".
+/// one `NONLOCAL_SIMD=avx512bf16|avx512|avx2|portable` asks for when the CPU has it (else the
+/// widest, with a message on stderr). It decides the f32 kernels and the bf16 ones
+/// ([`Isa`]: `avx512bf16` runs bf16 products on `VDPBF16PS`, `avx512` and `avx2` on its exact
+/// emulation). See the README's "What runs where".
 ///
 /// ```
 /// let path = nonlocal::simd_path();
 /// assert!(path.available());
-/// println!("kernels: {path}"); // avx512, avx2 or portable
+/// println!("kernels: {path}"); // avx512bf16, avx512, avx2 or portable
 /// ```
 pub fn simd_path() -> Isa {
     kernels::simd::isa()
 }
-pub use config::{Mode, NonLocalConfig};
+pub use config::{Mode, NonLocalConfig, Precision};
 pub use error::{Error, Result};
 pub use family::{find_all_blocks, FoundBlock};
 pub use family::{

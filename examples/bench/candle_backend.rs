@@ -6,6 +6,54 @@ use ndarray::Array5;
 use nonlocal::candle::NonLocal;
 use nonlocal::{NonLocalBlock, WeightKeys};
 
+use crate::{interleaved_medians, peak_mb, Args};
+
+/// One case with `--candle`: the native block, the candle layer and the plain-candle layer in
+/// turn within each repetition (so a change of machine load moves all three alike), forward
+/// and with `--backward` training, each line with its backend and heap peak.
+/// `case` is (shape name, mode name, nominal FLOPs, sgemm peak GFLOP/s).
+pub fn bench_case(
+    args: &Args,
+    block: &NonLocalBlock,
+    x: &Array5<f32>,
+    grad_output: &Array5<f32>,
+    case: (&str, &str, f64, f64),
+) {
+    let (name, mode_name, flops, peak) = case;
+    let report = |backend: &str, pass: &str, median: f64, flops: f64, heap: f64| {
+        let gflops = flops / median / 1e9;
+        println!(
+            "shape={name} mode={mode_name} backend={backend}{pass} ms={:.2} gflops={gflops:.1} sgemm_gflops={peak:.1} pct_peak={:.1} peak_mb={heap:.1}",
+            median * 1e3,
+            100.0 * gflops / peak,
+        );
+    };
+    let layer = Layer::new(block, x, grad_output);
+    let backends = ["native", "candle", "candle-plain"];
+    let mut forward = || {
+        std::hint::black_box(block.forward(x).expect("bench forward"));
+    };
+    let (mut candle, mut plain) = (|| layer.forward(false), || layer.forward(true));
+    let mut runs: [&mut dyn FnMut(); 3] = [&mut forward, &mut candle, &mut plain];
+    let medians = interleaved_medians(args.reps, &mut runs);
+    for ((backend, (median, _)), run) in backends.iter().zip(medians).zip(runs.iter_mut()) {
+        report(backend, "", median, flops, peak_mb(run));
+    }
+    if args.backward {
+        let mut train = || {
+            let (z, ctx) = block.forward_train(x).expect("bench forward_train");
+            std::hint::black_box(z);
+            std::hint::black_box(block.backward(&ctx, grad_output).expect("bench backward"));
+        };
+        let (mut candle, mut plain) = (|| layer.train(false), || layer.train(true));
+        let mut runs: [&mut dyn FnMut(); 3] = [&mut train, &mut candle, &mut plain];
+        let medians = interleaved_medians(args.reps, &mut runs);
+        for ((backend, (median, _)), run) in backends.iter().zip(medians).zip(runs.iter_mut()) {
+            report(backend, " pass=train", median, 3.0 * flops, peak_mb(run));
+        }
+    }
+}
+
 /// The layer twice, on plain tensors (inference: nothing tracks gradients) and on
 /// `Var`s (training), its input (channels-first; a `Var` for training, as the output of
 /// earlier layers would be) and the output gradient.

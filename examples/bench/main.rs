@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--shape NAME] [--mode eg|dp|concat|gauss] [--reps N] [--backward]
-//!     [--block nl|gc|cc|dnl] [--candle]
+//!     [--block nl|gc|cc|dnl] [--candle] [--precision f32|bf16|both]
 //! ```
 //!
 //! First measures the sgemm peak: the best 2048×2048×2048 sgemm a Rust crate runs on this
@@ -53,13 +53,22 @@
 //! embedded Gaussian, temperature 0.05, BatchNorm) at the same segmentation shape (C = 512,
 //! 64×128, every position a key): `shape=seg-stride8 block=dnl ms=… gflops=… peak_mb=…`,
 //! nominal FLOPs 2·N·C·(3C' + 1) + 2·N·C'·C + 4·N²·C' (`dnl_flops`).
+//!
+//! `--precision bf16` (or `both`, f32 and bf16 lines one after the other for each case) runs
+//! blocks configured with `Precision::Bf16`: the header adds the bf16 GEMM peak, this crate's
+//! packed bf16 GEMM at 2048³ over the same threads (`VDPBF16PS` where the CPU has
+//! AVX512_BF16), and each bf16 line says `precision=bf16` and gives `pct_peak` against that
+//! peak (`bf16_gemm_gflops`), with `speedup=<f32 ms / bf16 ms>` when the f32 line was measured
+//! in the same rounds (with `both`, each round runs the f32 block then the bf16 one, so both
+//! medians see the same load). Every line ends with `rss_peak_mb`, the process's peak resident
+//! memory during that case (Linux; reset before each case; with `both`, over both blocks).
 
 use std::time::Instant;
 
 use ndarray::Array5;
-use nonlocal::internal::kernels::gemm::par_gemm;
+use nonlocal::internal::kernels::gemm::{par_gemm, par_gemm_in};
 use nonlocal::internal::kernels::views::{MatMut, MatRef};
-use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters};
+use nonlocal::{BatchNorm, Conv1x1, Mode, NonLocalBlock, NonLocalConfig, Parameters, Precision};
 use rayon::prelude::*;
 
 #[cfg(feature = "candle")]
@@ -97,10 +106,19 @@ struct Args {
     /// `nl` (the non-local block, default), `gc` (the global context block), `cc`
     /// (criss-cross attention) or `dnl` (the disentangled non-local block).
     block: String,
+    precisions: Vec<Precision>,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { shape: None, mode: None, reps: 5, backward: false, candle: false, block: "nl".into() };
+    let mut args = Args {
+        shape: None,
+        mode: None,
+        reps: 5,
+        backward: false,
+        candle: false,
+        block: "nl".into(),
+        precisions: vec![Precision::F32],
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -112,8 +130,17 @@ fn parse_args() -> Result<Args, String> {
             "--candle" if cfg!(feature = "candle") => args.candle = true,
             "--candle" => return Err("--candle needs the bench built with --features candle".into()),
             "--reps" => args.reps = value()?.parse().map_err(|e| format!("--reps: {e}"))?,
+            "--precision" => {
+                args.precisions = match value()?.as_str() {
+                    "both" => vec![Precision::F32, Precision::Bf16],
+                    other => vec![other.parse().map_err(|e| format!("--precision: {e}"))?],
+                }
+            }
             other => return Err(format!("unknown argument {other}")),
         }
+    }
+    if args.candle && args.precisions != [Precision::F32] {
+        return Err("--candle runs the f32 block only (no --precision bf16|both)".into());
     }
     if let Some(s) = &args.shape {
         if !SHAPES.iter().any(|(n, ..)| n == s) {
@@ -202,6 +229,42 @@ fn sgemm_peaks() -> [(&'static str, f64); 3] {
     ]
 }
 
+/// Best-of-5 GFLOP/s of this crate's bf16 GEMM (operands rounded as they are packed, sums in
+/// f32) at 2048³ over the rayon pool: the peak the bf16 lines are measured against.
+fn bf16_gemm_peak() -> f64 {
+    let n = 2048;
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut c = vec![0.0f32; n * n];
+    let flops = 2.0 * (n * n * n) as f64;
+    let (am, bm) = (MatRef::new(&a, 0, n, n, n), MatRef::new(&b, 0, n, n, n));
+    let best = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            par_gemm_in(Precision::Bf16, 1.0, am, bm, 0.0, &mut MatMut::new(&mut c, n, n, n));
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min);
+    flops / best / 1e9
+}
+
+/// Resets the process's peak resident memory to its current value (Linux; elsewhere nothing).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The process's peak resident memory in MB since the last reset (Linux), else `None`.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn rss_field() -> String {
+    peak_rss_mb().map_or_else(|| "rss_peak_mb=unknown".into(), |mb| format!("rss_peak_mb={mb:.0}"))
+}
+
 /// The direct algorithm's FLOPs: projections 2·N·C·C' each (θ, φ, g; Gaussian only g) and
 /// 2·N·C'·C for W_z; pairwise 2·N·M·d (d = C' for EG/DP, C for Gaussian, 2C' for
 /// concatenation); aggregation 2·N·M·C'.
@@ -217,8 +280,8 @@ fn nominal_flops(mode: Mode, c: usize, n: usize, m: usize) -> f64 {
 }
 
 /// A block with every parameter non-trivial (so no work can be skipped).
-fn bench_block(mode: Mode, c: usize) -> NonLocalBlock {
-    let config = NonLocalConfig::new(c).mode(mode).sub_sample(Some([1, 2, 2]));
+fn bench_block(mode: Mode, c: usize, precision: Precision) -> NonLocalBlock {
+    let config = NonLocalConfig::new(c).mode(mode).sub_sample(Some([1, 2, 2])).precision(precision);
     let ci = config.inter_channels;
     let mut state = 0x1234_5678_9abc_def0u64;
     let mut next = move || {
@@ -305,6 +368,10 @@ fn main() {
     if args.block == "dnl" {
         return disentangled::bench_dnl(&args, peak);
     }
+    let bf16_peak = args.precisions.contains(&Precision::Bf16).then(bf16_gemm_peak);
+    if let Some(bf16_peak) = bf16_peak {
+        println!("threads={threads} simd={} bf16 gemm 2048^3 GFLOP/s: nonlocal={bf16_peak:.1}", nonlocal::simd_path());
+    }
     for (name, c, t, h, w) in SHAPES {
         if args.shape.as_deref().is_some_and(|s| s != name) {
             continue;
@@ -317,57 +384,62 @@ fn main() {
             if args.mode.as_deref().is_some_and(|s| s != mode_name) {
                 continue;
             }
-            let block = bench_block(mode, c);
             let flops = nominal_flops(mode, c, n, m);
-            let report = |backend: &str, pass: &str, median: f64, flops: f64, heap: Option<f64>| {
-                let gflops = flops / median / 1e9;
-                let (backend, peak_field) = match (args.candle, heap) {
-                    (true, Some(mb)) => (format!(" backend={backend}"), format!(" peak_mb={mb:.1}")),
-                    _ => (String::new(), String::new()),
-                };
-                println!(
-                    "shape={name} mode={mode_name}{backend}{pass} ms={:.2} gflops={gflops:.1} sgemm_gflops={peak_gf:.1} pct_peak={:.1}{peak_field}",
-                    median * 1e3,
-                    100.0 * gflops / peak,
-                    peak_gf = peak,
-                );
-            };
-            let forward = || {
-                std::hint::black_box(block.forward(&x).expect("bench forward"));
-            };
+            let blocks: Vec<(Precision, NonLocalBlock)> =
+                args.precisions.iter().map(|&p| (p, bench_block(mode, c, p))).collect();
             let grad_output = x.mapv(|v| v * 0.5);
-            let train = || {
-                let (z, ctx) = block.forward_train(&x).expect("bench forward_train");
-                std::hint::black_box(z);
-                std::hint::black_box(block.backward(&ctx, &grad_output).expect("bench backward"));
-            };
             #[cfg(feature = "candle")]
             if args.candle {
-                // The backends in turn within each repetition, so a change of machine load
-                // between them moves all three alike.
-                let layer = candle_backend::Layer::new(&block, &x, &grad_output);
-                let backends = ["native", "candle", "candle-plain"];
-                let (mut forward, mut candle, mut plain) = (forward, || layer.forward(false), || layer.forward(true));
-                let mut runs: [&mut dyn FnMut(); 3] = [&mut forward, &mut candle, &mut plain];
-                let medians = interleaved_medians(args.reps, &mut runs);
-                for ((backend, (median, _)), run) in backends.iter().zip(medians).zip(runs.iter_mut()) {
-                    report(backend, "", median, flops, Some(peak_mb(run)));
-                }
-                if args.backward {
-                    let (mut train, mut candle, mut plain) = (train, || layer.train(false), || layer.train(true));
-                    let mut runs: [&mut dyn FnMut(); 3] = [&mut train, &mut candle, &mut plain];
-                    let medians = interleaved_medians(args.reps, &mut runs);
-                    for ((backend, (median, _)), run) in backends.iter().zip(medians).zip(runs.iter_mut()) {
-                        report(backend, " pass=train", median, 3.0 * flops, Some(peak_mb(run)));
-                    }
-                }
+                // parse_args allows --candle with f32 only: blocks[0] is the f32 block.
+                candle_backend::bench_case(&args, &blocks[0].1, &x, &grad_output, (name, mode_name, flops, peak));
                 continue;
             }
-            let median = median_seconds(args.reps, forward);
-            report("native", "", median, flops, Some(peak_mb(&mut { forward })));
-            if args.backward {
-                let median = median_seconds(args.reps, train);
-                report("native", " pass=train", median, 3.0 * flops, Some(peak_mb(&mut { train })));
+            // With both precisions the runs alternate, one of each per repetition, so that the
+            // speed-up compares runs under the same load.
+            reset_peak_rss();
+            let mut forwards: Vec<_> = blocks
+                .iter()
+                .map(|(_, block)| {
+                    || {
+                        std::hint::black_box(block.forward(&x).expect("bench forward"));
+                    }
+                })
+                .collect();
+            let mut runs: Vec<&mut dyn FnMut()> = forwards.iter_mut().map(|f| f as &mut dyn FnMut()).collect();
+            let medians: Vec<f64> = interleaved_medians(args.reps, &mut runs).into_iter().map(|(m, _)| m).collect();
+            let rss = rss_field();
+            let f32_ms = blocks.iter().zip(&medians).find(|((p, _), _)| *p == Precision::F32).map(|(_, m)| m * 1e3);
+            for ((precision, block), &median) in blocks.iter().zip(&medians) {
+                let precision = *precision;
+                let gflops = flops / median / 1e9;
+                let (peak_name, peak) = match (precision, bf16_peak) {
+                    (Precision::Bf16, Some(bf16)) => ("bf16_gemm_gflops", bf16),
+                    _ => ("sgemm_gflops", peak),
+                };
+                let speedup = match (precision, f32_ms) {
+                    (Precision::Bf16, Some(ms)) => format!(" speedup={:.2}", ms / (median * 1e3)),
+                    _ => String::new(),
+                };
+                println!(
+                    "shape={name} mode={mode_name} precision={precision} ms={:.2} gflops={gflops:.1} {peak_name}={peak:.1} pct_peak={:.1}{speedup} {rss}",
+                    median * 1e3,
+                    100.0 * gflops / peak,
+                );
+                if args.backward {
+                    reset_peak_rss();
+                    let median = median_seconds(args.reps, || {
+                        let (z, ctx) = block.forward_train(&x).expect("bench forward_train");
+                        std::hint::black_box(z);
+                        std::hint::black_box(block.backward(&ctx, &grad_output).expect("bench backward"));
+                    });
+                    let gflops = 3.0 * flops / median / 1e9;
+                    println!(
+                        "shape={name} mode={mode_name} precision={precision} pass=train ms={:.2} gflops={gflops:.1} sgemm_gflops={peak:.1} pct_peak={:.1} {}",
+                        median * 1e3,
+                        100.0 * gflops / peak,
+                        rss_field()
+                    );
+                }
             }
         }
     }

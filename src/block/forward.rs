@@ -5,11 +5,11 @@ use ndarray::{Array, Array5, ArrayBase, ArrayView4, ArrayView5, Data, DataMut, D
 use rayon::prelude::*;
 
 use super::{buffer, Layout, NonLocalBlock};
-use crate::config::Mode;
+use crate::config::{Mode, Precision};
 use crate::error::{Error, Result};
 use crate::kernels::attention::attention_in;
 use crate::kernels::concat::concat_attention;
-use crate::kernels::dot_product::key_value_product;
+use crate::kernels::dot_product::key_value_product_in;
 use crate::kernels::gemm::{par_gemm, row_block};
 use crate::kernels::views::{MatMut, MatRef};
 use crate::plan::{prepare, Prepared, Purpose};
@@ -184,12 +184,13 @@ impl NonLocalBlock {
     fn forward_softmax(&self, p: &Prepared<'_>, out: &mut [f32], order: Order) -> Result<()> {
         let (n, m, c, ci) = (p.x.rows(), p.m, self.config.in_channels, self.config.inter_channels);
         let (q, k, bias) = p.attention_operands();
-        let scale = self.config.logit_scale();
-        let attend = |v: MatRef<'_>, out: &mut [f32]| attention_in(&self.workspace, (q, k, v, scale), bias, out, None);
+        let (scale, precision) = (self.config.logit_scale(), self.config.precision);
+        let ws = &self.workspace;
+        let attend = |v: MatRef<'_>, out: &mut [f32]| attention_in(ws, precision, (q, k, v, scale), bias, out, None);
         if self.compiled.folds_values(n, m) {
             // W_out·Σ_j a_ij ĝ_j = Σ_j a_ij (W_out ĝ_j): aggregate C columns instead of C'.
             let mut vw = self.workspace.take(m * c, "projected values")?;
-            self.compiled.w_out.apply(p.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c), &self.workspace);
+            self.compiled.w_out.apply(Precision::F32, p.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c), ws);
             match order {
                 Order::PositionMajor => {
                     attend(MatRef::new(&vw, 0, m, c, c), out);
@@ -218,7 +219,7 @@ impl NonLocalBlock {
         if self.compiled.dot_product_direct(n, p.m) {
             return self.forward_dot_product_direct(p, out, order);
         }
-        let kv = key_value_product(p.keys(), p.values(), 1.0 / p.m as f32);
+        let kv = key_value_product_in(self.config.precision, p.keys(), p.values(), 1.0 / p.m as f32);
         let kv = MatRef::new(&kv, 0, ci, ci, ci);
         if self.compiled.folds_key_values_into_output(n) {
             // z = x + θ·((φᵀg/M)·W_outᵀ) + b_out.
@@ -250,7 +251,13 @@ impl NonLocalBlock {
         let inv_m = 1.0 / m as f32;
         if self.compiled.folds_values(n, m) {
             let mut vw = self.workspace.take(m * c, "projected values")?;
-            self.compiled.w_out.apply(p.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c), &self.workspace);
+            self.compiled.w_out.apply(
+                Precision::F32,
+                p.values(),
+                0.0,
+                &mut MatMut::new(&mut vw, m, c, c),
+                &self.workspace,
+            );
             let vw = MatRef::new(&vw, 0, m, c, c);
             match order {
                 Order::PositionMajor => {
@@ -302,14 +309,14 @@ impl NonLocalBlock {
         });
     }
 
-    /// `out ← x + y·W + b_out` with W = `w` (C' × C) or `W_outᵀ`.
+    /// `out ← x + y·W + b_out` with W = `w` (C' × C) or `W_outᵀ`, in f32 in both precisions.
     pub(crate) fn output(&self, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
         let (n, c) = (x.rows(), x.cols());
         self.residual_rows(x, out, |row, residual| row.copy_from_slice(residual));
         let mut out = MatMut::new(out, n, c, c);
         match w {
             Some(w) => par_gemm(1.0, y, w, 1.0, &mut out),
-            None => self.compiled.w_out.apply(y, 1.0, &mut out, &self.workspace),
+            None => self.compiled.w_out.apply(Precision::F32, y, 1.0, &mut out, &self.workspace),
         }
     }
 

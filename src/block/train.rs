@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use super::gradients::{Gradients, ParameterGradients};
 use super::{buffer, next_generation, Layout, NonLocalBlock};
-use crate::config::Mode;
+use crate::config::{Mode, Precision};
 use crate::error::{Error, Result};
 use crate::kernels::attention::{attention_backward_in, attention_in};
 use crate::kernels::concat::{concat_attention, concat_attention_backward, key_scores};
@@ -121,7 +121,7 @@ impl NonLocalBlock {
             Mode::EmbeddedGaussian | Mode::Gaussian => {
                 lse = buffer(n, "log-sum-exp")?;
                 let qkv = (p.queries(), p.keys(), p.values(), self.config.logit_scale());
-                attention_in(&self.workspace, qkv, None, &mut y, Some(&mut lse));
+                attention_in(&self.workspace, Precision::F32, qkv, None, &mut y, Some(&mut lse));
             }
             Mode::DotProduct => {
                 let kv = key_value_product(p.keys(), p.values(), 1.0 / m as f32);

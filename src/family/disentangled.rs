@@ -23,7 +23,7 @@ use ndarray::{Array, Array1, Array2, ArrayBase, ArrayView5, Data, Dimension};
 use rayon::prelude::*;
 
 use crate::block::{buffer, column_sums, sample_matrix, Accumulators, Layout, NonLocalBlock, ParameterGradients};
-use crate::config::{Mode, NonLocalConfig};
+use crate::config::{Mode, NonLocalConfig, Precision};
 use crate::error::{Error, Result};
 use crate::kernels::attention::{attention_backward_in, attention_in};
 use crate::kernels::dot_product::key_value_product;
@@ -107,7 +107,8 @@ impl DisentangledConfig {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`]: the non-local part's own errors, a mode other than embedded
-    /// Gaussian or dot product, sub-sampling, or a temperature that is not finite and positive.
+    /// Gaussian or dot product, sub-sampling, a temperature that is not finite and positive, or
+    /// a precision other than f32 (the block runs in f32).
     pub fn validate(&self) -> Result<()> {
         self.non_local.validate()?;
         let invalid = |reason: String| Err(Error::InvalidConfig { reason });
@@ -122,6 +123,9 @@ impl DisentangledConfig {
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
             return invalid(format!("temperature {} is not a finite positive number", self.temperature));
+        }
+        if self.non_local.precision != Precision::F32 {
+            return invalid(format!("the disentangled block runs in f32, not {:?}", self.non_local.precision));
         }
         Ok(())
     }
@@ -367,7 +371,14 @@ impl DisentangledNonLocal {
             match self.config.non_local.mode {
                 Mode::EmbeddedGaussian => {
                     lse = buffer(n, "log-sum-exp")?;
-                    attention_in(ws, (q, k, g, self.config.logit_scale()), None, &mut y, Some(&mut lse));
+                    attention_in(
+                        ws,
+                        Precision::F32,
+                        (q, k, g, self.config.logit_scale()),
+                        None,
+                        &mut y,
+                        Some(&mut lse),
+                    );
                 }
                 _ => {
                     let kv = key_value_product(k, g, 1.0 / n as f32);
@@ -393,7 +404,7 @@ impl DisentangledNonLocal {
         let mut proj = ws.take(n * width, "projections")?;
         proj.par_chunks_mut(64 * width)
             .for_each(|rows| rows.chunks_mut(width).for_each(|r| r.copy_from_slice(&self.b_proj)));
-        self.proj.apply(x, 1.0, &mut MatMut::new(&mut proj, n, width, width), ws);
+        self.proj.apply(Precision::F32, x, 1.0, &mut MatMut::new(&mut proj, n, width, width), ws);
         let all = rows(&proj, n, width);
         let whitened = |col: usize| -> Result<Vec<f32>> {
             let view = all.cols_range(col, col + ci);

@@ -1,19 +1,23 @@
 //! Fused softmax attention for the (embedded) Gaussian modes,
 //! `Y = softmax(s · Q·Kᵀ) · V` without the N×M matrix: the one place that picks a kernel.
 //!
-//! The packed kernel of `flash` runs on AVX-512 (12×32 register tile) and AVX2 (6×16), the
-//! sgemm-based one of `sgemm_attention` on other CPUs and for values wider than the packed
-//! kernel's limit on the path (1024 channels on AVX-512, 512 on AVX2). Both check every shape
-//! before any work, so no call reaches memory outside its operands.
+//! The packed kernel of `flash` runs on AVX-512 (12×32 register tiles, f32 and bf16) and AVX2
+//! (6×16 in f32, 4×16 for the bf16 value product), the sgemm-based one of `sgemm_attention` on
+//! other CPUs and for values wider than the packed kernel's limit on the path (1024 channels
+//! on AVX-512, 512 on AVX2). Both check every shape before any work, so no call reaches memory
+//! outside its operands. The forward pass runs in either [`Precision`] (bf16: the value
+//! product on bf16 operands, the logits and the softmax in f32); the backward pass in f32.
 
 use super::attention_common::query_tile;
 use super::attention_shapes::{check_backward, check_forward};
+use super::microkernel::{Bf16, F32};
 #[cfg(target_arch = "x86_64")]
-use super::simd::{isa, Avx2, Avx512, Isa};
+use super::simd::{isa, Avx2, Avx512, Avx512Bf16, Isa};
 #[cfg(target_arch = "x86_64")]
-use super::tiles::{AVX2_MR, AVX2_NV, AVX512_MR, AVX512_NV};
+use super::tiles::{AVX2_BF16_MR, AVX2_MR, AVX2_NV, AVX512_MR, AVX512_NV};
 use super::views::MatRef;
 use super::{flash, sgemm_attention};
+use crate::config::Precision;
 use crate::workspace::Workspace;
 
 /// Widest values the packed AVX2 kernel is used for: beyond, Oᵀ (value channels × query tile)
@@ -28,10 +32,13 @@ const MAX_VALUE_CHANNELS_AVX512: usize = 1024;
 /// An attention kernel, for dispatch and for tests that run each one directly.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Kernel {
-    /// Packed, AVX-512 12×32 tiles.
+    /// Packed, AVX-512 12×32 tiles; bf16 on `VDPBF16PS`.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Bf16(Avx512Bf16),
+    /// Packed, AVX-512 12×32 tiles; bf16 emulated.
     #[cfg(target_arch = "x86_64")]
     Avx512(Avx512),
-    /// Packed, AVX2 6×16 tiles.
+    /// Packed, AVX2 6×16 tiles; bf16 emulated in 4×16 tiles.
     #[cfg(target_arch = "x86_64")]
     Avx2(Avx2),
     /// One sgemm call per product and tile.
@@ -39,7 +46,7 @@ pub(crate) enum Kernel {
     /// The packed kernel with the AVX-512 geometry on portable 16-lane vectors (tests).
     #[cfg(test)]
     Portable16,
-    /// The packed kernel with the AVX2 geometry on portable 8-lane vectors (tests).
+    /// The packed kernel with the AVX2 geometries on portable 8-lane vectors (tests).
     #[cfg(test)]
     Portable8,
 }
@@ -49,6 +56,9 @@ impl Kernel {
     fn choose(dv: usize) -> Kernel {
         #[cfg(target_arch = "x86_64")]
         match isa() {
+            Isa::Avx512Bf16 if dv <= MAX_VALUE_CHANNELS_AVX512 => {
+                return Avx512Bf16::detect().map_or(Kernel::Sgemm, Kernel::Avx512Bf16)
+            }
             Isa::Avx512 if dv <= MAX_VALUE_CHANNELS_AVX512 => {
                 return Avx512::detect().map_or(Kernel::Sgemm, Kernel::Avx512)
             }
@@ -59,10 +69,11 @@ impl Kernel {
         Kernel::Sgemm
     }
 
-    /// The forward pass with optional per-key logit offsets, shapes checked (see
-    /// [`softmax_attention_lse`] and [`softmax_attention_with_key_bias`]).
+    /// The forward pass in `precision` with optional per-key logit offsets, shapes checked
+    /// (see [`softmax_attention_lse`] and [`softmax_attention_with_key_bias`]).
     pub(crate) fn forward(
         self,
+        precision: Precision,
         qkv: (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
         bias: Option<&[f32]>,
         out: &mut [f32],
@@ -77,18 +88,57 @@ impl Kernel {
             return;
         }
         let tile = query_tile(q.rows());
+        let bf16 = precision == Precision::Bf16;
+        // The logits are f32 in both precisions (bf16 logits lose the accuracy contract on
+        // wide and many-key cases: see the README's "bf16"); bf16 is the value product.
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512(s) => flash::attention::<_, AVX512_MR, AVX512_NV>(s, qkv, bias, out, lse, tile, ws),
+            Kernel::Avx512Bf16(s) if bf16 => {
+                flash::attention::<_, F32, Bf16, AVX512_MR, AVX512_MR, AVX512_NV>(s, qkv, bias, out, lse, tile, ws)
+            }
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2(s) => flash::attention::<_, AVX2_MR, AVX2_NV>(s, qkv, bias, out, lse, tile, ws),
-            Kernel::Sgemm => sgemm_attention::attention(qkv, bias, out, lse, ws),
+            Kernel::Avx512Bf16(s) => flash::attention::<_, F32, F32, AVX512_MR, AVX512_MR, AVX512_NV>(
+                s.base(),
+                qkv,
+                bias,
+                out,
+                lse,
+                tile,
+                ws,
+            ),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512(s) if bf16 => {
+                flash::attention::<_, F32, Bf16, AVX512_MR, AVX512_MR, AVX512_NV>(s, qkv, bias, out, lse, tile, ws)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512(s) => {
+                flash::attention::<_, F32, F32, AVX512_MR, AVX512_MR, AVX512_NV>(s, qkv, bias, out, lse, tile, ws)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(s) if bf16 => {
+                flash::attention::<_, F32, Bf16, AVX2_MR, AVX2_BF16_MR, AVX2_NV>(s, qkv, bias, out, lse, tile, ws)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(s) => {
+                flash::attention::<_, F32, F32, AVX2_MR, AVX2_MR, AVX2_NV>(s, qkv, bias, out, lse, tile, ws)
+            }
+            Kernel::Sgemm => sgemm_attention::attention(qkv, bias, out, lse, ws, precision),
             #[cfg(test)]
-            Kernel::Portable16 => {
-                flash::attention::<_, 12, 2>(super::simd::Portable::<16>, qkv, bias, out, lse, tile, ws)
+            Kernel::Portable16 if bf16 => {
+                flash::attention::<_, F32, Bf16, 12, 12, 2>(super::simd::Portable::<16>, qkv, bias, out, lse, tile, ws)
             }
             #[cfg(test)]
-            Kernel::Portable8 => flash::attention::<_, 6, 2>(super::simd::Portable::<8>, qkv, bias, out, lse, tile, ws),
+            Kernel::Portable16 => {
+                flash::attention::<_, F32, F32, 12, 12, 2>(super::simd::Portable::<16>, qkv, bias, out, lse, tile, ws)
+            }
+            #[cfg(test)]
+            Kernel::Portable8 if bf16 => {
+                flash::attention::<_, F32, Bf16, 6, 4, 2>(super::simd::Portable::<8>, qkv, bias, out, lse, tile, ws)
+            }
+            #[cfg(test)]
+            Kernel::Portable8 => {
+                flash::attention::<_, F32, F32, 6, 6, 2>(super::simd::Portable::<8>, qkv, bias, out, lse, tile, ws)
+            }
         }
     }
 
@@ -112,6 +162,10 @@ impl Kernel {
         let yy = (y, dy);
         match self {
             #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Bf16(s) => {
+                flash::attention_backward::<_, AVX512_MR, AVX512_NV>(s.base(), qkv, lse, yy, dq, dk, dv, ws)
+            }
+            #[cfg(target_arch = "x86_64")]
             Kernel::Avx512(s) => flash::attention_backward::<_, AVX512_MR, AVX512_NV>(s, qkv, lse, yy, dq, dk, dv, ws),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2(s) => flash::attention_backward::<_, AVX2_MR, AVX2_NV>(s, qkv, lse, yy, dq, dk, dv, ws),
@@ -128,19 +182,21 @@ impl Kernel {
     }
 }
 
-/// `out ← softmax(scale · (q·kᵀ + 1·biasᵀ))·v` and, when asked, each row's log-sum-exp: the
-/// kernel for the path and value width, scratch from `ws` (what the block calls).
+/// `out ← softmax(scale · (q·kᵀ + 1·biasᵀ))·v` in `precision` and, when asked, each row's
+/// log-sum-exp: the kernel for the path and value width, scratch from `ws` (what the block
+/// calls).
 ///
 /// # Panics
 /// If the shapes disagree (checked before any work).
 pub(crate) fn attention_in(
     ws: &Workspace,
+    precision: Precision,
     qkv: (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
     bias: Option<&[f32]>,
     out: &mut [f32],
     lse: Option<&mut [f32]>,
 ) {
-    Kernel::choose(qkv.2.cols()).forward(qkv, bias, out, lse, ws);
+    Kernel::choose(qkv.2.cols()).forward(precision, qkv, bias, out, lse, ws);
 }
 
 /// [`softmax_attention_backward`] with scratch from `ws` (what the block calls).
@@ -164,7 +220,24 @@ pub(crate) fn attention_backward_in(
 /// # Panics
 /// If the shapes disagree (checked before any work).
 pub fn softmax_attention(q: MatRef<'_>, k: MatRef<'_>, v: MatRef<'_>, scale: f32, out: &mut [f32]) {
-    Kernel::choose(v.cols()).forward((q, k, v, scale), None, out, None, &Workspace::default());
+    Kernel::choose(v.cols()).forward(Precision::F32, (q, k, v, scale), None, out, None, &Workspace::default());
+}
+
+/// As [`softmax_attention`] in `precision`: with [`Precision::Bf16`], the logits and the
+/// softmax in f32, and the value product on bf16 operands: v rounded as it is packed, the
+/// weights rounded per tile.
+///
+/// # Panics
+/// If the shapes disagree (checked before any work).
+pub fn softmax_attention_in(
+    precision: Precision,
+    q: MatRef<'_>,
+    k: MatRef<'_>,
+    v: MatRef<'_>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    Kernel::choose(v.cols()).forward(precision, (q, k, v, scale), None, out, None, &Workspace::default());
 }
 
 /// `out ← softmax(scale · (q·kᵀ + 1·biasᵀ))·v`: as [`softmax_attention`] with one logit offset
@@ -181,7 +254,7 @@ pub fn softmax_attention_with_key_bias(
     scale: f32,
     out: &mut [f32],
 ) {
-    Kernel::choose(v.cols()).forward((q, k, v, scale), Some(bias), out, None, &Workspace::default());
+    Kernel::choose(v.cols()).forward(Precision::F32, (q, k, v, scale), Some(bias), out, None, &Workspace::default());
 }
 
 /// As [`softmax_attention`], and writes each row's log-sum-exp `s·m + ln l` into `lse` (N),
@@ -197,7 +270,7 @@ pub fn softmax_attention_lse(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    Kernel::choose(v.cols()).forward((q, k, v, scale), None, out, Some(lse), &Workspace::default());
+    Kernel::choose(v.cols()).forward(Precision::F32, (q, k, v, scale), None, out, Some(lse), &Workspace::default());
 }
 
 /// Gradients of `Y = softmax(scale · Q·Kᵀ)·V` (the backward of [`softmax_attention_lse`]),
@@ -270,6 +343,7 @@ mod tests {
         let mut all = vec![Kernel::Sgemm, Kernel::Portable16, Kernel::Portable8];
         #[cfg(target_arch = "x86_64")]
         {
+            all.extend(Avx512Bf16::detect().map(Kernel::Avx512Bf16));
             all.extend(Avx512::detect().map(Kernel::Avx512));
             all.extend(Avx2::detect().map(Kernel::Avx2));
         }
@@ -280,7 +354,7 @@ mod tests {
     fn portable_twin(kernel: Kernel) -> Option<Kernel> {
         match kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512(_) => Some(Kernel::Portable16),
+            Kernel::Avx512Bf16(_) | Kernel::Avx512(_) => Some(Kernel::Portable16),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2(_) => Some(Kernel::Portable8),
             _ => None,
@@ -330,10 +404,14 @@ mod tests {
             MatRef::new(&self.v, 0, self.dims.1, self.dims.3, self.dims.3)
         }
         fn forward(&self, kernel: Kernel, scale: f32) -> (Vec<f32>, Vec<f32>) {
+            self.forward_in(Precision::F32, kernel, scale)
+        }
+        fn forward_in(&self, precision: Precision, kernel: Kernel, scale: f32) -> (Vec<f32>, Vec<f32>) {
             let (n, _, _, dv) = self.dims;
             let (mut out, mut lse) = (vec![f32::NAN; n * dv], vec![f32::NAN; n]);
             let ws = Workspace::default();
-            kernel.forward((self.q(), self.k(), self.v(), scale), self.bias.as_deref(), &mut out, Some(&mut lse), &ws);
+            let qkv = (self.q(), self.k(), self.v(), scale);
+            kernel.forward(precision, qkv, self.bias.as_deref(), &mut out, Some(&mut lse), &ws);
             (out, lse)
         }
     }
@@ -425,16 +503,18 @@ mod tests {
         let (m, dv) = (3, 2);
         let v: Vec<f32> = vec![1.0, 2.0, 3.0, 4.0, 5.0, 9.0];
         let none: [f32; 0] = [];
-        for kernel in kernels() {
+        for (kernel, precision) in kernels().into_iter().flat_map(|k| [(k, Precision::F32), (k, Precision::Bf16)]) {
             let mut out = vec![f32::NAN; 5 * dv];
             let (q, k) = (MatRef::new(&none, 0, 5, 0, 7), MatRef::new(&none, 0, m, 0, 7));
-            kernel.forward((q, k, MatRef::new(&v, 0, m, dv, dv), 1.0), None, &mut out, None, &Workspace::default());
+            let qkv = (q, k, MatRef::new(&v, 0, m, dv, dv), 1.0);
+            kernel.forward(precision, qkv, None, &mut out, None, &Workspace::default());
             for row in out.chunks(dv) {
                 assert!((row[0] - 3.0).abs() < 1e-6 && (row[1] - 5.0).abs() < 1e-6, "{kernel:?}: {row:?}");
             }
             let mut nothing: [f32; 0] = [];
             let q = MatRef::new(&none, 0, 0, 0, 7);
             kernel.forward(
+                Precision::F32,
                 (q, k, MatRef::new(&v, 0, m, dv, dv), 1.0),
                 None,
                 &mut nothing,
@@ -444,17 +524,141 @@ mod tests {
         }
     }
 
+    /// The packed kernels that take bf16 pairs (every packed kernel does): their bf16 outputs
+    /// are one computation whatever the geometry and instruction set.
+    fn packed_kernels() -> Vec<Kernel> {
+        kernels().into_iter().filter(|k| !matches!(k, Kernel::Sgemm)).collect()
+    }
+
+    /// bf16 softmax attention in f64: the values rounded to bf16, the logits and the weights
+    /// exact.
+    fn bf16_reference(case: &Case, scale: f64) -> Vec<f64> {
+        use crate::kernels::bf16::round_to_bf16;
+        let (q, k) = (case.q_dense(), case.k.clone());
+        let v: Vec<f32> = case.v.iter().map(|&x| round_to_bf16(x)).collect();
+        match &case.bias {
+            None => reference(&q, &k, &v, case.dims, scale),
+            Some(bias) => {
+                let (n, m, d, dv) = case.dims;
+                let q_aug: Vec<f32> = q.chunks(d).flat_map(|row| row.iter().copied().chain([1.0])).collect();
+                let k_aug: Vec<f32> =
+                    k.chunks(d).zip(bias).flat_map(|(row, &b)| row.iter().copied().chain([b])).collect();
+                reference(&q_aug, &k_aug, &v, (n, m, d + 1, dv), scale)
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_kernels_are_the_attention_on_rounded_values() {
+        // The weights are rounded to bf16 (relative error ≤ 2^-9 each) and renormalised by
+        // their sum: each output is off by at most 2^-8 of the largest value magnitude (1 here)
+        // from the attention of q, k and the rounded v, plus f32 rounding.
+        for &(dims, amp, scale, bias) in &[
+            ((1, 1, 1, 1), 1.0, 1.0, false),
+            ((7, 3, 5, 2), 1.0, 0.5, false),
+            ((300, 1100, 9, 6), 2.0, 1.0, false),
+            ((33, 700, 16, 13), 6.0, 0.25, true),
+            ((70, 253, 33, 31), 1.0, 0.3, false),
+        ] {
+            let mut case = Case::new(dims, amp, 11);
+            if bias {
+                case.bias = Some(pseudo_random(dims.1, 12, 4.0));
+            }
+            let want = bf16_reference(&case, scale as f64);
+            for kernel in kernels() {
+                let (out, _) = case.forward_in(Precision::Bf16, kernel, scale);
+                for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
+                    let bound = 1.02 / 256.0 + 2e-5;
+                    assert!((g as f64 - w).abs() < bound, "{kernel:?} {dims:?} [{i}]: {g} vs {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_packed_kernels_give_one_result_bit_for_bit_for_any_thread_count() {
+        // Every logit is one f32 chain over d, every output one chain of pair steps over the
+        // key pairs tile by tile: the same bits on every instruction set and geometry, and (the
+        // query tiles being independent) for any thread count. Values 2^-60 test the
+        // emulations' checked path (their products are not certified).
+        let mut tiny = Case::new((131, 300, 7, 5), 1.0, 13);
+        tiny.v.iter_mut().for_each(|v| *v *= 1e-18);
+        for case in [Case::new((300, 611, 21, 14), 3.0, 7), tiny] {
+            let want = case.forward_in(Precision::Bf16, Kernel::Portable16, 0.7);
+            for kernel in packed_kernels() {
+                for threads in [1, 2, 3] {
+                    let got = in_pool(threads, || case.forward_in(Precision::Bf16, kernel, 0.7));
+                    assert_eq!(bits(&got.0), bits(&want.0), "{kernel:?} on {threads} threads");
+                    assert_eq!(bits(&got.1), bits(&want.1), "{kernel:?} lse on {threads} threads");
+                }
+            }
+        }
+        // The portable path rounds the same way but multiplies through sgemm: close, and
+        // itself independent of the thread count.
+        let case = Case::new((300, 611, 21, 14), 3.0, 7);
+        let packed = case.forward_in(Precision::Bf16, Kernel::Portable16, 0.7);
+        let sgemm = case.forward_in(Precision::Bf16, Kernel::Sgemm, 0.7);
+        assert_eq!(bits(&in_pool(3, || case.forward_in(Precision::Bf16, Kernel::Sgemm, 0.7)).0), bits(&sgemm.0));
+        for (a, b) in packed.0.iter().zip(&sgemm.0) {
+            assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn the_kernel_with_bf16_logits_too_gives_the_instructions_bits() {
+        // The packed kernel takes bf16 pairs for both products (the block keeps its logits f32
+        // for accuracy): the instantiation is the model's on every instruction set.
+        use crate::kernels::microkernel::Bf16;
+        let case = Case::new((70, 300, 33, 13), 2.0, 17);
+        let (n, _, _, dv) = case.dims;
+        let run = |f: &dyn Fn(&mut [f32], &mut [f32])| {
+            let (mut out, mut lse) = (vec![f32::NAN; n * dv], vec![f32::NAN; n]);
+            f(&mut out, &mut lse);
+            (bits(&out), bits(&lse))
+        };
+        let (qkv, ws) = ((case.q(), case.k(), case.v(), 0.4), Workspace::default());
+        let want = run(&|o, l| {
+            flash::attention::<_, Bf16, Bf16, 12, 12, 2>(
+                super::super::simd::Portable::<16>,
+                qkv,
+                None,
+                o,
+                Some(l),
+                32,
+                &ws,
+            )
+        });
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some(s) = Avx512Bf16::detect() {
+                let got = run(&|o, l| flash::attention::<_, Bf16, Bf16, 12, 12, 2>(s, qkv, None, o, Some(l), 32, &ws));
+                assert!(got == want, "vdpbf16ps");
+            }
+            if let Some(s) = Avx512::detect() {
+                let got = run(&|o, l| flash::attention::<_, Bf16, Bf16, 12, 12, 2>(s, qkv, None, o, Some(l), 32, &ws));
+                assert!(got == want, "AVX-512F emulation");
+            }
+        }
+        // And it is the attention of the rounded operands.
+        use crate::kernels::bf16::round_to_bf16;
+        let r = |v: &[f32]| v.iter().map(|&x| round_to_bf16(x)).collect::<Vec<_>>();
+        let exact = reference(&r(&case.q_dense()), &r(&case.k), &r(&case.v), case.dims, 0.4);
+        for (&g, &w) in want.0.iter().zip(&exact) {
+            assert!((f32::from_bits(g) as f64 - w).abs() < 1.02 / 256.0 + 2e-5);
+        }
+    }
+
     #[test]
     fn non_finite_queries_poison_only_their_own_rows() {
         let mut case = Case::new((40, 300, 8, 5), 1.0, 3);
         case.q[3 * 16] = f32::NAN;
         case.q[9 * 16 + 2] = f32::INFINITY;
-        for kernel in kernels() {
-            let (out, _) = case.forward(kernel, 1.0);
+        for (kernel, precision) in kernels().into_iter().flat_map(|k| [(k, Precision::F32), (k, Precision::Bf16)]) {
+            let (out, _) = case.forward_in(precision, kernel, 1.0);
             for (r, row) in out.chunks(5).enumerate() {
                 let poisoned = r == 3 || r == 9;
-                assert_eq!(row.iter().all(|v| v.is_nan()), poisoned, "{kernel:?} row {r}: {row:?}");
-                assert!(poisoned || row.iter().all(|v| v.is_finite()), "{kernel:?} row {r}");
+                assert_eq!(row.iter().all(|v| v.is_nan()), poisoned, "{kernel:?} {precision} row {r}: {row:?}");
+                assert!(poisoned || row.iter().all(|v| v.is_finite()), "{kernel:?} {precision} row {r}");
             }
         }
     }
@@ -500,7 +704,7 @@ mod tests {
         let (qm, km, vm) = (MatRef::new(&q, 0, n, d, d), MatRef::new(&k, 0, m, d, d), MatRef::new(&v, 0, m, dv, dv));
         let mut y = vec![0.0f32; n * dv];
         let mut lse = vec![0.0f32; n];
-        Kernel::Sgemm.forward((qm, km, vm, scale), None, &mut y, Some(&mut lse), &Workspace::default());
+        Kernel::Sgemm.forward(Precision::F32, (qm, km, vm, scale), None, &mut y, Some(&mut lse), &Workspace::default());
         let backward = |kernel: Kernel| {
             let (mut dq, mut dk, mut dvv) = (vec![f32::NAN; n * d], vec![f32::NAN; m * d], vec![f32::NAN; m * dv]);
             let yy = (MatRef::new(&y, 0, n, dv, dv), MatRef::new(&dy, 0, n, dv, dv));

@@ -156,6 +156,26 @@ pub(crate) fn add_key_partials(
     add(dv, dvc, dv_part, dv_stride);
 }
 
+/// bf16: attention weights below this (2 to the power −64, relative to the running maximum,
+/// whose weight is 1) are dropped from the value product, so that every nonzero weight has an
+/// exponent of at least [`MIN_WEIGHT_EXPONENT`] and the emulations' certificate can hold for
+/// it. Their sum, at most M times that, is far below bf16's resolution of the total (≥ 1).
+pub(crate) const MIN_WEIGHT: f32 = 5.421_011e-20;
+/// The exponent of [`MIN_WEIGHT`].
+pub(crate) const MIN_WEIGHT_EXPONENT: i32 = -64;
+const _: () = assert!(MIN_WEIGHT == 1.0 / (1u64 << 63) as f32 / 2.0);
+
+/// A weight as the bf16 value product takes it: rounded to bf16, zero below [`MIN_WEIGHT`]
+/// (the scalar form of the packed kernel's vector rounding).
+#[inline]
+pub(crate) fn bf16_weight(w: f32) -> f32 {
+    if w < MIN_WEIGHT {
+        0.0
+    } else {
+        super::bf16::round_to_bf16(w)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

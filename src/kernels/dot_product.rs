@@ -3,14 +3,21 @@
 //! The N×M matrix is never formed: `φᵀ·g` is a C'×C' matrix (M·C'² work), and the block folds
 //! it into the output projection so each query then costs one row of a GEMM.
 
-use super::gemm::par_gemm;
+use super::gemm::par_gemm_in;
 use super::views::{MatMut, MatRef};
+use crate::config::Precision;
 
 /// `kᵀ·v · alpha` as a row-major d × dv matrix (`k`: M × d, `v`: M × dv).
 pub fn key_value_product(k: MatRef<'_>, v: MatRef<'_>, alpha: f32) -> Vec<f32> {
+    key_value_product_in(Precision::F32, k, v, alpha)
+}
+
+/// [`key_value_product`] in `precision` (bf16: `k` and `v` rounded to bf16, the sums in f32,
+/// then scaled by `alpha`).
+pub fn key_value_product_in(precision: Precision, k: MatRef<'_>, v: MatRef<'_>, alpha: f32) -> Vec<f32> {
     let (d, dv) = (k.cols(), v.cols());
     let mut out = vec![0.0f32; d * dv];
-    par_gemm(alpha, k.t(), v, 0.0, &mut MatMut::new(&mut out, d, dv, dv));
+    par_gemm_in(precision, alpha, k.t(), v, 0.0, &mut MatMut::new(&mut out, d, dv, dv));
     out
 }
 

@@ -78,6 +78,33 @@ pub(crate) fn exp_vector<S: Simd>(s: S, x: S::V) -> S::V {
     s.zero_below(x, low, s.mul(e, s.pow2_rounded(t)))
 }
 
+/// Below this `y`, [`exp2_weight`] gives 0: every weight it gives is 0 or at least 2^-63.
+pub(crate) const WEIGHT_LOW: f32 = -63.0;
+/// The polynomial of [`exp2_weight`]: 2^f ≈ 1 + f·(c1 + f·(c2 + f·(c3 + f·c4))) on |f| ≤ 1/2,
+/// a relative-error fit (at most 4.1e-6 evaluated in f32), lowest coefficient first.
+const EXP2_POLY: [f32; 4] = [6.931_242e-1, 2.402_409_9e-1, 5.590_643e-2, 9.582_852e-3];
+
+/// `2^y` per lane for the attention weights of the bf16 value product, which are rounded to
+/// bf16 (relative error 2^-9) as they are packed: 4e-6 relative is more than enough, and two
+/// fewer multiply-adds than [`exp_vector`] (the exponential's share of the softmax is that of a
+/// product with the values). y ≤ 0 as softmax arguments are; 0 below [`WEIGHT_LOW`]; NaN stays
+/// NaN. The same operations on every instruction set, so the same bits.
+#[inline(always)]
+pub(crate) fn exp2_weight<S: Simd>(s: S, y: S::V) -> S::V {
+    let low = s.splat(WEIGHT_LOW);
+    let yc = s.min(s.splat(0.0), s.max(low, y));
+    let t = s.add(yc, s.splat(ROUNDER));
+    // n = round(y) exactly, and f = y − n exactly (|f| ≤ 1/2).
+    let n = s.add(t, s.splat(-ROUNDER));
+    let f = s.fmadd(n, s.splat(-1.0), yc);
+    let mut p = s.splat(EXP2_POLY[3]);
+    for &c in EXP2_POLY[..3].iter().rev() {
+        p = s.fmadd(p, f, s.splat(c));
+    }
+    let p = s.fmadd(p, f, s.splat(1.0));
+    s.zero_below(y, low, s.mul(p, s.pow2_rounded(t)))
+}
+
 /// `row[j] ← exp(row[j]·scale − shift)`, returning the sum of the new values.
 #[inline(always)]
 fn exp_sum_body<const FMA: bool>(row: &mut [f32], scale: f32, shift: f32) -> f32 {
@@ -176,7 +203,7 @@ fn exp_sum_fn() -> ExpSumFn {
         // SAFETY (both arms): `isa()` chose a path the CPU has, with the features these
         // functions enable.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => |r, s, m| unsafe { x86::exp_sum_avx512(r, s, m) },
+        Isa::Avx512 | Isa::Avx512Bf16 => |r, s, m| unsafe { x86::exp_sum_avx512(r, s, m) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => |r, s, m| unsafe { x86::exp_sum_avx2(r, s, m) },
         _ => exp_sum_portable,
@@ -188,7 +215,7 @@ fn max_fn() -> MaxFn {
     *F.get_or_init(|| match isa() {
         // SAFETY (both arms): as in `exp_sum_fn`.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => |r| unsafe { x86::max_avx512(r) },
+        Isa::Avx512 | Isa::Avx512Bf16 => |r| unsafe { x86::max_avx512(r) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => |r| unsafe { x86::max_avx2(r) },
         _ => max_portable,
@@ -270,12 +297,68 @@ mod tests {
     }
 
     #[test]
+    fn the_row_functions_are_the_fused_ones_on_every_vector_path() {
+        // Every x86 path isa() may choose compiles the row loops with FMA: their exp is the
+        // vector exp's (which the packed kernels use) bit for bit.
+        let xs: Vec<f32> = (0..4096).map(|i| -80.0 + 80.0 * i as f32 / 4096.0).collect();
+        let mut row = xs.clone();
+        exp_sum(&mut row, 1.0, 0.0);
+        let fused = isa() != Isa::Portable;
+        for (x, got) in xs.iter().zip(&row) {
+            let want = if fused { exp_lane::<true>(*x) } else { exp_lane::<false>(*x) };
+            assert_eq!(got.to_bits(), want.to_bits(), "exp({x}) on {}", isa());
+        }
+    }
+
+    #[test]
     fn exp_sum_applies_scale_and_shift_and_sums() {
         let mut row: Vec<f32> = (0..37).map(|i| i as f32 * 0.25).collect();
         let want: f64 = (0..37).map(|i| (i as f64 * 0.25 * 0.5 - 3.0).exp()).sum();
         let got = exp_sum(&mut row, 0.5, 3.0);
         assert!((got as f64 - want).abs() < 1e-5 * want, "{got} vs {want}");
         assert!((row[36] as f64 - (9.0f64 * 0.5 - 3.0).exp()).abs() < 1e-6);
+    }
+
+    /// [`exp2_weight`] of each whole vector of the input.
+    struct Exp2Job(Vec<f32>);
+    impl Job for Exp2Job {
+        type Out = Vec<f32>;
+        #[inline(always)]
+        fn run<S: Simd>(self, s: S) -> Vec<f32> {
+            let mut out = vec![0.0f32; self.0.len()];
+            for (c, o) in self.0.chunks_exact(S::LANES).zip(out.chunks_exact_mut(S::LANES)) {
+                s.store_slice(o, exp2_weight(s, s.load_slice(c)));
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn weight_exp2_is_accurate_to_5e_6_the_same_everywhere_and_zero_below_its_floor() {
+        let mut ys: Vec<f32> = (0..200_000).map(|i| -64.0 + 64.0 * i as f32 / 199_999.0).collect();
+        ys.extend([0.0, -0.0, -62.999_996, -63.0, -63.000_004, -1000.0, f32::NEG_INFINITY, f32::NAN, 1e-7]);
+        ys.resize(ys.len().next_multiple_of(16), -0.5);
+        let want = Portable::<16>.vectorize(Exp2Job(ys.clone()));
+        let mut others = vec![Portable::<8>.vectorize(Exp2Job(ys.clone()))];
+        #[cfg(target_arch = "x86_64")]
+        {
+            others.extend(Avx512::detect().map(|s| s.vectorize(Exp2Job(ys.clone()))));
+            others.extend(Avx2::detect().map(|s| s.vectorize(Exp2Job(ys.clone()))));
+        }
+        for got in others {
+            assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan())));
+        }
+        for (&y, &got) in ys.iter().zip(&want) {
+            if y.is_nan() {
+                assert!(got.is_nan());
+            } else if y < WEIGHT_LOW {
+                assert_eq!(got, 0.0, "2^{y}");
+            } else {
+                let exact = 2f64.powf(y.min(0.0) as f64);
+                assert!((got as f64 - exact).abs() <= 5e-6 * exact, "2^{y} = {got}, want {exact}");
+                assert!(got >= 2f32.powi(-63), "2^{y} = {got} below the floor");
+            }
+        }
     }
 
     #[test]

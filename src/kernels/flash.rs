@@ -1,7 +1,8 @@
 //! The packed softmax attention, forward and backward, written once over the vector
-//! operations of [`Simd`] and a register tile of MR rows × NV vectors (see
-//! [`microkernel`](super::microkernel)); [`attention`](super::attention) instantiates it for
-//! AVX-512 (12×32) and AVX2 (6×16), and the tests for portable vectors of both geometries.
+//! operations of [`Simd`](super::simd::Simd) and a register tile of MR rows × NV vectors (see
+//! [`microkernel`](super::microkernel)) and its element types: f32, or bf16 pairs for the
+//! value product; [`attention`](super::attention) instantiates it for AVX-512 (12×32) and AVX2
+//! (6×16; 4×16 for bf16), and the tests for portable vectors of those geometries.
 //!
 //! Every operand is packed once instead of on every GEMM call, and one micro-kernel does both
 //! products, transposed so that its outputs land where the next step wants them:
@@ -17,13 +18,15 @@
 //! Every sum runs in a fixed order (over d for a logit, over key tiles for an output), so the
 //! results do not depend on how queries are split between threads.
 
+use super::attention_common::MIN_WEIGHT_EXPONENT;
 use super::attention_common::{
     add_key_partials, finish_rows, for_each_query_tile, over_query_chunks, row_dots, Accumulated,
 };
 use super::attention_shapes::{check_backward, check_forward};
-use super::exp::exp_vector;
-use super::microkernel::{packed_panels, tile};
-use super::simd::{Job, Simd};
+use super::bf16_simd::Bf16Simd;
+use super::exp::{exp2_weight, exp_vector, LOG2E};
+use super::microkernel::{packed_panels, tile, Elem, Word, F32};
+use super::simd::Job;
 use super::tiles::{KEY_TILE, QUERY_TILE};
 use super::views::MatRef;
 use crate::workspace::{Scratch, Workspace};
@@ -33,11 +36,18 @@ use crate::workspace::{Scratch, Workspace};
 /// Query tiles of `tile` rows (rounded up to NR, at most [`QUERY_TILE`]) run in parallel;
 /// packed operands and tile buffers come from `ws`.
 ///
+/// The logits `Sᵀ = K·Qᵀ` multiply elements `QE` in MR × NR tiles, the value product
+/// `Oᵀ += Vᵀ·Pᵀ` elements `VE` in MRV × NR tiles. With bf16 elements for a product
+/// ([`Elem::DEPTH`] 2) its operands are rounded to bf16 as they are packed (the weights P per
+/// tile, dropped below 2^-63 of the running maximum; the row sums add them unrounded); the
+/// softmax is f32
+/// whatever the elements.
+///
 /// # Panics
 /// If the shapes disagree: `q` N × d, `k` M × d with M ≥ 1, `v` M × dv, `bias` M, `out`
 /// N·dv, `lse` N.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention<S: Simd, const MR: usize, const NV: usize>(
+pub(crate) fn attention<S: Bf16Simd, QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize>(
     s: S,
     (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
     bias: Option<&[f32]>,
@@ -47,55 +57,92 @@ pub(crate) fn attention<S: Simd, const MR: usize, const NV: usize>(
     ws: &Workspace,
 ) {
     let nr = NV * S::LANES;
-    const { assert!(KEY_TILE.is_multiple_of(MR) && QUERY_TILE.is_multiple_of(NV * S::LANES)) };
+    const {
+        assert!(KEY_TILE.is_multiple_of(MR) && QUERY_TILE.is_multiple_of(NV * S::LANES));
+        // The value product's depth, the keys padded to whole K panels, holds whole groups.
+        assert!(MR.is_multiple_of(VE::DEPTH) && KEY_TILE.is_multiple_of(VE::DEPTH));
+    };
     check_forward((q, k, v), bias, out, lse.as_deref());
     let (n, m, d, dv) = (q.rows(), k.rows(), q.cols(), v.cols());
     let m_pad = m.next_multiple_of(MR);
-    let k_packed = packed_panels(ws, k, MR, d);
-    let v_packed = packed_panels(ws, v.t(), MR, m_pad);
+    let k_packed = packed_panels::<QE>(ws, k, MR, d.div_ceil(QE::DEPTH));
+    let v_packed = packed_panels::<VE>(ws, v.t(), MRV, m_pad / VE::DEPTH);
+    let floors =
+        (QE::exponent_floor::<S>(QE::Packed::of(&k_packed)), VE::exponent_floor::<S>(VE::Packed::of(&v_packed)));
     let tile = tile.next_multiple_of(nr).min(QUERY_TILE);
     for_each_query_tile(n, dv, tile, out, lse, |rows, out, lse| {
         let q = q.rows_range(rows.start, rows.end);
-        s.vectorize(AttendTile::<MR, NV> { q, k: (&k_packed, m), bias, v: (&v_packed, dv), scale, out, lse, ws });
+        let (k, v) = ((QE::Packed::of(&k_packed), m), (VE::Packed::of(&v_packed), dv));
+        s.vectorize(AttendTile::<QE, VE, MR, MRV, NV> { q, k, bias, v, floors, scale, out, lse, ws });
     });
 }
 
 /// One query tile against all keys: `q` (rows × d) with K and V packed.
-struct AttendTile<'a, const MR: usize, const NV: usize> {
+struct AttendTile<'a, QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize> {
     q: MatRef<'a>,
-    /// K packed in panels of MR keys (depth d), and M.
-    k: (&'a [f32], usize),
+    /// K packed in panels of MR keys (⌈d / DEPTH⌉ groups deep), and M.
+    k: (&'a [QE::Packed], usize),
     /// Per-key logit offsets (M), if any.
     bias: Option<&'a [f32]>,
-    /// Vᵀ packed in panels of MR channels (depth M rounded up to MR), and dv.
-    v: (&'a [f32], usize),
+    /// Vᵀ packed in panels of MRV channels (M rounded up to MR, over DEPTH, groups deep), and
+    /// dv.
+    v: (&'a [VE::Packed], usize),
+    /// The exponent floors of K and V ([`Elem::exponent_floor`]).
+    floors: (Option<i32>, Option<i32>),
     scale: f32,
     out: &'a mut [f32],
     lse: Option<&'a mut [f32]>,
     ws: &'a Workspace,
 }
 
-impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
+impl<QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize> Job
+    for AttendTile<'_, QE, VE, MR, MRV, NV>
+{
     type Out = ();
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) {
-        let AttendTile { q, k: (k_packed, m), bias, v: (v_packed, dv), scale, out, lse, ws } = self;
+    fn run<S: Bf16Simd>(self, s: S) {
         let nr = NV * S::LANES;
-        let (rows, d) = (q.rows(), q.cols());
+        let q_packed = packed_panels::<QE>(self.ws, self.q, nr, self.q.cols().div_ceil(QE::DEPTH));
+        let q_floor = QE::exponent_floor::<S>(QE::Packed::of(&q_packed));
+        // The emulations need their checks unless both products' operands are certified (the
+        // weights' exponents are at least MIN_WEIGHT_EXPONENT).
+        let (k_floor, v_floor) = self.floors;
+        if QE::checked::<S>(k_floor, q_floor) || VE::checked::<S>(v_floor, Some(MIN_WEIGHT_EXPONENT)) {
+            self.attend::<S, QE::Checked, VE::Checked>(s, &q_packed);
+        } else {
+            self.attend::<S, QE, VE>(s, &q_packed);
+        }
+    }
+}
+
+impl<QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize> AttendTile<'_, QE, VE, MR, MRV, NV> {
+    /// The tile's work with the register tiles on `TQ` and `TV` (the elements themselves, or
+    /// their checked twins).
+    #[inline(always)]
+    fn attend<S: Bf16Simd, TQ: Elem<Packed = QE::Packed>, TV: Elem<Packed = VE::Packed>>(self, s: S, q_packed: &[f32]) {
+        let AttendTile { q, k: (k_packed, m), bias, v: (v_packed, dv), scale, out, lse, ws, .. } = self;
+        let q_packed = QE::Packed::of(q_packed);
+        let nr = NV * S::LANES;
+        let pairs = VE::DEPTH == 2;
+        let (rows, d_groups) = (q.rows(), q.cols().div_ceil(QE::DEPTH));
         let qpanels = rows.div_ceil(nr);
         let width = qpanels * nr;
         let m_pad = m.next_multiple_of(MR);
-        let dv_panels = dv.div_ceil(MR);
-        let q_packed = packed_panels(ws, q, nr, d);
-        // P: [query panel][KEY_TILE keys][nr queries]; Oᵀ: [dv_panels·MR channels][width queries].
-        // Both are written before they are read (P's used rows by the tile, Oᵀ by the first key
-        // tile), so their scratch needs no zeroing.
+        let dv_panels = dv.div_ceil(MRV);
+        // P: [query panel][KEY_TILE keys][nr queries] logits, then (f32) the weights; bf16: the
+        // weights as pair words [query panel][KEY_TILE / 2 key pairs][nr queries]. Oᵀ:
+        // [dv_panels·MRV channels][width queries]. Each is written before it is read (P's used
+        // rows by the tile, the words by the softmax, Oᵀ by the first key tile), so their
+        // scratch needs no zeroing.
         let mut p = ws.scratch(qpanels * KEY_TILE * nr);
-        let mut o_t = ws.scratch(dv_panels * MR * width);
+        // (None in f32: no buffer taken from the pool, whose other takers would then allocate.)
+        let mut p_words = pairs.then(|| ws.scratch(qpanels * (KEY_TILE / 2) * nr));
+        let mut o_t = ws.scratch(dv_panels * MRV * width);
         let mut run_max = vec![f32::NEG_INFINITY; width];
         let mut run_sum = vec![0.0f32; width];
         let mut correction = vec![1.0f32; nr];
+        let (p_stride, v_groups) = (KEY_TILE / VE::DEPTH * nr, m_pad / VE::DEPTH);
         let mut start = 0;
         while start < m {
             let end = (start + KEY_TILE).min(m);
@@ -105,15 +152,15 @@ impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
             for qp in 0..qpanels {
                 let panel = &mut p[qp * KEY_TILE * nr..][..kpanels * MR * nr];
                 for kp in 0..kpanels {
-                    let a = &k_packed[(start / MR + kp) * d * MR..][..d * MR];
-                    // SAFETY: `a` holds d·MR floats, the query panel d·nr, and the P tile is
-                    // MR rows of nr inside `panel` (kp < kpanels).
+                    let a = &k_packed[(start / MR + kp) * d_groups * MR..][..d_groups * MR];
+                    // SAFETY: `a` holds d_groups·MR elements, the query panel d_groups·nr, and
+                    // the P tile is MR rows of nr inside `panel` (kp < kpanels).
                     unsafe {
-                        tile::<S, MR, NV>(
+                        tile::<S, TQ, MR, NV>(
                             s,
-                            d,
+                            d_groups,
                             a.as_ptr(),
-                            q_packed[qp * d * nr..][..d * nr].as_ptr(),
+                            q_packed[qp * d_groups * nr..][..d_groups * nr].as_ptr(),
                             panel[kp * MR * nr..][..MR * nr].as_mut_ptr(),
                             nr,
                             false,
@@ -121,6 +168,7 @@ impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
                     };
                 }
                 let lanes = qp * nr..(qp + 1) * nr;
+                let words = p_words.as_mut().map(|w| &mut u32::of_mut(w)[qp * p_stride..][..kpanels * MR / 2 * nr]);
                 let grew = softmax_panel::<S, NV>(
                     s,
                     panel,
@@ -129,6 +177,7 @@ impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
                     (&mut run_max[lanes.clone()], &mut run_sum[lanes]),
                     first,
                     &mut correction,
+                    words,
                 );
                 if grew {
                     for ch in 0..dv {
@@ -138,16 +187,16 @@ impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
                 }
             }
             // Value panels outer: each stays in L1 while the query panels of P pass by.
+            let weights = VE::Packed::of(p_words.as_deref().unwrap_or(&p));
+            let groups = kpanels * MR / VE::DEPTH;
             for vp in 0..dv_panels {
-                let a = &v_packed[vp * m_pad * MR + start * MR..][..kpanels * MR * MR];
+                let a = &v_packed[vp * v_groups * MRV + start / VE::DEPTH * MRV..][..groups * MRV];
                 for qp in 0..qpanels {
-                    let b = &p[qp * KEY_TILE * nr..][..kpanels * MR * nr];
-                    let c = &mut o_t[vp * MR * width + qp * nr..][..(MR - 1) * width + nr];
-                    // SAFETY: `a` holds kpanels·MR groups of MR, `b` as many groups of nr, and
-                    // `c` MR rows of nr floats `width` apart.
-                    unsafe {
-                        tile::<S, MR, NV>(s, kpanels * MR, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), width, !first)
-                    };
+                    let b = &weights[qp * p_stride..][..groups * nr];
+                    let c = &mut o_t[vp * MRV * width + qp * nr..][..(MRV - 1) * width + nr];
+                    // SAFETY: `a` holds groups runs of MRV, `b` as many runs of nr, and `c` MRV
+                    // rows of nr floats `width` apart.
+                    unsafe { tile::<S, TV, MRV, NV>(s, groups, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), width, !first) };
                 }
             }
             start = end;
@@ -161,8 +210,13 @@ impl<const MR: usize, const NV: usize> Job for AttendTile<'_, MR, NV> {
 /// sum, turns the logits into `exp(s·logit − s·max)` (zero for the padding rows past `keys`)
 /// and, when the maximum grew in some lane, writes the rescaling of earlier sums into
 /// `correction` and returns true.
+///
+/// With `words` (bf16), the weights go there instead, zero below 2^-63 and rounded to
+/// bf16, as pair words of consecutive keys, `[key pair][NR queries]`; the sums add them
+/// unrounded.
 #[inline(always)]
-fn softmax_panel<S: Simd, const NV: usize>(
+#[allow(clippy::too_many_arguments)]
+fn softmax_panel<S: Bf16Simd, const NV: usize>(
     s: S,
     panel: &mut [f32],
     (keys, bias): (usize, Option<&[f32]>),
@@ -170,6 +224,7 @@ fn softmax_panel<S: Simd, const NV: usize>(
     (run_max, run_sum): (&mut [f32], &mut [f32]),
     first: bool,
     correction: &mut [f32],
+    mut words: Option<&mut [u32]>,
 ) -> bool {
     let (lanes, nr) = (S::LANES, NV * S::LANES);
     if let Some(bias) = bias {
@@ -199,11 +254,32 @@ fn softmax_panel<S: Simd, const NV: usize>(
         let shift = s.mul(s.splat(-scale), new);
         let vscale = s.splat(scale);
         let mut sum = s.zero();
-        for key in 0..keys {
-            let row = &mut panel[key * nr + v * lanes..][..lanes];
-            let e = exp_vector(s, s.fmadd(s.load_slice(row), vscale, shift));
-            s.store_slice(row, e);
-            sum = s.add(sum, e);
+        match words.as_deref_mut() {
+            None => {
+                for key in 0..keys {
+                    let row = &mut panel[key * nr + v * lanes..][..lanes];
+                    let e = exp_vector(s, s.fmadd(s.load_slice(row), vscale, shift));
+                    s.store_slice(row, e);
+                    sum = s.add(sum, e);
+                }
+            }
+            Some(words) => {
+                // The weights as 2^(s·log2(e)·(logit − max)).
+                let scale2 = scale * LOG2E;
+                let (vscale2, shift2) = (s.splat(scale2), s.mul(s.splat(-scale2), new));
+                for pair in 0..keys.div_ceil(2) {
+                    let at = |key: usize| key * nr + v * lanes;
+                    let even = bf16_weight(s, s.load_slice(&panel[at(2 * pair)..]), vscale2, shift2);
+                    let odd = match 2 * pair + 1 < keys {
+                        true => bf16_weight(s, s.load_slice(&panel[at(2 * pair + 1)..]), vscale2, shift2),
+                        false => s.zero(),
+                    };
+                    sum = s.add(s.add(sum, even), odd);
+                    let dst = &mut words[pair * nr + v * lanes..][..lanes];
+                    // SAFETY: `dst` holds LANES words.
+                    unsafe { s.store_bf16_pairs(even, odd, dst.as_mut_ptr()) };
+                }
+            }
         }
         let run = s.load_slice(&run_sum[group.clone()]);
         let total = if first {
@@ -217,9 +293,23 @@ fn softmax_panel<S: Simd, const NV: usize>(
         s.store_slice(&mut run_sum[group.clone()], total);
         s.store_slice(&mut run_max[group], new);
     }
-    panel[keys * nr..].fill(0.0);
+    match words {
+        None => panel[keys * nr..].fill(0.0),
+        Some(words) => words[keys.div_ceil(2) * nr..].fill(0),
+    }
     grew
 }
+
+/// An attention weight for the bf16 value product from its logit: `2^(scale2·logit + shift2)`
+/// ([`exp2_weight`]: zero below 2^-63, so of exponent at least [`MIN_WEIGHT_EXPONENT`]; rounded to
+/// bf16 as it is stored). (A function, not a closure in the loop: a closure is compiled without
+/// the kernel's instruction set.)
+#[inline(always)]
+fn bf16_weight<S: Bf16Simd>(s: S, logit: S::V, scale2: S::V, shift2: S::V) -> S::V {
+    exp2_weight(s, s.fmadd(logit, scale2, shift2))
+}
+
+const _: () = assert!(super::exp::WEIGHT_LOW as i32 > MIN_WEIGHT_EXPONENT);
 
 /// The backward of [`attention`] (with its log-sum-exp): writes `dq` (N × d), `dk` (M × d),
 /// `dv` (M × dv) from the forward output `y` and its gradient `dy` (N × dv).
@@ -233,7 +323,7 @@ fn softmax_panel<S: Simd, const NV: usize>(
 /// # Panics
 /// If the shapes disagree.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_backward<S: Simd, const MR: usize, const NV: usize>(
+pub(crate) fn attention_backward<S: Bf16Simd, const MR: usize, const NV: usize>(
     s: S,
     (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
     lse: &[f32],
@@ -248,9 +338,9 @@ pub(crate) fn attention_backward<S: Simd, const MR: usize, const NV: usize>(
     let (n, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
     let m_pad = m.next_multiple_of(MR);
     let packed = BackwardPacked {
-        k_rows: packed_panels(ws, k, MR, d),
-        v_rows: packed_panels(ws, v, MR, dvc),
-        k_cols: packed_panels(ws, k.t(), MR, m_pad),
+        k_rows: packed_panels::<F32>(ws, k, MR, d),
+        v_rows: packed_panels::<F32>(ws, v, MR, dvc),
+        k_cols: packed_panels::<F32>(ws, k.t(), MR, m_pad),
         m,
         d_pad: d.next_multiple_of(nr),
         dv_pad: dvc.next_multiple_of(nr),
@@ -319,7 +409,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
     type Out = ();
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) {
+    fn run<S: Bf16Simd>(self, s: S) {
         let BackwardTile { packed, q, scale, lse, y, dy, dq, dk, dv, ws } = self;
         let (lanes, nr) = (S::LANES, NV * S::LANES);
         let (rows, d, dvc, m) = (q.rows(), q.cols(), dy.cols(), packed.m);
@@ -333,11 +423,11 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
         let mut delta = vec![0.0f32; width];
         row_dots(y, dy, &mut delta);
         // B operands with d or dv as depth (queries in panels of NR) ...
-        let q_by_d = packed_panels(ws, q, nr, d);
-        let dy_by_dv = packed_panels(ws, dy, nr, dvc);
+        let q_by_d = packed_panels::<F32>(ws, q, nr, d);
+        let dy_by_dv = packed_panels::<F32>(ws, dy, nr, dvc);
         // ... and with the queries as depth (channels in panels of NR).
-        let q_by_query = packed_panels(ws, q.t(), nr, width);
-        let dy_by_query = packed_panels(ws, dy.t(), nr, width);
+        let q_by_query = packed_panels::<F32>(ws, q.t(), nr, width);
+        let dy_by_query = packed_panels::<F32>(ws, dy.t(), nr, width);
         // Each written before it is read: P and dS by the tiles (their used rows), their
         // re-packings by `repack_by_keys`, dQᵀ by the first key tile.
         let mut p = ws.scratch(qpanels * KEY_TILE * nr);
@@ -362,7 +452,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                     // SAFETY: each operand slice holds what the tile reads; the outputs are MR
                     // rows of nr inside the panels (kp < kpanels).
                     unsafe {
-                        tile::<S, MR, NV>(
+                        tile::<S, F32, MR, NV>(
                             s,
                             d,
                             kq.as_ptr(),
@@ -371,7 +461,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                             nr,
                             false,
                         );
-                        tile::<S, MR, NV>(
+                        tile::<S, F32, MR, NV>(
                             s,
                             dvc,
                             vq.as_ptr(),
@@ -406,7 +496,15 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                     let c = &mut dq_t[cp * MR * width + qp * nr..][..(MR - 1) * width + nr];
                     // SAFETY: as in the forward pass.
                     unsafe {
-                        tile::<S, MR, NV>(s, kpanels * MR, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), width, start > 0)
+                        tile::<S, F32, MR, NV>(
+                            s,
+                            kpanels * MR,
+                            a.as_ptr(),
+                            b.as_ptr(),
+                            c.as_mut_ptr(),
+                            width,
+                            start > 0,
+                        )
                     };
                 }
             }
@@ -423,7 +521,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                     // SAFETY: `pa` holds width groups of MR, `b` width groups of nr, `c` MR rows
                     // of nr floats dv_pad apart (row + MR ≤ m_pad rows of the partials).
                     unsafe {
-                        tile::<S, MR, NV>(s, width, pa.as_ptr(), b.as_ptr(), c.as_mut_ptr(), packed.dv_pad, true)
+                        tile::<S, F32, MR, NV>(s, width, pa.as_ptr(), b.as_ptr(), c.as_mut_ptr(), packed.dv_pad, true)
                     };
                 }
                 for cp in 0..d.div_ceil(nr) {
@@ -431,7 +529,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                     let c = &mut dk[row * packed.d_pad + cp * nr..][..(MR - 1) * packed.d_pad + nr];
                     // SAFETY: as above, with d_pad.
                     unsafe {
-                        tile::<S, MR, NV>(s, width, dsa.as_ptr(), b.as_ptr(), c.as_mut_ptr(), packed.d_pad, true)
+                        tile::<S, F32, MR, NV>(s, width, dsa.as_ptr(), b.as_ptr(), c.as_mut_ptr(), packed.d_pad, true)
                     };
                 }
             }

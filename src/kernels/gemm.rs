@@ -1,9 +1,13 @@
-//! The GEMM entry points, `C ← α·A·B + β·C`: which kernel runs a product.
+//! The GEMM entry points, `C ← α·A·B + β·C`: which kernel runs a product, in f32 or with the
+//! operands rounded to bf16 ([`Precision`]).
 //!
-//! Large products run on the packed AVX-512 kernel of `packed_gemm` where [`isa`] chose
+//! f32: large products run on the packed AVX-512 kernel of `packed_gemm` where [`isa`] chose
 //! AVX-512 (about 1.2× matrixmultiply's AVX-512 sgemm there), else on matrixmultiply's sgemm,
-//! one thread per call, with rayon over row blocks of C. An operand used many times (a
-//! layer's weights) can be packed once ahead ([`PrepackedB`]).
+//! one thread per call, with rayon over row blocks of C. bf16 ([`par_gemm_in`]): the packed
+//! kernel with bf16 pairs on every x86 path (`VDPBF16PS`, or its exact emulation: the same
+//! bits), operands rounded as they are packed and every sum in f32; portable code rounds the
+//! operands and runs matrixmultiply. An operand used many times (a layer's weights) can be
+//! packed once ahead ([`PrepackedB`]).
 //!
 //! matrixmultiply's own threading is deliberately not used: inside rayon tasks it would start
 //! more threads than there are cores. Each element of C is the same k-ordered sum whichever
@@ -11,11 +15,13 @@
 
 use rayon::prelude::*;
 
+use super::bf16::round_to_bf16;
 use super::packed_gemm::PackedB;
 use super::simd::{isa, Isa};
 #[cfg(target_arch = "x86_64")]
-use super::tiles::{AVX512_MR, AVX512_NV};
+use super::tiles::{AVX2_BF16_MR, AVX2_BF16_NV, AVX512_MR, AVX512_NV};
 use super::views::{MatMut, MatRef};
+use crate::config::Precision;
 use crate::workspace::Workspace;
 
 /// `C ← α·A·B + β·C` on one thread. With β = 0, C is only written (NaN in it is ignored).
@@ -86,7 +92,8 @@ pub fn par_gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut Mat
     if let Some(simd) = avx512_gemm(beta) {
         let packed = PackedB::new(b, AVX512_NV * 16, alpha);
         let ws = Workspace::default();
-        return super::packed_gemm::gemm_packed::<_, AVX512_MR, AVX512_NV>(simd, a, &packed, beta == 1.0, c, &ws);
+        use super::microkernel::F32;
+        return super::packed_gemm::gemm_packed::<_, F32, AVX512_MR, AVX512_NV>(simd, a, &packed, beta == 1.0, c, &ws);
     }
     sgemm_row_blocks(alpha, a, b, beta, c);
 }
@@ -94,7 +101,105 @@ pub fn par_gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut Mat
 /// The AVX-512 token when that path runs and β is one the packed kernel takes (0 or 1).
 #[cfg(target_arch = "x86_64")]
 fn avx512_gemm(beta: f32) -> Option<super::simd::Avx512> {
-    (isa() == Isa::Avx512 && (beta == 0.0 || beta == 1.0)).then(super::simd::Avx512::detect).flatten()
+    (isa().f32_avx512() && (beta == 0.0 || beta == 1.0)).then(super::simd::Avx512::detect).flatten()
+}
+
+/// `C ← α·A·B + β·C` in `precision`, rows of C split over the rayon pool: [`par_gemm`] for
+/// f32; for bf16, A and B rounded to bf16 as they are packed, each element of C summed in f32
+/// (α applied to the f32 product).
+///
+/// # Panics
+/// If the dimensions do not agree, or for bf16 when β is not 0 or 1, or α is not 1 with β 1
+/// (internal errors).
+pub fn par_gemm_in(precision: Precision, alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut MatMut<'_>) {
+    match precision {
+        Precision::Bf16 => {
+            assert!(beta == 0.0 || (beta == 1.0 && alpha == 1.0), "par_gemm_in: bf16 takes β 0, or β 1 with α 1");
+            par_gemm_bf16(a, (b, None), beta == 1.0, c, &Workspace::default());
+            if alpha != 1.0 {
+                let (rows, cols, ld) = (c.rows(), c.cols(), c.ld());
+                c.data_mut().chunks_mut(ld).take(rows).for_each(|row| row[..cols].iter_mut().for_each(|v| *v *= alpha));
+            }
+        }
+        _ => par_gemm(alpha, a, b, beta, c),
+    }
+}
+
+/// `C ← A·B (+ C)` with A and B rounded to bf16 and every sum in f32, B packed ahead when
+/// `packed` is given (a [`PrepackedB::new`] in bf16 of the same `b`), else on the call.
+fn par_gemm_bf16(
+    a: MatRef<'_>,
+    (b, packed): (MatRef<'_>, Option<&BPacking>),
+    accumulate: bool,
+    c: &mut MatMut<'_>,
+    ws: &Workspace,
+) {
+    assert_eq!((a.rows(), a.cols(), b.cols()), (c.rows(), b.rows(), c.cols()), "par_gemm_bf16: shapes");
+    let packed_here;
+    let packed = match packed {
+        Some(p) => p,
+        None => {
+            packed_here = BPacking::bf16(b);
+            &packed_here
+        }
+    };
+    match packed {
+        #[cfg(target_arch = "x86_64")]
+        BPacking::Bf16(packed) => match isa() {
+            Isa::Avx512Bf16 | Isa::Avx512 if packed.nr() == AVX512_NV * 16 => {
+                use super::microkernel::Bf16;
+                use super::simd::{Avx512, Avx512Bf16};
+                if let (Isa::Avx512Bf16, Some(s)) = (isa(), Avx512Bf16::detect()) {
+                    return super::packed_gemm::gemm_packed::<_, Bf16, AVX512_MR, AVX512_NV>(
+                        s, a, packed, accumulate, c, ws,
+                    );
+                }
+                let s = Avx512::detect().expect("the AVX-512 path runs on AVX-512 CPUs");
+                super::packed_gemm::gemm_packed::<_, Bf16, AVX512_MR, AVX512_NV>(s, a, packed, accumulate, c, ws)
+            }
+            _ => {
+                use super::microkernel::Bf16;
+                let s = super::simd::Avx2::detect().expect("bf16 pairs are packed for AVX2 only on AVX2 CPUs");
+                assert_eq!(packed.nr(), AVX2_BF16_NV * 8, "par_gemm_bf16: B packed for another path");
+                super::packed_gemm::gemm_packed::<_, Bf16, AVX2_BF16_MR, AVX2_BF16_NV>(s, a, packed, accumulate, c, ws)
+            }
+        },
+        BPacking::Rounded(rounded) => {
+            let (k, n) = (b.rows(), b.cols());
+            rounded_gemm(a, MatRef::new(rounded, 0, k, n, n), accumulate, c)
+        }
+        _ => unreachable!("BPacking::bf16 packs bf16"),
+    }
+}
+
+/// The portable bf16 product: A rounded in blocks of rows, times `b_rounded` (B already
+/// rounded), through matrixmultiply.
+fn rounded_gemm(a: MatRef<'_>, b_rounded: MatRef<'_>, accumulate: bool, c: &mut MatMut<'_>) {
+    /// Rows of A rounded at a time.
+    const CHUNK: usize = 128;
+    let threads = rayon::current_num_threads().max(1);
+    let (rows, cols, ld, k) = (c.rows(), c.cols(), c.ld(), a.cols());
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let block = rows.div_ceil(threads).next_multiple_of(8).max(32);
+    c.data_mut()[..(rows - 1) * ld + cols].par_chunks_mut(block * ld).enumerate().for_each(|(i, chunk)| {
+        let start = i * block;
+        let end = (start + block).min(rows);
+        let mut rounded = vec![0.0f32; CHUNK.min(end - start) * k];
+        let mut row = vec![0.0f32; k];
+        for first in (start..end).step_by(CHUNK) {
+            let last = (first + CHUNK).min(end);
+            for (r, dst) in (first..last).zip(rounded.chunks_mut(k.max(1))) {
+                a.copy_row(r, &mut row);
+                dst.iter_mut().zip(&row).for_each(|(d, &x)| *d = round_to_bf16(x));
+            }
+            let offset = (first - start) * ld;
+            let mut c_rows = MatMut::new(&mut chunk[offset..], last - first, cols, ld);
+            gemm(1.0, MatRef::new(&rounded, 0, last - first, k, k), b_rounded, beta, &mut c_rows);
+        }
+    });
 }
 
 /// [`par_gemm`] through matrixmultiply, one call per row block.
@@ -115,35 +220,83 @@ fn sgemm_row_blocks(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut
     });
 }
 
-/// B (K × N) packed once ahead of many products `A·B` for the GEMM path this process runs
-/// (the packed AVX-512 kernel), or nothing on paths whose GEMMs pack on every call.
+/// B packed for one precision on the path this process runs.
+#[derive(Clone, Debug)]
+enum BPacking {
+    /// Nothing: the path's f32 GEMMs pack on every call.
+    None,
+    /// f32 panels for the packed AVX-512 kernel.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    F32(PackedB),
+    /// bf16 pair panels for the packed kernel of the path (12×32 on AVX-512, 4×16 on AVX2).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Bf16(PackedB<u32>),
+    /// Portable code: B rounded to bf16, row-major K × N, for matrixmultiply.
+    Rounded(Vec<f32>),
+}
+
+impl BPacking {
+    /// B packed for the bf16 products of the path.
+    fn bf16(b: MatRef<'_>) -> BPacking {
+        #[cfg(target_arch = "x86_64")]
+        match isa() {
+            Isa::Avx512Bf16 | Isa::Avx512 => return BPacking::Bf16(PackedB::bf16(b, AVX512_NV * 16)),
+            Isa::Avx2 => return BPacking::Bf16(PackedB::bf16(b, AVX2_BF16_NV * 8)),
+            _ => {}
+        }
+        let (k, n) = (b.rows(), b.cols());
+        let mut rounded = vec![0.0f32; k * n];
+        for (i, row) in rounded.chunks_mut(n.max(1)).enumerate().take(k) {
+            b.copy_row(i, row);
+            row.iter_mut().for_each(|v| *v = round_to_bf16(*v));
+        }
+        BPacking::Rounded(rounded)
+    }
+}
+
+/// B (K × N) packed once ahead of many products `A·B` in one precision for the GEMM path this
+/// process runs: f32 panels for the packed AVX-512 kernel (nothing on paths whose f32 GEMMs
+/// pack on every call), or B rounded to bf16 (pair panels for the packed kernels, a rounded
+/// copy for portable code).
 #[derive(Clone, Debug)]
 pub(crate) struct PrepackedB {
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    packed: Option<PackedB>,
+    packed: BPacking,
     rows: usize,
     cols: usize,
 }
 
 impl PrepackedB {
-    /// Packs `b` when the chosen path packs its operands.
-    pub(crate) fn new(b: MatRef<'_>) -> PrepackedB {
-        #[allow(unused_mut)]
-        let mut packed = None;
-        #[cfg(target_arch = "x86_64")]
-        if isa() == Isa::Avx512 && b.rows() > 0 && b.cols() > 0 {
-            packed = Some(PackedB::new(b, AVX512_NV * 16, 1.0));
-        }
+    /// Packs `b` for products in `precision`, when the chosen path packs its operands.
+    pub(crate) fn new(b: MatRef<'_>, precision: Precision) -> PrepackedB {
+        let packed = match precision {
+            Precision::Bf16 => BPacking::bf16(b),
+            #[cfg(target_arch = "x86_64")]
+            _ if isa().f32_avx512() && b.rows() > 0 && b.cols() > 0 => {
+                BPacking::F32(PackedB::new(b, AVX512_NV * 16, 1.0))
+            }
+            _ => BPacking::None,
+        };
         PrepackedB { packed, rows: b.rows(), cols: b.cols() }
+    }
+
+    /// The precision of the products the packing is for.
+    fn precision(&self) -> Precision {
+        match self.packed {
+            BPacking::Bf16(_) | BPacking::Rounded(_) => Precision::Bf16,
+            BPacking::None | BPacking::F32(_) => Precision::F32,
+        }
     }
 }
 
-/// `C ← A·B + β·C` (β 0 or 1) with B given both as a view and packed ahead
-/// ([`PrepackedB::new`] of the same `b`), rows of C in parallel, scratch from `ws`.
+/// `C ← A·B + β·C` (β 0 or 1) in `precision` with B given both as a view and packed ahead
+/// ([`PrepackedB::new`] of the same `b`), rows of C in parallel, scratch from `ws`. A packing
+/// made for the other precision is not used: the product then packs B on the call, with the
+/// same bits as a packing of the right precision.
 ///
 /// # Panics
 /// If the dimensions disagree, or `packed` was made from a matrix of another shape.
 pub(crate) fn par_gemm_prepacked(
+    precision: Precision,
     a: MatRef<'_>,
     (b, packed): (MatRef<'_>, &PrepackedB),
     beta: f32,
@@ -151,10 +304,23 @@ pub(crate) fn par_gemm_prepacked(
     ws: &Workspace,
 ) {
     assert_eq!((packed.rows, packed.cols), (b.rows(), b.cols()), "par_gemm_prepacked: B and its packing");
+    if precision == Precision::Bf16 {
+        assert!(beta == 0.0 || beta == 1.0, "par_gemm_prepacked: bf16 takes β 0 or 1");
+        let ahead = (packed.precision() == Precision::Bf16).then_some(&packed.packed);
+        return par_gemm_bf16(a, (b, ahead), beta == 1.0, c, ws);
+    }
     #[cfg(target_arch = "x86_64")]
-    if let (Some(packed), Some(simd)) = (&packed.packed, avx512_gemm(beta)) {
+    if let (BPacking::F32(packed), Some(simd)) = (&packed.packed, avx512_gemm(beta)) {
         if c.rows() * c.cols() * a.cols() >= SMALL_PRODUCT {
-            return super::packed_gemm::gemm_packed::<_, AVX512_MR, AVX512_NV>(simd, a, packed, beta == 1.0, c, ws);
+            use super::microkernel::F32;
+            return super::packed_gemm::gemm_packed::<_, F32, AVX512_MR, AVX512_NV>(
+                simd,
+                a,
+                packed,
+                beta == 1.0,
+                c,
+                ws,
+            );
         }
     }
     par_gemm(1.0, a, b, beta, c);
@@ -247,18 +413,74 @@ mod tests {
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
         // B = Wᵀ, as the layers' weights are used.
         let b = MatRef::new(&w, 0, n, k, k).t();
-        let packed = PrepackedB::new(b);
+        let packed = PrepackedB::new(b, Precision::F32);
         let ws = Workspace::default();
         for a in [MatRef::new(&a_rows, 0, m, k, k), MatRef::new(&a_cols, 0, k, m, m).t()] {
             let want = naive_product(a, b);
             for beta in [0.0f32, 1.0] {
                 let mut c = vec![if beta == 0.0 { f32::NAN } else { 1.0 }; m * n];
-                par_gemm_prepacked(a, (b, &packed), beta, &mut MatMut::new(&mut c, m, n, n), &ws);
+                par_gemm_prepacked(Precision::F32, a, (b, &packed), beta, &mut MatMut::new(&mut c, m, n, n), &ws);
                 for (i, (&g, &w)) in c.iter().zip(&want).enumerate() {
                     // Integer-valued operands: the sums are exact.
                     assert_eq!(g as f64, w + beta as f64, "β {beta} at {i}");
                 }
             }
         }
+    }
+
+    /// Σ_k r(a_ik)·r(b_kj) in f64 with r the bf16 rounding, and Σ |terms| (for the bound).
+    fn rounded_product(a: MatRef<'_>, b: MatRef<'_>) -> Vec<(f64, f64)> {
+        let r = |x: f32| round_to_bf16(x) as f64;
+        let mut out = Vec::new();
+        for i in 0..a.rows() {
+            for j in 0..b.cols() {
+                out.push((0..a.cols()).fold((0.0, 0.0), |(s, m), k| {
+                    let p = r(a.at(i, k)) * r(b.at(k, j));
+                    (s + p, m + p.abs())
+                }));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn bf16_products_of_every_entry_point_are_the_products_of_the_rounded_operands() {
+        let (m, k, n) = (301, 517, 71);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.618).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i as f32) * 0.377).cos()).collect();
+        let (a, b) = (MatRef::new(&a, 0, m, k, k), MatRef::new(&w, 0, n, k, k).t());
+        let want = rounded_product(a, b);
+        let check = |c: &[f32], offset: f32, scale: f32, what: &str| {
+            for (i, (&g, &(exact, magnitude))) in c.iter().zip(&want).enumerate() {
+                let bound = (k as f64 * f32::EPSILON as f64 * magnitude + 1e-6) * scale.abs() as f64;
+                let w = exact * scale as f64 + offset as f64;
+                assert!((g as f64 - w).abs() <= bound + 1e-6, "{what} at {i}: {g} vs {w}");
+            }
+        };
+        let ws = Workspace::default();
+        let packed = PrepackedB::new(b, Precision::Bf16);
+        for beta in [0.0f32, 1.0] {
+            let start = if beta == 0.0 { f32::NAN } else { 1.0 };
+            let mut c = vec![start; m * n];
+            par_gemm_prepacked(Precision::Bf16, a, (b, &packed), beta, &mut MatMut::new(&mut c, m, n, n), &ws);
+            check(&c, beta, 1.0, &format!("prepacked β {beta}"));
+            let mut c2 = vec![start; m * n];
+            par_gemm_in(Precision::Bf16, 1.0, a, b, beta, &mut MatMut::new(&mut c2, m, n, n));
+            assert_eq!(c, c2, "packed ahead or on the call: the same bits");
+        }
+        let mut c = vec![f32::NAN; m * n];
+        par_gemm_in(Precision::Bf16, 0.25, a, b, 0.0, &mut MatMut::new(&mut c, m, n, n));
+        check(&c, 0.0, 0.25, "α 0.25");
+        // The portable path: the same rounding points through matrixmultiply.
+        let rounded_b: Vec<f32> = (0..k * n).map(|i| round_to_bf16(b.at(i / n, i % n))).collect();
+        let mut c = vec![f32::NAN; m * n];
+        rounded_gemm(a, MatRef::new(&rounded_b, 0, k, n, n), false, &mut MatMut::new(&mut c, m, n, n));
+        check(&c, 0.0, 1.0, "portable");
+        // An f32 product on a bf16 packing is the f32 product (packed on the call).
+        let mut c32 = vec![f32::NAN; m * n];
+        par_gemm_prepacked(Precision::F32, a, (b, &packed), 0.0, &mut MatMut::new(&mut c32, m, n, n), &ws);
+        let mut direct = vec![f32::NAN; m * n];
+        par_gemm(1.0, a, b, 0.0, &mut MatMut::new(&mut direct, m, n, n));
+        assert_eq!(c32, direct);
     }
 }

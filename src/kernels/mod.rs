@@ -9,14 +9,19 @@
 //!   GEMM entry points), `packed_gemm` (GEMM on packed operands), [`dot_product`],
 //!   [`concat`](mod@concat), [`pool`], [`exp`] (scalar and vector `exp`, row max and sums);
 //! - below them, the instruction-set layer: [`views`] (strided matrix views), [`simd`] (vector
-//!   operations for AVX-512, AVX2 and portable code, and the run-time choice), `microkernel`
-//!   (the packed register tile and its packing), `tiles` (tile sizes in one place).
+//!   operations for AVX-512 with and without AVX512_BF16, AVX2 and portable code, and the
+//!   run-time choice), `bf16_simd` (the bf16 pair operations on each: `VDPBF16PS` or its exact
+//!   emulation), `bf16` (the scalar model of the bf16 instructions, bit for bit),
+//!   `microkernel` (the packed register tile for f32 and bf16 elements, and its packing),
+//!   `tiles` (tile sizes in one place).
 //!
 //! No kernel imports another for a type: every one takes [`views`] and [`simd`].
 
 pub mod attention;
 pub(crate) mod attention_common;
 pub(crate) mod attention_shapes;
+pub(crate) mod bf16;
+pub(crate) mod bf16_simd;
 pub mod concat;
 pub mod dot_product;
 pub mod exp;

@@ -1,43 +1,50 @@
-//! GEMM on packed operands, written once over [`Simd`] and a register tile of MR rows × NV
-//! vectors: `C ← A·B (+ C)` with B packed ahead of time ([`PackedB`]: weights are packed once
-//! when the parameters are set) and A packed per block of rows.
+//! GEMM on packed operands, written once over [`Simd`], a register tile of MR rows × NV
+//! vectors and its element type ([`Elem`]: f32, or bf16 pairs): `C ← A·B (+ C)` with B packed
+//! ahead of time ([`PackedB`]: weights are packed once when the parameters are set) and A packed
+//! per block of rows (bf16: rounded as it is packed).
 //!
-//! Loops, outer to inner: row blocks of C in parallel; depth blocks of [`DEPTH_BLOCK`] (A's
-//! block packed, L2-resident); B's column panels (one panel, `DEPTH_BLOCK × NR`, L1-resident);
-//! A's row panels; the register tile. Every element of C is one fused multiply-add chain per
-//! depth block, the blocks added in order: the same bits whatever the row blocking, hence
-//! whatever the thread count.
+//! Loops, outer to inner: row blocks of C in parallel; depth blocks of [`GROUP_BLOCK`] packed
+//! groups (A's block packed, L2-resident); B's column panels (one panel, `GROUP_BLOCK × NR`
+//! words, L1-resident); A's row panels; the register tile. Every element of C is one chain of
+//! the tile's fused operations per depth block, the blocks added in order: the same bits
+//! whatever the row blocking, hence whatever the thread count.
 
 use rayon::prelude::*;
 
-use super::microkernel::{edge_tile, pack_panels, pack_rows, tile};
-use super::simd::{Job, Simd};
+use super::bf16_simd::Bf16Simd;
+use super::microkernel::{edge_tile, min_exponent, pack_pair_panels, pack_panels, tile, Elem, Word};
+use super::simd::Job;
 use super::views::{MatMut, MatRef};
 use crate::workspace::Workspace;
 
-/// Depth per block: a B panel of `DEPTH_BLOCK × 32` floats is 32 KiB, inside L1.
-pub(crate) const DEPTH_BLOCK: usize = 256;
-/// Rows of C per parallel block, at most (a block's packed A, `192 × 256` floats, is 192 KiB).
+/// Packed depth groups per block (256 f32 depth steps, or 256 bf16 pairs): a B panel of
+/// `GROUP_BLOCK × 32` words is 32 KiB, inside L1.
+pub(crate) const GROUP_BLOCK: usize = 256;
+/// Rows of C per parallel block, at most (a block's packed A, `192 × 256` words, is 192 KiB).
 const MAX_ROW_BLOCK: usize = 192;
 
-/// B (K × N) packed for a register tile NR wide: for each depth block, its column panels one
-/// after the other, each `depth × NR` floats (zero past column N).
+/// B (K × N) packed for a register tile NR wide, in words `W` (f32, or u32 pairs of bf16): for
+/// each depth block, its column panels one after the other, each `groups × NR` words (zero
+/// past column N and past depth K).
 #[derive(Clone, Debug)]
-pub(crate) struct PackedB {
-    data: Vec<f32>,
+pub(crate) struct PackedB<W: Word = f32> {
+    data: Vec<W>,
     k: usize,
     n: usize,
     nr: usize,
+    /// bf16: the least exponent of the packed values ([`min_exponent`]), for the emulations'
+    /// certificate.
+    exponent_floor: Option<i32>,
 }
 
-impl PackedB {
+impl PackedB<f32> {
     /// Packs `alpha · b` for tiles `nr` wide, depth blocks in parallel.
     pub(crate) fn new(b: MatRef<'_>, nr: usize, alpha: f32) -> PackedB {
         let (k, n) = (b.rows(), b.cols());
         let n_pad = n.next_multiple_of(nr);
         let mut data = vec![0.0f32; k * n_pad];
-        data.par_chunks_mut(DEPTH_BLOCK * n_pad.max(1)).enumerate().for_each(|(i, block)| {
-            let start = i * DEPTH_BLOCK;
+        data.par_chunks_mut(GROUP_BLOCK * n_pad.max(1)).enumerate().for_each(|(i, block)| {
+            let start = i * GROUP_BLOCK;
             let depth = block.len() / n_pad;
             let rows = b.rows_range(start, start + depth);
             match rows.row(0).is_some() {
@@ -60,19 +67,46 @@ impl PackedB {
                 }
             }
         });
-        PackedB { data, k, n, nr }
+        PackedB { data, k, n, nr, exponent_floor: None }
+    }
+}
+
+impl PackedB<u32> {
+    /// Packs `b` rounded to bf16 into pair words for tiles `nr` wide (pairs along the depth),
+    /// depth blocks in parallel.
+    pub(crate) fn bf16(b: MatRef<'_>, nr: usize) -> PackedB<u32> {
+        let (k, n) = (b.rows(), b.cols());
+        let n_pad = n.next_multiple_of(nr);
+        let mut data = vec![0u32; k.div_ceil(2) * n_pad];
+        data.par_chunks_mut(GROUP_BLOCK * n_pad.max(1)).enumerate().for_each(|(i, block)| {
+            let start = 2 * i * GROUP_BLOCK;
+            let groups = block.len() / n_pad;
+            let depth = (2 * groups).min(k - start);
+            // Column panels of B are row panels of Bᵀ.
+            pack_pair_panels(b.rows_range(start, start + depth).t(), nr, groups, block);
+        });
+        let exponent_floor = min_exponent(&data);
+        PackedB { data, k, n, nr, exponent_floor }
+    }
+}
+
+impl<W: Word> PackedB<W> {
+    /// The tile width the panels are packed for.
+    pub(crate) fn nr(&self) -> usize {
+        self.nr
     }
 }
 
 /// `C ← A·B` (`accumulate`: `C ← C + A·B`) with B packed, row blocks of C in parallel, each
-/// packing its block of A into scratch from `ws`.
+/// packing its block of A into scratch from `ws`. With bf16 elements ([`PackedB::bf16`]) A
+/// is rounded to bf16 as it is packed, and each element of C is accumulated in f32.
 ///
 /// # Panics
 /// If the shapes disagree or B was packed for another tile width.
-pub(crate) fn gemm_packed<S: Simd, const MR: usize, const NV: usize>(
+pub(crate) fn gemm_packed<S: Bf16Simd, E: Elem, const MR: usize, const NV: usize>(
     s: S,
     a: MatRef<'_>,
-    b: &PackedB,
+    b: &PackedB<E::Packed>,
     accumulate: bool,
     c: &mut MatMut<'_>,
     ws: &Workspace,
@@ -103,14 +137,14 @@ pub(crate) fn gemm_packed<S: Simd, const MR: usize, const NV: usize>(
         let start = i * block;
         let rows = block.min(m - start);
         let a = a.rows_range(start, start + rows);
-        s.vectorize(GemmBlock::<MR, NV> { a, b, c: c_block, cols: n, ld, accumulate, ws });
+        s.vectorize(GemmBlock::<E, MR, NV> { a, b, c: c_block, cols: n, ld, accumulate, ws });
     });
 }
 
 /// One block of rows of C: `a` (rows × K) times all of B into `c` (rows `ld` apart).
-struct GemmBlock<'a, const MR: usize, const NV: usize> {
+struct GemmBlock<'a, E: Elem, const MR: usize, const NV: usize> {
     a: MatRef<'a>,
-    b: &'a PackedB,
+    b: &'a PackedB<E::Packed>,
     c: &'a mut [f32],
     cols: usize,
     ld: usize,
@@ -118,40 +152,46 @@ struct GemmBlock<'a, const MR: usize, const NV: usize> {
     ws: &'a Workspace,
 }
 
-impl<const MR: usize, const NV: usize> Job for GemmBlock<'_, MR, NV> {
+impl<E: Elem, const MR: usize, const NV: usize> Job for GemmBlock<'_, E, MR, NV> {
     type Out = ();
 
     #[inline(always)]
-    fn run<S: Simd>(self, s: S) {
+    fn run<S: Bf16Simd>(self, s: S) {
         let GemmBlock { a, b, c, cols, ld, accumulate, ws } = self;
         let nr = NV * S::LANES;
         let (rows, k) = (a.rows(), a.cols());
         let (a_panels, b_panels) = (rows.div_ceil(MR), cols.div_ceil(nr));
         let n_pad = b_panels * nr;
+        let block_depth = GROUP_BLOCK * E::DEPTH;
         // Each depth block's part is written by the packing before the tiles read it.
-        let mut a_packed = ws.scratch(a_panels * DEPTH_BLOCK.min(k) * MR);
+        let mut a_scratch = ws.scratch(a_panels * GROUP_BLOCK.min(k.div_ceil(E::DEPTH)) * MR);
+        let a_packed = E::Packed::of_mut(&mut a_scratch);
         let mut start = 0;
         while start < k {
-            let depth = DEPTH_BLOCK.min(k - start);
-            let a_block = &mut a_packed[..a_panels * depth * MR];
-            pack_rows::<MR>(a.cols_range(start, start + depth), depth, a_block);
+            let depth = block_depth.min(k - start);
+            let groups = depth.div_ceil(E::DEPTH);
+            let a_block = &mut a_packed[..a_panels * groups * MR];
+            E::pack_rows::<MR>(a.cols_range(start, start + depth), groups, a_block);
+            let checked = E::checked::<S>(E::exponent_floor::<S>(a_block), b.exponent_floor);
             let add = accumulate || start > 0;
             for jp in 0..b_panels {
-                let b_panel = &b.data[start * n_pad + jp * depth * nr..][..depth * nr];
+                let b_panel = &b.data[(start / E::DEPTH) * n_pad + jp * groups * nr..][..groups * nr];
                 let tile_cols = nr.min(cols - jp * nr);
                 for ip in 0..a_panels {
-                    let a_panel = &a_block[ip * depth * MR..][..depth * MR];
+                    let a_panel = &a_block[ip * groups * MR..][..groups * MR];
                     let tile_rows = MR.min(rows - ip * MR);
                     let c_tile = &mut c[ip * MR * ld + jp * nr..][..(tile_rows - 1) * ld + tile_cols];
                     let (ap, bp, cp) = (a_panel.as_ptr(), b_panel.as_ptr(), c_tile.as_mut_ptr());
-                    // SAFETY: `a_panel` holds depth groups of MR, `b_panel` depth groups of nr,
+                    let corner = (tile_rows, tile_cols);
+                    // SAFETY: `a_panel` holds groups runs of MR, `b_panel` groups runs of nr,
                     // and `c_tile` `tile_rows` rows of `tile_cols` floats `ld` apart: all of a
                     // full tile when both are whole.
                     unsafe {
-                        if tile_rows == MR && tile_cols == nr {
-                            tile::<S, MR, NV>(s, depth, ap, bp, cp, ld, add);
-                        } else {
-                            edge_tile::<S, MR, NV>(s, depth, ap, bp, cp, ld, add, (tile_rows, tile_cols));
+                        match (tile_rows == MR && tile_cols == nr, checked) {
+                            (true, false) => tile::<S, E, MR, NV>(s, groups, ap, bp, cp, ld, add),
+                            (false, false) => edge_tile::<S, E, MR, NV>(s, groups, ap, bp, cp, ld, add, corner),
+                            (true, true) => tile::<S, E::Checked, MR, NV>(s, groups, ap, bp, cp, ld, add),
+                            (false, true) => edge_tile::<S, E::Checked, MR, NV>(s, groups, ap, bp, cp, ld, add, corner),
                         }
                     }
                 }
@@ -164,6 +204,7 @@ impl<const MR: usize, const NV: usize> Job for GemmBlock<'_, MR, NV> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::microkernel::F32;
     use crate::kernels::simd::Portable;
     use crate::kernels::views::naive_product as naive;
 
@@ -184,7 +225,7 @@ mod tests {
         };
         let mut out = vec![
             run("portable16", &|c| {
-                gemm_packed::<_, 12, 2>(
+                gemm_packed::<_, F32, 12, 2>(
                     Portable::<16>,
                     a,
                     &PackedB::new(b, 32, 1.0),
@@ -194,7 +235,7 @@ mod tests {
                 )
             }),
             run("portable8", &|c| {
-                gemm_packed::<_, 6, 2>(
+                gemm_packed::<_, F32, 6, 2>(
                     Portable::<8>,
                     a,
                     &PackedB::new(b, 16, 1.0),
@@ -209,12 +250,12 @@ mod tests {
             use crate::kernels::simd::{Avx2, Avx512};
             if let Some(s) = Avx512::detect() {
                 out.push(run("avx512", &|c| {
-                    gemm_packed::<_, 12, 2>(s, a, &PackedB::new(b, 32, 1.0), accumulate, c, &Workspace::default())
+                    gemm_packed::<_, F32, 12, 2>(s, a, &PackedB::new(b, 32, 1.0), accumulate, c, &Workspace::default())
                 }));
             }
             if let Some(s) = Avx2::detect() {
                 out.push(run("avx2", &|c| {
-                    gemm_packed::<_, 6, 2>(s, a, &PackedB::new(b, 16, 1.0), accumulate, c, &Workspace::default())
+                    gemm_packed::<_, F32, 6, 2>(s, a, &PackedB::new(b, 16, 1.0), accumulate, c, &Workspace::default())
                 }));
             }
         }
@@ -299,5 +340,195 @@ mod tests {
                 assert!((*g as f64 - (w + 0.5)).abs() < 1e-3, "{name}: {g} vs {}", w + 0.5);
             }
         }
+    }
+
+    /// How the bf16 tests' values are drawn.
+    #[derive(Clone, Copy, Debug)]
+    enum Values {
+        /// Uniform in (−1, 1).
+        Moderate,
+        /// Magnitudes 2^-75..2^-55: products near and below 2^-126, where the emulations must
+        /// flush as the instruction does (and cannot be certified).
+        Tiny,
+        /// Mostly moderate, with ∞, NaN, zeros, huge and subnormal values.
+        Specials,
+    }
+
+    fn values(len: usize, kind: Values, seed: u64) -> Vec<f32> {
+        use crate::kernels::bf16::lanes::Rng;
+        let mut rng = Rng::new(seed);
+        let moderate = |rng: &mut Rng| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0;
+        (0..len)
+            .map(|_| match kind {
+                Values::Moderate => moderate(&mut rng),
+                Values::Tiny => {
+                    let e = rng.range(-75, -55);
+                    rng.f32_with_exponent(e)
+                }
+                Values::Specials => match rng.below(40) {
+                    0 => f32::INFINITY,
+                    1 => f32::NEG_INFINITY,
+                    2 => f32::from_bits(0x7FC1_2345),
+                    3 => 0.0,
+                    4 => -0.0,
+                    5 => 3.0e38,
+                    6 => f32::from_bits(0x0012_3456),
+                    _ => moderate(&mut rng),
+                },
+            })
+            .collect()
+    }
+
+    /// `gemm_packed` with bf16 pairs on every instruction set this CPU has and on portable
+    /// vectors of both geometries (12×32, 4×16), each output with the padding around C.
+    fn bf16_paths(
+        a: MatRef<'_>,
+        b: MatRef<'_>,
+        c0: &[f32],
+        ld: usize,
+        accumulate: bool,
+    ) -> Vec<(&'static str, Vec<f32>)> {
+        use crate::kernels::microkernel::Bf16;
+        let (m, n) = (a.rows(), b.cols());
+        let ws = Workspace::default();
+        let (b32, b16) = (PackedB::bf16(b, 32), PackedB::bf16(b, 16));
+        let run = |name: &'static str, f: &dyn Fn(&mut MatMut<'_>)| {
+            let mut c = c0.to_vec();
+            f(&mut MatMut::new(&mut c, m, n, ld));
+            (name, c)
+        };
+        let mut out = vec![
+            run("portable16", &|c| gemm_packed::<_, Bf16, 12, 2>(Portable::<16>, a, &b32, accumulate, c, &ws)),
+            run("portable8", &|c| gemm_packed::<_, Bf16, 4, 2>(Portable::<8>, a, &b16, accumulate, c, &ws)),
+        ];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::kernels::simd::{Avx2, Avx512, Avx512Bf16};
+            if let Some(s) = Avx512Bf16::detect() {
+                out.push(run("avx512bf16", &|c| gemm_packed::<_, Bf16, 12, 2>(s, a, &b32, accumulate, c, &ws)));
+            }
+            if let Some(s) = Avx512::detect() {
+                out.push(run("avx512 emulation", &|c| gemm_packed::<_, Bf16, 12, 2>(s, a, &b32, accumulate, c, &ws)));
+            }
+            if let Some(s) = Avx2::detect() {
+                out.push(run("avx2 emulation", &|c| gemm_packed::<_, Bf16, 4, 2>(s, a, &b16, accumulate, c, &ws)));
+            }
+        }
+        out
+    }
+
+    /// Equal bits, or (`nan_payloads` false) both NaN.
+    fn assert_same(got: &[f32], want: &[f32], nan_payloads: bool, what: &str) {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let same = g.to_bits() == w.to_bits() || (!nan_payloads && g.is_nan() && w.is_nan());
+            assert!(same, "{what} at {i}: {g:e} ({:08X}) vs {w:e} ({:08X})", g.to_bits(), w.to_bits());
+        }
+    }
+
+    #[test]
+    fn bf16_paths_give_the_instructions_bits_on_odd_depths_edges_and_extreme_values() {
+        // Every element is one chain of pair steps over the depth in block order, whatever the
+        // tile geometry: every path must give the portable model's bits (NaN payloads aside on
+        // the emulations). Depths: odd, one, several blocks of 512.
+        for (shape, kind) in [
+            ((29, 17, 71), Values::Moderate),
+            ((13, 1, 33), Values::Moderate),
+            ((30, 1100, 40), Values::Moderate),
+            ((25, 129, 37), Values::Tiny),
+            ((25, 64, 37), Values::Specials),
+        ] {
+            let (m, k, n) = shape;
+            let a = values(m * k, kind, 1 + k as u64);
+            let b = values(k * n, kind, 2 + k as u64);
+            let (a, b) = (MatRef::new(&a, 0, m, k, k), MatRef::new(&b, 0, k, n, n));
+            let ld = n + 2;
+            for accumulate in [false, true] {
+                let c0: Vec<f32> =
+                    (0..m * ld).map(|i| if i % ld >= n { f32::NAN } else { (i % 7) as f32 - 3.0 }).collect();
+                let paths = bf16_paths(a, b, &c0, ld, accumulate);
+                let want = &paths[0].1;
+                for (name, c) in &paths {
+                    let exact_nans = !name.contains("emulation");
+                    assert_same(c, want, exact_nans, &format!("{name} {shape:?} {kind:?} accumulate {accumulate}"));
+                    for i in 0..m {
+                        assert!(c[i * ld + n..(i + 1) * ld].iter().all(|v| v.is_nan()), "{name}: padding written");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_product_is_the_f64_product_of_the_rounded_operands() {
+        use crate::kernels::bf16::round_to_bf16;
+        for (m, k, n) in [(1, 1, 1), (3, 5, 7), (17, 300, 2), (70, 41, 90), (25, 1031, 65)] {
+            let a = values(m * k, Values::Moderate, 3);
+            let bt = values(n * k, Values::Moderate, 4);
+            // A row-major and transposed; B stored transposed (as the layers' weights).
+            let a_cols: Vec<f32> = (0..m * k).map(|i| a[(i % m) * k + i / m]).collect();
+            let b = MatRef::new(&bt, 0, n, k, k).t();
+            for a in [MatRef::new(&a, 0, m, k, k), MatRef::new(&a_cols, 0, k, m, m).t()] {
+                let c0 = vec![f32::NAN; m * n];
+                for (name, c) in bf16_paths(a, b, &c0, n, false) {
+                    for i in 0..m {
+                        for j in 0..n {
+                            let r = |x: f32| round_to_bf16(x) as f64;
+                            let (exact, magnitude) = (0..k).fold((0.0f64, 0.0f64), |(s, t), d| {
+                                let p = r(a.at(i, d)) * r(b.at(d, j));
+                                (s + p, t + p.abs())
+                            });
+                            let bound = k as f64 * f32::EPSILON as f64 * magnitude + 1e-30;
+                            let got = c[i * n + j] as f64;
+                            assert!(
+                                (got - exact).abs() <= bound,
+                                "{name} ({m},{k},{n}) at ({i},{j}): {got} vs {exact}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_products_do_not_depend_on_the_thread_count_and_tiny_ones_do_flush() {
+        let (m, k, n) = (301, 600, 77);
+        let a = values(m * k, Values::Moderate, 5);
+        let b = values(k * n, Values::Moderate, 6);
+        let (a, b) = (MatRef::new(&a, 0, m, k, k), MatRef::new(&b, 0, k, n, n));
+        let c0 = vec![0.5f32; m * n];
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let runs: Vec<Vec<(&str, Vec<f32>)>> = [1, 2, 3]
+            .iter()
+            .map(|&t| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().expect("pool");
+                pool.install(|| bf16_paths(a, b, &c0, n, true))
+            })
+            .collect();
+        for run in &runs[1..] {
+            for ((name, c), (_, c1)) in run.iter().zip(&runs[0]) {
+                assert_eq!(bits(c), bits(c1), "{name}: depends on the thread count");
+            }
+        }
+        // The tiny case does meet the flush: the instruction's result differs from IEEE f32
+        // fused multiply-adds on the same rounded operands somewhere, so the emulations'
+        // checks are exercised (and the certificate refuses these operands).
+        let (m, k, n) = (12, 64, 32);
+        let (ta, tb) = (values(m * k, Values::Tiny, 7), values(k * n, Values::Tiny, 8));
+        let (ta, tb) = (MatRef::new(&ta, 0, m, k, k), MatRef::new(&tb, 0, k, n, n));
+        let packed = PackedB::bf16(tb, 32);
+        assert!(!crate::kernels::microkernel::normal_range_certified(Some(-75), packed.exponent_floor));
+        let got = &bf16_paths(ta, tb, &vec![0.0; m * n], n, false)[0].1;
+        let r = crate::kernels::bf16::round_to_bf16;
+        let ieee: Vec<f32> = (0..m * n)
+            .map(|e| {
+                (0..k / 2).fold(0.0f32, |acc, p| {
+                    let (i, j) = (e / n, e % n);
+                    let odd = r(ta.at(i, 2 * p + 1)).mul_add(r(tb.at(2 * p + 1, j)), acc);
+                    r(ta.at(i, 2 * p)).mul_add(r(tb.at(2 * p, j)), odd)
+                })
+            })
+            .collect();
+        assert!(got.iter().zip(&ieee).any(|(g, w)| g.to_bits() != w.to_bits()), "no flush met");
     }
 }

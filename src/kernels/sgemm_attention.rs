@@ -8,19 +8,27 @@
 //! whenever the maximum grows (the online softmax of FlashAttention). Both products are
 //! single-threaded sgemm calls on the tile; rayon spreads the query tiles over threads. The
 //! key tiling is fixed, so every output row is the same sum whatever the thread count.
+//!
+//! In bf16 (portable code's bf16 path) v is rounded to bf16 first and the weights per tile, as
+//! the packed kernel does, and the value product runs in f32 on the rounded values: the same
+//! rounding points, not the packed kernel's bits.
 
 use super::attention_common::{
-    add_key_partials, finish_rows, for_each_query_tile, over_query_chunks, query_tile, row_dots, Accumulated,
+    add_key_partials, bf16_weight, finish_rows, for_each_query_tile, over_query_chunks, query_tile, row_dots,
+    Accumulated,
 };
 use super::attention_shapes::{check_backward, check_forward};
+use super::bf16::round_to_bf16;
 use super::exp::{exp_sum, row_max};
 use super::gemm::gemm;
 use super::tiles::{KEY_TILE, QUERY_TILE};
 use super::views::{MatMut, MatRef};
-use crate::workspace::Workspace;
+use crate::config::Precision;
+use crate::workspace::{Scratch, Workspace};
 
 /// `out ← softmax(scale · (q·kᵀ + bias))·v` (N × dv, row-major), `bias` one logit offset per
-/// key (none: 0), and each row's log-sum-exp in `lse` when asked.
+/// key (none: 0), and each row's log-sum-exp in `lse` when asked; in bf16 with v and the
+/// weights rounded to bf16.
 ///
 /// # Panics
 /// If the shapes disagree (`q` N × d, `k` M × d with M ≥ 1, `v` M × dv, `bias` M).
@@ -30,16 +38,40 @@ pub(crate) fn attention(
     out: &mut [f32],
     lse: Option<&mut [f32]>,
     ws: &Workspace,
+    precision: Precision,
 ) {
     check_forward((q, k, v), bias, out, lse.as_deref());
     let (n, dv) = (q.rows(), v.cols());
     let tile = query_tile(n);
+    let bf16 = precision == Precision::Bf16;
+    let v_rounded = bf16.then(|| rounded(ws, v));
+    let v = view(&v_rounded, v);
     for_each_query_tile(n, dv, tile, out, lse, |rows, out_tile, lse_tile| {
-        attend_tile(q.rows_range(rows.start, rows.end), (k, bias), v, scale, (out_tile, lse_tile), ws);
+        attend_tile(q.rows_range(rows.start, rows.end), (k, bias), v, scale, (out_tile, lse_tile), ws, bf16);
     });
 }
 
-/// One query tile against all keys (with their logit offsets).
+/// The rounded copy of `of` when there is one, else `of`.
+fn view<'a>(rounded: &'a Option<Scratch<'_>>, of: MatRef<'a>) -> MatRef<'a> {
+    match rounded {
+        Some(m) => MatRef::new(m, 0, of.rows(), of.cols(), of.cols()),
+        None => of,
+    }
+}
+
+/// `m` rounded to bf16, row-major, in scratch from `ws`.
+fn rounded<'w>(ws: &'w Workspace, m: MatRef<'_>) -> Scratch<'w> {
+    let cols = m.cols();
+    let mut out = ws.scratch(m.rows() * cols);
+    for (i, row) in out.chunks_mut(cols.max(1)).enumerate().take(m.rows()) {
+        m.copy_row(i, row);
+        row.iter_mut().for_each(|v| *v = round_to_bf16(*v));
+    }
+    out
+}
+
+/// One query tile against all keys (with their logit offsets); `bf16`: the weights rounded for
+/// the value product (v is already rounded).
 fn attend_tile(
     q: MatRef<'_>,
     (k, bias): (MatRef<'_>, Option<&[f32]>),
@@ -47,6 +79,7 @@ fn attend_tile(
     scale: f32,
     (out, lse): (&mut [f32], Option<&mut [f32]>),
     ws: &Workspace,
+    bf16: bool,
 ) {
     let (rows, m, dv) = (q.rows(), k.rows(), v.cols());
     let key_tile = KEY_TILE.min(m);
@@ -73,6 +106,9 @@ fn attend_tile(
             let old = run_max[r];
             let new = if tile_max > old || tile_max.is_nan() { tile_max } else { old };
             let sum = exp_sum(row, scale, scale * new);
+            if bf16 {
+                row.iter_mut().for_each(|w| *w = bf16_weight(*w));
+            }
             if first {
                 run_sum[r] = sum;
             } else if new != old || new.is_nan() {

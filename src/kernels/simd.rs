@@ -1,13 +1,14 @@
 //! The instruction-set layer: the few vector operations the packed kernels are written in
-//! (`Simd`), implemented for AVX-512, for AVX2+FMA, and portably over arrays of the same
-//! widths, plus the run-time choice of one of them ([`Isa`], [`isa`]). Functions built from
-//! these operations (the vector `exp`) live with their algorithms, above this layer.
+//! (`Simd`; their bf16 pair operations in `bf16_simd`), implemented for AVX-512 with
+//! AVX512_BF16, for AVX-512, for AVX2+FMA, and portably over arrays of the same widths, plus
+//! the run-time choice of one of them ([`Isa`], [`isa`]). Functions built from these
+//! operations (the vector `exp`) live with their algorithms, above this layer.
 //!
 //! The kernels (`microkernel`, `flash`, `packed_gemm`) are written once, generic over
-//! `Simd`. A value of an x86 implementation is a token proving the CPU has the instructions
-//! (it can only be obtained from detection), so the arithmetic methods are safe; a kernel is
-//! entered through `Simd::vectorize`, which runs a `Job` inside a function compiled with
-//! the instruction set enabled, everything below it inlined.
+//! `Simd` (and `Bf16Simd`). A value of an x86 implementation is a token proving the CPU has
+//! the instructions (it can only be obtained from detection), so the arithmetic methods are
+//! safe; a kernel is entered through `Simd::vectorize`, which runs a `Job` inside a function
+//! compiled with the instruction set enabled, everything below it inlined.
 //!
 //! `Portable` rounds every lane exactly as the hardware does (IEEE add, multiply and fused
 //! multiply-add; exact integer steps), so a kernel instantiated with `Portable<16>` computes
@@ -15,6 +16,8 @@
 //! the AVX-512 layout on any CPU and compare the real thing with it where both run.
 
 use std::sync::OnceLock;
+
+use super::bf16_simd::Bf16Simd;
 
 /// The vector operations of the packed kernels, on vectors of [`Simd::LANES`] f32.
 ///
@@ -87,12 +90,13 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
 pub(crate) const ROUNDER: f32 = 12_582_912.0;
 
 /// A computation to run under [`Simd::vectorize`]. Implementations mark `run`
-/// `#[inline(always)]`, so it is compiled for the instruction set of the caller.
+/// `#[inline(always)]`, so it is compiled for the instruction set of the caller. Every
+/// instruction set has the bf16 pair operations too (real or emulated), so a job may use them.
 pub(crate) trait Job {
     /// What the job returns.
     type Out;
     /// Runs the job with the vector operations of `simd`.
-    fn run<S: Simd>(self, simd: S) -> Self::Out;
+    fn run<S: Bf16Simd>(self, simd: S) -> Self::Out;
 }
 
 /// Portable vectors of `L` lanes: plain arrays, each lane rounded as the hardware rounds it.
@@ -168,7 +172,7 @@ impl<const L: usize> Simd for Portable<L> {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{Avx2, Avx512};
+pub(crate) use x86::{Avx2, Avx512, Avx512Bf16};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -193,6 +197,90 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx2,fma")]
     fn run_avx512<J: Job>(simd: Avx512, job: J) -> J::Out {
         job.run(simd)
+    }
+
+    /// AVX-512F with AVX512_BF16 (and AVX512BW, which every CPU with it has): 16 lanes, its
+    /// f32 operations AVX-512F's, its bf16 dot product the real `VDPBF16PS`. A value proves
+    /// the CPU has them.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Avx512Bf16 {
+        base: Avx512,
+    }
+
+    impl Avx512Bf16 {
+        /// The token, when the CPU has AVX-512F, AVX512_BF16, AVX512BW, AVX2 and FMA.
+        pub(crate) fn detect() -> Option<Self> {
+            let base = Avx512::detect()?;
+            (is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw"))
+                .then_some(Avx512Bf16 { base })
+        }
+
+        /// The AVX-512F token this one includes (the f32 kernels run on it).
+        pub(crate) fn base(self) -> Avx512 {
+            self.base
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx2,fma")]
+    fn run_avx512bf16<J: Job>(simd: Avx512Bf16, job: J) -> J::Out {
+        job.run(simd)
+    }
+
+    impl Simd for Avx512Bf16 {
+        const LANES: usize = 16;
+        type V = __m512;
+
+        #[inline(always)]
+        fn vectorize<J: Job>(self, job: J) -> J::Out {
+            // SAFETY: the token exists only where the CPU has the features.
+            unsafe { run_avx512bf16(self, job) }
+        }
+        #[inline(always)]
+        fn zero(self) -> __m512 {
+            self.base.zero()
+        }
+        #[inline(always)]
+        fn splat(self, x: f32) -> __m512 {
+            self.base.splat(x)
+        }
+        #[inline(always)]
+        unsafe fn load(self, ptr: *const f32) -> __m512 {
+            // SAFETY: the caller's guarantee, passed on.
+            unsafe { self.base.load(ptr) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, ptr: *mut f32, v: __m512) {
+            // SAFETY: the caller's guarantee, passed on.
+            unsafe { self.base.store(ptr, v) }
+        }
+        #[inline(always)]
+        fn add(self, a: __m512, b: __m512) -> __m512 {
+            self.base.add(a, b)
+        }
+        #[inline(always)]
+        fn mul(self, a: __m512, b: __m512) -> __m512 {
+            self.base.mul(a, b)
+        }
+        #[inline(always)]
+        fn fmadd(self, a: __m512, b: __m512, c: __m512) -> __m512 {
+            self.base.fmadd(a, b, c)
+        }
+        #[inline(always)]
+        fn max(self, a: __m512, b: __m512) -> __m512 {
+            self.base.max(a, b)
+        }
+        #[inline(always)]
+        fn min(self, a: __m512, b: __m512) -> __m512 {
+            self.base.min(a, b)
+        }
+        #[inline(always)]
+        fn zero_below(self, x: __m512, bound: __m512, y: __m512) -> __m512 {
+            self.base.zero_below(x, bound, y)
+        }
+        #[inline(always)]
+        fn pow2_rounded(self, t: __m512) -> __m512 {
+            self.base.pow2_rounded(t)
+        }
     }
 
     impl Simd for Avx512 {
@@ -341,23 +429,41 @@ mod x86 {
 }
 
 /// The instruction set the kernels run on, chosen once per process. `#[non_exhaustive]`: paths
-/// may be added (an AVX512_BF16 path, other architectures).
+/// may be added (other architectures).
+///
+/// Each path runs both precisions ([`Precision`](crate::Precision)): the f32 kernels and the
+/// bf16 ones. On every x86 path the bf16 products give the same bits (the instruction, or its
+/// exact emulation); only [`Isa::Avx512Bf16`] makes them faster than f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Isa {
+    /// AVX-512F with AVX512_BF16 (Zen 4 and later, Sapphire Rapids and later Xeons): the f32
+    /// kernels of [`Isa::Avx512`], and bf16 products on `VDPBF16PS` in the same 12×32 register
+    /// tile (twice the multiply-adds per instruction).
+    Avx512Bf16,
     /// AVX-512F (with AVX2 and FMA): packed 12×32 kernels for the attention and every large
-    /// GEMM.
+    /// GEMM; bf16 products through an exact emulation of `VDPBF16PS` in f32 fused
+    /// multiply-adds (12×32; the f32 kernels' speed, not faster).
     Avx512,
-    /// AVX2 with FMA: packed 6×16 attention kernels; GEMMs through matrixmultiply.
+    /// AVX2 with FMA: packed 6×16 attention kernels and GEMMs through matrixmultiply in f32;
+    /// bf16 products through the exact emulation in a 4×16 tile (packed kernels for the
+    /// attention and the GEMMs; about the f32 speed or a little below).
     Avx2,
-    /// Portable code: sgemm-based attention, GEMMs through matrixmultiply.
+    /// Portable code: sgemm-based attention, GEMMs through matrixmultiply; bf16 operands
+    /// rounded the same way and multiplied there in f32 (the same rounding points, not the
+    /// bits of the instruction).
     Portable,
 }
 
 impl Isa {
-    /// The name used by `NONLOCAL_SIMD` and in reports: `avx512`, `avx2` or `portable`.
+    /// Every path, widest first.
+    const ALL: [Isa; 4] = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
+
+    /// The name used by `NONLOCAL_SIMD` and in reports: `avx512bf16`, `avx512`, `avx2` or
+    /// `portable`.
     pub fn name(self) -> &'static str {
         match self {
+            Isa::Avx512Bf16 => "avx512bf16",
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
             Isa::Portable => "portable",
@@ -367,6 +473,8 @@ impl Isa {
     /// Whether this CPU can run the path.
     pub fn available(self) -> bool {
         match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => Avx512Bf16::detect().is_some(),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => Avx512::detect().is_some(),
             #[cfg(target_arch = "x86_64")]
@@ -379,11 +487,17 @@ impl Isa {
 
     /// The widest path this CPU can run.
     pub fn best() -> Isa {
-        [Isa::Avx512, Isa::Avx2].into_iter().find(|isa| isa.available()).unwrap_or(Isa::Portable)
+        Isa::ALL.into_iter().find(|isa| isa.available()).unwrap_or(Isa::Portable)
+    }
+
+    /// Whether the f32 kernels of this path are the AVX-512 ones ([`Isa::Avx512`] and
+    /// [`Isa::Avx512Bf16`]).
+    pub(crate) fn f32_avx512(self) -> bool {
+        matches!(self, Isa::Avx512 | Isa::Avx512Bf16)
     }
 
     fn parse(name: &str) -> Option<Isa> {
-        [Isa::Avx512, Isa::Avx2, Isa::Portable].into_iter().find(|isa| isa.name() == name.trim().to_ascii_lowercase())
+        Isa::ALL.into_iter().find(|isa| isa.name() == name.trim().to_ascii_lowercase())
     }
 }
 
@@ -394,8 +508,9 @@ impl std::fmt::Display for Isa {
 }
 
 /// The path the kernels use: [`Isa::best`], or the one named by the environment variable
-/// `NONLOCAL_SIMD` (`avx512`, `avx2` or `portable`, any case; empty means unset) when the CPU
-/// can run it. A path the CPU lacks, or an unknown name, falls back to the best available with
+/// `NONLOCAL_SIMD` (`avx512bf16`, `avx512`, `avx2` or `portable`, any case; empty means unset)
+/// when the CPU can run it: `avx512` on a CPU with AVX512_BF16 runs the f32 AVX-512 kernels
+/// and the bf16 emulation. A path the CPU lacks, or an unknown name, falls back to the best available with
 /// a message on stderr: never an illegal instruction. Chosen once, at the first call.
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
@@ -412,7 +527,9 @@ pub fn isa() -> Isa {
                 best
             }
             None => {
-                eprintln!("nonlocal: NONLOCAL_SIMD={requested} is not avx512, avx2 or portable; using {best}");
+                eprintln!(
+                    "nonlocal: NONLOCAL_SIMD={requested} is not avx512bf16, avx512, avx2 or portable; using {best}"
+                );
                 best
             }
         }
@@ -425,10 +542,13 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_portable_is_always_available() {
-        for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+        for isa in Isa::ALL {
             assert_eq!(Isa::parse(isa.name()), Some(isa));
         }
         assert_eq!(Isa::parse(" AVX512 "), Some(Isa::Avx512));
+        assert_eq!(Isa::parse("AVX512BF16"), Some(Isa::Avx512Bf16));
+        // The bf16 path includes the AVX-512 one.
+        assert!(!Isa::Avx512Bf16.available() || Isa::Avx512.available());
         assert_eq!(Isa::parse("sse"), None);
         assert!(Isa::Portable.available());
         assert!(isa().available());

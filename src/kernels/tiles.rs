@@ -20,7 +20,18 @@ pub(crate) const AVX2_MR: usize = 6;
 /// 8-lane vectors per row of the AVX2 register tile: 6 × 16 floats, 12 of the 16 registers.
 pub(crate) const AVX2_NV: usize = 2;
 
+/// Rows of the AVX2 register tile for bf16 pairs (emulated): 4 × 16 floats, 8 accumulators,
+/// 4 widened B halves and 2 A halves in the 16 registers (6×16 spills: measured at 0.3–0.4 of
+/// 4×16 on Zen 5). bf16 on AVX-512 uses the f32 tile's 12×32.
+pub(crate) const AVX2_BF16_MR: usize = 4;
+/// 8-lane vectors per row of the AVX2 bf16 register tile.
+pub(crate) const AVX2_BF16_NV: usize = 2;
+
 const _: () = {
     assert!(KEY_TILE.is_multiple_of(AVX512_MR) && KEY_TILE.is_multiple_of(AVX2_MR));
     assert!(QUERY_TILE.is_multiple_of(AVX512_NV * 16) && QUERY_TILE.is_multiple_of(AVX2_NV * 8));
+    // bf16 pairs two keys (the depth of the value product) in a word: key tiles and key panels
+    // hold whole pairs.
+    assert!(KEY_TILE.is_multiple_of(AVX2_BF16_MR) && AVX512_MR.is_multiple_of(2) && AVX2_BF16_MR.is_multiple_of(2));
+    assert!(QUERY_TILE.is_multiple_of(AVX2_BF16_NV * 8));
 };

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::Compiled;
-use crate::config::{Mode, NonLocalConfig};
+use crate::config::{Mode, NonLocalConfig, Precision};
 use crate::error::Result;
 use crate::kernels::concat::key_scores;
 use crate::kernels::gemm::row_block;
@@ -51,11 +51,22 @@ impl Columns {
 /// What a sample is prepared for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Purpose {
-    /// The forward pass: with every shortcut the plan finds cheaper (θ folded into the keys).
+    /// The forward pass: with every shortcut the plan finds cheaper (θ folded into the keys),
+    /// in the block's precision.
     Inference,
-    /// Quantities as the definition has them (θ projected): the attention maps, and training,
-    /// whose backward pass needs θ.
+    /// Quantities as the definition has them (θ projected), in f32 whatever the block's
+    /// precision: the attention maps, and training, whose backward pass needs θ.
     Exact,
+}
+
+impl Purpose {
+    /// The precision of the products for this purpose on a block configured with `precision`.
+    pub(crate) fn precision(self, precision: Precision) -> Precision {
+        match self {
+            Purpose::Inference => precision,
+            Purpose::Exact => Precision::F32,
+        }
+    }
 }
 
 /// Per-sample intermediate results: the projections and the pooled keys and values.
@@ -154,11 +165,12 @@ pub(crate) fn prepare<'a>(
         None => (&compiled.w_proj, &compiled.b_proj, Columns::of(config.mode, ci)),
     };
     let k = bias.len();
+    let precision = purpose.precision(config.precision);
     let mut proj = workspace.take(n * k, "projections")?;
     proj.par_chunks_mut(row_block(n, 64) * k).for_each(|rows| {
         rows.chunks_mut(k).for_each(|row| row.copy_from_slice(bias));
     });
-    weights.apply(x, 1.0, &mut MatMut::new(&mut proj, n, k, k), workspace);
+    weights.apply(precision, x, 1.0, &mut MatMut::new(&mut proj, n, k, k), workspace);
     let (mut pooled, mut pooled_x) = (None, None);
     if config.sub_sample.is_some() {
         let (start, width) = (cols.key_start, cols.key_width);
@@ -176,7 +188,7 @@ pub(crate) fn prepare<'a>(
     if let Some(fold) = fold {
         // θ_i·φ_j = x_i·(W_θᵀφ_j) + b_θ·φ_j: keys K' = φ·W_θ (M × C), one offset per key.
         let mut keys = workspace.take(m * c, "folded keys")?;
-        fold.w_theta_t.apply(prepared.keys(), 0.0, &mut MatMut::new(&mut keys, m, c, c), workspace);
+        fold.w_theta_t.apply(precision, prepared.keys(), 0.0, &mut MatMut::new(&mut keys, m, c, c), workspace);
         let phi = prepared.keys();
         let mut row = vec![0.0f32; ci];
         let offsets = (0..m)

@@ -1,29 +1,53 @@
-//! A layer's weights as the kernels use them: packed once, when the parameters are set.
+//! A layer's weights as the kernels use them: packed once, when the parameters are set, for
+//! the block's precision.
 
-use crate::kernels::gemm::{par_gemm_prepacked, PrepackedB};
+use crate::config::Precision;
+use crate::kernels::gemm::{par_gemm, par_gemm_prepacked, PrepackedB};
 use crate::kernels::views::{MatMut, MatRef};
 use crate::workspace::Workspace;
 
 /// A layer's weights W (`out × in`, row-major), the right-hand operand of `X·Wᵀ` on every
-/// forward pass: Wᵀ is packed once here for the GEMM path this process runs.
+/// forward pass: Wᵀ is packed once here for the GEMM path this process runs, in f32, or (a
+/// bf16 block) with the rows from `split` on rounded to bf16 for bf16 products, the rows before
+/// `split` in f32 (the products that stay f32: the logits' θ and φ). The f32 weights are kept
+/// too, for the products that stay f32 throughout (training and attention maps pack them on
+/// the call).
 #[derive(Clone, Debug)]
 pub(crate) struct Weights {
     data: Vec<f32>,
     out: usize,
     inp: usize,
-    /// Wᵀ packed ahead.
-    packed_t: PrepackedB,
+    /// Rows `0..split` are multiplied in f32 whatever the precision asked.
+    split: usize,
+    /// `W[0..split]ᵀ` packed ahead for f32 products.
+    head: PrepackedB,
+    /// `W[split..out]ᵀ` packed ahead for bf16 products (nothing when `split = out`).
+    tail: PrepackedB,
 }
 
 impl Weights {
-    /// W from `data` (`out × in`, row-major).
+    /// W from `data` (`out × in`, row-major), packed for f32 products.
     ///
     /// # Panics
     /// If `data` does not hold `out × in` floats (an internal error).
     pub(crate) fn new(data: Vec<f32>, out: usize, inp: usize) -> Weights {
+        Self::mixed(data, out, inp, Precision::F32, out)
+    }
+
+    /// W from `data` (`out × in`, row-major) for a block in `precision`: with
+    /// [`Precision::Bf16`], rows `split..` are rounded to bf16 once, here, and multiplied in
+    /// bf16; rows `..split` stay f32.
+    ///
+    /// # Panics
+    /// If `data` does not hold `out × in` floats or `split > out` (an internal error).
+    pub(crate) fn mixed(data: Vec<f32>, out: usize, inp: usize, precision: Precision, split: usize) -> Weights {
         assert_eq!(Some(data.len()), out.checked_mul(inp), "Weights: {out}×{inp}");
-        let packed_t = PrepackedB::new(MatRef::new(&data, 0, out, inp, inp).t());
-        Weights { data, out, inp, packed_t }
+        assert!(split <= out, "Weights: split {split} of {out} rows");
+        let split = if precision == Precision::F32 { out } else { split };
+        let rows = |from: usize, to: usize| MatRef::new(&data, from * inp, to - from, inp, inp).t();
+        let head = PrepackedB::new(rows(0, split), Precision::F32);
+        let tail = PrepackedB::new(rows(split, out), if split < out { Precision::Bf16 } else { Precision::F32 });
+        Weights { data, out, inp, split, head, tail }
     }
 
     /// W's values (`out × in`, row-major).
@@ -36,8 +60,30 @@ impl Weights {
         MatRef::new(&self.data, 0, self.out, self.inp, self.inp)
     }
 
-    /// `C ← X·Wᵀ + β·C` (β 0 or 1), rows of C in parallel, scratch from `ws`.
-    pub(crate) fn apply(&self, x: MatRef<'_>, beta: f32, c: &mut MatMut<'_>, ws: &Workspace) {
-        par_gemm_prepacked(x, (self.view().t(), &self.packed_t), beta, c, ws);
+    /// `C ← X·Wᵀ + β·C` (β 0 or 1), rows of C in parallel, scratch from `ws`: in f32 for
+    /// [`Precision::F32`] (the bits of an f32 block's weights); for [`Precision::Bf16`], the
+    /// columns of the bf16 rows in bf16 and the others in f32, each on its packing.
+    pub(crate) fn apply(&self, precision: Precision, x: MatRef<'_>, beta: f32, c: &mut MatMut<'_>, ws: &Workspace) {
+        let (split, out) = (self.split, self.out);
+        if split == out {
+            return par_gemm_prepacked(Precision::F32, x, (self.view().t(), &self.head), beta, c, ws);
+        }
+        if precision == Precision::F32 {
+            // One f32 product of all the rows, packed on the call: the same bits as on packed
+            // f32 weights.
+            return par_gemm(1.0, x, self.view().t(), beta, c);
+        }
+        let (rows, ld) = (c.rows(), c.ld());
+        if rows == 0 {
+            return;
+        }
+        let rows_of =
+            |from: usize, to: usize| MatRef::new(&self.data, from * self.inp, to - from, self.inp, self.inp).t();
+        if split > 0 {
+            let mut head = MatMut::new(c.data_mut(), rows, split, ld);
+            par_gemm_prepacked(Precision::F32, x, (rows_of(0, split), &self.head), beta, &mut head, ws);
+        }
+        let mut tail = MatMut::new(&mut c.data_mut()[split..], rows, out - split, ld);
+        par_gemm_prepacked(Precision::Bf16, x, (rows_of(split, out), &self.tail), beta, &mut tail, ws);
     }
 }

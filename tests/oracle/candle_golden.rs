@@ -11,7 +11,7 @@ use ndarray::{ArrayD, IxDyn};
 
 use crate::golden::{compare, fnv1a64, GoldenCase, GoldenReport};
 use nonlocal::candle::NonLocal;
-use nonlocal::TensorFile;
+use nonlocal::{Precision, TensorFile};
 
 /// Tensors of a golden file that are not parameters.
 const CASE_TENSORS: [&str; 5] = ["input", "output", "attention", "grad_output", "grad_input"];
@@ -128,5 +128,17 @@ pub fn check(case: &GoldenCase) -> Result<GoldenReport> {
     } else {
         (None, None)
     };
-    Ok(GoldenReport { output_err, tol, attention_err, bits, grad_input, grad_param_err })
+    // The layer runs in f32: the scale of the relative error is the tolerance's 1e-4 factor.
+    let scale = tol / 1e-4;
+    Ok(GoldenReport {
+        precision: Precision::F32,
+        output_err,
+        tol,
+        scale,
+        torch_err: None,
+        attention_err,
+        bits,
+        grad_input,
+        grad_param_err,
+    })
 }

@@ -9,6 +9,13 @@
 //! `prefix`, `dims`). The pass criterion is PyTorch's own float32 accuracy:
 //! `max |got − want| ≤ 1e-4 · max(1, max |want|)` on the output and ≤ 5e-4 on the attention.
 //!
+//! A block in bf16 ([`GoldenCase::with_precision`]) is held to the bf16 accuracy contract
+//! instead: `max |got − want| / max(1, max |want|) ≤ max(1.25 · e, 4e-3)` on the output, where
+//! `e` is PyTorch's own error on the case under bf16 autocast ([`GoldenCase::with_torch_err`],
+//! read from `tests/data/bf16_torch_err.txt` by [`torch_errors`]; 0 when not known, so the
+//! floor applies). The attention maps and gradients run in f32 on a bf16 block, and keep the
+//! f32 criteria.
+//!
 //! A case may hold no parameters and name a checkpoint instead (metadata `checkpoint`, e.g.
 //! a `.pth`): [`GoldenCase::with_weights`] then takes the parameters from that file, under
 //! the case's `naming` and `prefix`.
@@ -23,11 +30,44 @@ use ndarray::{Array5, ArrayD, Ix5, IxDyn};
 use nonlocal::internal::parse_sub_sample;
 use nonlocal::{
     ContextBlock, ContextConfig, CrissCrossAttention, CrissCrossConfig, DisentangledConfig, DisentangledNonLocal,
-    Error, Mode, Naming, NonLocalBlock, NonLocalConfig, Result, TensorFile, WeightKeys,
+    Error, Mode, Naming, NonLocalBlock, NonLocalConfig, Precision, Result, TensorFile, WeightKeys,
 };
 
 /// Largest attention error that passes.
 pub const ATTENTION_TOLERANCE: f32 = 5e-4;
+
+/// The bf16 contract's floor on the output error, relative to `max(1, max |want|)`.
+pub const BF16_FLOOR: f32 = 4e-3;
+/// The bf16 contract's factor on PyTorch's own bf16-autocast error.
+pub const BF16_TORCH_FACTOR: f32 = 1.25;
+
+/// The relative output error a bf16 block may have on a case where PyTorch's bf16 autocast
+/// has error `torch_err` (unknown: the floor).
+pub fn bf16_bound(torch_err: Option<f32>) -> f32 {
+    torch_err.map_or(BF16_FLOOR, |e| (BF16_TORCH_FACTOR * e).max(BF16_FLOOR))
+}
+
+/// PyTorch's bf16-autocast error per case file name, from a table of `name error` lines
+/// (`#` starts a comment), such as `tests/data/bf16_torch_err.txt`.
+///
+/// # Errors
+/// [`Error::Io`] when the file cannot be read, [`Error::InvalidConfig`] for a malformed line.
+pub fn torch_errors(path: impl AsRef<Path>) -> Result<HashMap<String, f32>> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+    let mut table = HashMap::new();
+    for line in text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()) {
+        let bad = || Error::InvalidConfig { reason: format!("{}: malformed line {line:?}", path.display()) };
+        let mut fields = line.split_whitespace();
+        let (name, err) = (fields.next().ok_or_else(bad)?, fields.next().ok_or_else(bad)?);
+        let err: f32 = err.parse().map_err(|_| bad())?;
+        if fields.next().is_some() || !err.is_finite() || err < 0.0 {
+            return Err(bad());
+        }
+        table.insert(name.to_string(), err);
+    }
+    Ok(table)
+}
 
 /// Which block a golden case holds (metadata `block`, `non_local` when absent), configured.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,15 +94,26 @@ pub struct GoldenCase {
     /// A separate checkpoint holding the parameters, if one was given (shared between the
     /// cases that use it).
     pub weights: Option<Arc<TensorFile>>,
+    /// The precision the block runs in ([`Precision::F32`] unless set).
+    pub precision: Precision,
+    /// bf16: PyTorch's own bf16-autocast error on the case, when known.
+    pub torch_err: Option<f32>,
 }
 
 /// The outcome of running one golden case.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GoldenReport {
+    /// The precision the block ran in.
+    pub precision: Precision,
     /// max |got − want| over the output (∞ when a NaN appears on one side only).
     pub output_err: f32,
-    /// The output tolerance, `1e-4 · max(1, max |want|)`.
+    /// The output tolerance, `1e-4 · max(1, max |want|)`; in bf16 `bound · max(1, max |want|)`
+    /// with the contract's relative bound ([`bf16_bound`]).
     pub tol: f32,
+    /// `max(1, max |want|)`, the scale of the relative error.
+    pub scale: f32,
+    /// bf16: PyTorch's own bf16-autocast error on the case, when known.
+    pub torch_err: Option<f32>,
     /// max |got − want| over the attention map, when the file has one.
     pub attention_err: Option<f32>,
     /// FNV-1a 64 of the output's f32 values as little-endian bytes, row-major.
@@ -87,6 +138,14 @@ impl GoldenReport {
 impl fmt::Display for GoldenReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "output_err={:.3e} tol={:.3e}", self.output_err, self.tol)?;
+        if self.precision != Precision::F32 {
+            write!(f, " precision={} rel_err={:.3e}", self.precision, self.output_err / self.scale)?;
+            match self.torch_err {
+                Some(e) => write!(f, " torch_err={e:.3e}")?,
+                None => write!(f, " torch_err=unknown")?,
+            }
+            write!(f, " bound={:.3e}", self.tol / self.scale)?;
+        }
         if let Some(e) = self.attention_err {
             write!(f, " attention_err={e:.3e}")?;
         }
@@ -156,7 +215,7 @@ impl GoldenCase {
                 })
             }
         };
-        Ok(GoldenCase { spec, keys, file, weights: None })
+        Ok(GoldenCase { spec, keys, file, weights: None, precision: Precision::F32, torch_err: None })
     }
 
     /// The non-local configuration of a non-local case.
@@ -166,6 +225,21 @@ impl GoldenCase {
             Spec::Disentangled(config) => Some(&config.non_local),
             Spec::Context(_) | Spec::CrissCross(_) => None,
         }
+    }
+
+    /// Runs the block in `precision` (bf16: checked against the bf16 contract). The family
+    /// blocks run in f32 only, and stay f32 (their reports say so).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        if matches!(self.spec, Spec::NonLocal(_)) {
+            self.precision = precision;
+        }
+        self
+    }
+
+    /// PyTorch's own bf16-autocast error on this case (for the bf16 contract).
+    pub fn with_torch_err(mut self, torch_err: Option<f32>) -> Self {
+        self.torch_err = torch_err;
+        self
     }
 
     /// Takes the parameters from `weights` (a checkpoint of any format) instead of the case
@@ -198,7 +272,8 @@ impl GoldenCase {
         let weights = self.weights.as_deref().unwrap_or(&self.file);
         Ok(match &self.spec {
             Spec::NonLocal(config) => {
-                Runner::NonLocal(Box::new(NonLocalBlock::from_checkpoint(config.clone(), weights, &self.keys)?))
+                let config = config.clone().precision(self.precision);
+                Runner::NonLocal(Box::new(NonLocalBlock::from_checkpoint(config, weights, &self.keys)?))
             }
             Spec::Disentangled(config) => Runner::Disentangled(Box::new(DisentangledNonLocal::from_checkpoint(
                 config.clone(),
@@ -240,6 +315,11 @@ impl GoldenCase {
         let want = self.file.tensor("output")?;
         let got_bits = fnv1a64(got.iter().copied());
         let (output_err, tol) = compare("output", &got.into_dyn(), &want)?;
+        let scale = tol / 1e-4;
+        let tol = match self.precision {
+            Precision::F32 => tol,
+            _ => bf16_bound(self.torch_err) * scale,
+        };
         let attention_err = match (&block, self.file.contains("attention")) {
             (Runner::NonLocal(block), true) => {
                 let want = self.file.tensor("attention")?;
@@ -254,7 +334,17 @@ impl GoldenCase {
         } else {
             (None, None)
         };
-        Ok(GoldenReport { output_err, tol, attention_err, bits: got_bits, grad_input, grad_param_err })
+        Ok(GoldenReport {
+            precision: self.precision,
+            output_err,
+            tol,
+            scale,
+            torch_err: self.torch_err,
+            attention_err,
+            bits: got_bits,
+            grad_input,
+            grad_param_err,
+        })
     }
 
     /// Runs the training forward and backward with `grad_output` and compares ∂L/∂input and

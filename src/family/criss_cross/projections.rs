@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use super::params::Compiled;
+use crate::config::Precision;
 use crate::error::Result;
 use crate::kernels::gemm::row_block;
 use crate::kernels::views::{MatMut, MatRef};
@@ -88,5 +89,5 @@ pub(crate) fn project_into(compiled: &Compiled, x: MatRef<'_>, out: &mut [f32], 
     out.par_chunks_mut(row_block(n, 64) * width).for_each(|rows| {
         rows.chunks_mut(width).for_each(|row| row.copy_from_slice(&compiled.b_proj));
     });
-    compiled.w_proj.apply(x, 1.0, &mut MatMut::new(out, n, width, width), workspace);
+    compiled.w_proj.apply(Precision::F32, x, 1.0, &mut MatMut::new(out, n, width, width), workspace);
 }

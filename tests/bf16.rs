@@ -1,0 +1,135 @@
+//! `Precision::Bf16` at the block level: every mode against the f64 reference within a stated
+//! bound on random shapes (wide channels and many keys among them), bit-identical for any
+//! thread count, and training and attention maps exactly the f32 block's.
+
+mod common;
+
+use common::{bits, max_err, on_1_2_3_threads, random_params, reference, Rng};
+use ndarray::Array5;
+use nonlocal::{Mode, NonLocalBlock, NonLocalConfig, Precision};
+
+/// The bound these tests hold bf16 blocks to: `max |z − z_ref| ≤ BOUND · max(1, max |z_ref|)`,
+/// twice the floor of the golden accuracy contract (4e-3).
+const BOUND: f64 = 8e-3;
+
+/// An input shape (B, T, H, W, C).
+type Shape = (usize, usize, usize, usize, usize);
+
+/// A random block in both precisions (the same parameters).
+fn pair(config: NonLocalConfig, seed: u64) -> [NonLocalBlock; 2] {
+    let mut rng = Rng::new(seed);
+    let params = random_params(&config, &mut rng);
+    let f32_block = NonLocalBlock::from_parameters(config.clone(), params.clone()).expect("valid parameters");
+    let bf16_block =
+        NonLocalBlock::from_parameters(config.precision(Precision::Bf16), params).expect("valid parameters");
+    [f32_block, bf16_block]
+}
+
+/// Configurations and shapes: every mode, odd channel counts, pooling or not, batches, a wide
+/// block and one with many keys, large logits.
+fn cases() -> Vec<(NonLocalConfig, Shape, f32)> {
+    let mut out = Vec::new();
+    let mut rng = Rng::new(0xBF16);
+    for mode in Mode::ALL {
+        for (c, ci, sub, shape, amp) in [
+            (7, 3, Some([1, 2, 2]), (2, 2, 5, 7, 7), 1.0),
+            (16, 8, None, (1, 1, 9, 6, 16), 1.5),
+            (33, 17, Some([2, 2, 2]), (1, 4, 6, 5, 33), 1.0),
+            // Wide: 96 channels (logits up to tens without scaling).
+            (96, 48, Some([1, 2, 2]), (1, 2, 10, 10, 96), 1.2),
+            // Many keys: 1320 of them.
+            (24, 12, Some([1, 2, 2]), (1, 3, 40, 44, 24), 1.0),
+        ] {
+            let config = NonLocalConfig::new(c)
+                .inter_channels(ci)
+                .mode(mode)
+                .sub_sample(sub)
+                .use_scale(rng.range(0, 1) == 1)
+                .bn_layer(rng.range(0, 3) != 0);
+            out.push((config, shape, amp));
+        }
+    }
+    out
+}
+
+#[test]
+fn bf16_blocks_are_within_the_bound_of_the_f64_reference_in_every_mode() {
+    for (i, (config, shape, amp)) in cases().into_iter().enumerate() {
+        let what = format!(
+            "{:?} C={} C'={} {:?} {shape:?}",
+            config.mode, config.in_channels, config.inter_channels, config.sub_sample
+        );
+        let [f32_block, bf16_block] = pair(config.clone(), 100 + i as u64);
+        let x = Rng::new(200 + i as u64).input(shape, amp);
+        let (want, _) = reference::forward(&config, f32_block.parameters(), x.view());
+        let got = bf16_block.forward(&x).expect("forward");
+        let (err, tol) = max_err(&got, &want);
+        let relative = err / (tol / 1e-4);
+        assert!(relative <= BOUND, "{what}: bf16 error {relative:.2e} of max(1, max|z|)");
+        // Not the f32 result: the bf16 path did run.
+        let f32_out = f32_block.forward(&x).expect("forward");
+        assert_ne!(bits(&got), bits(&f32_out), "{what}: bf16 gave the f32 bits");
+    }
+}
+
+#[test]
+fn bf16_results_do_not_depend_on_the_thread_count() {
+    for (i, (config, shape, amp)) in cases().into_iter().enumerate().filter(|(i, _)| i % 5 != 4) {
+        let [_, block] = pair(config, 300 + i as u64);
+        let x = Rng::new(400 + i as u64).input(shape, amp);
+        let runs = on_1_2_3_threads(|| bits(&block.forward(&x).expect("forward")));
+        assert!(runs.windows(2).all(|w| w[0] == w[1]), "case {i}: depends on the thread count");
+    }
+}
+
+#[test]
+fn training_and_attention_maps_of_a_bf16_block_are_the_f32_blocks() {
+    // forward_train, backward, attention and attention_rows run in f32 on a bf16 block: the
+    // same bits as on the f32 block with the same parameters.
+    for (i, mode) in Mode::ALL.into_iter().enumerate() {
+        let config = NonLocalConfig::new(12).inter_channels(6).mode(mode);
+        let shape = (2, 2, 6, 5, 12);
+        let [f32_block, bf16_block] = pair(config, 500 + i as u64);
+        let x = Rng::new(600 + i as u64).input(shape, 1.0);
+        let dz = Rng::new(700 + i as u64).input(shape, 1.0);
+        let train = |block: &NonLocalBlock| {
+            let (z, ctx) = block.forward_train(&x).expect("forward_train");
+            let grads = block.backward(&ctx, &dz).expect("backward");
+            let mut all = bits(&z);
+            all.extend(bits(&grads.input));
+            for (name, g) in grads.params.named() {
+                all.extend(bits(&g));
+                all.extend(name.bytes().map(u32::from));
+            }
+            all
+        };
+        assert_eq!(train(&bf16_block), train(&f32_block), "{mode:?}: training differs");
+        assert_eq!(bits(&bf16_block.attention(&x).unwrap()), bits(&f32_block.attention(&x).unwrap()), "{mode:?}");
+        let rows = [0, 7, 59];
+        let (a, b) = (bf16_block.attention_rows(&x, &rows).unwrap(), f32_block.attention_rows(&x, &rows).unwrap());
+        assert_eq!(bits(&a), bits(&b), "{mode:?}: attention rows");
+        // The forward pass itself does differ (the bf16 path ran) and is close.
+        let (z16, z32) = (bf16_block.forward(&x).unwrap(), f32_block.forward(&x).unwrap());
+        assert_ne!(bits(&z16), bits(&z32), "{mode:?}");
+        let err = z16.iter().zip(&z32).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let scale = z32.iter().fold(1f32, |m, v| m.max(v.abs()));
+        assert!((err / scale) as f64 <= BOUND, "{mode:?}: {err} against {scale}");
+    }
+}
+
+#[test]
+fn bf16_handles_every_input_layout_and_entry_point_alike() {
+    let config = NonLocalConfig::new(8).inter_channels(4).conv_dims(2).sub_sample(Some([1, 2, 2]));
+    let [_, block] = pair(config, 800);
+    let x = Rng::new(801).input((2, 1, 6, 6, 8), 1.0);
+    let z = block.forward(&x).unwrap();
+    let images = x.index_axis(ndarray::Axis(1), 0).to_owned();
+    assert_eq!(bits(&block.forward_images(&images).unwrap()), bits(&z));
+    let mut into = Array5::<f32>::zeros(x.raw_dim());
+    block.forward_into(&x, &mut into).unwrap();
+    assert_eq!(bits(&into), bits(&z));
+    // A permuted (channels-first in memory) view gives the same bits as the contiguous input.
+    let permuted = x.clone().permuted_axes([0, 4, 1, 2, 3]).as_standard_layout().to_owned();
+    let view = permuted.view().permuted_axes([0, 2, 3, 4, 1]);
+    assert_eq!(bits(&block.forward(&view).unwrap()), bits(&z));
+}
