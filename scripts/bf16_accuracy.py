@@ -7,13 +7,17 @@ this crate's bf16 pipelines, on random AlexHex7-style blocks (the study behind t
 
 For each random block (C in 8..128, T in 1..2, H, W in 4..15, pooling 1x2x2, BatchNorm) it runs
 PyTorch's block under torch.autocast("cpu", dtype=torch.bfloat16), and numpy models (f64 with
-chosen operands rounded to bf16, round to nearest even) of three designs, against the f64
+chosen operands rounded to bf16, round to nearest even) of four designs, against the f64
 result, and counts the blocks whose error breaks the contract
-max|z - ref| / max(1, max|ref|) <= max(1.25 * torch_err, 4e-3):
+max|z - ref| / max(1, max|ref|) <= max(1.25 * torch_err, 4e-3), and the looser rule
+Precision::Bf16Logits is tested with, max(2 * torch_err, 8e-3):
 
-  all-bf16   every product's operands in bf16 (the logits too), W_z in bf16
-  f32-logits theta/phi projections and logits in f32, W_z in bf16
-  crate      what Precision::Bf16 does: the value side in bf16, the logits and W_z in f32
+  all-bf16     every product's operands in bf16 (the logits too), W_z in bf16
+  f32-logits   theta/phi projections and logits in f32, W_z in bf16
+  crate        what Precision::Bf16 does: the value side in bf16, the logits and W_z in f32
+  bf16-logits  what Precision::Bf16Logits does: the logits' operands in bf16 too, W_z in f32
+
+and, per design, the ratio of its error to PyTorch's (median, 90th percentile, largest).
 
 The models reproduce the kernels' errors on the golden cases to about three digits (the sums'
 f32 rounding aside). Needs torch and numpy.
@@ -108,6 +112,7 @@ DESIGNS = {
     'all-bf16': {'x_g', 'w_g', 'x_qk', 'w_qk', 'qk', 'p', 'v', 'y', 'w_z'},
     'f32-logits': {'x_g', 'w_g', 'p', 'v', 'y', 'w_z'},
     'crate': {'x_g', 'w_g', 'p', 'v'},
+    'bf16-logits': {'x_g', 'w_g', 'x_qk', 'w_qk', 'qk', 'p', 'v'},
 }
 
 
@@ -117,8 +122,10 @@ def main():
     mode = args[0] if args else 'eg'
     rng = np.random.default_rng(int(args[1]) if len(args) > 1 else 7)
     trials = int(args[2]) if len(args) > 2 else 60
-    fails = dict.fromkeys(DESIGNS, 0)
+    fails = {k: 0 for k in DESIGNS}
+    loose_fails = {k: 0 for k in DESIGNS}
     worst = dict.fromkeys(DESIGNS, 0.0)
+    ratios = {name: [] for name in DESIGNS}
     for _ in range(trials):
         c = int(rng.choice([8, 12, 16, 32, 48, 64, 96, 128]))
         grid = (int(rng.choice([1, 2])), int(rng.integers(4, 16)), int(rng.integers(4, 16)))
@@ -128,16 +135,23 @@ def main():
         scale = max(1.0, np.abs(ref).max())
         torch_err = np.abs(torch_autocast(p, x, mode, grid) - ref).max() / scale
         bound = max(1.25 * torch_err, 4e-3)
+        loose = max(2.0 * torch_err, 8e-3)
         line = f"C={c:3d} grid={grid} amp={amp} torch={torch_err:.2e}"
         for name, rounded in DESIGNS.items():
             err = np.abs(model(p, x, mode, grid, rounded) - ref).max() / scale
-            fails[name] += err > bound
+            fails[name] += int(err > bound)
+            loose_fails[name] += int(err > loose)
             worst[name] = max(worst[name], err / bound)
+            ratios[name].append(err / torch_err)
             line += f"  {name}={err:.2e} ({err / bound:.2f} of bound)"
         if verbose:
             print(line)
     print(f"{mode}: {trials} blocks; fail the contract: {fails}; worst error / bound: "
           + ", ".join(f"{k} {v:.2f}" for k, v in worst.items()))
+    print(f"  fail max(2 x torch, 8e-3): {loose_fails}")
+    for name, r in ratios.items():
+        r = np.array(r)
+        print(f"  {name}: error / PyTorch's median {np.median(r):.2f}, p90 {np.quantile(r, 0.9):.2f}, max {r.max():.2f}")
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
-//! `Precision::Bf16` at the block level: every mode against the f64 reference within a stated
-//! bound on random shapes (wide channels and many keys among them), bit-identical for any
-//! thread count, and training and attention maps exactly the f32 block's.
+//! `Precision::Bf16` and `Precision::Bf16Logits` at the block level: every mode against the f64
+//! reference within a stated bound on random shapes (wide channels and many keys among them),
+//! bit-identical for any thread count, and training and attention maps exactly the f32 block's.
 
 mod common;
 
@@ -15,13 +15,19 @@ const BOUND: f64 = 8e-3;
 /// An input shape (B, T, H, W, C).
 type Shape = (usize, usize, usize, usize, usize);
 
-/// A random block in both precisions (the same parameters).
-fn pair(config: NonLocalConfig, seed: u64) -> [NonLocalBlock; 2] {
+/// The bound for [`Precision::Bf16Logits`] blocks, which round the logits' operands as
+/// PyTorch's autocast does: twice [`BOUND`] (their worst here is 3.2e-3, in Gaussian mode).
+const LOGITS_BOUND: f64 = 1.6e-2;
+
+/// The bf16 precisions and the bound each is held to here.
+const BF16_PRECISIONS: [(Precision, f64); 2] = [(Precision::Bf16, BOUND), (Precision::Bf16Logits, LOGITS_BOUND)];
+
+/// A random block in f32 and in `precision` (the same parameters).
+fn pair_in(config: NonLocalConfig, seed: u64, precision: Precision) -> [NonLocalBlock; 2] {
     let mut rng = Rng::new(seed);
     let params = random_params(&config, &mut rng);
     let f32_block = NonLocalBlock::from_parameters(config.clone(), params.clone()).expect("valid parameters");
-    let bf16_block =
-        NonLocalBlock::from_parameters(config.precision(Precision::Bf16), params).expect("valid parameters");
+    let bf16_block = NonLocalBlock::from_parameters(config.precision(precision), params).expect("valid parameters");
     [f32_block, bf16_block]
 }
 
@@ -54,31 +60,55 @@ fn cases() -> Vec<(NonLocalConfig, Shape, f32)> {
 
 #[test]
 fn bf16_blocks_are_within_the_bound_of_the_f64_reference_in_every_mode() {
+    let mut worst = [0.0f64; BF16_PRECISIONS.len()];
     for (i, (config, shape, amp)) in cases().into_iter().enumerate() {
-        let what = format!(
-            "{:?} C={} C'={} {:?} {shape:?}",
-            config.mode, config.in_channels, config.inter_channels, config.sub_sample
-        );
-        let [f32_block, bf16_block] = pair(config.clone(), 100 + i as u64);
         let x = Rng::new(200 + i as u64).input(shape, amp);
-        let (want, _) = reference::forward(&config, f32_block.parameters(), x.view());
-        let got = bf16_block.forward(&x).expect("forward");
-        let (err, tol) = max_err(&got, &want);
-        let relative = err / (tol / 1e-4);
-        assert!(relative <= BOUND, "{what}: bf16 error {relative:.2e} of max(1, max|z|)");
-        // Not the f32 result: the bf16 path did run.
-        let f32_out = f32_block.forward(&x).expect("forward");
-        assert_ne!(bits(&got), bits(&f32_out), "{what}: bf16 gave the f32 bits");
+        let mut want = None;
+        for (k, (precision, bound)) in BF16_PRECISIONS.into_iter().enumerate() {
+            let what = format!(
+                "{precision} {:?} C={} C'={} {:?} {shape:?}",
+                config.mode, config.in_channels, config.inter_channels, config.sub_sample
+            );
+            let [f32_block, bf16_block] = pair_in(config.clone(), 100 + i as u64, precision);
+            // The same parameters for every precision: one reference.
+            let want = want.get_or_insert_with(|| reference::forward(&config, f32_block.parameters(), x.view()).0);
+            let got = bf16_block.forward(&x).expect("forward");
+            let (err, tol) = max_err(&got, want);
+            let relative = err / (tol / 1e-4);
+            worst[k] = worst[k].max(relative);
+            assert!(relative <= bound, "{what}: bf16 error {relative:.2e} of max(1, max|z|)");
+            // Not the f32 result: the bf16 path did run.
+            let f32_out = f32_block.forward(&x).expect("forward");
+            assert_ne!(bits(&got), bits(&f32_out), "{what}: bf16 gave the f32 bits");
+        }
+    }
+    for ((precision, bound), worst) in BF16_PRECISIONS.into_iter().zip(worst) {
+        eprintln!("{precision}: worst {worst:.3e} of max(1, max|z|), bound {bound:.1e}");
+    }
+}
+
+#[test]
+fn bf16_logits_round_more_than_bf16_in_the_logit_modes_only() {
+    // Concatenation forms no logits: Bf16Logits is Bf16 there, bit for bit; elsewhere the
+    // logits' operands are rounded too, and the results differ.
+    for (i, (config, shape, amp)) in cases().into_iter().enumerate().filter(|(i, _)| i % 5 == 1) {
+        let [_, bf16] = pair_in(config.clone(), 900 + i as u64, Precision::Bf16);
+        let [_, logits] = pair_in(config.clone(), 900 + i as u64, Precision::Bf16Logits);
+        let x = Rng::new(950 + i as u64).input(shape, amp);
+        let same = bits(&bf16.forward(&x).unwrap()) == bits(&logits.forward(&x).unwrap());
+        assert_eq!(same, config.mode == Mode::Concatenation, "{:?}", config.mode);
     }
 }
 
 #[test]
 fn bf16_results_do_not_depend_on_the_thread_count() {
-    for (i, (config, shape, amp)) in cases().into_iter().enumerate().filter(|(i, _)| i % 5 != 4) {
-        let [_, block] = pair(config, 300 + i as u64);
-        let x = Rng::new(400 + i as u64).input(shape, amp);
-        let runs = on_1_2_3_threads(|| bits(&block.forward(&x).expect("forward")));
-        assert!(runs.windows(2).all(|w| w[0] == w[1]), "case {i}: depends on the thread count");
+    for (precision, _) in BF16_PRECISIONS {
+        for (i, (config, shape, amp)) in cases().into_iter().enumerate().filter(|(i, _)| i % 5 != 4) {
+            let [_, block] = pair_in(config, 300 + i as u64, precision);
+            let x = Rng::new(400 + i as u64).input(shape, amp);
+            let runs = on_1_2_3_threads(|| bits(&block.forward(&x).expect("forward")));
+            assert!(runs.windows(2).all(|w| w[0] == w[1]), "{precision} case {i}: depends on the thread count");
+        }
     }
 }
 
@@ -86,10 +116,12 @@ fn bf16_results_do_not_depend_on_the_thread_count() {
 fn training_and_attention_maps_of_a_bf16_block_are_the_f32_blocks() {
     // forward_train, backward, attention and attention_rows run in f32 on a bf16 block: the
     // same bits as on the f32 block with the same parameters.
-    for (i, mode) in Mode::ALL.into_iter().enumerate() {
+    for (i, (mode, (precision, bound))) in
+        Mode::ALL.into_iter().flat_map(|m| BF16_PRECISIONS.map(|p| (m, p))).enumerate()
+    {
         let config = NonLocalConfig::new(12).inter_channels(6).mode(mode);
         let shape = (2, 2, 6, 5, 12);
-        let [f32_block, bf16_block] = pair(config, 500 + i as u64);
+        let [f32_block, bf16_block] = pair_in(config, 500 + i as u64, precision);
         let x = Rng::new(600 + i as u64).input(shape, 1.0);
         let dz = Rng::new(700 + i as u64).input(shape, 1.0);
         let train = |block: &NonLocalBlock| {
@@ -103,7 +135,7 @@ fn training_and_attention_maps_of_a_bf16_block_are_the_f32_blocks() {
             }
             all
         };
-        assert_eq!(train(&bf16_block), train(&f32_block), "{mode:?}: training differs");
+        assert_eq!(train(&bf16_block), train(&f32_block), "{precision} {mode:?}: training differs");
         assert_eq!(bits(&bf16_block.attention(&x).unwrap()), bits(&f32_block.attention(&x).unwrap()), "{mode:?}");
         let rows = [0, 7, 59];
         let (a, b) = (bf16_block.attention_rows(&x, &rows).unwrap(), f32_block.attention_rows(&x, &rows).unwrap());
@@ -113,23 +145,25 @@ fn training_and_attention_maps_of_a_bf16_block_are_the_f32_blocks() {
         assert_ne!(bits(&z16), bits(&z32), "{mode:?}");
         let err = z16.iter().zip(&z32).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         let scale = z32.iter().fold(1f32, |m, v| m.max(v.abs()));
-        assert!((err / scale) as f64 <= BOUND, "{mode:?}: {err} against {scale}");
+        assert!((err / scale) as f64 <= bound, "{precision} {mode:?}: {err} against {scale}");
     }
 }
 
 #[test]
 fn bf16_handles_every_input_layout_and_entry_point_alike() {
     let config = NonLocalConfig::new(8).inter_channels(4).conv_dims(2).sub_sample(Some([1, 2, 2]));
-    let [_, block] = pair(config, 800);
-    let x = Rng::new(801).input((2, 1, 6, 6, 8), 1.0);
-    let z = block.forward(&x).unwrap();
-    let images = x.index_axis(ndarray::Axis(1), 0).to_owned();
-    assert_eq!(bits(&block.forward_images(&images).unwrap()), bits(&z));
-    let mut into = Array5::<f32>::zeros(x.raw_dim());
-    block.forward_into(&x, &mut into).unwrap();
-    assert_eq!(bits(&into), bits(&z));
-    // A permuted (channels-first in memory) view gives the same bits as the contiguous input.
-    let permuted = x.clone().permuted_axes([0, 4, 1, 2, 3]).as_standard_layout().to_owned();
-    let view = permuted.view().permuted_axes([0, 2, 3, 4, 1]);
-    assert_eq!(bits(&block.forward(&view).unwrap()), bits(&z));
+    for (precision, _) in BF16_PRECISIONS {
+        let [_, block] = pair_in(config.clone(), 800, precision);
+        let x = Rng::new(801).input((2, 1, 6, 6, 8), 1.0);
+        let z = block.forward(&x).unwrap();
+        let images = x.index_axis(ndarray::Axis(1), 0).to_owned();
+        assert_eq!(bits(&block.forward_images(&images).unwrap()), bits(&z), "{precision}");
+        let mut into = Array5::<f32>::zeros(x.raw_dim());
+        block.forward_into(&x, &mut into).unwrap();
+        assert_eq!(bits(&into), bits(&z), "{precision}");
+        // A permuted (channels-first in memory) view gives the same bits as the contiguous input.
+        let permuted = x.clone().permuted_axes([0, 4, 1, 2, 3]).as_standard_layout().to_owned();
+        let view = permuted.view().permuted_axes([0, 2, 3, 4, 1]);
+        assert_eq!(bits(&block.forward(&view).unwrap()), bits(&z), "{precision}");
+    }
 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--shape NAME] [--mode eg|dp|concat|gauss] [--reps N] [--backward]
-//!     [--block nl|gc|cc|dnl] [--candle] [--precision f32|bf16|both]
+//!     [--block nl|gc|cc|dnl] [--candle] [--precision f32|bf16|bf16-logits|both|all]
 //! ```
 //!
 //! First measures the sgemm peak: the best 2048×2048×2048 sgemm a Rust crate runs on this
@@ -60,7 +60,8 @@
 //! AVX512_BF16), and each bf16 line says `precision=bf16` and gives `pct_peak` against that
 //! peak (`bf16_gemm_gflops`), with `speedup=<f32 ms / bf16 ms>` when the f32 line was measured
 //! in the same rounds (with `both`, each round runs the f32 block then the bf16 one, so both
-//! medians see the same load). Every line ends with `rss_peak_mb`, the process's peak resident
+//! medians see the same load). `--precision bf16-logits` runs `Precision::Bf16Logits` blocks
+//! the same way, `all` the three precisions in each round. Every line ends with `rss_peak_mb`, the process's peak resident
 //! memory during that case (Linux; reset before each case; with `both`, over both blocks).
 
 use std::time::Instant;
@@ -133,6 +134,7 @@ fn parse_args() -> Result<Args, String> {
             "--precision" => {
                 args.precisions = match value()?.as_str() {
                     "both" => vec![Precision::F32, Precision::Bf16],
+                    "all" => vec![Precision::F32, Precision::Bf16, Precision::Bf16Logits],
                     other => vec![other.parse().map_err(|e| format!("--precision: {e}"))?],
                 }
             }
@@ -140,7 +142,7 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     if args.candle && args.precisions != [Precision::F32] {
-        return Err("--candle runs the f32 block only (no --precision bf16|both)".into());
+        return Err("--candle runs the f32 block only (no --precision other than f32)".into());
     }
     if let Some(s) = &args.shape {
         if !SHAPES.iter().any(|(n, ..)| n == s) {
@@ -368,7 +370,7 @@ fn main() {
     if args.block == "dnl" {
         return disentangled::bench_dnl(&args, peak);
     }
-    let bf16_peak = args.precisions.contains(&Precision::Bf16).then(bf16_gemm_peak);
+    let bf16_peak = args.precisions.iter().any(|&p| p != Precision::F32).then(bf16_gemm_peak);
     if let Some(bf16_peak) = bf16_peak {
         println!("threads={threads} simd={} bf16 gemm 2048^3 GFLOP/s: nonlocal={bf16_peak:.1}", nonlocal::simd_path());
     }
@@ -413,12 +415,12 @@ fn main() {
                 let precision = *precision;
                 let gflops = flops / median / 1e9;
                 let (peak_name, peak) = match (precision, bf16_peak) {
-                    (Precision::Bf16, Some(bf16)) => ("bf16_gemm_gflops", bf16),
-                    _ => ("sgemm_gflops", peak),
+                    (Precision::F32, _) | (_, None) => ("sgemm_gflops", peak),
+                    (_, Some(bf16)) => ("bf16_gemm_gflops", bf16),
                 };
                 let speedup = match (precision, f32_ms) {
-                    (Precision::Bf16, Some(ms)) => format!(" speedup={:.2}", ms / (median * 1e3)),
-                    _ => String::new(),
+                    (Precision::F32, _) | (_, None) => String::new(),
+                    (_, Some(ms)) => format!(" speedup={:.2}", ms / (median * 1e3)),
                 };
                 println!(
                     "shape={name} mode={mode_name} precision={precision} ms={:.2} gflops={gflops:.1} {peak_name}={peak:.1} pct_peak={:.1}{speedup} {rss}",

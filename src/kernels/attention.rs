@@ -88,10 +88,14 @@ impl Kernel {
             return;
         }
         let tile = query_tile(q.rows());
-        let bf16 = precision == Precision::Bf16;
-        // The logits are f32 in both precisions (bf16 logits lose the accuracy contract on
-        // wide and many-key cases: see the README's "bf16"); bf16 is the value product.
+        // `Bf16`: the value product in bf16, the logits f32 (bf16 logits lose the accuracy
+        // contract on wide and many-key cases: see the README's "bf16"). `Bf16Logits`: both.
+        let (bf16, bf16_logits) = (precision.bf16_values(), precision.bf16_logits());
         match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Bf16(s) if bf16_logits => {
+                flash::attention::<_, Bf16, Bf16, AVX512_MR, AVX512_MR, AVX512_NV>(s, qkv, bias, out, lse, tile, ws)
+            }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Bf16(s) if bf16 => {
                 flash::attention::<_, F32, Bf16, AVX512_MR, AVX512_MR, AVX512_NV>(s, qkv, bias, out, lse, tile, ws)
@@ -107,12 +111,20 @@ impl Kernel {
                 ws,
             ),
             #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512(s) if bf16_logits => {
+                flash::attention::<_, Bf16, Bf16, AVX512_MR, AVX512_MR, AVX512_NV>(s, qkv, bias, out, lse, tile, ws)
+            }
+            #[cfg(target_arch = "x86_64")]
             Kernel::Avx512(s) if bf16 => {
                 flash::attention::<_, F32, Bf16, AVX512_MR, AVX512_MR, AVX512_NV>(s, qkv, bias, out, lse, tile, ws)
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512(s) => {
                 flash::attention::<_, F32, F32, AVX512_MR, AVX512_MR, AVX512_NV>(s, qkv, bias, out, lse, tile, ws)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(s) if bf16_logits => {
+                flash::attention::<_, Bf16, Bf16, AVX2_BF16_MR, AVX2_BF16_MR, AVX2_NV>(s, qkv, bias, out, lse, tile, ws)
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2(s) if bf16 => {
@@ -124,12 +136,20 @@ impl Kernel {
             }
             Kernel::Sgemm => sgemm_attention::attention(qkv, bias, out, lse, ws, precision),
             #[cfg(test)]
+            Kernel::Portable16 if bf16_logits => {
+                flash::attention::<_, Bf16, Bf16, 12, 12, 2>(super::simd::Portable::<16>, qkv, bias, out, lse, tile, ws)
+            }
+            #[cfg(test)]
             Kernel::Portable16 if bf16 => {
                 flash::attention::<_, F32, Bf16, 12, 12, 2>(super::simd::Portable::<16>, qkv, bias, out, lse, tile, ws)
             }
             #[cfg(test)]
             Kernel::Portable16 => {
                 flash::attention::<_, F32, F32, 12, 12, 2>(super::simd::Portable::<16>, qkv, bias, out, lse, tile, ws)
+            }
+            #[cfg(test)]
+            Kernel::Portable8 if bf16_logits => {
+                flash::attention::<_, Bf16, Bf16, 4, 4, 2>(super::simd::Portable::<8>, qkv, bias, out, lse, tile, ws)
             }
             #[cfg(test)]
             Kernel::Portable8 if bf16 => {
@@ -503,7 +523,7 @@ mod tests {
         let (m, dv) = (3, 2);
         let v: Vec<f32> = vec![1.0, 2.0, 3.0, 4.0, 5.0, 9.0];
         let none: [f32; 0] = [];
-        for (kernel, precision) in kernels().into_iter().flat_map(|k| [(k, Precision::F32), (k, Precision::Bf16)]) {
+        for (kernel, precision) in kernels().into_iter().flat_map(|k| PRECISIONS.map(|p| (k, p))) {
             let mut out = vec![f32::NAN; 5 * dv];
             let (q, k) = (MatRef::new(&none, 0, 5, 0, 7), MatRef::new(&none, 0, m, 0, 7));
             let qkv = (q, k, MatRef::new(&v, 0, m, dv, dv), 1.0);
@@ -523,6 +543,9 @@ mod tests {
             );
         }
     }
+
+    /// Every precision the kernels take.
+    const PRECISIONS: [Precision; 3] = [Precision::F32, Precision::Bf16, Precision::Bf16Logits];
 
     /// The packed kernels that take bf16 pairs (every packed kernel does): their bf16 outputs
     /// are one computation whatever the geometry and instruction set.
@@ -605,46 +628,51 @@ mod tests {
     }
 
     #[test]
-    fn the_kernel_with_bf16_logits_too_gives_the_instructions_bits() {
-        // The packed kernel takes bf16 pairs for both products (the block keeps its logits f32
-        // for accuracy): the instantiation is the model's on every instruction set.
-        use crate::kernels::microkernel::Bf16;
-        let case = Case::new((70, 300, 33, 13), 2.0, 17);
-        let (n, _, _, dv) = case.dims;
-        let run = |f: &dyn Fn(&mut [f32], &mut [f32])| {
-            let (mut out, mut lse) = (vec![f32::NAN; n * dv], vec![f32::NAN; n]);
-            f(&mut out, &mut lse);
-            (bits(&out), bits(&lse))
-        };
-        let (qkv, ws) = ((case.q(), case.k(), case.v(), 0.4), Workspace::default());
-        let want = run(&|o, l| {
-            flash::attention::<_, Bf16, Bf16, 12, 12, 2>(
-                super::super::simd::Portable::<16>,
-                qkv,
-                None,
-                o,
-                Some(l),
-                32,
-                &ws,
-            )
-        });
-        #[cfg(target_arch = "x86_64")]
-        {
-            if let Some(s) = Avx512Bf16::detect() {
-                let got = run(&|o, l| flash::attention::<_, Bf16, Bf16, 12, 12, 2>(s, qkv, None, o, Some(l), 32, &ws));
-                assert!(got == want, "vdpbf16ps");
-            }
-            if let Some(s) = Avx512::detect() {
-                let got = run(&|o, l| flash::attention::<_, Bf16, Bf16, 12, 12, 2>(s, qkv, None, o, Some(l), 32, &ws));
-                assert!(got == want, "AVX-512F emulation");
-            }
-        }
-        // And it is the attention of the rounded operands.
+    fn bf16_logit_kernels_are_the_attention_on_rounded_operands_with_one_result() {
+        // `Precision::Bf16Logits`: q and k rounded too. A product of two bf16 values is exact,
+        // so every kernel is the attention of the rounded q, k and v within the weights'
+        // rounding (2^-8, as above) plus f32 sums; the packed kernels give one result bit for
+        // bit on every instruction set, geometry and thread count (a fixed chain of pair
+        // steps per logit and per output).
         use crate::kernels::bf16::round_to_bf16;
         let r = |v: &[f32]| v.iter().map(|&x| round_to_bf16(x)).collect::<Vec<_>>();
-        let exact = reference(&r(&case.q_dense()), &r(&case.k), &r(&case.v), case.dims, 0.4);
-        for (&g, &w) in want.0.iter().zip(&exact) {
-            assert!((f32::from_bits(g) as f64 - w).abs() < 1.02 / 256.0 + 2e-5);
+        for (dims, amp, scale, bias) in [
+            ((70, 300, 33, 13), 2.0, 0.4, false),
+            ((203, 517, 19, 11), 1.5, 0.6, true),
+            ((5, 1, 3, 2), 1.0, 1.0, false),
+        ] {
+            let mut case = Case::new(dims, amp, 17);
+            let (n, m, d, dv) = dims;
+            let exact = match bias {
+                false => reference(&r(&case.q_dense()), &r(&case.k), &r(&case.v), dims, scale as f64),
+                true => {
+                    // The offsets stay f32: the attention of [q, 1] on [k, b].
+                    let b = pseudo_random(m, 9, 4.0);
+                    case.bias = Some(b.clone());
+                    let q: Vec<f32> =
+                        r(&case.q_dense()).chunks(d).flat_map(|row| row.iter().copied().chain([1.0])).collect();
+                    let k: Vec<f32> =
+                        r(&case.k).chunks(d).zip(&b).flat_map(|(row, &b)| row.iter().copied().chain([b])).collect();
+                    reference(&q, &k, &r(&case.v), (n, m, d + 1, dv), scale as f64)
+                }
+            };
+            for kernel in kernels() {
+                let (out, _) = case.forward_in(Precision::Bf16Logits, kernel, scale);
+                for (i, (&g, &w)) in out.iter().zip(&exact).enumerate() {
+                    assert!((g as f64 - w).abs() < 1.02 / 256.0 + 2e-5, "{kernel:?} {dims:?} [{i}]: {g} vs {w}");
+                }
+            }
+            let want = case.forward_in(Precision::Bf16Logits, Kernel::Portable16, scale);
+            for kernel in packed_kernels() {
+                for threads in [1, 2, 3] {
+                    let got = in_pool(threads, || case.forward_in(Precision::Bf16Logits, kernel, scale));
+                    assert_eq!(bits(&got.0), bits(&want.0), "{kernel:?} {dims:?} on {threads} threads");
+                    assert_eq!(bits(&got.1), bits(&want.1), "{kernel:?} {dims:?} lse on {threads} threads");
+                }
+            }
+            // Bf16Logits differs from Bf16 (the logits' operands are rounded; one key weighs 1).
+            let value_side_only = case.forward_in(Precision::Bf16, Kernel::Portable16, scale);
+            assert_eq!(bits(&want.0) == bits(&value_side_only.0), m == 1, "{dims:?}");
         }
     }
 
@@ -653,7 +681,7 @@ mod tests {
         let mut case = Case::new((40, 300, 8, 5), 1.0, 3);
         case.q[3 * 16] = f32::NAN;
         case.q[9 * 16 + 2] = f32::INFINITY;
-        for (kernel, precision) in kernels().into_iter().flat_map(|k| [(k, Precision::F32), (k, Precision::Bf16)]) {
+        for (kernel, precision) in kernels().into_iter().flat_map(|k| PRECISIONS.map(|p| (k, p))) {
             let (out, _) = case.forward_in(precision, kernel, 1.0);
             for (r, row) in out.chunks(5).enumerate() {
                 let poisoned = r == 3 || r == 9;

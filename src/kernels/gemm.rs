@@ -113,7 +113,7 @@ fn avx512_gemm(beta: f32) -> Option<super::simd::Avx512> {
 /// (internal errors).
 pub fn par_gemm_in(precision: Precision, alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut MatMut<'_>) {
     match precision {
-        Precision::Bf16 => {
+        Precision::Bf16 | Precision::Bf16Logits => {
             assert!(beta == 0.0 || (beta == 1.0 && alpha == 1.0), "par_gemm_in: bf16 takes β 0, or β 1 with α 1");
             par_gemm_bf16(a, (b, None), beta == 1.0, c, &Workspace::default());
             if alpha != 1.0 {
@@ -269,7 +269,7 @@ impl PrepackedB {
     /// Packs `b` for products in `precision`, when the chosen path packs its operands.
     pub(crate) fn new(b: MatRef<'_>, precision: Precision) -> PrepackedB {
         let packed = match precision {
-            Precision::Bf16 => BPacking::bf16(b),
+            Precision::Bf16 | Precision::Bf16Logits => BPacking::bf16(b),
             #[cfg(target_arch = "x86_64")]
             _ if isa().f32_avx512() && b.rows() > 0 && b.cols() > 0 => {
                 BPacking::F32(PackedB::new(b, AVX512_NV * 16, 1.0))
@@ -304,7 +304,7 @@ pub(crate) fn par_gemm_prepacked(
     ws: &Workspace,
 ) {
     assert_eq!((packed.rows, packed.cols), (b.rows(), b.cols()), "par_gemm_prepacked: B and its packing");
-    if precision == Precision::Bf16 {
+    if precision.bf16_values() {
         assert!(beta == 0.0 || beta == 1.0, "par_gemm_prepacked: bf16 takes β 0 or 1");
         let ahead = (packed.precision() == Precision::Bf16).then_some(&packed.packed);
         return par_gemm_bf16(a, (b, ahead), beta == 1.0, c, ws);

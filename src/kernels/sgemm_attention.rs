@@ -43,9 +43,15 @@ pub(crate) fn attention(
     check_forward((q, k, v), bias, out, lse.as_deref());
     let (n, dv) = (q.rows(), v.cols());
     let tile = query_tile(n);
-    let bf16 = precision == Precision::Bf16;
+    let bf16 = precision.bf16_values();
     let v_rounded = bf16.then(|| rounded(ws, v));
     let v = view(&v_rounded, v);
+    // bf16 logits: q and k rounded once (the products of two bf16 values are exact in f32).
+    let (q_rounded, k_rounded) = match precision.bf16_logits() {
+        true => (Some(rounded(ws, q)), Some(rounded(ws, k))),
+        false => (None, None),
+    };
+    let (q, k) = (view(&q_rounded, q), view(&k_rounded, k));
     for_each_query_tile(n, dv, tile, out, lse, |rows, out_tile, lse_tile| {
         attend_tile(q.rows_range(rows.start, rows.end), (k, bias), v, scale, (out_tile, lse_tile), ws, bf16);
     });

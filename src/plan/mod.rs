@@ -104,22 +104,23 @@ impl Compiled {
         }
         // The fold pays only with fewer keys than queries (pooling) or C < C'.
         let fold_may_pay = config.sub_sample.is_some() || c < ci;
-        // bf16 blocks keep the logits' projections (θ, φ; dot product's θ) in f32 (see
-        // `Precision::Bf16`): the θ fold's φ rows too, and W_θᵀ.
+        // `Precision::Bf16` keeps the logits' projections (θ, φ; dot product's θ) in f32: the θ
+        // fold's φ rows too, and W_θᵀ. `Bf16Logits` projects them in bf16 (W_θᵀ stays f32).
         let precision = config.precision;
+        let logit_rows = |rows: usize| if precision.bf16_logits() { 0 } else { rows };
         let uses_logits = matches!(config.mode, Mode::EmbeddedGaussian | Mode::DotProduct);
         let theta_fold = (uses_logits && fold_may_pay).then(|| ThetaFold {
-            w_keys: Weights::mixed(w_proj[ci * c..].to_vec(), 2 * ci, c, precision, ci),
+            w_keys: Weights::mixed(w_proj[ci * c..].to_vec(), 2 * ci, c, precision, logit_rows(ci)),
             b_keys: b_proj[ci..].to_vec(),
             w_theta_t: Weights::new((0..c * ci).map(|i| w_proj[(i % ci) * c + i / ci]).collect(), c, ci),
             b_theta: b_proj[..ci].to_vec(),
         });
         // The leading projection rows that stay f32 in a bf16 block.
-        let f32_rows = match config.mode {
+        let f32_rows = logit_rows(match config.mode {
             Mode::EmbeddedGaussian => 2 * ci,
             Mode::DotProduct => ci,
             Mode::Gaussian | Mode::Concatenation => 0,
-        };
+        });
         let (w_proj, w_out) = (Weights::mixed(w_proj, proj_cols, c, precision, f32_rows), Weights::new(w_out, c, ci));
         Compiled {
             w_proj,
