@@ -389,11 +389,13 @@ fn main() {
             let flops = nominal_flops(mode, c, n, m);
             let blocks: Vec<(Precision, NonLocalBlock)> =
                 args.precisions.iter().map(|&p| (p, bench_block(mode, c, p))).collect();
-            let grad_output = x.mapv(|v| v * 0.5);
+            // The training runs' output gradient, made only for them: a forward-only run holds no
+            // second input-sized array (its rss_peak_mb is the block's).
+            let grad_output = || x.mapv(|v| v * 0.5);
             #[cfg(feature = "candle")]
             if args.candle {
                 // parse_args allows --candle with f32 only: blocks[0] is the f32 block.
-                candle_backend::bench_case(&args, &blocks[0].1, &x, &grad_output, (name, mode_name, flops, peak));
+                candle_backend::bench_case(&args, &blocks[0].1, &x, &grad_output(), (name, mode_name, flops, peak));
                 continue;
             }
             // With both precisions the runs alternate, one of each per repetition, so that the
@@ -428,6 +430,7 @@ fn main() {
                     100.0 * gflops / peak,
                 );
                 if args.backward {
+                    let grad_output = grad_output();
                     reset_peak_rss();
                     let median = median_seconds(args.reps, || {
                         let (z, ctx) = block.forward_train(&x).expect("bench forward_train");
