@@ -92,10 +92,11 @@ pub enum Precision {
     /// [`Bf16`](Precision::Bf16) and the logits too: θ and φ projected (Gaussian: the input
     /// rounded) and multiplied in bf16 with f32 sums, as PyTorch's bf16 autocast and
     /// OpenVINO's bf16 default do; `W_z`, the softmax, the residual and the output stay f32.
-    /// 1.3–2× faster than f32 on AVX512_BF16 (README "bf16"), but its error is in their class,
-    /// not below it: 0.6–1.6× PyTorch autocast's own on the golden cases and random blocks
-    /// measured, so the per-case contract of [`Bf16`](Precision::Bf16) does not hold. The same
-    /// entry points as `Bf16` (training and attention maps in f32).
+    /// 1.25–1.85× faster than f32 on AVX512_BF16 (measured, README "bf16"), with an error in
+    /// their class rather than below it: 0.18–1.37× PyTorch autocast's own on the golden cases,
+    /// a median 0.44–0.61× over random blocks but up to 3.9× on one of them, so the per-case
+    /// contract of [`Bf16`](Precision::Bf16) does not hold. The same entry points as `Bf16`
+    /// (training and attention maps in f32).
     Bf16Logits,
 }
 
