@@ -403,8 +403,8 @@ impl NonLocalConfig {
     /// Accuracy: on each of the PyTorch golden cases the crate tests, the bf16 output's error
     /// `max |z − z_ref| / max(1, max |z_ref|)` is at most `max(1.25 × e, 4e-3)`, where `e` is
     /// PyTorch's own error there under `torch.autocast("cpu", dtype=torch.bfloat16)` (the
-    /// README lists both per case). [`Precision::Bf16Logits`] is faster and as accurate as
-    /// PyTorch's autocast, not more: no per-case bound beyond that (see [`Precision`]).
+    /// README lists both per case). [`Precision::Bf16Logits`] is faster, with an error in
+    /// PyTorch autocast's class rather than below it: no such per-case bound (see [`Precision`]).
     ///
     /// ```
     /// use ndarray::Array5;

@@ -112,16 +112,14 @@ fn avx512_gemm(beta: f32) -> Option<super::simd::Avx512> {
 /// If the dimensions do not agree, or for bf16 when β is not 0 or 1, or α is not 1 with β 1
 /// (internal errors).
 pub fn par_gemm_in(precision: Precision, alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut MatMut<'_>) {
-    match precision {
-        Precision::Bf16 | Precision::Bf16Logits => {
-            assert!(beta == 0.0 || (beta == 1.0 && alpha == 1.0), "par_gemm_in: bf16 takes β 0, or β 1 with α 1");
-            par_gemm_bf16(a, (b, None), beta == 1.0, c, &Workspace::default());
-            if alpha != 1.0 {
-                let (rows, cols, ld) = (c.rows(), c.cols(), c.ld());
-                c.data_mut().chunks_mut(ld).take(rows).for_each(|row| row[..cols].iter_mut().for_each(|v| *v *= alpha));
-            }
-        }
-        _ => par_gemm(alpha, a, b, beta, c),
+    if !precision.bf16_values() {
+        return par_gemm(alpha, a, b, beta, c);
+    }
+    assert!(beta == 0.0 || (beta == 1.0 && alpha == 1.0), "par_gemm_in: bf16 takes β 0, or β 1 with α 1");
+    par_gemm_bf16(a, (b, None), beta == 1.0, c, &Workspace::default());
+    if alpha != 1.0 {
+        let (rows, cols, ld) = (c.rows(), c.cols(), c.ld());
+        c.data_mut().chunks_mut(ld).take(rows).for_each(|row| row[..cols].iter_mut().for_each(|v| *v *= alpha));
     }
 }
 
@@ -269,7 +267,7 @@ impl PrepackedB {
     /// Packs `b` for products in `precision`, when the chosen path packs its operands.
     pub(crate) fn new(b: MatRef<'_>, precision: Precision) -> PrepackedB {
         let packed = match precision {
-            Precision::Bf16 | Precision::Bf16Logits => BPacking::bf16(b),
+            p if p.bf16_values() => BPacking::bf16(b),
             #[cfg(target_arch = "x86_64")]
             _ if isa().f32_avx512() && b.rows() > 0 && b.cols() > 0 => {
                 BPacking::F32(PackedB::new(b, AVX512_NV * 16, 1.0))

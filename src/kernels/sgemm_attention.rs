@@ -47,10 +47,8 @@ pub(crate) fn attention(
     let v_rounded = bf16.then(|| rounded(ws, v));
     let v = view(&v_rounded, v);
     // bf16 logits: q and k rounded once (the products of two bf16 values are exact in f32).
-    let (q_rounded, k_rounded) = match precision.bf16_logits() {
-        true => (Some(rounded(ws, q)), Some(rounded(ws, k))),
-        false => (None, None),
-    };
+    let bf16_logits = precision.bf16_logits();
+    let (q_rounded, k_rounded) = (bf16_logits.then(|| rounded(ws, q)), bf16_logits.then(|| rounded(ws, k)));
     let (q, k) = (view(&q_rounded, q), view(&k_rounded, k));
     for_each_query_tile(n, dv, tile, out, lse, |rows, out_tile, lse_tile| {
         attend_tile(q.rows_range(rows.start, rows.end), (k, bias), v, scale, (out_tile, lse_tile), ws, bf16);
