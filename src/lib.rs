@@ -103,8 +103,8 @@
 //! With the `candle` feature, the module `nonlocal::candle` (candle-core and candle-nn 0.11)
 //! has the block as a candle layer, `nonlocal::candle::NonLocal` (a `candle_core::Module`
 //! built from a `candle_nn::VarBuilder` under the same PyTorch keys, channels-first like
-//! PyTorch, with candle's autograd through it, close to the native block's speed and in
-//! O(N·C) memory), and the fused attention as a candle op with a backward pass,
+//! PyTorch, with candle's autograd through it, in O(N·C) memory: its forward pass 1.01–1.12×
+//! the native block's time, a training step 1.14–1.51×, measured), and the fused attention as a candle op with a backward pass,
 //! `nonlocal::candle::attention`.
 //! [`NonLocalBlock::forward_channels_first`] runs the native block in PyTorch's layout.
 //!
