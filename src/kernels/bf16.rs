@@ -1,13 +1,13 @@
-//! bf16 numbers as AVX512_BF16 computes with them, in plain integer and f64 steps (the same bits
-//! on every machine): the rounding of f32 to bf16 (`VCVTNEPS2BF16`, [`f32_to_bf16`]) and one
-//! lane of the bf16 dot product (`VDPBF16PS`, [`dpbf16_lane`]). Found by experiment on AMD Zen 5
-//! (134 M lanes of eight adversarial classes and all 2^32 conversions, zero differences), and
-//! as Intel's SDM pseudo-code says:
+//! bf16 numbers as AVX512_BF16 computes with them, in plain integer and f64 steps (the same
+//! bits on every machine): the rounding of f32 to bf16 (`VCVTNEPS2BF16`, [`f32_to_bf16`]) and
+//! one lane of the bf16 dot product (`VDPBF16PS`, `dpbf16_lane`, in the tests). Found by
+//! experiment on AMD Zen 5 (134 M lanes of eight adversarial classes and all 2^32 conversions,
+//! zero differences), and as Intel's SDM pseudo-code says:
 //!
 //! - [`f32_to_bf16`]: round to nearest even; a subnormal f32 gives a zero of its sign; a NaN
 //!   keeps its sign and top payload bits and is quieted; overflow rounds to ±∞. (`half`'s
 //!   conversion differs on the subnormals it does not flush.)
-//! - [`dpbf16_lane`]: `acc + a₁·b₁` (the odd, high halves first), rounded, then `+ a₀·b₀`,
+//! - `dpbf16_lane`: `acc + a₁·b₁` (the odd, high halves first), rounded, then `+ a₀·b₀`,
 //!   rounded: two fused multiply-adds ([`fma_step`]), each reading subnormal inputs as zeros,
 //!   rounding to nearest even with the product exact, and flushing a result that is tiny
 //!   *after* rounding to a zero of its sign.

@@ -1,12 +1,12 @@
-//! The bf16 pair operations of the register tile on every instruction set ([`Bf16Simd`]): the
-//! real `VDPBF16PS` on [`Avx512Bf16`], an exact emulation in f32 fused multiply-adds on
+//! The bf16 pair operations of the register tile on every instruction set (the [`Bf16Simd`]
+//! implementations; the trait is the instruction-set layer's, in `simd`): the real `VDPBF16PS` on [`Avx512Bf16`], an exact emulation in f32 fused multiply-adds on
 //! [`Avx512`] and [`Avx2`], and the scalar model of [`bf16`](super::bf16) per lane on
 //! `Portable`, so that a bf16 kernel gives the same bits on each of them.
 //!
-//! A vector of pairs holds [`Simd::LANES`] 32-bit words, each two bf16: element 2i in the low
-//! half, 2i+1 in the high half. [`Bf16Simd::dot_pairs`] computes per f32 lane
-//! `acc + a.odd·b.odd + a.even·b.even`, the odd pair first, each addition one fused
-//! multiply-add rounded to nearest even, tiny results flushed to zero.
+//! A vector of pairs holds [`Simd::LANES`](super::simd::Simd::LANES) 32-bit words, each two
+//! bf16: element 2i in the low half, 2i+1 in the high half. [`Bf16Simd::dot_pairs`] computes
+//! per f32 lane `acc + a.odd·b.odd + a.even·b.even`, the odd pair first, each addition one
+//! fused multiply-add rounded to nearest even, tiny results flushed to zero.
 //!
 //! The emulations widen a bf16 to f32 by a 16-bit shift (exact) and use `vfmadd` in the same
 //! order: the product of two bf16 is exact, so the FMA rounds exactly where the instruction
@@ -20,52 +20,12 @@
 //! the model read subnormals as zeros anyway; the emulations skip that step.
 
 use super::bf16;
+use super::simd::Bf16Simd;
 #[cfg(test)]
 use super::simd::Portable;
-use super::simd::Simd;
 #[cfg(target_arch = "x86_64")]
 #[allow(unused_imports)]
 use super::simd::{Avx2, Avx512, Avx512Bf16};
-
-/// An instruction set's bf16 pair operations (every [`Simd`] has them: real or emulated).
-pub(crate) trait Bf16Simd: Simd {
-    /// Whether [`Bf16Simd::dot_pairs_unchecked`] can differ from [`Bf16Simd::dot_pairs`] (on
-    /// the emulations, for operands whose products reach below 2^-112).
-    const EMULATED: bool;
-    /// [`Simd::LANES`] pair words in the form [`Bf16Simd::dot_pairs`] takes (the raw words for
-    /// the instruction, the two widened f32 halves for an emulation).
-    type Pairs: Copy;
-
-    /// Loads [`Simd::LANES`] pair words.
-    ///
-    /// # Safety
-    /// `ptr` must be readable for [`Simd::LANES`] u32 (no alignment needed).
-    unsafe fn load_pairs(self, ptr: *const u32) -> Self::Pairs;
-    /// All lanes the pair word `*ptr`.
-    ///
-    /// # Safety
-    /// `ptr` must be readable for one u32.
-    unsafe fn splat_pair(self, ptr: *const u32) -> Self::Pairs;
-    /// Per lane `acc + a.odd·b.odd + a.even·b.even` exactly as `VDPBF16PS` computes it
-    /// ([`bf16::dpbf16_lane`]), under the module's preconditions.
-    fn dot_pairs(self, acc: Self::V, a: Self::Pairs, b: Self::Pairs) -> Self::V;
-    /// [`Bf16Simd::dot_pairs`] without the emulations' checks for tiny results: the same bits
-    /// whenever no intermediate result is in `(0, 2^-126]`, which holds in a chain from zero
-    /// when every nonzero product is at least 2^-112 (see
-    /// [`normal_range_certified`](super::microkernel::normal_range_certified)).
-    #[inline(always)]
-    fn dot_pairs_unchecked(self, acc: Self::V, a: Self::Pairs, b: Self::Pairs) -> Self::V {
-        self.dot_pairs(acc, a, b)
-    }
-    /// Rounds the lanes of `even` and `odd` to bf16 ([`bf16::f32_to_bf16`]) and stores
-    /// [`Simd::LANES`] pair words: lane l of `even` in the low half of word l, of `odd` in the
-    /// high half (`VCVTNE2PS2BF16` and a word interleave on the instruction set that has it,
-    /// integer rounding elsewhere: the same bits).
-    ///
-    /// # Safety
-    /// `dst` must be writable for [`Simd::LANES`] u32.
-    unsafe fn store_bf16_pairs(self, even: Self::V, odd: Self::V, dst: *mut u32);
-}
 
 #[cfg(test)]
 impl<const L: usize> Bf16Simd for Portable<L> {

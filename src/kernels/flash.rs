@@ -23,9 +23,9 @@ use super::attention_common::{
     add_key_partials, finish_rows, for_each_query_tile, over_query_chunks, row_dots, Accumulated,
 };
 use super::attention_shapes::{check_backward, check_forward};
-use super::bf16_simd::Bf16Simd;
 use super::exp::{exp2_weight, exp_vector, LOG2E};
 use super::microkernel::{packed_panels, tile, Elem, Word, F32};
+use super::simd::Bf16Simd;
 use super::simd::Job;
 use super::tiles::{KEY_TILE, QUERY_TILE};
 use super::views::MatRef;

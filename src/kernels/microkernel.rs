@@ -10,7 +10,7 @@
 //! high half of the last pair, in A and in B alike.
 
 use super::bf16::{f32_to_bf16, pair};
-use super::bf16_simd::Bf16Simd;
+use super::simd::Bf16Simd;
 use super::views::MatRef;
 use crate::workspace::{Scratch, Workspace};
 
@@ -60,13 +60,13 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     const DEPTH: usize;
     /// A broadcast A element, ready for [`Elem::madd`].
     type AV<S: Bf16Simd>: Copy;
-    /// [`Simd::LANES`] loaded B elements, ready for [`Elem::madd`].
+    /// [`Simd::LANES`](super::simd::Simd::LANES) loaded B elements, ready for [`Elem::madd`].
     type BV<S: Bf16Simd>: Copy;
 
-    /// Loads [`Simd::LANES`] B elements.
+    /// Loads [`Simd::LANES`](super::simd::Simd::LANES) B elements.
     ///
     /// # Safety
-    /// `ptr` readable for [`Simd::LANES`] elements.
+    /// `ptr` readable for [`Simd::LANES`](super::simd::Simd::LANES) elements.
     unsafe fn load_b<S: Bf16Simd>(s: S, ptr: *const Self::Packed) -> Self::BV<S>;
     /// Broadcasts the A element at `ptr`.
     ///

@@ -1,4 +1,4 @@
-//! GEMM on packed operands, written once over [`Simd`], a register tile of MR rows × NV
+//! GEMM on packed operands, written once over [`Simd`](super::simd::Simd), a register tile of MR rows × NV
 //! vectors and its element type ([`Elem`]: f32, or bf16 pairs): `C ← A·B (+ C)` with B packed
 //! ahead of time ([`PackedB`]: weights are packed once when the parameters are set) and A packed
 //! per block of rows (bf16: rounded as it is packed).
@@ -11,8 +11,8 @@
 
 use rayon::prelude::*;
 
-use super::bf16_simd::Bf16Simd;
 use super::microkernel::{edge_tile, min_exponent, pack_pair_panels, pack_panels, tile, Elem, Word};
+use super::simd::Bf16Simd;
 use super::simd::Job;
 use super::views::{MatMut, MatRef};
 use crate::workspace::Workspace;

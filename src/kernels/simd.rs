@@ -1,5 +1,5 @@
 //! The instruction-set layer: the few vector operations the packed kernels are written in
-//! (`Simd`; their bf16 pair operations in `bf16_simd`), implemented for AVX-512 with
+//! (`Simd`, and `Bf16Simd` for bf16 pairs, implemented in `bf16_simd`), implemented for AVX-512 with
 //! AVX512_BF16, for AVX-512, for AVX2+FMA, and portably over arrays of the same widths, plus
 //! the run-time choice of one of them ([`Isa`], [`isa`]). Functions built from these
 //! operations (the vector `exp`) live with their algorithms, above this layer.
@@ -16,8 +16,6 @@
 //! the AVX-512 layout on any CPU and compare the real thing with it where both run.
 
 use std::sync::OnceLock;
-
-use super::bf16_simd::Bf16Simd;
 
 /// The vector operations of the packed kernels, on vectors of [`Simd::LANES`] f32.
 ///
@@ -97,6 +95,47 @@ pub(crate) trait Job {
     type Out;
     /// Runs the job with the vector operations of `simd`.
     fn run<S: Bf16Simd>(self, simd: S) -> Self::Out;
+}
+
+/// An instruction set's bf16 pair operations (every [`Simd`] has them: real or emulated).
+pub(crate) trait Bf16Simd: Simd {
+    /// Whether [`Bf16Simd::dot_pairs_unchecked`] can differ from [`Bf16Simd::dot_pairs`] (on
+    /// the emulations, for operands whose products reach below 2^-112).
+    const EMULATED: bool;
+    /// [`Simd::LANES`] pair words in the form [`Bf16Simd::dot_pairs`] takes (the raw words for
+    /// the instruction, the two widened f32 halves for an emulation).
+    type Pairs: Copy;
+
+    /// Loads [`Simd::LANES`] pair words.
+    ///
+    /// # Safety
+    /// `ptr` must be readable for [`Simd::LANES`] u32 (no alignment needed).
+    unsafe fn load_pairs(self, ptr: *const u32) -> Self::Pairs;
+    /// All lanes the pair word `*ptr`.
+    ///
+    /// # Safety
+    /// `ptr` must be readable for one u32.
+    unsafe fn splat_pair(self, ptr: *const u32) -> Self::Pairs;
+    /// Per lane `acc + a.odd·b.odd + a.even·b.even` exactly as `VDPBF16PS` computes it
+    /// (the tests' model `bf16::dpbf16_lane`), under the preconditions of `bf16_simd`.
+    fn dot_pairs(self, acc: Self::V, a: Self::Pairs, b: Self::Pairs) -> Self::V;
+    /// [`Bf16Simd::dot_pairs`] without the emulations' checks for tiny results: the same bits
+    /// whenever no intermediate result is in `(0, 2^-126]`, which holds in a chain from zero
+    /// when every nonzero product is at least 2^-112 (see
+    /// [`normal_range_certified`](super::microkernel::normal_range_certified)).
+    #[inline(always)]
+    fn dot_pairs_unchecked(self, acc: Self::V, a: Self::Pairs, b: Self::Pairs) -> Self::V {
+        self.dot_pairs(acc, a, b)
+    }
+    /// Rounds the lanes of `even` and `odd` to bf16
+    /// ([`f32_to_bf16`](super::bf16::f32_to_bf16)) and stores [`Simd::LANES`] pair words: lane
+    /// l of `even` in the low half of word l, of `odd` in the high half (`VCVTNE2PS2BF16` and a
+    /// word interleave on the instruction set that has it, integer rounding elsewhere: the same
+    /// bits).
+    ///
+    /// # Safety
+    /// `dst` must be writable for [`Simd::LANES`] u32.
+    unsafe fn store_bf16_pairs(self, even: Self::V, odd: Self::V, dst: *mut u32);
 }
 
 /// Portable vectors of `L` lanes: plain arrays, each lane rounded as the hardware rounds it.
