@@ -26,7 +26,9 @@ impl Conv1x1 {
         Conv1x1 { weight: Array2::zeros((out_channels, in_channels)), bias: Some(Array1::zeros(out_channels)) }
     }
 
-    fn check(&self, name: &str, out_channels: usize, in_channels: usize) -> Result<()> {
+    /// Checks the shapes (out × in, out) and that every value is finite, errors naming
+    /// `{name}.weight` / `{name}.bias`.
+    pub(crate) fn check(&self, name: &str, out_channels: usize, in_channels: usize) -> Result<()> {
         check_shape(&format!("{name}.weight"), self.weight.shape(), &[out_channels, in_channels])?;
         check_finite(&format!("{name}.weight"), self.weight.iter())?;
         if let Some(bias) = &self.bias {
@@ -221,7 +223,8 @@ fn conv_tensors_mut<'a>(name: &'static str, conv: &'a mut Conv1x1, out: &mut Vec
     }
 }
 
-fn mismatch(what: &'static str, config: impl ToString, weights: impl ToString) -> Error {
+/// A setting the configuration and the weights disagree on.
+pub(crate) fn mismatch(what: &'static str, config: impl ToString, weights: impl ToString) -> Error {
     Error::ConfigMismatch { what, config: config.to_string(), weights: weights.to_string() }
 }
 
@@ -234,18 +237,20 @@ pub(crate) fn check_shape(key: &str, actual: &[usize], expected: &[usize]) -> Re
     }
 }
 
-fn check_finite<'a>(key: &str, mut values: impl Iterator<Item = &'a f32>) -> Result<()> {
+/// Checks that every value is finite, naming the key in the error.
+pub(crate) fn check_finite<'a>(key: &str, mut values: impl Iterator<Item = &'a f32>) -> Result<()> {
     match values.find(|v| !v.is_finite()) {
         None => Ok(()),
         Some(v) => Err(Error::InvalidParameter { key: key.into(), reason: format!("non-finite value {v}") }),
     }
 }
 
-/// SplitMix64: a tiny, well-known generator, enough for reproducible weight init.
-struct SplitMix64(u64);
+/// SplitMix64: a tiny, well-known generator, enough for reproducible weight init (every
+/// block's `init`).
+pub(crate) struct SplitMix64(pub(crate) u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -253,9 +258,20 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
+    /// Uniform in [0, 1).
+    pub(crate) fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     /// Uniform in [−bound, bound).
-    fn uniform(&mut self, bound: f64) -> f32 {
-        let unit = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        ((2.0 * unit - 1.0) * bound) as f32
+    pub(crate) fn uniform(&mut self, bound: f64) -> f32 {
+        ((2.0 * self.unit() - 1.0) * bound) as f32
+    }
+
+    /// Normal with mean 0 and standard deviation `std` (Box–Muller).
+    pub(crate) fn normal(&mut self, std: f64) -> f32 {
+        let u = 1.0 - self.unit(); // (0, 1]: the logarithm is finite
+        let v = self.unit();
+        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos() * std) as f32
     }
 }

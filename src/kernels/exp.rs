@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use super::simd::{isa, Isa, Simd, ROUNDER};
 
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 /// Below this, `exp` underflows past the smallest normal f32; we return 0.
 pub(crate) const EXP_LOW: f32 = -87.0;
 /// Above this, `exp` overflows; inputs are clamped (softmax never passes positive values).
@@ -150,9 +150,10 @@ fn max_body(row: &[f32]) -> f32 {
     best.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
-/// Adds 16 partial sums pairwise, in a fixed order.
+/// Adds 16 partial sums pairwise, in a fixed order (the reductions of the fixed-lane dot
+/// products and sums here and in the family's kernels).
 #[inline(always)]
-fn sum_lanes(mut acc: [f32; LANES]) -> f32 {
+pub(crate) fn sum_lanes(mut acc: [f32; LANES]) -> f32 {
     let mut width = LANES / 2;
     while width > 0 {
         for k in 0..width {

@@ -27,7 +27,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::kernels::exp::{exp_sum, fmadd, row_max};
+use crate::kernels::exp::{exp_sum, fmadd, row_max, sum_lanes};
 use crate::kernels::simd::{isa, Isa};
 
 /// Lanes of the partial sums of a dot product: fixed, whatever the vector width.
@@ -86,19 +86,6 @@ pub(super) mod x86 {
 /// has about six of them, each tens of microseconds of latency from a non-pool thread.
 pub(super) fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
-}
-
-/// Adds 16 partial sums pairwise, in a fixed order.
-#[inline(always)]
-fn sum_lanes(mut acc: [f32; LANES]) -> f32 {
-    let mut width = LANES / 2;
-    while width > 0 {
-        for k in 0..width {
-            acc[k] += acc[k + width];
-        }
-        width /= 2;
-    }
-    acc[0]
 }
 
 /// `a ← a + v ⊙ x` on one block of 16 lanes.

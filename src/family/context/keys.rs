@@ -6,10 +6,11 @@ use safetensors::tensor::{Dtype, TensorView};
 
 use super::config::{no_context_block, ContextConfig, Pooling};
 use super::names::{Fusion, Part};
-use super::params::{check_finite, ContextMlp, ContextParameters};
+use super::params::{ContextMlp, ContextParameters};
 use crate::error::{Error, Result};
 use crate::load::TensorFile;
 use crate::load::{Naming, WeightKeys};
+use crate::params::check_finite;
 use crate::params::Conv1x1;
 
 /// The full key of a part under `keys` (prefix included).

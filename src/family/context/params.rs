@@ -7,7 +7,7 @@ use super::config::{ContextConfig, Pooling};
 use super::names::{Fusion, Part};
 use crate::error::{Error, Result};
 use crate::load::Naming;
-use crate::params::Conv1x1;
+use crate::params::{check_finite, mismatch, Conv1x1, SplitMix64};
 
 /// One fusion MLP: `conv2 · ReLU(LayerNorm(conv1 · context))`, on the C-vector context.
 ///
@@ -229,50 +229,9 @@ fn check_vector(v: &Array1<f32>, key: &str, len: usize) -> Result<()> {
     check_finite(key, v.iter())
 }
 
-pub(super) fn check_finite<'a>(key: &str, mut values: impl Iterator<Item = &'a f32>) -> Result<()> {
-    match values.find(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(v) => Err(Error::InvalidParameter { key: key.into(), reason: format!("non-finite value {v}") }),
-    }
-}
-
-fn mismatch(what: &'static str, config: impl ToString, weights: impl ToString) -> Error {
-    Error::ConfigMismatch { what, config: config.to_string(), weights: weights.to_string() }
-}
-
 /// PyTorch's default conv init: weight and bias uniform in ±1/√fan_in.
 fn default_conv(rng: &mut SplitMix64, out: usize, inp: usize) -> Conv1x1 {
     let bound = 1.0 / (inp as f64).sqrt();
     let weight = Array2::from_shape_fn((out, inp), |_| rng.uniform(bound));
     Conv1x1::new(weight, Some(Array1::from_shape_fn(out, |_| rng.uniform(bound))))
-}
-
-/// SplitMix64: a tiny, well-known generator, enough for reproducible weight init.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in [−bound, bound).
-    fn uniform(&mut self, bound: f64) -> f32 {
-        ((2.0 * self.unit() - 1.0) * bound) as f32
-    }
-
-    /// Normal with mean 0 and standard deviation `std` (Box–Muller).
-    fn normal(&mut self, std: f64) -> f32 {
-        let u = 1.0 - self.unit(); // (0, 1]: the logarithm is finite
-        let v = self.unit();
-        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos() * std) as f32
-    }
 }

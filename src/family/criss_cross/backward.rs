@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::projections::{Part, Projections};
 use crate::error::Result;
-use crate::kernels::exp::exp_sum;
+use crate::kernels::exp::{exp_sum, sum_lanes, LANES};
 use crate::kernels::gemm::gemm;
 use crate::kernels::views::{MatMut, MatRef};
 use crate::workspace::{Scratch, Workspace};
@@ -155,7 +155,6 @@ impl Context<'_> {
 
 /// `Σ a_i·b_i` in f32 over 16 partial sums added in a fixed order.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
     let mut acc = [0.0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -167,12 +166,5 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
         acc[l] += x * y;
     }
-    let mut width = LANES / 2;
-    while width > 0 {
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-        width /= 2;
-    }
-    acc[0]
+    sum_lanes(acc)
 }

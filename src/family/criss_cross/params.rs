@@ -4,8 +4,8 @@
 use ndarray::{Array1, Array2, ArrayViewMutD, Axis};
 
 use super::config::CrissCrossConfig;
-use crate::error::{Error, Result};
-use crate::params::Conv1x1;
+use crate::error::Result;
+use crate::params::{check_finite, Conv1x1, SplitMix64};
 use crate::plan::Weights;
 
 /// The parameters of a criss-cross attention block, as mmcv's `CrissCrossAttention` holds
@@ -63,9 +63,9 @@ impl CrissCrossParameters {
     pub fn validate(&self, config: &CrissCrossConfig) -> Result<()> {
         config.validate()?;
         let (c, qk) = (config.in_channels, config.qk_channels);
-        check_conv("query_conv", &self.query, qk, c)?;
-        check_conv("key_conv", &self.key, qk, c)?;
-        check_conv("value_conv", &self.value, c, c)?;
+        self.query.check("query_conv", qk, c)?;
+        self.key.check("key_conv", qk, c)?;
+        self.value.check("value_conv", c, c)?;
         check_finite("gamma.scale", [self.gamma].iter())
     }
 
@@ -117,50 +117,5 @@ impl Compiled {
             }
         }
         Compiled { w_proj: Weights::new(w, width, config.in_channels), b_proj: b, gamma: params.gamma }
-    }
-}
-
-fn check_conv(stem: &str, conv: &Conv1x1, out: usize, inp: usize) -> Result<()> {
-    let key = format!("{stem}.weight");
-    check_shape(&key, conv.weight.shape(), &[out, inp])?;
-    check_finite(&key, conv.weight.iter())?;
-    if let Some(bias) = &conv.bias {
-        let key = format!("{stem}.bias");
-        check_shape(&key, bias.shape(), &[out])?;
-        check_finite(&key, bias.iter())?;
-    }
-    Ok(())
-}
-
-fn check_shape(key: &str, actual: &[usize], expected: &[usize]) -> Result<()> {
-    if actual == expected {
-        return Ok(());
-    }
-    Err(Error::WrongShape { key: key.into(), expected: expected.to_vec(), actual: actual.to_vec() })
-}
-
-fn check_finite<'a>(key: &str, mut values: impl Iterator<Item = &'a f32>) -> Result<()> {
-    match values.find(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(v) => Err(Error::InvalidParameter { key: key.into(), reason: format!("non-finite value {v}") }),
-    }
-}
-
-/// SplitMix64, for reproducible weight init.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [−bound, bound).
-    fn uniform(&mut self, bound: f64) -> f32 {
-        let unit = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        ((2.0 * unit - 1.0) * bound) as f32
     }
 }
