@@ -58,8 +58,10 @@ impl CrissCrossParameters {
     /// is finite.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] (see [`CrissCrossConfig::validate`]), [`Error::WrongShape`]
-    /// or [`Error::InvalidParameter`], naming the tensor by its mmcv key.
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) (see
+    /// [`CrissCrossConfig::validate`]), [`Error::WrongShape`](crate::Error::WrongShape) or
+    /// [`Error::InvalidParameter`](crate::Error::InvalidParameter), naming the tensor by its
+    /// mmcv key.
     pub fn validate(&self, config: &CrissCrossConfig) -> Result<()> {
         config.validate()?;
         let (c, qk) = (config.in_channels, config.qk_channels);
