@@ -289,7 +289,7 @@ impl NonLocalBlock {
 
     /// [`NonLocalBlock::output`], or with [`Order::ChannelMajor`] its transpose
     /// `outᵀ ← xᵀ + Wᵀ·yᵀ + b_out` (C × N): the GEMM writes channel-major rows directly.
-    fn output_in(&self, order: Order, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
+    pub(super) fn output_in(&self, order: Order, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
         if order == Order::PositionMajor {
             return self.output(x, y, w, out);
         }
@@ -345,14 +345,14 @@ impl NonLocalBlock {
 /// The order of a sample's output: positions × channels (channels-last, as `forward`) or
 /// channels × positions (channels-first, as `forward_channels_first`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Order {
+pub(crate) enum Order {
     PositionMajor,
     ChannelMajor,
 }
 
 /// `out ← out + mᵀ` for `m` N × C and `out` C × N row-major, 32 channel rows at a time in
 /// parallel.
-fn add_transposed(m: MatRef<'_>, out: &mut [f32]) {
+pub(super) fn add_transposed(m: MatRef<'_>, out: &mut [f32]) {
     const TILE: usize = 32;
     let (n, c) = (m.rows(), m.cols());
     out.par_chunks_mut(TILE * n.max(1)).enumerate().for_each(|(t, rows)| {
