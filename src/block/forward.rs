@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::attention_in;
 use crate::kernels::concat::concat_attention;
 use crate::kernels::dot_product::key_value_product_in;
-use crate::kernels::gemm::{par_gemm, row_block};
+use crate::kernels::gemm::{par_gemm, par_gemm_ws, row_block};
 use crate::kernels::views::{MatMut, MatRef};
 use crate::plan::{prepare, Prepared, Purpose};
 
@@ -296,7 +296,7 @@ impl NonLocalBlock {
         let (n, c) = (x.rows(), x.cols());
         self.residual_channels(x, out);
         let w_t = w.map_or_else(|| self.compiled.w_out.view(), |w| w.t());
-        par_gemm(1.0, w_t, y.t(), 1.0, &mut MatMut::new(out, c, n, n));
+        par_gemm_ws(1.0, w_t, y.t(), 1.0, &mut MatMut::new(out, c, n, n), &self.workspace);
     }
 
     /// `outᵀ ← xᵀ + b_out` (C × N), channel rows in parallel.

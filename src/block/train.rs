@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::{attention_backward_in, attention_in};
 use crate::kernels::concat::{concat_attention, concat_attention_backward, key_scores};
 use crate::kernels::dot_product::key_value_product;
-use crate::kernels::gemm::par_gemm;
+use crate::kernels::gemm::par_gemm_ws;
 use crate::kernels::pool::{max_pool_argmax, max_unpool_add, max_unpool_add_transposed};
 use crate::kernels::views::{MatMut, MatRef};
 use crate::params::{check_shape, Conv1x1};
@@ -195,7 +195,14 @@ impl NonLocalBlock {
             }
             Mode::DotProduct => {
                 let kv = key_value_product(p.keys(), p.values(), 1.0 / m as f32);
-                par_gemm(1.0, p.queries(), MatRef::new(&kv, 0, ci, ci, ci), 0.0, &mut MatMut::new(&mut y, n, ci, ci));
+                par_gemm_ws(
+                    1.0,
+                    p.queries(),
+                    MatRef::new(&kv, 0, ci, ci, ci),
+                    0.0,
+                    &mut MatMut::new(&mut y, n, ci, ci),
+                    &self.workspace,
+                );
             }
             Mode::Concatenation => {
                 let b = p.concat_b(&self.compiled.w_phi);
@@ -315,8 +322,8 @@ impl NonLocalBlock {
         // Output side: z = x + y·W_outᵀ + b_out.
         let ws = &self.workspace;
         let mut dy = ws.take(n * ci, "y gradient")?;
-        par_gemm(1.0, dz, self.compiled.w_out.view(), 0.0, &mut MatMut::new(&mut dy, n, ci, ci));
-        par_gemm(1.0, dz.t(), y, 1.0, &mut MatMut::new(&mut acc.dz_y, c, ci, ci));
+        par_gemm_ws(1.0, dz, self.compiled.w_out.view(), 0.0, &mut MatMut::new(&mut dy, n, ci, ci), &self.workspace);
+        par_gemm_ws(1.0, dz.t(), y, 1.0, &mut MatMut::new(&mut acc.dz_y, c, ci, ci), &self.workspace);
         column_sums(dz, &mut acc.dz_sum);
         match order {
             Order::PositionMajor => dx.par_chunks_mut(c.max(1)).enumerate().for_each(|(i, row)| dz.copy_row(i, row)),
@@ -364,12 +371,14 @@ impl NonLocalBlock {
         }
         // Projection side: P = x·W_allᵀ + b_all; channel-major, dxᵀ += W_allᵀ·dPᵀ.
         let dp_m = MatRef::new(&dp, 0, n, k, k);
-        par_gemm(1.0, dp_m.t(), x, 1.0, &mut MatMut::new(&mut acc.d_proj_w, k, c, c));
+        par_gemm_ws(1.0, dp_m.t(), x, 1.0, &mut MatMut::new(&mut acc.d_proj_w, k, c, c), &self.workspace);
         column_sums(dp_m, &mut acc.d_proj_b);
         let w_proj = self.compiled.w_proj.view();
         match order {
-            Order::PositionMajor => par_gemm(1.0, dp_m, w_proj, 1.0, &mut MatMut::new(dx, n, c, c)),
-            Order::ChannelMajor => par_gemm(1.0, w_proj.t(), dp_m.t(), 1.0, &mut MatMut::new(dx, c, n, n)),
+            Order::PositionMajor => par_gemm_ws(1.0, dp_m, w_proj, 1.0, &mut MatMut::new(dx, n, c, c), &self.workspace),
+            Order::ChannelMajor => {
+                par_gemm_ws(1.0, w_proj.t(), dp_m.t(), 1.0, &mut MatMut::new(dx, c, n, n), &self.workspace)
+            }
         }
         Ok(())
     }
@@ -431,14 +440,21 @@ impl NonLocalBlock {
         let a = key_value_product(phi, values, inv_m);
         let ws = &self.workspace;
         let mut dtheta = ws.take(n * ci, "θ gradient")?;
-        par_gemm(1.0, dy, MatRef::new(&a, 0, ci, ci, ci).t(), 0.0, &mut MatMut::new(&mut dtheta, n, ci, ci));
+        par_gemm_ws(
+            1.0,
+            dy,
+            MatRef::new(&a, 0, ci, ci, ci).t(),
+            0.0,
+            &mut MatMut::new(&mut dtheta, n, ci, ci),
+            &self.workspace,
+        );
         dp.set(th, &dtheta, ci);
         let mut da = vec![0.0f32; ci * ci];
-        par_gemm(inv_m, theta.t(), dy, 0.0, &mut MatMut::new(&mut da, ci, ci, ci));
+        par_gemm_ws(inv_m, theta.t(), dy, 0.0, &mut MatMut::new(&mut da, ci, ci, ci), &self.workspace);
         let da = MatRef::new(&da, 0, ci, ci, ci);
         let (mut dphi, mut dg) = (ws.take(m * ci, "φ gradient")?, ws.take(m * ci, "g gradient")?);
-        par_gemm(1.0, values, da.t(), 0.0, &mut MatMut::new(&mut dphi, m, ci, ci));
-        par_gemm(1.0, phi, da, 0.0, &mut MatMut::new(&mut dg, m, ci, ci));
+        par_gemm_ws(1.0, values, da.t(), 0.0, &mut MatMut::new(&mut dphi, m, ci, ci), &self.workspace);
+        par_gemm_ws(1.0, phi, da, 0.0, &mut MatMut::new(&mut dg, m, ci, ci), &self.workspace);
         dkey.set(phi_col, &dphi, ci);
         dkey.set(cols.g, &dg, ci);
         Ok(())
