@@ -12,7 +12,9 @@
 
 use std::sync::Arc;
 
-use ndarray::{Array, Array1, Array2, Array5, ArrayBase, ArrayView5, ArrayViewD, ArrayViewMutD, Data, Dimension, Ix5};
+use ndarray::{
+    Array, Array1, Array2, Array5, ArrayBase, ArrayView5, ArrayViewD, ArrayViewMutD, Axis, Data, Dimension, Ix5,
+};
 use rayon::prelude::*;
 
 use super::forward::add_transposed;
@@ -43,6 +45,8 @@ pub struct TrainContext {
     /// The input, contiguous (B·N·C), each sample in `x_order`.
     x: Vec<f32>,
     x_order: Order,
+    /// Whether `x` holds the input (else the caller gives it to the backward pass again).
+    input_kept: bool,
     samples: Vec<Saved>,
     /// The block's scratch pool: the buffers go back to it when the context is dropped, so
     /// a training loop does not pay for fresh pages every step.
@@ -103,7 +107,7 @@ impl NonLocalBlock {
     {
         let x5 = self.check_input(x.view().into_dyn(), Layout::Clips)?;
         let mut out = buffer(x5.len(), "output")?;
-        let ctx = self.forward_train_checked(x5, Order::PositionMajor, &mut out)?;
+        let ctx = self.forward_train_checked(x5, Order::PositionMajor, &mut out, true)?;
         let z = Array::from_shape_vec(x.raw_dim(), out).expect("output has the input's element count");
         Ok((z, ctx))
     }
@@ -135,34 +139,40 @@ impl NonLocalBlock {
     {
         let x5 = self.check_input(x.view().permuted_axes([0, 2, 3, 4, 1]).into_dyn(), Layout::Clips)?;
         let mut out = buffer(x5.len(), "output")?;
-        let ctx = self.forward_train_checked(x5, Order::ChannelMajor, &mut out)?;
+        let ctx = self.forward_train_checked(x5, Order::ChannelMajor, &mut out, true)?;
         let z = Array5::from_shape_vec(x.raw_dim(), out).expect("output has the input's element count");
         Ok((z, ctx))
     }
 
     /// The training forward pass on checked clips `x5` (B, T, H, W, C, any strides) into
-    /// `out` (B·N·C), each sample positions × channels or channels × positions by `order`;
-    /// the context keeps its copy of the input in the same order.
+    /// `out` (B·N·C), each sample positions × channels or channels × positions by `order`.
+    /// With `keep_input` the context keeps a copy of the input in the same order; without,
+    /// [`NonLocalBlock::backward_checked`] must be given the same input again (the candle op,
+    /// whose input tensor candle keeps for the backward pass anyway).
     pub(crate) fn forward_train_checked(
         &self,
         x5: ArrayView5<'_, f32>,
         order: Order,
         out: &mut [f32],
+        keep_input: bool,
     ) -> Result<TrainContext> {
         let (b, t, h, w, c) = x5.dim();
         let (n, grid) = (t * h * w, [t, h, w]);
         assert_eq!(out.len(), x5.len(), "forward_train_checked: output length");
-        let mut xs = self.workspace.take(x5.len(), "input copy")?.into_vec();
-        let whole = match order {
-            Order::PositionMajor => x5.as_slice(),
-            Order::ChannelMajor => x5.permuted_axes([0, 4, 1, 2, 3]).to_slice(),
-        };
-        match whole {
-            Some(contiguous) => xs.copy_from_slice(contiguous),
-            None => {
-                for (sample, dst) in x5.outer_iter().zip(xs.chunks_mut((n * c).max(1))) {
-                    let mut copy = Vec::new();
-                    copy_ordered(sample_matrix(sample, &mut copy), order, dst);
+        let mut xs = Vec::new();
+        if keep_input {
+            xs = self.workspace.take(x5.len(), "input copy")?.into_vec();
+            let whole = match order {
+                Order::PositionMajor => x5.as_slice(),
+                Order::ChannelMajor => x5.permuted_axes([0, 4, 1, 2, 3]).to_slice(),
+            };
+            match whole {
+                Some(contiguous) => xs.copy_from_slice(contiguous),
+                None => {
+                    for (sample, dst) in x5.outer_iter().zip(xs.chunks_mut((n * c).max(1))) {
+                        let mut copy = Vec::new();
+                        copy_ordered(sample_matrix(sample, &mut copy), order, dst);
+                    }
                 }
             }
         }
@@ -171,11 +181,14 @@ impl NonLocalBlock {
             generation: self.generation,
             x: xs,
             x_order: order,
+            input_kept: keep_input,
             samples: Vec::with_capacity(b),
             home: self.workspace.clone(),
         };
-        for (s, out_sample) in out.chunks_mut((n * c).max(1)).enumerate().take(b) {
-            let saved = self.forward_train_sample(ctx.input(s), grid, out_sample, order)?;
+        for (s, (sample, out_sample)) in x5.outer_iter().zip(out.chunks_mut((n * c).max(1))).enumerate() {
+            let mut copy = Vec::new();
+            let x = if keep_input { ctx.input(s) } else { sample_matrix(sample, &mut copy) };
+            let saved = self.forward_train_sample(x, grid, out_sample, order)?;
             ctx.samples.push(saved);
         }
         Ok(ctx)
@@ -239,7 +252,7 @@ impl NonLocalBlock {
     {
         let dz5 = checked_gradient(ctx, grad_output.view().into_dyn(), ctx.dims.to_vec())?;
         let mut dx = buffer(dz5.len(), "input gradient")?;
-        let params = self.backward_checked(ctx, dz5, Order::PositionMajor, &mut dx)?;
+        let params = self.backward_checked(ctx, dz5, Order::PositionMajor, &mut dx, None)?;
         let input = Array::from_shape_vec(grad_output.raw_dim(), dx).expect("input gradient has the input's size");
         Ok(Gradients { input, params })
     }
@@ -269,7 +282,7 @@ impl NonLocalBlock {
             other => other,
         })?;
         let mut dx = buffer(dz5.len(), "input gradient")?;
-        let params = self.backward_checked(ctx, dz5, Order::ChannelMajor, &mut dx)?;
+        let params = self.backward_checked(ctx, dz5, Order::ChannelMajor, &mut dx, None)?;
         let input = Array5::from_shape_vec(grad_output.raw_dim(), dx).expect("input gradient has the input's size");
         Ok(Gradients { input, params })
     }
@@ -277,24 +290,36 @@ impl NonLocalBlock {
     /// The backward pass on a checked output gradient `dz5` (clips (B, T, H, W, C), any
     /// strides) into `dx` (B·N·C), each sample positions × channels or channels × positions
     /// by `order`: the parameters' gradients.
+    ///
+    /// `input`: the forward pass's input (clips, as given to it) when the context did not
+    /// keep a copy; ignored when it did.
     pub(crate) fn backward_checked(
         &self,
         ctx: &TrainContext,
         dz5: ArrayView5<'_, f32>,
         order: Order,
         dx: &mut [f32],
+        input: Option<ArrayView5<'_, f32>>,
     ) -> Result<ParameterGradients> {
         if dz5.shape() != ctx.dims.as_slice() {
             let (expected, actual) = (ctx.dims.to_vec(), dz5.shape().to_vec());
             return Err(Error::WrongShape { key: "grad_output".into(), expected, actual });
         }
+        let input = match (ctx.input_kept, input) {
+            (true, _) => None,
+            (false, Some(x)) if x.shape() == ctx.dims.as_slice() => Some(x),
+            (false, x) => {
+                let actual = x.map_or_else(Vec::new, |x| x.shape().to_vec());
+                return Err(Error::WrongShape { key: "input".into(), expected: ctx.dims.to_vec(), actual });
+            }
+        };
         if ctx.generation != self.generation {
             return Err(Error::StaleContext);
         }
         let (c, ci) = (self.config.in_channels, self.config.inter_channels);
         let [_, t, h, w, _] = ctx.dims;
         let n = t * h * w;
-        assert_eq!(dx.len(), ctx.x.len(), "backward_checked: gradient length");
+        assert_eq!(dx.len(), dz5.len(), "backward_checked: gradient length");
         let k = self.compiled.proj_cols;
         let mut acc = Accumulators::new(c, ci, k);
         for ((s, saved), (sample, dx_s)) in
@@ -302,7 +327,12 @@ impl NonLocalBlock {
         {
             let mut copy = Vec::new();
             let dz_s = sample_matrix(sample, &mut copy);
-            self.backward_sample(ctx.input(s), saved, dz_s, (dx_s, order), &mut acc)?;
+            let mut x_copy = Vec::new();
+            let x = match &input {
+                Some(input) => sample_matrix(input.index_axis(Axis(0), s), &mut x_copy),
+                None => ctx.input(s),
+            };
+            self.backward_sample(x, saved, dz_s, (dx_s, order), &mut acc)?;
         }
         Ok(self.parameter_gradients(&acc))
     }

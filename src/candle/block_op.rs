@@ -183,7 +183,8 @@ impl CustomOp2 for BlockOp {
             let block = build()?;
             let x5 = block.check_input(clips(x, lx)?.into_dyn(), InputLayout::Clips).map_err(wrap)?;
             let mut z = crate::block::buffer(x5.len(), "output").map_err(wrap)?;
-            let ctx = block.forward_train_checked(x5, Order::ChannelMajor, &mut z).map_err(wrap)?;
+            // No copy of x in the context: candle keeps x for `bwd`, which reads it again.
+            let ctx = block.forward_train_checked(x5, Order::ChannelMajor, &mut z, false).map_err(wrap)?;
             *self.saved.lock().map_err(|_| poisoned())? = Some((block, ctx));
             return Ok((CpuStorage::F32(z), lx.shape().clone()));
         }
@@ -210,8 +211,11 @@ impl CustomOp2 for BlockOp {
         let grad = collapsed(grad, 1, 1)?;
         // ∂L/∂x is channels-first like x: the backward GEMMs write it channel-major.
         let mut dx = crate::block::buffer(x.elem_count(), "input gradient").map_err(wrap)?;
-        let params_grad = with_cpu_f32(&grad, "output gradient", |data, layout| {
-            block.backward_checked(ctx, clips(data, layout)?, Order::ChannelMajor, &mut dx).map_err(wrap)
+        let params_grad = with_cpu_f32(x, "x", |xd, xl| {
+            with_cpu_f32(&grad, "output gradient", |data, layout| {
+                let (dz, x5) = (clips(data, layout)?, clips(xd, xl)?);
+                block.backward_checked(ctx, dz, Order::ChannelMajor, &mut dx, Some(x5)).map_err(wrap)
+            })
         })?;
         let dx = Tensor::from_vec(dx, x.dims(), &candle_core::Device::Cpu)?;
         let named = params_grad.named();
