@@ -59,6 +59,12 @@ impl Workspace {
         if let Ok(mut idle) = self.idle.lock() {
             if idle.len() < MAX_IDLE + IDLE_PER_THREAD * rayon::current_num_threads() {
                 idle.push(buf);
+            } else if let Some(smallest) = (0..idle.len()).min_by_key(|&i| idle[i].capacity()) {
+                // Full: keep the larger buffers (small ones are cheap to allocate again; a
+                // large one dropped here would come back as fresh pages).
+                if idle[smallest].capacity() < buf.capacity() {
+                    idle[smallest] = buf;
+                }
             }
         }
     }
@@ -130,5 +136,20 @@ mod tests {
         let c = ws.take(2000, "c").unwrap();
         assert_eq!(c.len(), 2000);
         assert!(ws.take(usize::MAX / 2, "huge").is_err());
+    }
+
+    #[test]
+    fn a_full_pool_keeps_its_largest_buffers() {
+        let ws = Workspace::default();
+        let cap = MAX_IDLE + IDLE_PER_THREAD * rayon::current_num_threads();
+        for _ in 0..cap {
+            ws.give(vec![0.0; 10]);
+        }
+        ws.give(vec![0.0; 1000]);
+        ws.give(vec![0.0; 5]);
+        let idle = ws.idle.lock().unwrap();
+        assert_eq!(idle.len(), cap);
+        assert_eq!(idle.iter().map(Vec::capacity).max(), Some(1000), "the large buffer replaced a small one");
+        assert_eq!(idle.iter().map(Vec::capacity).min(), Some(10), "the smaller one was dropped");
     }
 }

@@ -287,3 +287,107 @@ fn export_converts_between_key_schemes() {
         }
     }
 }
+
+/// The largest difference between two equally shaped f32 arrays, relative to the larger
+/// magnitude in `want` (at least 1).
+fn rel_diff<D: ndarray::Dimension>(got: &ndarray::ArrayView<'_, f32, D>, want: &ndarray::ArrayView<'_, f32, D>) -> f32 {
+    assert_eq!(got.shape(), want.shape());
+    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    got.iter().zip(want.iter()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale
+}
+
+#[test]
+fn channels_first_training_matches_channels_last() {
+    // (C, C', grid): odd sizes (pooling floors) and one large enough for the parallel GEMMs.
+    let shapes = [(7, 3, [3, 5, 7]), (64, 32, [2, 9, 13])];
+    let mut seed = 300;
+    for mode in Mode::ALL {
+        for sub in [None, Some([1, 2, 2]), Some([2, 2, 2])] {
+            for &(c, ci, [t, h, w]) in &shapes {
+                seed += 1;
+                let what = format!("{mode} sub_sample={sub:?} C={c}");
+                let mut rng = Rng::new(seed);
+                let config = NonLocalConfig::new(c).inter_channels(ci).mode(mode).sub_sample(sub);
+                let block = NonLocalBlock::from_parameters(config.clone(), random_params(&config, &mut rng)).unwrap();
+                let x = rng.input((2, t, h, w, c), 1.0);
+                let r = rng.input((2, t, h, w, c), 1.0);
+                let to_cf = |a: &Array5<f32>| a.view().permuted_axes([0, 4, 1, 2, 3]).as_standard_layout().to_owned();
+                let (x_cf, r_cf) = (to_cf(&x), to_cf(&r));
+                let (z, ctx) = block.forward_train(&x).unwrap();
+                let want = block.backward(&ctx, &r).unwrap();
+                let (z_cf, ctx_cf) = block.forward_train_channels_first(&x_cf).unwrap();
+                let z_back = z_cf.view().permuted_axes([0, 2, 3, 4, 1]);
+                let d = rel_diff(&z_back, &z.view());
+                assert!(d <= 1e-6, "{what}: output differs by {d}");
+                // A strided channels-first view (of the channels-last array) gives the same bits.
+                let (z_view, _) = block.forward_train_channels_first(&x.view().permuted_axes([0, 4, 1, 2, 3])).unwrap();
+                assert_eq!(bits(z_view.iter()), bits(z_cf.iter()), "{what}: strided input");
+                let check = |got: &nonlocal::Gradients<ndarray::Ix5>, channels_first: bool, how: &str| {
+                    let input =
+                        if channels_first { got.input.view().permuted_axes([0, 2, 3, 4, 1]) } else { got.input.view() };
+                    let d = rel_diff(&input, &want.input.view());
+                    assert!(d <= 1e-6, "{what} {how}: input gradient differs by {d}");
+                    for ((name, g), (_, w)) in got.params.named().iter().zip(want.params.named()) {
+                        let d = rel_diff(&g.view(), &w.view());
+                        assert!(d <= 1e-6, "{what} {how}: {name} gradient differs by {d}");
+                    }
+                };
+                let got = block.backward_channels_first(&ctx_cf, &r_cf).unwrap();
+                check(&got, true, "channels-first");
+                // Each backward takes either forward's context, and strided gradients.
+                check(&block.backward(&ctx_cf, &r).unwrap(), false, "channels-first context, channels-last gradient");
+                let r_view = r.view().permuted_axes([0, 4, 1, 2, 3]);
+                let mixed = block.backward_channels_first(&ctx, &r_view).unwrap();
+                check(&mixed, true, "channels-last context, strided channels-first gradient");
+                assert_eq!(bits(mixed.input.iter()), bits(got.input.iter()), "{what}: context layout changes bits");
+            }
+        }
+    }
+}
+
+#[test]
+fn channels_first_training_bits_do_not_depend_on_thread_count() {
+    for mode in Mode::ALL {
+        let mut rng = Rng::new(17);
+        let config = NonLocalConfig::new(12).mode(mode);
+        let block = NonLocalBlock::from_parameters(config.clone(), random_params(&config, &mut rng)).unwrap();
+        let x = rng.input((1, 12, 2, 20, 24), 1.0);
+        let r = rng.input((1, 12, 2, 20, 24), 1.0);
+        let runs = on_1_2_3_threads(|| {
+            let (z, ctx) = block.forward_train_channels_first(&x).unwrap();
+            let g = block.backward_channels_first(&ctx, &r).unwrap();
+            let mut all = bits(z.iter());
+            all.extend(bits(g.input.iter()));
+            for (_, t) in g.params.named() {
+                all.extend(bits(t.iter()));
+            }
+            all
+        });
+        assert_eq!(runs[0], runs[1], "{mode}: 1 vs 2 threads");
+        assert_eq!(runs[0], runs[2], "{mode}: 1 vs 3 threads");
+    }
+}
+
+#[test]
+fn channels_first_training_errors() {
+    let mut rng = Rng::new(5);
+    let config = NonLocalConfig::new(4);
+    let mut block = NonLocalBlock::from_parameters(config.clone(), random_params(&config, &mut rng)).unwrap();
+    let x = rng.input((1, 4, 2, 4, 4), 1.0);
+    let (z, ctx) = block.forward_train_channels_first(&x).unwrap();
+    let wrong = Array5::<f32>::zeros((1, 4, 2, 4, 2));
+    match block.backward_channels_first(&ctx, &wrong) {
+        Err(Error::WrongShape { expected, actual, .. }) => {
+            assert_eq!((expected, actual), (vec![1, 4, 2, 4, 4], vec![1, 4, 2, 4, 2]));
+        }
+        other => panic!("wrong gradient shape: {other:?}"),
+    }
+    // A channels-first gradient is the wrong shape for the channels-last backward.
+    assert!(matches!(block.backward(&ctx, &z), Err(Error::WrongShape { .. })));
+    assert!(matches!(
+        block.forward_train_channels_first(&x.view().permuted_axes([0, 2, 3, 4, 1])),
+        Err(Error::InputChannels { .. })
+    ));
+    block.set_parameters(random_params(&config, &mut rng)).unwrap();
+    assert!(matches!(block.backward_channels_first(&ctx, &z), Err(Error::StaleContext)));
+}

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::attention_in;
 use crate::kernels::concat::concat_attention;
 use crate::kernels::dot_product::key_value_product_in;
-use crate::kernels::gemm::{par_gemm, row_block};
+use crate::kernels::gemm::{par_gemm, par_gemm_ws, row_block};
 use crate::kernels::views::{MatMut, MatRef};
 use crate::plan::{prepare, Prepared, Purpose};
 
@@ -289,14 +289,14 @@ impl NonLocalBlock {
 
     /// [`NonLocalBlock::output`], or with [`Order::ChannelMajor`] its transpose
     /// `outᵀ ← xᵀ + Wᵀ·yᵀ + b_out` (C × N): the GEMM writes channel-major rows directly.
-    fn output_in(&self, order: Order, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
+    pub(super) fn output_in(&self, order: Order, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
         if order == Order::PositionMajor {
             return self.output(x, y, w, out);
         }
         let (n, c) = (x.rows(), x.cols());
         self.residual_channels(x, out);
         let w_t = w.map_or_else(|| self.compiled.w_out.view(), |w| w.t());
-        par_gemm(1.0, w_t, y.t(), 1.0, &mut MatMut::new(out, c, n, n));
+        par_gemm_ws(1.0, w_t, y.t(), 1.0, &mut MatMut::new(out, c, n, n), &self.workspace);
     }
 
     /// `outᵀ ← xᵀ + b_out` (C × N), channel rows in parallel.
@@ -345,14 +345,14 @@ impl NonLocalBlock {
 /// The order of a sample's output: positions × channels (channels-last, as `forward`) or
 /// channels × positions (channels-first, as `forward_channels_first`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Order {
+pub(crate) enum Order {
     PositionMajor,
     ChannelMajor,
 }
 
 /// `out ← out + mᵀ` for `m` N × C and `out` C × N row-major, 32 channel rows at a time in
 /// parallel.
-fn add_transposed(m: MatRef<'_>, out: &mut [f32]) {
+pub(super) fn add_transposed(m: MatRef<'_>, out: &mut [f32]) {
     const TILE: usize = 32;
     let (n, c) = (m.rows(), m.cols());
     out.par_chunks_mut(TILE * n.max(1)).enumerate().for_each(|(t, rows)| {

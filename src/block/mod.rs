@@ -20,7 +20,7 @@ mod layout;
 mod loading;
 mod train;
 
-pub(crate) use forward::sample_matrix;
+pub(crate) use forward::{sample_matrix, Order};
 pub use gradients::{Gradients, ParameterGradients};
 pub(crate) use layout::Layout;
 pub use loading::load_blocks;

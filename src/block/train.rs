@@ -12,33 +12,41 @@
 
 use std::sync::Arc;
 
-use ndarray::{Array, Array1, Array2, ArrayBase, ArrayViewD, ArrayViewMutD, Data, Dimension};
+use ndarray::{
+    Array, Array1, Array2, Array5, ArrayBase, ArrayView5, ArrayViewD, ArrayViewMutD, Axis, Data, Dimension, Ix5,
+};
 use rayon::prelude::*;
 
+use super::forward::add_transposed;
 use super::gradients::{Gradients, ParameterGradients};
-use super::{buffer, next_generation, Layout, NonLocalBlock};
+use super::{buffer, next_generation, sample_matrix, Layout, NonLocalBlock, Order};
 use crate::config::{Mode, Precision};
 use crate::error::{Error, Result};
 use crate::kernels::attention::{attention_backward_in, attention_in};
 use crate::kernels::concat::{concat_attention, concat_attention_backward, key_scores};
 use crate::kernels::dot_product::key_value_product;
-use crate::kernels::gemm::par_gemm;
-use crate::kernels::pool::{max_pool_argmax, max_unpool_add};
+use crate::kernels::gemm::par_gemm_ws;
+use crate::kernels::pool::{max_pool_argmax, max_unpool_add, max_unpool_add_transposed};
 use crate::kernels::views::{MatMut, MatRef};
 use crate::params::{check_shape, Conv1x1};
 use crate::plan::{prepare, Columns, Compiled, Purpose};
 use crate::workspace::Workspace;
 
-/// What [`NonLocalBlock::forward_train`] saves for [`NonLocalBlock::backward`]: a copy of the
-/// input and, per sample, the projections, pooled keys with their arg-max, y, and the
-/// softmax log-sum-exp. O(N·C) floats per sample; never the N×M attention.
+/// What [`NonLocalBlock::forward_train`] (or
+/// [`NonLocalBlock::forward_train_channels_first`]) saves for [`NonLocalBlock::backward`] (or
+/// [`NonLocalBlock::backward_channels_first`]: either backward takes a context of either
+/// forward): a copy of the input and, per sample, the projections, pooled keys with their
+/// arg-max, y, and the softmax log-sum-exp. O(N·C) floats per sample; never the N×M attention.
 #[derive(Debug)]
 pub struct TrainContext {
-    shape: Vec<usize>,
-    grid: [usize; 3],
+    /// The clips' shape (B, T, H, W, C).
+    dims: [usize; 5],
     generation: u64,
-    /// The input, contiguous (B·N·C).
+    /// The input, contiguous (B·N·C), each sample in `x_order`.
     x: Vec<f32>,
+    x_order: Order,
+    /// Whether `x` holds the input (else the caller gives it to the backward pass again).
+    input_kept: bool,
     samples: Vec<Saved>,
     /// The block's scratch pool: the buffers go back to it when the context is dropped, so
     /// a training loop does not pay for fresh pages every step.
@@ -52,6 +60,18 @@ impl Drop for TrainContext {
             for buf in [Some(saved.proj), saved.pooled.map(|p| p.0), saved.pooled_x.map(|p| p.0), Some(saved.y)] {
                 self.home.give(buf.unwrap_or_default());
             }
+        }
+    }
+}
+
+impl TrainContext {
+    /// Sample `s` of the saved input as an N × C view.
+    fn input(&self, s: usize) -> MatRef<'_> {
+        let [_, t, h, w, c] = self.dims;
+        let n = t * h * w;
+        match self.x_order {
+            Order::PositionMajor => MatRef::new(&self.x, s * n * c, n, c, c),
+            Order::ChannelMajor => MatRef::new(&self.x, s * n * c, c, n, n).t(),
         }
     }
 }
@@ -86,32 +106,95 @@ impl NonLocalBlock {
         D: Dimension,
     {
         let x5 = self.check_input(x.view().into_dyn(), Layout::Clips)?;
-        let (b, t, h, w, c) = x5.dim();
-        let (n, grid) = (t * h * w, [t, h, w]);
-        let mut xs = self.workspace.take(x5.len(), "input copy")?.into_vec();
-        match x5.as_slice() {
-            Some(contiguous) => xs.copy_from_slice(contiguous),
-            None => xs.iter_mut().zip(x5.iter()).for_each(|(d, &s)| *d = s),
-        }
         let mut out = buffer(x5.len(), "output")?;
-        let mut samples = Vec::with_capacity(b);
-        for (s, out_sample) in out.chunks_mut(n * c).enumerate() {
-            let xm = MatRef::new(&xs, s * n * c, n, c, c);
-            samples.push(self.forward_train_sample(xm, grid, out_sample)?);
-        }
+        let ctx = self.forward_train_checked(x5, Order::PositionMajor, &mut out, true)?;
         let z = Array::from_shape_vec(x.raw_dim(), out).expect("output has the input's element count");
-        let ctx = TrainContext {
-            shape: x.shape().to_vec(),
-            grid,
-            generation: self.generation,
-            x: xs,
-            samples,
-            home: self.workspace.clone(),
-        };
         Ok((z, ctx))
     }
 
-    fn forward_train_sample(&self, x: MatRef<'_>, grid: [usize; 3], out: &mut [f32]) -> Result<Saved> {
+    /// [`NonLocalBlock::forward_train`] in PyTorch's layout: `x` is (B, C, T, H, W)
+    /// channels-first with any strides, and the output (B, C, T, H, W) in standard layout,
+    /// written channel-major by the output GEMM (no permuting copy either way), as
+    /// [`NonLocalBlock::forward_channels_first`]. The same values as `forward_train` on the
+    /// permuted input, up to float rounding; the context serves
+    /// [`NonLocalBlock::backward_channels_first`] (or [`NonLocalBlock::backward`]).
+    ///
+    /// ```
+    /// use ndarray::Array5;
+    /// use nonlocal::{NonLocalBlock, NonLocalConfig};
+    ///
+    /// let block = NonLocalBlock::new(NonLocalConfig::new(4))?;
+    /// let x = Array5::<f32>::from_shape_fn((1, 4, 2, 4, 4), |(_, c, t, h, w)| (c + t * h + w) as f32 * 0.1);
+    /// let (z, ctx) = block.forward_train_channels_first(&x)?;
+    /// let grads = block.backward_channels_first(&ctx, &z)?; // ∂(|z|²/2)/∂x, (B, C, T, H, W)
+    /// assert_eq!(grads.input.shape(), x.shape());
+    /// # Ok::<(), nonlocal::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`NonLocalBlock::forward`] (shapes in them are named channels-last, (B, T, H, W, C)).
+    pub fn forward_train_channels_first<S>(&self, x: &ArrayBase<S, Ix5>) -> Result<(Array5<f32>, TrainContext)>
+    where
+        S: Data<Elem = f32>,
+    {
+        let x5 = self.check_input(x.view().permuted_axes([0, 2, 3, 4, 1]).into_dyn(), Layout::Clips)?;
+        let mut out = buffer(x5.len(), "output")?;
+        let ctx = self.forward_train_checked(x5, Order::ChannelMajor, &mut out, true)?;
+        let z = Array5::from_shape_vec(x.raw_dim(), out).expect("output has the input's element count");
+        Ok((z, ctx))
+    }
+
+    /// The training forward pass on checked clips `x5` (B, T, H, W, C, any strides) into
+    /// `out` (B·N·C), each sample positions × channels or channels × positions by `order`.
+    /// With `keep_input` the context keeps a copy of the input in the same order; without,
+    /// [`NonLocalBlock::backward_checked`] must be given the same input again (the candle op,
+    /// whose input tensor candle keeps for the backward pass anyway).
+    pub(crate) fn forward_train_checked(
+        &self,
+        x5: ArrayView5<'_, f32>,
+        order: Order,
+        out: &mut [f32],
+        keep_input: bool,
+    ) -> Result<TrainContext> {
+        let (b, t, h, w, c) = x5.dim();
+        let (n, grid) = (t * h * w, [t, h, w]);
+        assert_eq!(out.len(), x5.len(), "forward_train_checked: output length");
+        let mut xs = Vec::new();
+        if keep_input {
+            xs = self.workspace.take(x5.len(), "input copy")?.into_vec();
+            let whole = match order {
+                Order::PositionMajor => x5.as_slice(),
+                Order::ChannelMajor => x5.permuted_axes([0, 4, 1, 2, 3]).to_slice(),
+            };
+            match whole {
+                Some(contiguous) => xs.copy_from_slice(contiguous),
+                None => {
+                    for (sample, dst) in x5.outer_iter().zip(xs.chunks_mut((n * c).max(1))) {
+                        let mut copy = Vec::new();
+                        copy_ordered(sample_matrix(sample, &mut copy), order, dst);
+                    }
+                }
+            }
+        }
+        let mut ctx = TrainContext {
+            dims: [b, t, h, w, c],
+            generation: self.generation,
+            x: xs,
+            x_order: order,
+            input_kept: keep_input,
+            samples: Vec::with_capacity(b),
+            home: self.workspace.clone(),
+        };
+        for (s, (sample, out_sample)) in x5.outer_iter().zip(out.chunks_mut((n * c).max(1))).enumerate() {
+            let mut copy = Vec::new();
+            let x = if keep_input { ctx.input(s) } else { sample_matrix(sample, &mut copy) };
+            let saved = self.forward_train_sample(x, grid, out_sample, order)?;
+            ctx.samples.push(saved);
+        }
+        Ok(ctx)
+    }
+
+    fn forward_train_sample(&self, x: MatRef<'_>, grid: [usize; 3], out: &mut [f32], order: Order) -> Result<Saved> {
         let p = prepare(&self.config, &self.compiled, &self.workspace, (x, grid), Purpose::Exact)?;
         let (n, ci, m) = (x.rows(), self.config.inter_channels, p.m);
         let kernel = self.config.pool_kernel();
@@ -125,14 +208,21 @@ impl NonLocalBlock {
             }
             Mode::DotProduct => {
                 let kv = key_value_product(p.keys(), p.values(), 1.0 / m as f32);
-                par_gemm(1.0, p.queries(), MatRef::new(&kv, 0, ci, ci, ci), 0.0, &mut MatMut::new(&mut y, n, ci, ci));
+                par_gemm_ws(
+                    1.0,
+                    p.queries(),
+                    MatRef::new(&kv, 0, ci, ci, ci),
+                    0.0,
+                    &mut MatMut::new(&mut y, n, ci, ci),
+                    &self.workspace,
+                );
             }
             Mode::Concatenation => {
                 let b = p.concat_b(&self.compiled.w_phi);
                 concat_attention(p.concat_a(), &b, p.values(), &mut y);
             }
         }
-        self.output(x, MatRef::new(&y, 0, n, ci, ci), None, out);
+        self.output_in(order, x, MatRef::new(&y, 0, n, ci, ci), None, out);
         let cols = p.cols;
         let k = p.proj_cols;
         let pooled = match p.pooled {
@@ -148,7 +238,8 @@ impl NonLocalBlock {
     }
 
     /// The backward pass: gradients of a loss L with respect to the input and every
-    /// trainable parameter, given `grad_output` = ∂L/∂z (the output's shape).
+    /// trainable parameter, given `grad_output` = ∂L/∂z (the output's shape, (B, T, H, W, C),
+    /// any strides).
     ///
     /// # Errors
     /// [`Error::WrongShape`] when `grad_output` is not the shape of the forward input,
@@ -159,39 +250,91 @@ impl NonLocalBlock {
         S: Data<Elem = f32>,
         D: Dimension,
     {
-        if grad_output.shape() != ctx.shape.as_slice() {
-            return Err(Error::WrongShape {
-                key: "grad_output".into(),
-                expected: ctx.shape.clone(),
-                actual: grad_output.shape().to_vec(),
-            });
+        let dz5 = checked_gradient(ctx, grad_output.view().into_dyn(), ctx.dims.to_vec())?;
+        let mut dx = buffer(dz5.len(), "input gradient")?;
+        let params = self.backward_checked(ctx, dz5, Order::PositionMajor, &mut dx, None)?;
+        let input = Array::from_shape_vec(grad_output.raw_dim(), dx).expect("input gradient has the input's size");
+        Ok(Gradients { input, params })
+    }
+
+    /// [`NonLocalBlock::backward`] in PyTorch's layout: `grad_output` is (B, C, T, H, W) (any
+    /// strides) and ∂L/∂x comes (B, C, T, H, W) in standard layout, written channel-major by
+    /// the GEMMs themselves. For a context of either forward pass (see
+    /// [`NonLocalBlock::forward_train_channels_first`]); the same values as `backward` on the
+    /// permuted gradient, up to float rounding.
+    ///
+    /// # Errors
+    /// As [`NonLocalBlock::backward`] (the expected shape named channels-first).
+    pub fn backward_channels_first<S>(
+        &self,
+        ctx: &TrainContext,
+        grad_output: &ArrayBase<S, Ix5>,
+    ) -> Result<Gradients<Ix5>>
+    where
+        S: Data<Elem = f32>,
+    {
+        let [b, t, h, w, c] = ctx.dims;
+        let dz = grad_output.view().permuted_axes([0, 2, 3, 4, 1]);
+        let dz5 = checked_gradient(ctx, dz.into_dyn(), vec![b, c, t, h, w]).map_err(|e| match e {
+            Error::WrongShape { key, expected, .. } => {
+                Error::WrongShape { key, expected, actual: grad_output.shape().to_vec() }
+            }
+            other => other,
+        })?;
+        let mut dx = buffer(dz5.len(), "input gradient")?;
+        let params = self.backward_checked(ctx, dz5, Order::ChannelMajor, &mut dx, None)?;
+        let input = Array5::from_shape_vec(grad_output.raw_dim(), dx).expect("input gradient has the input's size");
+        Ok(Gradients { input, params })
+    }
+
+    /// The backward pass on a checked output gradient `dz5` (clips (B, T, H, W, C), any
+    /// strides) into `dx` (B·N·C), each sample positions × channels or channels × positions
+    /// by `order`: the parameters' gradients.
+    ///
+    /// `input`: the forward pass's input (clips, as given to it) when the context did not
+    /// keep a copy; ignored when it did.
+    pub(crate) fn backward_checked(
+        &self,
+        ctx: &TrainContext,
+        dz5: ArrayView5<'_, f32>,
+        order: Order,
+        dx: &mut [f32],
+        input: Option<ArrayView5<'_, f32>>,
+    ) -> Result<ParameterGradients> {
+        if dz5.shape() != ctx.dims.as_slice() {
+            let (expected, actual) = (ctx.dims.to_vec(), dz5.shape().to_vec());
+            return Err(Error::WrongShape { key: "grad_output".into(), expected, actual });
         }
+        let input = match (ctx.input_kept, input) {
+            (true, _) => None,
+            (false, Some(x)) if x.shape() == ctx.dims.as_slice() => Some(x),
+            (false, x) => {
+                let actual = x.map_or_else(Vec::new, |x| x.shape().to_vec());
+                return Err(Error::WrongShape { key: "input".into(), expected: ctx.dims.to_vec(), actual });
+            }
+        };
         if ctx.generation != self.generation {
             return Err(Error::StaleContext);
         }
         let (c, ci) = (self.config.in_channels, self.config.inter_channels);
-        let [t, h, w] = ctx.grid;
+        let [_, t, h, w, _] = ctx.dims;
         let n = t * h * w;
+        assert_eq!(dx.len(), dz5.len(), "backward_checked: gradient length");
         let k = self.compiled.proj_cols;
-        let dz_copy: Vec<f32>;
-        let dz: &[f32] = match grad_output.as_slice() {
-            Some(contiguous) => contiguous,
-            None => {
-                dz_copy = grad_output.iter().copied().collect();
-                &dz_copy
-            }
-        };
-        let mut dx = buffer(ctx.x.len(), "input gradient")?;
         let mut acc = Accumulators::new(c, ci, k);
-        for (s, saved) in ctx.samples.iter().enumerate() {
-            let range = s * n * c..(s + 1) * n * c;
-            let x = MatRef::new(&ctx.x[range.clone()], 0, n, c, c);
-            let dz_s = MatRef::new(&dz[range.clone()], 0, n, c, c);
-            self.backward_sample(x, saved, dz_s, &mut dx[range], &mut acc)?;
+        for ((s, saved), (sample, dx_s)) in
+            ctx.samples.iter().enumerate().zip(dz5.outer_iter().zip(dx.chunks_mut((n * c).max(1))))
+        {
+            let mut copy = Vec::new();
+            let dz_s = sample_matrix(sample, &mut copy);
+            let mut x_copy = Vec::new();
+            let x = match &input {
+                Some(input) => sample_matrix(input.index_axis(Axis(0), s), &mut x_copy),
+                None => ctx.input(s),
+            };
+            self.backward_sample(x, saved, dz_s, (dx_s, order), &mut acc)?;
         }
-        let params = self.parameter_gradients(&acc);
-        let input = Array::from_shape_vec(grad_output.raw_dim(), dx).expect("input gradient has the input's size");
-        Ok(Gradients { input, params })
+        Ok(self.parameter_gradients(&acc))
     }
 
     fn backward_sample(
@@ -199,7 +342,7 @@ impl NonLocalBlock {
         x: MatRef<'_>,
         saved: &Saved,
         dz: MatRef<'_>,
-        dx: &mut [f32],
+        (dx, order): (&mut [f32], Order),
         acc: &mut Accumulators,
     ) -> Result<()> {
         let (n, c, ci, m) = (x.rows(), x.cols(), self.config.inter_channels, saved.m);
@@ -209,10 +352,16 @@ impl NonLocalBlock {
         // Output side: z = x + y·W_outᵀ + b_out.
         let ws = &self.workspace;
         let mut dy = ws.take(n * ci, "y gradient")?;
-        par_gemm(1.0, dz, self.compiled.w_out.view(), 0.0, &mut MatMut::new(&mut dy, n, ci, ci));
-        par_gemm(1.0, dz.t(), y, 1.0, &mut MatMut::new(&mut acc.dz_y, c, ci, ci));
+        par_gemm_ws(1.0, dz, self.compiled.w_out.view(), 0.0, &mut MatMut::new(&mut dy, n, ci, ci), &self.workspace);
+        par_gemm_ws(1.0, dz.t(), y, 1.0, &mut MatMut::new(&mut acc.dz_y, c, ci, ci), &self.workspace);
         column_sums(dz, &mut acc.dz_sum);
-        dx.par_chunks_mut(c).enumerate().for_each(|(i, row)| dz.copy_row(i, row));
+        match order {
+            Order::PositionMajor => dx.par_chunks_mut(c.max(1)).enumerate().for_each(|(i, row)| dz.copy_row(i, row)),
+            Order::ChannelMajor => {
+                let dz_t = dz.t();
+                dx.par_chunks_mut(n.max(1)).enumerate().for_each(|(ch, row)| dz_t.copy_row(ch, row));
+            }
+        }
 
         // Attention side, into dP (N × proj_cols) and the key side (M × key_width, the key-side
         // columns' order; every column written by the mode) and, for Gaussian, into dx.
@@ -237,9 +386,9 @@ impl NonLocalBlock {
             dkey: Block { data: &mut dkey, ld: kwidth, start: kstart },
         };
         match self.config.mode {
-            Mode::EmbeddedGaussian | Mode::Gaussian => self.backward_softmax(sample, dx)?,
-            Mode::DotProduct => Self::backward_dot_product(sample),
-            Mode::Concatenation => self.backward_concatenation(sample, &mut acc.d_w_phi),
+            Mode::EmbeddedGaussian | Mode::Gaussian => self.backward_softmax(sample, (dx, order))?,
+            Mode::DotProduct => self.backward_dot_product(sample)?,
+            Mode::Concatenation => self.backward_concatenation(sample, &mut acc.d_w_phi)?,
         }
         // Key-side gradients back through the pooling (or straight, without it).
         match &saved.pooled {
@@ -250,18 +399,24 @@ impl NonLocalBlock {
                 }
             }
         }
-        // Projection side: P = x·W_allᵀ + b_all.
+        // Projection side: P = x·W_allᵀ + b_all; channel-major, dxᵀ += W_allᵀ·dPᵀ.
         let dp_m = MatRef::new(&dp, 0, n, k, k);
-        par_gemm(1.0, dp_m.t(), x, 1.0, &mut MatMut::new(&mut acc.d_proj_w, k, c, c));
+        par_gemm_ws(1.0, dp_m.t(), x, 1.0, &mut MatMut::new(&mut acc.d_proj_w, k, c, c), &self.workspace);
         column_sums(dp_m, &mut acc.d_proj_b);
-        par_gemm(1.0, dp_m, self.compiled.w_proj.view(), 1.0, &mut MatMut::new(dx, n, c, c));
+        let w_proj = self.compiled.w_proj.view();
+        match order {
+            Order::PositionMajor => par_gemm_ws(1.0, dp_m, w_proj, 1.0, &mut MatMut::new(dx, n, c, c), &self.workspace),
+            Order::ChannelMajor => {
+                par_gemm_ws(1.0, w_proj.t(), dp_m.t(), 1.0, &mut MatMut::new(dx, c, n, n), &self.workspace)
+            }
+        }
         Ok(())
     }
 
     /// The (embedded) Gaussian modes: the FlashAttention-2 backward from the saved
     /// log-sum-exp. Gaussian's queries and keys are the input itself, so their gradients go
     /// straight into `dx` (through the pooling arg-max for the keys).
-    fn backward_softmax(&self, s: SampleGrad<'_>, dx: &mut [f32]) -> Result<()> {
+    fn backward_softmax(&self, s: SampleGrad<'_>, (dx, order): (&mut [f32], Order)) -> Result<()> {
         let SampleGrad { x, proj, key_side, cols, y, dy, saved, mut dp, mut dkey } = s;
         let (n, c, ci, m) = (x.rows(), x.cols(), self.config.inter_channels, saved.m);
         let (q, keys) = match cols.theta {
@@ -283,11 +438,19 @@ impl NonLocalBlock {
                 dp.set(th, &dq, ci);
                 dkey.set(cols.phi.expect("θ comes with φ"), &dk, ci);
             }
-            None => {
+            None if order == Order::PositionMajor => {
                 dx.iter_mut().zip(dq.iter()).for_each(|(a, b)| *a += b);
                 match &saved.pooled_x {
                     Some((_, arg)) => max_unpool_add(&dk, arg, c, dx, c, 0),
                     None => dx.iter_mut().zip(dk.iter()).for_each(|(a, b)| *a += b),
+                }
+            }
+            None => {
+                // Channel-major dx (C × N): the same sums, in the same order per element.
+                add_transposed(MatRef::new(&dq, 0, n, c, c), dx);
+                match &saved.pooled_x {
+                    Some((_, arg)) => max_unpool_add_transposed(&dk, arg, c, dx, n),
+                    None => add_transposed(MatRef::new(&dk, 0, n, c, c), dx),
                 }
             }
         }
@@ -296,7 +459,7 @@ impl NonLocalBlock {
 
     /// Dot product, `y = θ·A` with `A = φ̂ᵀĝ/M`: `dθ = dy·Aᵀ`, and with `dA = θᵀ·dy/M`,
     /// `dφ̂ = ĝ·dAᵀ`, `dĝ = φ̂·dA`.
-    fn backward_dot_product(s: SampleGrad<'_>) {
+    fn backward_dot_product(&self, s: SampleGrad<'_>) -> Result<()> {
         let SampleGrad { x, proj, key_side, cols, dy, saved, mut dp, mut dkey, .. } = s;
         let (n, ci, m) = (x.rows(), dy.cols(), saved.m);
         let th = cols.theta.expect("dot product has θ");
@@ -305,22 +468,31 @@ impl NonLocalBlock {
         let (phi, values) = (dkey.view_of(key_side, phi_col, ci), dkey.view_of(key_side, cols.g, ci));
         let inv_m = 1.0 / m as f32;
         let a = key_value_product(phi, values, inv_m);
-        let mut dtheta = vec![0.0f32; n * ci];
-        par_gemm(1.0, dy, MatRef::new(&a, 0, ci, ci, ci).t(), 0.0, &mut MatMut::new(&mut dtheta, n, ci, ci));
+        let ws = &self.workspace;
+        let mut dtheta = ws.take(n * ci, "θ gradient")?;
+        par_gemm_ws(
+            1.0,
+            dy,
+            MatRef::new(&a, 0, ci, ci, ci).t(),
+            0.0,
+            &mut MatMut::new(&mut dtheta, n, ci, ci),
+            &self.workspace,
+        );
         dp.set(th, &dtheta, ci);
         let mut da = vec![0.0f32; ci * ci];
-        par_gemm(inv_m, theta.t(), dy, 0.0, &mut MatMut::new(&mut da, ci, ci, ci));
+        par_gemm_ws(inv_m, theta.t(), dy, 0.0, &mut MatMut::new(&mut da, ci, ci, ci), &self.workspace);
         let da = MatRef::new(&da, 0, ci, ci, ci);
-        let (mut dphi, mut dg) = (vec![0.0f32; m * ci], vec![0.0f32; m * ci]);
-        par_gemm(1.0, values, da.t(), 0.0, &mut MatMut::new(&mut dphi, m, ci, ci));
-        par_gemm(1.0, phi, da, 0.0, &mut MatMut::new(&mut dg, m, ci, ci));
+        let (mut dphi, mut dg) = (ws.take(m * ci, "φ gradient")?, ws.take(m * ci, "g gradient")?);
+        par_gemm_ws(1.0, values, da.t(), 0.0, &mut MatMut::new(&mut dphi, m, ci, ci), &self.workspace);
+        par_gemm_ws(1.0, phi, da, 0.0, &mut MatMut::new(&mut dg, m, ci, ci), &self.workspace);
         dkey.set(phi_col, &dphi, ci);
         dkey.set(cols.g, &dg, ci);
+        Ok(())
     }
 
     /// Concatenation through the sorted-keys prefix sums; `b_j = w_φ·φ̂_j`, so `dφ̂_j = db_j·w_φ`
     /// and `w_φ` collects `Σ_j db_j·φ̂_j` (into `d_w_phi`).
-    fn backward_concatenation(&self, s: SampleGrad<'_>, d_w_phi: &mut [f32]) {
+    fn backward_concatenation(&self, s: SampleGrad<'_>, d_w_phi: &mut [f32]) -> Result<()> {
         let SampleGrad { x, proj, key_side, cols, dy, saved, mut dp, mut dkey, .. } = s;
         let (n, ci, m) = (x.rows(), dy.cols(), saved.m);
         let a_col = cols.a.expect("concatenation has an `a` column");
@@ -329,11 +501,12 @@ impl NonLocalBlock {
         let (phi, values) = (dkey.view_of(key_side, phi_col, ci), dkey.view_of(key_side, cols.g, ci));
         let w_phi = &self.compiled.w_phi;
         let b = key_scores(phi, w_phi);
-        let (mut da, mut db, mut dv) = (vec![0.0f32; n], vec![0.0f32; m], vec![0.0f32; m * ci]);
+        let ws = &self.workspace;
+        let (mut da, mut db, mut dv) = (vec![0.0f32; n], vec![0.0f32; m], ws.zeroed(m * ci));
         concat_attention_backward(a, &b, values, dy, (&mut da, &mut db, &mut dv));
         dp.set(a_col, &da, 1);
         let mut row = vec![0.0f32; ci];
-        let mut dphi = vec![0.0f32; m * ci];
+        let mut dphi = ws.take(m * ci, "φ gradient")?;
         for (j, dphi_row) in dphi.chunks_mut(ci).enumerate() {
             phi.copy_row(j, &mut row);
             for ch in 0..ci {
@@ -343,6 +516,7 @@ impl NonLocalBlock {
         }
         dkey.set(phi_col, &dphi, ci);
         dkey.set(cols.g, &dv, ci);
+        Ok(())
     }
 
     /// Updates every trainable parameter in place from its gradient, paired by name:
@@ -453,6 +627,30 @@ impl NonLocalBlock {
     }
 }
 
+/// `grad_output` (its clips view: (B, T, H, W, C)) when its shape is `ctx`'s and `ctx` is
+/// not stale; `expected` is the shape named in the error.
+fn checked_gradient<'a>(
+    ctx: &TrainContext,
+    grad_output: ArrayViewD<'a, f32>,
+    expected: Vec<usize>,
+) -> Result<ArrayView5<'a, f32>> {
+    if grad_output.shape() != ctx.dims.as_slice() {
+        return Err(Error::WrongShape { key: "grad_output".into(), expected, actual: grad_output.shape().to_vec() });
+    }
+    let dz5 = grad_output.into_dimensionality::<Ix5>().expect("rank 5, checked above");
+    Ok(dz5)
+}
+
+/// Copies the N × C matrix `x` into `out`, positions × channels or channels × positions by
+/// `order`, rows of `out` in parallel.
+fn copy_ordered(x: MatRef<'_>, order: Order, out: &mut [f32]) {
+    let src = match order {
+        Order::PositionMajor => x,
+        Order::ChannelMajor => x.t(),
+    };
+    out.par_chunks_mut(src.cols().max(1)).enumerate().take(src.rows()).for_each(|(i, row)| src.copy_row(i, row));
+}
+
 /// Sums over the samples of a batch.
 pub(crate) struct Accumulators {
     /// Σ dzᵀ·y (C × C').
@@ -483,6 +681,16 @@ impl Accumulators {
 /// parallel blocks, so the order per column is fixed).
 pub(crate) fn column_sums(m: MatRef<'_>, out: &mut [f32]) {
     const BLOCK: usize = 64;
+    if m.rows() > 1 && m.cols() > 1 && m.row_stride() == 1 {
+        // Contiguous columns (a channel-major matrix): each column on its own, the same
+        // order of additions.
+        out.par_iter_mut().enumerate().for_each(|(j, o)| {
+            let col = m.col(j).expect("rows are contiguous");
+            let sum = col.iter().fold(0.0f64, |s, &v| s + v as f64);
+            *o = (*o as f64 + sum) as f32;
+        });
+        return;
+    }
     out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, out_block)| {
         let cols = m.cols_range(b * BLOCK, b * BLOCK + out_block.len());
         let mut sums = vec![0.0f64; out_block.len()];

@@ -10,11 +10,15 @@
 //! As one op, the only N-sized gradients candle handles are those of the output and of the
 //! input.
 //!
-//! **What it keeps for the backward pass.** The op's `cpu_fwd` runs `forward_train` and keeps
-//! the block and its [`TrainContext`](crate::TrainContext) (O(N·C): the projections, pooled
-//! keys, y and one log-sum-exp per query, never N×M) inside the op itself, which candle holds
-//! in the graph for `bwd`. When neither the input nor a parameter needs a gradient, it is
-//! applied without backward and runs the inference `forward` (with its folds) instead.
+//! **What it keeps for the backward pass.** The op's `cpu_fwd` runs the channels-first
+//! training pass (`forward_train_channels_first`'s, on the storage itself) and keeps the
+//! block and its [`TrainContext`](crate::TrainContext) (O(N·C): the projections, pooled keys,
+//! y and one log-sum-exp per query, never N×M) inside the op itself, which candle holds in
+//! the graph for `bwd`; `bwd` reads the output gradient channels-first the same way. Neither
+//! direction transposes: the GEMMs read the channel-major storage through strides and write
+//! the output and ∂L/∂x channel-major straight into the tensors candle gets. When neither
+//! the input nor a parameter needs a gradient, it is applied without backward and runs the
+//! inference `forward` (with its folds) instead.
 //!
 //! **Parameters** travel as one flat f32 tensor (their concatenation, a candle op whose
 //! backward hands each parameter its slice of the gradient), in the order of
@@ -26,11 +30,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use ndarray::{Array1, Array2, ArrayView5, ShapeBuilder};
 
-use super::views::{collapsed, f32_data, transpose_into, with_cpu_f32, MatBatch};
-use crate::block::NonLocalBlock;
-use crate::block::TrainContext;
+use super::views::{collapsed, f32_data, with_cpu_f32};
+use crate::block::{Layout as InputLayout, NonLocalBlock, Order, TrainContext};
 use crate::config::NonLocalConfig;
-use crate::kernels::views::MatRef;
 use crate::params::{BatchNorm, Conv1x1, Parameters};
 use crate::workspace::Workspace;
 
@@ -158,30 +160,6 @@ fn clips<'a>(data: &'a [f32], layout: &Layout) -> Result<ArrayView5<'a, f32>> {
         .map_err(|e| candle_core::Error::Msg(format!("nonlocal: layout {dims:?} strides {strides:?}: {e}")))
 }
 
-/// A channels-first tensor's storage (B, C, positions…) as contiguous clips (B, T, H, W, C)
-/// in a buffer of `workspace` (give it back with [`Workspace::give`]): one blocked transpose
-/// per sample. The block reads a channels-first view fine for its GEMMs, but its training
-/// copies would go element by element.
-fn clips_copy(data: &[f32], layout: &Layout, workspace: &Workspace) -> Result<ndarray::Array5<f32>> {
-    let batch = MatBatch::new(layout, 1, 1, data.len())?;
-    let (c, n) = (batch.rows(), batch.cols());
-    let view = clips(data, layout)?;
-    let mut out = workspace.take(batch.count() * n * c, "channels-last copy").map_err(wrap)?.into_vec();
-    for (s, out) in out.chunks_mut((n * c).max(1)).enumerate().take(batch.count()) {
-        transpose_into(batch.mat(data, s), out);
-    }
-    Ok(ndarray::Array5::from_shape_vec(view.raw_dim(), out).expect("sized from the view"))
-}
-
-/// Clips (B, N, C) row-major → (B, C, N) row-major.
-fn to_channels_first(z: &[f32], b: usize, n: usize, c: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; z.len()];
-    for (s, out) in out.chunks_mut((n * c).max(1)).enumerate().take(b) {
-        transpose_into(MatRef::new(z, s * n * c, n, c, c), out);
-    }
-    out
-}
-
 impl CustomOp2 for BlockOp {
     fn name(&self) -> &'static str {
         "nonlocal-block"
@@ -200,13 +178,13 @@ impl CustomOp2 for BlockOp {
             Ok(block)
         };
         if self.train {
+            // Channels-first in, channels-first out: the block reads the storage through
+            // strides and its output GEMM writes channel-major rows into the result.
             let block = build()?;
-            let copy = clips_copy(x, lx, &self.workspace)?;
-            let (z, ctx) = block.forward_train(&copy).map_err(wrap)?;
-            self.workspace.give(copy.into_raw_vec_and_offset().0);
-            let (b, c) = (z.shape()[0], z.shape()[4]);
-            let n = z.len() / (b * c).max(1);
-            let z = to_channels_first(z.as_slice().expect("the block's output is standard layout"), b, n, c);
+            let x5 = block.check_input(clips(x, lx)?.into_dyn(), InputLayout::Clips).map_err(wrap)?;
+            let mut z = crate::block::buffer(x5.len(), "output").map_err(wrap)?;
+            // No copy of x in the context: candle keeps x for `bwd`, which reads it again.
+            let ctx = block.forward_train_checked(x5, Order::ChannelMajor, &mut z, false).map_err(wrap)?;
             *self.saved.lock().map_err(|_| poisoned())? = Some((block, ctx));
             return Ok((CpuStorage::F32(z), lx.shape().clone()));
         }
@@ -231,18 +209,16 @@ impl CustomOp2 for BlockOp {
             candle_core::bail!("nonlocal: backward of a block run without gradients");
         };
         let grad = collapsed(grad, 1, 1)?;
-        let grads = with_cpu_f32(&grad, "output gradient", |data, layout| {
-            let copy = clips_copy(data, layout, &self.workspace)?;
-            let grads = block.backward(ctx, &copy).map_err(wrap);
-            self.workspace.give(copy.into_raw_vec_and_offset().0);
-            grads
+        // ∂L/∂x is channels-first like x: the backward GEMMs write it channel-major.
+        let mut dx = crate::block::buffer(x.elem_count(), "input gradient").map_err(wrap)?;
+        let params_grad = with_cpu_f32(x, "x", |xd, xl| {
+            with_cpu_f32(&grad, "output gradient", |data, layout| {
+                let (dz, x5) = (clips(data, layout)?, clips(xd, xl)?);
+                block.backward_checked(ctx, dz, Order::ChannelMajor, &mut dx, Some(x5)).map_err(wrap)
+            })
         })?;
-        // ∂L/∂x comes channels-last (B, T, H, W, C); x is channels-first.
-        let (b, c) = (grads.input.shape()[0], grads.input.shape()[4]);
-        let n = grads.input.len() / (b * c).max(1);
-        let dx = grads.input.as_slice().expect("the block's gradient is standard layout");
-        let dx = Tensor::from_vec(to_channels_first(dx, b, n, c), x.dims(), &candle_core::Device::Cpu)?;
-        let named = grads.params.named();
+        let dx = Tensor::from_vec(dx, x.dims(), &candle_core::Device::Cpu)?;
+        let named = params_grad.named();
         let mut flat = Vec::with_capacity(params.elem_count());
         for (name, len) in entries(&self.config, self.present) {
             match named.iter().find(|(n, _)| n == name) {

@@ -6,8 +6,6 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
-use rayon::prelude::*;
-
 use crate::kernels::views::MatRef;
 
 /// A batch of equally shaped strided matrices inside one f32 buffer.
@@ -123,37 +121,6 @@ impl MatBatch {
         // this length (the assert above catches a shorter one for the offset at least).
         unsafe { MatRef::from_raw(data.as_ptr().add(offset), self.rows, self.cols, self.rs as isize, self.cs as isize) }
     }
-}
-
-/// Writes `mᵀ` (m.cols() × m.rows(), row-major) into `out`: tiles of 32 × 32 so both sides
-/// stay in cache, output rows in parallel.
-pub(crate) fn transpose_into(m: MatRef<'_>, out: &mut [f32]) {
-    const TILE: usize = 32;
-    let (rows, cols) = (m.rows(), m.cols());
-    assert_eq!(out.len(), rows * cols, "transpose_into: output length");
-    if rows == 0 || cols == 0 {
-        return;
-    }
-    out.par_chunks_mut(TILE * rows).enumerate().for_each(|(t, block)| {
-        let j0 = t * TILE;
-        let width = block.len() / rows;
-        for i0 in (0..rows).step_by(TILE) {
-            for i in i0..(i0 + TILE).min(rows) {
-                match m.row(i) {
-                    Some(row) => {
-                        for (dj, &v) in row[j0..j0 + width].iter().enumerate() {
-                            block[dj * rows + i] = v;
-                        }
-                    }
-                    None => {
-                        for dj in 0..width {
-                            block[dj * rows + i] = m.at(i, j0 + dj);
-                        }
-                    }
-                }
-            }
-        }
-    });
 }
 
 /// The f32 data of a CPU storage.

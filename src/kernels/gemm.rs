@@ -83,6 +83,16 @@ const SMALL_PRODUCT: usize = 1 << 18;
 /// # Panics
 /// If the dimensions do not agree (an internal error).
 pub fn par_gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut MatMut<'_>) {
+    par_gemm_ws(alpha, a, b, beta, c, &Workspace::default());
+}
+
+/// [`par_gemm`] with its packing buffers (B packed once, A per row block) from `ws`, kept
+/// there for the next product: the block's large per-call GEMMs, whose packed operands on
+/// fresh pages would cost about as much as the packing.
+///
+/// # Panics
+/// As [`par_gemm`].
+pub(crate) fn par_gemm_ws(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut MatMut<'_>, ws: &Workspace) {
     assert_eq!((a.rows(), a.cols(), b.cols()), (c.rows(), b.rows(), c.cols()), "par_gemm: shapes");
     // Small products are not worth the fork.
     if c.rows() * c.cols() * a.cols() < SMALL_PRODUCT {
@@ -90,10 +100,11 @@ pub fn par_gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut Mat
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = avx512_gemm(beta) {
-        let packed = PackedB::new(b, AVX512_NV * 16, alpha);
-        let ws = Workspace::default();
+        let packed = PackedB::new_in(b, AVX512_NV * 16, alpha, ws);
         use super::microkernel::F32;
-        return super::packed_gemm::gemm_packed::<_, F32, AVX512_MR, AVX512_NV>(simd, a, &packed, beta == 1.0, c, &ws);
+        super::packed_gemm::gemm_packed::<_, F32, AVX512_MR, AVX512_NV>(simd, a, &packed, beta == 1.0, c, ws);
+        ws.give(packed.into_data());
+        return;
     }
     sgemm_row_blocks(alpha, a, b, beta, c);
 }

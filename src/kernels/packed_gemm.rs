@@ -41,8 +41,21 @@ impl PackedB<f32> {
     /// Packs `alpha · b` for tiles `nr` wide, depth blocks in parallel.
     pub(crate) fn new(b: MatRef<'_>, nr: usize, alpha: f32) -> PackedB {
         let (k, n) = (b.rows(), b.cols());
+        Self::pack_into(b, nr, alpha, vec![0.0f32; k * n.next_multiple_of(nr)])
+    }
+
+    /// [`PackedB::new`] into a buffer of `ws` (give it back with [`PackedB::into_data`]): for
+    /// an operand packed once per product, which fresh pages would cost as much as packing.
+    pub(crate) fn new_in(b: MatRef<'_>, nr: usize, alpha: f32, ws: &Workspace) -> PackedB {
+        let (k, n) = (b.rows(), b.cols());
+        Self::pack_into(b, nr, alpha, ws.scratch(k * n.next_multiple_of(nr)).into_vec())
+    }
+
+    /// Packs into `data` (k × n_pad floats, any contents: every word is written).
+    fn pack_into(b: MatRef<'_>, nr: usize, alpha: f32, mut data: Vec<f32>) -> PackedB {
+        let (k, n) = (b.rows(), b.cols());
         let n_pad = n.next_multiple_of(nr);
-        let mut data = vec![0.0f32; k * n_pad];
+        debug_assert_eq!(data.len(), k * n_pad);
         data.par_chunks_mut(GROUP_BLOCK * n_pad.max(1)).enumerate().for_each(|(i, block)| {
             let start = i * GROUP_BLOCK;
             let depth = block.len() / n_pad;
@@ -53,8 +66,9 @@ impl PackedB<f32> {
                     for p in 0..depth {
                         let row = rows.row(p).expect("contiguous rows");
                         for (jp, run) in row.chunks(nr).enumerate() {
-                            let dst = &mut block[jp * depth * nr + p * nr..][..run.len()];
+                            let dst = &mut block[jp * depth * nr + p * nr..][..nr];
                             dst.iter_mut().zip(run).for_each(|(d, &v)| *d = alpha * v);
+                            dst[run.len()..].fill(0.0);
                         }
                     }
                 }
@@ -68,6 +82,13 @@ impl PackedB<f32> {
             }
         });
         PackedB { data, k, n, nr, exponent_floor: None }
+    }
+}
+
+impl<W: Word> PackedB<W> {
+    /// The packed words, to give back to the workspace they came from.
+    pub(crate) fn into_data(self) -> Vec<W> {
+        self.data
     }
 }
 

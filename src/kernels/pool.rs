@@ -104,6 +104,17 @@ pub fn max_unpool_add(grad: &[f32], argmax: &[u32], c: usize, out: &mut [f32], l
     }
 }
 
+/// [`max_unpool_add`] into the transpose: `out` is c × N row-major (channels-first), the
+/// gradient of source row `n`, channel `ch` adds to `out[ch·N + n]`.
+pub fn max_unpool_add_transposed(grad: &[f32], argmax: &[u32], c: usize, out: &mut [f32], n: usize) {
+    assert_eq!(grad.len(), argmax.len());
+    for (g_row, a_row) in grad.chunks(c.max(1)).zip(argmax.chunks(c.max(1))) {
+        for (ch, (&g, &row)) in g_row.iter().zip(a_row).enumerate() {
+            out[ch * n + row as usize] += g;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +166,9 @@ mod tests {
         let mut back = vec![0.0f32; 4 * 3];
         max_unpool_add(&[1.0, 2.0, 3.0, 4.0], &arg, 2, &mut back, 3, 1);
         assert_eq!(back, vec![0.0, 0.0, 2.0, 0.0, 1.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0, 0.0]);
+        // The same into the transpose (2 channels × 4 rows).
+        let mut back_t = vec![0.0f32; 2 * 4];
+        max_unpool_add_transposed(&[1.0, 2.0, 3.0, 4.0], &arg, 2, &mut back_t, 4);
+        assert_eq!(back_t, vec![0.0, 1.0, 3.0, 0.0, 2.0, 0.0, 4.0, 0.0]);
     }
 }
