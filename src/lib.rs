@@ -103,9 +103,10 @@
 //! With the `candle` feature, the module `nonlocal::candle` (candle-core and candle-nn 0.11)
 //! has the block as a candle layer, `nonlocal::candle::NonLocal` (a `candle_core::Module`
 //! built from a `candle_nn::VarBuilder` under the same PyTorch keys, channels-first like
-//! PyTorch, with candle's autograd through it, in O(N·C) memory: its forward pass 1.01–1.12×
-//! the native block's time, a training step 1.04–1.23× (concatenation at video-res3 1.32–1.37×), measured), and the fused attention as a candle op with a backward pass,
-//! `nonlocal::candle::attention`.
+//! PyTorch, with candle's autograd through it, in O(N·C) memory: its forward pass 0.99–1.18×
+//! the native block's time, a training step 0.99–1.45× (measured on a shared 2-core machine;
+//! the README's "In candle models" says where the time goes), and the fused attention as a
+//! candle op with a backward pass, `nonlocal::candle::attention`.
 //! [`NonLocalBlock::forward_channels_first`], [`NonLocalBlock::forward_train_channels_first`]
 //! and [`NonLocalBlock::backward_channels_first`] run the native block in PyTorch's layout.
 //!

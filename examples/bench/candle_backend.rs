@@ -1,6 +1,6 @@
 //! `--candle`: the candle layer on the native block's parameters (feature `candle`).
 
-use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use ndarray::Array5;
 use nonlocal::candle::NonLocal;
@@ -45,9 +45,18 @@ pub fn bench_case(
             std::hint::black_box(z);
             std::hint::black_box(block.backward(&ctx, grad_output).expect("bench backward"));
         };
-        let (mut candle, mut plain) = (|| layer.train(false), || layer.train(true));
-        let mut runs: [&mut dyn FnMut(); 3] = [&mut train, &mut candle, &mut plain];
+        let (mut candle, mut plain) = (|| layer.train(false, Loss::Dot), || layer.train(true, Loss::Dot));
+        let mut injected = || layer.train(false, Loss::Injected);
+        // The native block on PyTorch's layout, as the candle op runs it.
+        let (x_cf, g_cf) = (first(x), first(grad_output));
+        let mut train_cf = || {
+            let (z, ctx) = block.forward_train_channels_first(&x_cf).expect("bench forward_train");
+            std::hint::black_box(z);
+            std::hint::black_box(block.backward_channels_first(&ctx, &g_cf).expect("bench backward"));
+        };
+        let mut runs: [&mut dyn FnMut(); 5] = [&mut train, &mut candle, &mut plain, &mut injected, &mut train_cf];
         let medians = interleaved_medians(args.reps, &mut runs);
+        let backends = ["native", "candle", "candle-plain", "candle-injected", "native-channels-first"];
         for ((backend, (median, _)), run) in backends.iter().zip(medians).zip(runs.iter_mut()) {
             report(backend, " pass=train", median, 3.0 * flops, peak_mb(run));
         }
@@ -64,6 +73,11 @@ pub struct Layer {
     x_var: Var,
     grad_output: Tensor,
     _varmap: VarMap,
+}
+
+/// (B, T, H, W, C) → (B, C, T, H, W), standard layout.
+fn first(x: &Array5<f32>) -> Array5<f32> {
+    x.view().permuted_axes([0, 4, 1, 2, 3]).as_standard_layout().into_owned()
 }
 
 /// (B, T, H, W, C) → (B, C, T, H, W), contiguous.
@@ -101,10 +115,43 @@ impl Layer {
         std::hint::black_box(z.expect("candle forward"));
     }
 
-    pub fn train(&self, plain: bool) {
+    pub fn train(&self, plain: bool, loss: Loss) {
         let (layer, x) = (&self.trainable, self.x_var.as_tensor());
-        let z = if plain { layer.forward_plain(x) } else { layer.forward(x) };
-        let loss = (z.expect("candle forward") * &self.grad_output).and_then(|p| p.sum_all()).expect("loss");
+        let z = if plain { layer.forward_plain(x) } else { layer.forward(x) }.expect("candle forward");
+        let loss = match loss {
+            Loss::Dot => (z * &self.grad_output).and_then(|p| p.sum_all()),
+            Loss::Injected => z.apply_op1(InjectGradient(self.grad_output.clone())),
+        }
+        .expect("loss");
         std::hint::black_box(loss.backward().expect("candle backward"));
+    }
+}
+
+/// How a training step hands the output gradient to candle's `backward()`.
+#[derive(Clone, Copy)]
+pub enum Loss {
+    /// `Σ z ⊙ grad_output`: what a model's loss costs (a product, a sum, and their backward).
+    Dot,
+    /// [`InjectGradient`]: the output gradient alone, as the native step is given it.
+    Injected,
+}
+
+/// A scalar op whose backward hands its input exactly the given gradient: the layer's own
+/// forward + backward through candle, without the loss's arithmetic (the native training step
+/// is handed `grad_output` the same way).
+struct InjectGradient(Tensor);
+
+impl CustomOp1 for InjectGradient {
+    fn name(&self) -> &'static str {
+        "inject-gradient"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // The loss is the root: its gradient is 1, so the input's is the given one.
+        Ok(Some(self.0.clone()))
     }
 }

@@ -25,8 +25,13 @@
 //! parameters, channels-first input (1, C, T, H, W)) and `backend=candle-plain` (the same layer
 //! in plain candle ops, `NonLocal::forward_plain`: the N×M attention); with `--backward` their
 //! `pass=train` lines time forward + `backward()` of `Σ z ⊙ grad_output` (every parameter is a
-//! `Var`, and so is the input, as the output of earlier layers would be). The three backends run
-//! in turn within each repetition, so a change of machine load moves them alike.
+//! `Var`, and so is the input, as the output of earlier layers would be). Two more `pass=train`
+//! lines take that step apart: `backend=candle-injected` hands candle's `backward()` the output
+//! gradient itself (a scalar op whose backward returns it: no product or sum for the loss, as
+//! the native step is handed `grad_output`), and `backend=native-channels-first` is the native
+//! block's `forward_train_channels_first` + `backward_channels_first` on (B, C, T, H, W), the
+//! pass the candle op runs. The backends run in turn within each repetition, so a change of
+//! machine load moves them alike.
 //!
 //! `--block gc` times the global context block (GCNet) instead, at ResNet-50 stage 4
 //! detection size (C = 2048, H = 25, W = 42): a memory-bound block, so it is compared with
