@@ -97,26 +97,38 @@ fn gradients_match_finite_differences_in_every_configuration() {
     }
 }
 
+/// The output and every gradient, bit for bit, on 1, 2 and 3 threads, channels-last and
+/// channels-first.
 #[test]
 fn gradient_bits_do_not_depend_on_thread_count() {
     for mode in Mode::ALL {
-        let mut rng = Rng::new(7);
-        let config = NonLocalConfig::new(12).mode(mode);
-        let block = NonLocalBlock::from_parameters(config.clone(), random_params(&config, &mut rng)).unwrap();
-        // 2·20·24 = 960 queries: several query tiles and backward chunks.
-        let x = rng.input((1, 2, 20, 24, 12), 1.0);
-        let r = rng.input((1, 2, 20, 24, 12), 1.0);
-        let runs = on_1_2_3_threads(|| {
-            let (_, ctx) = block.forward_train(&x).unwrap();
-            let g = block.backward(&ctx, &r).unwrap();
-            let mut all = bits(g.input.iter());
-            for (_, t) in g.params.named() {
-                all.extend(bits(t.iter()));
-            }
-            all
-        });
-        assert_eq!(runs[0], runs[1], "{mode}: 1 vs 2 threads");
-        assert_eq!(runs[0], runs[2], "{mode}: 1 vs 3 threads");
+        for channels_first in [false, true] {
+            let mut rng = Rng::new(7);
+            let config = NonLocalConfig::new(12).mode(mode);
+            let block = NonLocalBlock::from_parameters(config.clone(), random_params(&config, &mut rng)).unwrap();
+            // 2·20·24 = 960 queries: several query tiles and backward chunks.
+            let shape = if channels_first { (1, 12, 2, 20, 24) } else { (1, 2, 20, 24, 12) };
+            let x = rng.input(shape, 1.0);
+            let r = rng.input(shape, 1.0);
+            let runs = on_1_2_3_threads(|| {
+                let (z, g) = if channels_first {
+                    let (z, ctx) = block.forward_train_channels_first(&x).unwrap();
+                    (z, block.backward_channels_first(&ctx, &r).unwrap())
+                } else {
+                    let (z, ctx) = block.forward_train(&x).unwrap();
+                    (z, block.backward(&ctx, &r).unwrap())
+                };
+                let mut all = bits(z.iter());
+                all.extend(bits(g.input.iter()));
+                for (_, t) in g.params.named() {
+                    all.extend(bits(t.iter()));
+                }
+                all
+            });
+            let what = if channels_first { "channels-first" } else { "channels-last" };
+            assert_eq!(runs[0], runs[1], "{mode} {what}: 1 vs 2 threads");
+            assert_eq!(runs[0], runs[2], "{mode} {what}: 1 vs 3 threads");
+        }
     }
 }
 
@@ -342,29 +354,6 @@ fn channels_first_training_matches_channels_last() {
                 assert_eq!(bits(mixed.input.iter()), bits(got.input.iter()), "{what}: context layout changes bits");
             }
         }
-    }
-}
-
-#[test]
-fn channels_first_training_bits_do_not_depend_on_thread_count() {
-    for mode in Mode::ALL {
-        let mut rng = Rng::new(17);
-        let config = NonLocalConfig::new(12).mode(mode);
-        let block = NonLocalBlock::from_parameters(config.clone(), random_params(&config, &mut rng)).unwrap();
-        let x = rng.input((1, 12, 2, 20, 24), 1.0);
-        let r = rng.input((1, 12, 2, 20, 24), 1.0);
-        let runs = on_1_2_3_threads(|| {
-            let (z, ctx) = block.forward_train_channels_first(&x).unwrap();
-            let g = block.backward_channels_first(&ctx, &r).unwrap();
-            let mut all = bits(z.iter());
-            all.extend(bits(g.input.iter()));
-            for (_, t) in g.params.named() {
-                all.extend(bits(t.iter()));
-            }
-            all
-        });
-        assert_eq!(runs[0], runs[1], "{mode}: 1 vs 2 threads");
-        assert_eq!(runs[0], runs[2], "{mode}: 1 vs 3 threads");
     }
 }
 
