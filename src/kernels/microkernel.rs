@@ -336,25 +336,32 @@ pub(crate) unsafe fn edge_tile<S: Bf16Simd, E: Elem, const MR: usize, const NV: 
 /// groups of `width` values, group p being element p of rows q·width.. (zero past the last
 /// row and past `depth`).
 ///
+/// The tiles' widths run through [`pack_panels_of`], whose copies of one group are as wide as
+/// the compiler knows (a `memcpy` call per 12 or 32 floats, as a run-time width gets, cost more
+/// than the copy: a tenth of a training step once).
+///
 /// # Panics
 /// If `out` is shorter than ⌈rows/width⌉·depth_pad·width or `depth > depth_pad`.
 pub(crate) fn pack_panels(src: MatRef<'_>, width: usize, depth_pad: usize, out: &mut [f32]) {
+    match width {
+        4 => pack_panels_of::<4>(src, depth_pad, out),
+        6 => pack_panels_of::<6>(src, depth_pad, out),
+        8 => pack_panels_of::<8>(src, depth_pad, out),
+        12 => pack_panels_of::<12>(src, depth_pad, out),
+        14 => pack_panels_of::<14>(src, depth_pad, out),
+        16 => pack_panels_of::<16>(src, depth_pad, out),
+        24 => pack_panels_of::<24>(src, depth_pad, out),
+        32 => pack_panels_of::<32>(src, depth_pad, out),
+        48 => pack_panels_of::<48>(src, depth_pad, out),
+        _ => pack_panels_any(src, width, depth_pad, out),
+    }
+}
+
+/// [`pack_panels`] for any width, element by element.
+fn pack_panels_any(src: MatRef<'_>, width: usize, depth_pad: usize, out: &mut [f32]) {
     let (rows, depth) = (src.rows(), src.cols());
     assert!(depth <= depth_pad && out.len() >= rows.div_ceil(width) * depth_pad * width);
-    out.fill(0.0);
-    if depth == 0 {
-        return;
-    }
-    if rows > 1 && depth > 0 && src.row(0).is_none() && src.col(0).is_some() {
-        // Columns are contiguous (a transposed matrix): each group is a run of one column.
-        for p in 0..depth {
-            let col = src.col(p).expect("contiguous columns");
-            for (q, run) in col.chunks(width).enumerate() {
-                out[(q * depth_pad + p) * width..][..run.len()].copy_from_slice(run);
-            }
-        }
-        return;
-    }
+    out[..rows.div_ceil(width) * depth_pad * width].fill(0.0);
     let mut row = vec![0.0f32; depth];
     for r in 0..rows {
         src.copy_row(r, &mut row);
@@ -365,30 +372,72 @@ pub(crate) fn pack_panels(src: MatRef<'_>, width: usize, depth_pad: usize, out: 
     }
 }
 
-/// [`pack_panels`] for panels of a compile-time height: the same layout, faster where rows are
-/// contiguous (each depth step writes MR neighbouring floats read from MR row slices).
+/// [`pack_panels`] for panels of a compile-time width `W`: contiguous columns (a transposed
+/// matrix) copy W-float runs of a column into each group; contiguous rows gather each group
+/// from W row slices; other strides go element by element. Every word of the panels is
+/// written once.
+///
+/// # Panics
+/// As [`pack_panels`].
+#[inline]
+pub(crate) fn pack_panels_of<const W: usize>(src: MatRef<'_>, depth_pad: usize, out: &mut [f32]) {
+    let (rows, depth) = (src.rows(), src.cols());
+    let panels = rows.div_ceil(W);
+    assert!(depth <= depth_pad && out.len() >= panels * depth_pad * W);
+    let out = &mut out[..panels * depth_pad * W];
+    if depth == 0 || rows == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let (full, tail) = (rows / W, rows % W);
+    if rows > 1 && src.row(0).is_none() && src.col(0).is_some() {
+        for p in 0..depth {
+            let col = src.col(p).expect("contiguous columns");
+            for (q, run) in col.chunks_exact(W).enumerate() {
+                out[(q * depth_pad + p) * W..][..W].copy_from_slice(run);
+            }
+            if tail > 0 {
+                let group = &mut out[(full * depth_pad + p) * W..][..W];
+                group[..tail].copy_from_slice(&col[full * W..]);
+                group[tail..].fill(0.0);
+            }
+        }
+        for panel in out.chunks_exact_mut(depth_pad * W) {
+            panel[depth * W..].fill(0.0);
+        }
+        return;
+    }
+    if src.row(0).is_none() {
+        return pack_panels_any(src, W, depth_pad, out);
+    }
+    for (q, panel) in out.chunks_exact_mut(depth_pad * W).enumerate() {
+        let first = q * W;
+        if q < full {
+            let row: [&[f32]; W] = std::array::from_fn(|r| src.row(first + r).expect("contiguous rows"));
+            for (p, group) in panel.chunks_exact_mut(W).take(depth).enumerate() {
+                for (g, r) in group.iter_mut().zip(&row) {
+                    *g = r[p];
+                }
+            }
+        } else {
+            for (p, group) in panel.chunks_exact_mut(W).take(depth).enumerate() {
+                for (r, g) in group.iter_mut().enumerate() {
+                    *g = if r < tail { src.row(first + r).expect("contiguous rows")[p] } else { 0.0 };
+                }
+            }
+        }
+        panel[depth * W..].fill(0.0);
+    }
+}
+
+/// [`pack_panels`] for panels of a compile-time height (the tiles' A operands): the same
+/// layout, by [`pack_panels_of`].
 ///
 /// # Panics
 /// As [`pack_panels`].
 #[inline]
 pub(crate) fn pack_rows<const MR: usize>(src: MatRef<'_>, depth_pad: usize, out: &mut [f32]) {
-    let (rows, depth) = (src.rows(), src.cols());
-    if rows == 0 || src.row(0).is_none() || depth != depth_pad {
-        return pack_panels(src, MR, depth_pad, out);
-    }
-    assert!(out.len() >= rows.div_ceil(MR) * depth * MR);
-    for (panel, dst) in out.chunks_exact_mut(depth * MR).take(rows.div_ceil(MR)).enumerate() {
-        let first = panel * MR;
-        if first + MR > rows {
-            return pack_panels(src.rows_range(first, rows), MR, depth, dst);
-        }
-        let row: [&[f32]; MR] = std::array::from_fn(|r| src.row(first + r).expect("contiguous rows"));
-        for (p, group) in dst.chunks_exact_mut(MR).enumerate() {
-            for (g, r) in group.iter_mut().zip(&row) {
-                *g = r[p];
-            }
-        }
-    }
+    pack_panels_of::<MR>(src, depth_pad, out);
 }
 
 /// [`Elem::pack`] into a scratch buffer of `ws` (its words seen through [`Word::of`]): `src`
@@ -552,6 +601,47 @@ mod tests {
                     pack_pair_rows::<4>(src, groups, &mut fast);
                     assert_eq!(fast, want, "pack_pair_rows {what}");
                 }
+            }
+        }
+    }
+
+    /// Value (q, p, r) of the panels from the definition: element p of row q·width + r.
+    fn reference_panels(src: MatRef<'_>, width: usize, depth_pad: usize) -> Vec<f32> {
+        let at = |i: usize, j: usize| if i < src.rows() && j < src.cols() { src.at(i, j) } else { 0.0 };
+        let mut out = vec![0.0f32; src.rows().div_ceil(width) * depth_pad * width];
+        for (w, v) in out.iter_mut().enumerate() {
+            let (q, p, r) = (w / (depth_pad * width), w / width % depth_pad, w % width);
+            *v = at(q * width + r, p);
+        }
+        out
+    }
+
+    #[test]
+    fn f32_packing_matches_its_definition_for_every_layout_and_width() {
+        let shapes = [(1, 1, 1), (13, 7, 9), (29, 16, 16), (40, 33, 40), (5, 0, 3), (64, 5, 5), (97, 12, 13)];
+        for (rows, depth, depth_pad) in shapes {
+            let data: Vec<f32> = (0..rows * depth * 2).map(|i| (i as f32 * 0.37).sin() * 3.0 + 0.5).collect();
+            let row_major = MatRef::new(&data, 0, rows, depth, depth);
+            let cols: Vec<f32> = (0..rows * depth).map(|i| data[(i % rows) * depth + i / rows]).collect();
+            let transposed = MatRef::new(&cols, 0, depth, rows, rows).t();
+            // SAFETY: rows·depth·2 floats, every other one read.
+            let strided = unsafe { MatRef::from_raw(data.as_ptr(), rows, depth, 2 * depth as isize, 2) };
+            for (what, src) in [("rows", row_major), ("columns", transposed), ("strided", strided)] {
+                for width in [4, 5, 6, 8, 12, 14, 16, 24, 32, 48] {
+                    let want = reference_panels(src, width, depth_pad);
+                    let mut got = vec![f32::NAN; want.len() + 3];
+                    pack_panels(src, width, depth_pad, &mut got);
+                    assert_eq!(
+                        &got[..want.len()],
+                        &want[..],
+                        "{what} {rows}×{depth} (pad {depth_pad}) in {width}-wide panels"
+                    );
+                    assert!(got[want.len()..].iter().all(|v| v.is_nan()), "past the panels is left alone");
+                }
+                let want = reference_panels(src, 12, depth_pad);
+                let mut fast = vec![f32::NAN; want.len()];
+                pack_rows::<12>(src, depth_pad, &mut fast);
+                assert_eq!(fast, want, "pack_rows {what}");
             }
         }
     }
