@@ -110,6 +110,9 @@ fn mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 fn main() -> Result<()> {
+    // Candle allocates a fresh tensor per op and per gradient: let glibc keep freed memory
+    // for the next step instead of faulting it in again (see `nonlocal::keep_freed_memory`).
+    nonlocal::keep_freed_memory();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let model = Model::new(&vb)?;

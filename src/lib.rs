@@ -103,10 +103,11 @@
 //! With the `candle` feature, the module `nonlocal::candle` (candle-core and candle-nn 0.11)
 //! has the block as a candle layer, `nonlocal::candle::NonLocal` (a `candle_core::Module`
 //! built from a `candle_nn::VarBuilder` under the same PyTorch keys, channels-first like
-//! PyTorch, with candle's autograd through it, in O(N·C) memory: its forward pass 0.99–1.18×
-//! the native block's time, a training step 0.99–1.45× (measured on a shared 2-core machine;
-//! the README's "In candle models" says where the time goes), and the fused attention as a
-//! candle op with a backward pass, `nonlocal::candle::attention`.
+//! PyTorch, with candle's autograd through it, in O(N·C) memory: its forward pass 1.01–1.18×
+//! the native block's time, a training step 1.15–1.51× (measured on a shared 2-core machine
+//! with [`keep_freed_memory`], which candle training wants; the README's "In candle models"
+//! says where the time goes), and the fused attention as a candle op with a backward pass,
+//! `nonlocal::candle::attention`.
 //! [`NonLocalBlock::forward_channels_first`], [`NonLocalBlock::forward_train_channels_first`]
 //! and [`NonLocalBlock::backward_channels_first`] run the native block in PyTorch's layout.
 //!
@@ -164,6 +165,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 // The layers, bottom to top: each imports only from those above it in this list.
+mod allocator;
+
 mod checkpoint;
 
 mod error;
@@ -196,6 +199,7 @@ pub mod candle;
 /// arrays are of the same crate.
 pub use ndarray;
 
+pub use allocator::{keep_freed_memory, KEEP_FREED_MEMORY_TUNABLES};
 pub use block::{load_blocks, Gradients, NonLocalBlock, ParameterGradients, TrainContext};
 pub use checkpoint::{CheckpointFormat, DType};
 pub use kernels::simd::Isa;

@@ -34,8 +34,12 @@ pub fn bench_case(
         std::hint::black_box(block.forward(x).expect("bench forward"));
     };
     let (mut candle, mut plain) = (|| layer.forward(false), || layer.forward(true));
+    // candle-plain on its own after the others: its N×M buffers would change how the C
+    // allocator treats theirs from one repetition to the next.
+    let mut runs: [&mut dyn FnMut(); 2] = [&mut forward, &mut candle];
+    let mut medians = interleaved_medians(args.reps, &mut runs);
+    medians.extend(interleaved_medians(args.reps, &mut [&mut plain as &mut dyn FnMut()]));
     let mut runs: [&mut dyn FnMut(); 3] = [&mut forward, &mut candle, &mut plain];
-    let medians = interleaved_medians(args.reps, &mut runs);
     for ((backend, (median, _)), run) in backends.iter().zip(medians).zip(runs.iter_mut()) {
         report(backend, "", median, flops, peak_mb(run));
     }
@@ -54,8 +58,10 @@ pub fn bench_case(
             std::hint::black_box(z);
             std::hint::black_box(block.backward_channels_first(&ctx, &g_cf).expect("bench backward"));
         };
+        let mut runs: [&mut dyn FnMut(); 4] = [&mut train, &mut candle, &mut injected, &mut train_cf];
+        let mut medians = interleaved_medians(args.reps, &mut runs);
+        medians.insert(2, interleaved_medians(args.reps, &mut [&mut plain as &mut dyn FnMut()])[0]);
         let mut runs: [&mut dyn FnMut(); 5] = [&mut train, &mut candle, &mut plain, &mut injected, &mut train_cf];
-        let medians = interleaved_medians(args.reps, &mut runs);
         let backends = ["native", "candle", "candle-plain", "candle-injected", "native-channels-first"];
         for ((backend, (median, _)), run) in backends.iter().zip(medians).zip(runs.iter_mut()) {
             report(backend, " pass=train", median, 3.0 * flops, peak_mb(run));

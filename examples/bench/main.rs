@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--shape NAME] [--mode eg|dp|concat|gauss] [--reps N] [--backward]
-//!     [--block nl|gc|cc|dnl] [--candle] [--precision f32|bf16|bf16-logits|both|all]
+//!     [--block nl|gc|cc|dnl] [--candle] [--precision f32|bf16|bf16-logits|both|all] [--keep-freed-memory]
 //! ```
 //!
 //! First measures the sgemm peak: the best 2048×2048×2048 sgemm a Rust crate runs on this
@@ -31,7 +31,13 @@
 //! the native step is handed `grad_output`), and `backend=native-channels-first` is the native
 //! block's `forward_train_channels_first` + `backward_channels_first` on (B, C, T, H, W), the
 //! pass the candle op runs. The backends run in turn within each repetition, so a change of
-//! machine load moves them alike.
+//! machine load moves them alike; `candle-plain` runs its repetitions after the others (its
+//! N×M buffers would otherwise change how the C allocator treats theirs between steps).
+//!
+//! `--keep-freed-memory` calls [`nonlocal::keep_freed_memory`] first (the header then says
+//! `malloc=kept`, else `malloc=default`): glibc keeps freed memory for the next allocations
+//! instead of returning it to the kernel, which decides how fast a candle training step runs
+//! (candle allocates a fresh tensor per op and per gradient).
 //!
 //! `--block gc` times the global context block (GCNet) instead, at ResNet-50 stage 4
 //! detection size (C = 2048, H = 25, W = 42): a memory-bound block, so it is compared with
@@ -109,6 +115,8 @@ struct Args {
     reps: usize,
     backward: bool,
     candle: bool,
+    /// Whether `--keep-freed-memory` was given.
+    keep_freed_memory: bool,
     /// `nl` (the non-local block, default), `gc` (the global context block), `cc`
     /// (criss-cross attention) or `dnl` (the disentangled non-local block).
     block: String,
@@ -122,6 +130,7 @@ fn parse_args() -> Result<Args, String> {
         reps: 5,
         backward: false,
         candle: false,
+        keep_freed_memory: false,
         block: "nl".into(),
         precisions: vec![Precision::F32],
     };
@@ -132,6 +141,7 @@ fn parse_args() -> Result<Args, String> {
             "--shape" => args.shape = Some(value()?),
             "--mode" => args.mode = Some(value()?),
             "--backward" => args.backward = true,
+            "--keep-freed-memory" => args.keep_freed_memory = true,
             "--block" => args.block = value()?,
             "--candle" if cfg!(feature = "candle") => args.candle = true,
             "--candle" => return Err("--candle needs the bench built with --features candle".into()),
@@ -356,6 +366,7 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let malloc = if args.keep_freed_memory && nonlocal::keep_freed_memory() { "kept" } else { "default" };
     if args.block == "gc" {
         context::bench_context_block(&args);
         return;
@@ -365,7 +376,7 @@ fn main() {
     let peak = peaks.iter().map(|p| p.1).fold(0.0, f64::max);
     let each: Vec<String> = peaks.iter().map(|(name, g)| format!("{name}={g:.1}")).collect();
     println!(
-        "threads={threads} simd={} sgemm 2048^3 GFLOP/s: {} peak={peak:.1}",
+        "threads={threads} simd={} malloc={malloc} sgemm 2048^3 GFLOP/s: {} peak={peak:.1}",
         nonlocal::simd_path(),
         each.join(" ")
     );
