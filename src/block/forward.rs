@@ -187,7 +187,7 @@ impl NonLocalBlock {
         let (scale, precision) = (self.config.logit_scale(), self.config.precision);
         let ws = &self.workspace;
         let attend = |v: MatRef<'_>, out: &mut [f32]| attention_in(ws, precision, (q, k, v, scale), bias, out, None);
-        if self.compiled.folds_values(n, m) {
+        if self.compiled.folds_values_in_attention(n, m) {
             // W_out·Σ_j a_ij ĝ_j = Σ_j a_ij (W_out ĝ_j): aggregate C columns instead of C'.
             let mut vw = self.workspace.take(m * c, "projected values")?;
             self.compiled.w_out.apply(Precision::F32, p.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c), ws);

@@ -4,7 +4,7 @@
 //! (decided here and nowhere else), and one sample's projections and pooled keys
 //! ([`Prepared`], from [`prepare`]).
 
-use crate::config::{Mode, NonLocalConfig};
+use crate::config::{Mode, NonLocalConfig, Precision};
 use crate::params::Parameters;
 
 mod prepare;
@@ -32,6 +32,8 @@ pub(crate) struct Compiled {
     /// C and C'.
     channels: (usize, usize),
     mode: Mode,
+    /// The block's arithmetic (the cost model weighs bf16 products at twice the f32 rate).
+    precision: Precision,
 }
 
 /// Embedded Gaussian with θ folded into the keys, `θ_i·φ_j = x_i·(W_θᵀφ_j) + b_θ·φ_j`: the
@@ -133,6 +135,7 @@ impl Compiled {
             theta_fold,
             channels: (c, ci),
             mode: config.mode,
+            precision,
         }
     }
 
@@ -158,19 +161,31 @@ impl Compiled {
         (m * ci * c + n * m * c, n * c * ci + n * m * ci)
     }
 
-    /// The multiply-adds of the aggregation and output projection with `W_z` applied to the M
-    /// values first (C·C'·M + N·M·C) and to the N outputs after (N·M·C' + N·C'·C).
-    fn aggregation_costs(&self, n: usize, m: usize) -> (f64, f64) {
+    /// The cost of the aggregation and output projection with `W_z` applied to the M values
+    /// first (C·C'·M + N·M·C multiply-adds) and to the N outputs after (N·M·C' + N·C'·C), the
+    /// aggregation's counted at `1 / value_rate` (how many times faster than `W_z`'s f32 ones
+    /// its multiply-adds run).
+    fn aggregation_costs(&self, n: usize, m: usize, value_rate: f64) -> (f64, f64) {
         let (c, ci) = self.channels;
         let (n, m, c, ci) = (n as f64, m as f64, c as f64, ci as f64);
-        (c * ci * m + n * m * c, n * m * ci + n * ci * c)
+        (c * ci * m + n * m * c / value_rate, n * m * ci / value_rate + n * ci * c)
     }
 
-    /// Whether the softmax modes (and dot product's direct form) apply `W_z` to the M values
-    /// before the aggregation instead of to the N outputs after it
-    /// (`W·Σ_j a_ij g_j = Σ_j a_ij (W g_j)`): with few keys and many channels.
+    /// Whether dot product's direct form applies `W_z` to the M values before the (f32)
+    /// aggregation instead of to the N outputs after it (`W·Σ_j a_ij g_j = Σ_j a_ij (W g_j)`):
+    /// with few keys and many channels.
     pub(crate) fn folds_values(&self, n: usize, m: usize) -> bool {
-        let (fold, after) = self.aggregation_costs(n, m);
+        let (fold, after) = self.aggregation_costs(n, m, 1.0);
+        fold < after
+    }
+
+    /// [`Compiled::folds_values`] for the softmax modes, whose aggregation runs on bf16
+    /// operands (`VDPBF16PS`: twice the f32 rate) in a bf16 block while `W_z` stays f32: the
+    /// wider aggregation of the folded values costs half as much there (detect-res4 folds in
+    /// bf16, not in f32).
+    pub(crate) fn folds_values_in_attention(&self, n: usize, m: usize) -> bool {
+        let rate = if self.precision == Precision::F32 { 1.0 } else { 2.0 };
+        let (fold, after) = self.aggregation_costs(n, m, rate);
         fold < after
     }
 
@@ -187,7 +202,7 @@ impl Compiled {
             n * c * ci + m * ci * ci + tail + n * ci * c
         };
         let (fold, project) = self.logit_costs(n, m);
-        let (fold_v, after) = self.aggregation_costs(n, m);
+        let (fold_v, after) = self.aggregation_costs(n, m, 1.0);
         let logits = if self.theta_fold.is_some() { fold.min(project) } else { project };
         logits + fold_v.min(after) < associated
     }
@@ -222,6 +237,31 @@ mod tests {
             // Gaussian has no θ to fold; concatenation never forms logits.
             assert!(!compiled(Mode::Gaussian, c).folds_theta(n, m));
             assert!(!compiled(Mode::Concatenation, c).folds_theta(n, m));
+        }
+    }
+
+    #[test]
+    fn bf16_blocks_fold_the_values_where_the_cheaper_aggregation_pays() {
+        let shapes = [(1024, 784, 196), (512, 3136, 784), (1024, 4200, 1050), (256, 25088, 6272)];
+        for (i, &(c, n, m)) in shapes.iter().enumerate() {
+            for mode in [Mode::EmbeddedGaussian, Mode::Gaussian] {
+                let f32_block = compiled(mode, c);
+                assert_eq!(f32_block.folds_values_in_attention(n, m), f32_block.folds_values(n, m));
+                for precision in [Precision::Bf16, Precision::Bf16Logits] {
+                    let config = NonLocalConfig::new(c).mode(mode).precision(precision);
+                    let bf16 = Compiled::new(&config, &Parameters::init(&config, 1));
+                    // video-res4 folds in every precision; detect-res4 only where the
+                    // aggregation runs at the bf16 rate (2.81 against 3.33 G f32-equivalent
+                    // multiply-adds); video-res3 (0.733 against 0.726) and video-res2 never.
+                    assert_eq!(
+                        bf16.folds_values_in_attention(n, m),
+                        i == 0 || i == 2,
+                        "{mode:?} {precision:?} at {c}, {n}, {m}"
+                    );
+                    // Dot product's direct aggregation is f32 in every precision.
+                    assert_eq!(bf16.folds_values(n, m), i == 0);
+                }
+            }
         }
     }
 }
