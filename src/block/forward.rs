@@ -261,7 +261,7 @@ impl NonLocalBlock {
             let vw = MatRef::new(&vw, 0, m, c, c);
             match order {
                 Order::PositionMajor => {
-                    self.residual_rows(p.x, out, |row, residual| row.copy_from_slice(residual));
+                    self.residual_rows(p.x, out, false);
                     par_gemm(inv_m, s, vw, 1.0, &mut MatMut::new(out, n, c, c));
                 }
                 Order::ChannelMajor => {
@@ -312,7 +312,7 @@ impl NonLocalBlock {
     /// `out ← x + y·W + b_out` with W = `w` (C' × C) or `W_outᵀ`, in f32 in both precisions.
     pub(crate) fn output(&self, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
         let (n, c) = (x.rows(), x.cols());
-        self.residual_rows(x, out, |row, residual| row.copy_from_slice(residual));
+        self.residual_rows(x, out, false);
         let mut out = MatMut::new(out, n, c, c);
         match w {
             Some(w) => par_gemm(1.0, y, w, 1.0, &mut out),
@@ -322,20 +322,33 @@ impl NonLocalBlock {
 
     /// `out ← out + x + b_out`.
     fn add_residual(&self, x: MatRef<'_>, out: &mut [f32]) {
-        self.residual_rows(x, out, |row, residual| row.iter_mut().zip(residual).for_each(|(o, r)| *o += r));
+        self.residual_rows(x, out, true);
     }
 
-    /// Applies `combine(out_row, x_row)` to every row, then adds `b_out`, rows in parallel.
-    fn residual_rows(&self, x: MatRef<'_>, out: &mut [f32], combine: impl Fn(&mut [f32], &[f32]) + Sync) {
+    /// Every row of `out` set to (`add` false) or incremented by (`add` true, in the order
+    /// `(out + x) + b_out`) its row of x plus `b_out`, in one pass, rows in parallel; x's rows
+    /// are read in place where they are contiguous.
+    fn residual_rows(&self, x: MatRef<'_>, out: &mut [f32], add: bool) {
         let (n, c) = (x.rows(), x.cols());
         let block = row_block(n, 64);
+        let bias = &self.compiled.b_out;
         out.par_chunks_mut(block * c).enumerate().for_each(|(b, rows)| {
-            let mut residual = vec![0.0f32; c];
+            let mut copy = Vec::new();
             for (r, row) in rows.chunks_mut(c).enumerate() {
-                x.copy_row(b * block + r, &mut residual);
-                combine(row, &residual);
-                for (o, bias) in row.iter_mut().zip(&self.compiled.b_out) {
-                    *o += bias;
+                let i = b * block + r;
+                let residual = match x.row(i) {
+                    Some(contiguous) => contiguous,
+                    None => {
+                        copy.resize(c, 0.0);
+                        x.copy_row(i, &mut copy);
+                        &copy[..]
+                    }
+                };
+                let terms = row.iter_mut().zip(residual).zip(bias);
+                if add {
+                    terms.for_each(|((o, &v), &bias)| *o = *o + v + bias);
+                } else {
+                    terms.for_each(|((o, &v), &bias)| *o = v + bias);
                 }
             }
         });

@@ -486,7 +486,10 @@ pub(crate) fn pack_pair_panels(src: MatRef<'_>, width: usize, groups: usize, out
         }
         return;
     }
+    // Rows: each row's words converted at once (a loop that vectorises), then spread over its
+    // panel.
     let mut copy = vec![0.0f32; if src.row(0).is_some() { 0 } else { depth }];
+    let mut words = vec![0u32; depth.div_ceil(2)];
     for r in 0..rows {
         let row = match src.row(r) {
             Some(row) => row,
@@ -495,15 +498,32 @@ pub(crate) fn pack_pair_panels(src: MatRef<'_>, width: usize, groups: usize, out
                 &copy[..]
             }
         };
+        pair_words(row, &mut words);
         let panel = &mut out[(r / width) * groups * width..];
-        for (g, two) in row.chunks(2).enumerate() {
-            panel[g * width + r % width] = word(two[0], two.get(1));
+        for (g, &w) in words.iter().enumerate() {
+            panel[g * width + r % width] = w;
         }
     }
 }
 
+/// The pair words of one row, word g holding its elements 2g (low half) and 2g+1 (high half,
+/// zero past the end) rounded by [`f32_to_bf16`]: `out` has ⌈len/2⌉ words.
+#[inline]
+fn pair_words(row: &[f32], out: &mut [u32]) {
+    debug_assert_eq!(out.len(), row.len().div_ceil(2));
+    let pairs = row.chunks_exact(2);
+    let last = pairs.remainder().first().copied();
+    for (w, two) in out.iter_mut().zip(pairs) {
+        *w = pair(f32_to_bf16(two[0]), f32_to_bf16(two[1]));
+    }
+    if let Some(even) = last {
+        out[row.len() / 2] = pair(f32_to_bf16(even), 0);
+    }
+}
+
 /// [`pack_pair_panels`] for panels of a compile-time height: the same layout, faster where rows
-/// are contiguous (each group writes MR neighbouring words read from MR row slices).
+/// are contiguous (the MR rows of a panel converted to words row by row, a loop that
+/// vectorises, then each group gathered from them).
 ///
 /// # Panics
 /// As [`pack_pair_panels`].
@@ -514,15 +534,18 @@ pub(crate) fn pack_pair_rows<const MR: usize>(src: MatRef<'_>, groups: usize, ou
         return pack_pair_panels(src, MR, groups, out);
     }
     assert!(out.len() >= rows.div_ceil(MR) * groups * MR);
+    let mut words = vec![0u32; MR * groups];
     for (panel, dst) in out.chunks_exact_mut(groups * MR).take(rows.div_ceil(MR)).enumerate() {
         let first = panel * MR;
         if first + MR > rows {
             return pack_pair_panels(src.rows_range(first, rows), MR, groups, dst);
         }
-        let row: [&[f32]; MR] = std::array::from_fn(|r| src.row(first + r).expect("contiguous rows"));
+        for (r, row_words) in words.chunks_exact_mut(groups).enumerate() {
+            pair_words(src.row(first + r).expect("contiguous rows"), row_words);
+        }
         for (g, group) in dst.chunks_exact_mut(MR).enumerate() {
-            for (w, r) in group.iter_mut().zip(&row) {
-                *w = pair(f32_to_bf16(r[2 * g]), f32_to_bf16(r[2 * g + 1]));
+            for (r, w) in group.iter_mut().enumerate() {
+                *w = words[r * groups + g];
             }
         }
     }
@@ -583,7 +606,7 @@ mod tests {
     #[test]
     fn pair_packing_matches_its_definition_for_every_layout() {
         for (rows, depth, width, groups) in
-            [(1, 1, 12, 1), (13, 7, 12, 4), (29, 16, 4, 9), (40, 33, 32, 17), (5, 0, 4, 0)]
+            [(1, 1, 12, 1), (13, 7, 12, 4), (29, 16, 4, 9), (40, 33, 32, 17), (5, 0, 4, 0), (29, 18, 4, 9), (37, 24, 12, 12)]
         {
             let data: Vec<f32> = (0..rows * depth * 2).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
             let row_major = MatRef::new(&data, 0, rows, depth, depth);
@@ -596,10 +619,14 @@ mod tests {
                 let mut got = vec![7u32; want.len()];
                 pack_pair_panels(src, width, groups, &mut got);
                 assert_eq!(got, want, "{what} {rows}×{depth} in {width}-wide panels");
-                if width == 4 && 2 * groups == depth {
+                if 2 * groups == depth {
                     let mut fast = vec![7u32; want.len()];
-                    pack_pair_rows::<4>(src, groups, &mut fast);
-                    assert_eq!(fast, want, "pack_pair_rows {what}");
+                    match width {
+                        4 => pack_pair_rows::<4>(src, groups, &mut fast),
+                        12 => pack_pair_rows::<12>(src, groups, &mut fast),
+                        _ => continue,
+                    }
+                    assert_eq!(fast, want, "pack_pair_rows {what} {rows}×{depth} in {width}-wide panels");
                 }
             }
         }
