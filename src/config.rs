@@ -91,7 +91,9 @@ pub enum Precision {
     Bf16,
     /// [`Bf16`](Precision::Bf16) and the logits too: θ and φ projected (Gaussian: the input
     /// rounded) and multiplied in bf16 with f32 sums, as PyTorch's bf16 autocast and
-    /// OpenVINO's bf16 default do; `W_z`, the softmax, the residual and the output stay f32.
+    /// OpenVINO's bf16 default do, and `W_z` multiplied in bf16 where it is applied to the
+    /// outputs (channels-last; folded into the values or channels-first it stays f32); the
+    /// softmax, the residual and the output stay f32.
     /// 1.25–1.85× faster than f32 on AVX512_BF16 (measured, README "bf16"), with an error in
     /// their class rather than below it: 0.18–1.37× PyTorch autocast's own on the golden cases,
     /// a median 0.44–0.61× over random blocks but up to 3.9× on one of them, so the per-case

@@ -290,8 +290,23 @@ impl NonLocalBlock {
     /// [`NonLocalBlock::output`], or with [`Order::ChannelMajor`] its transpose
     /// `outᵀ ← xᵀ + Wᵀ·yᵀ + b_out` (C × N): the GEMM writes channel-major rows directly.
     pub(super) fn output_in(&self, order: Order, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
+        self.output_at(self.config.precision, order, x, y, w, out);
+    }
+
+    /// [`NonLocalBlock::output_in`] in `precision` (the training pass's is f32 in every
+    /// precision). `W_z` multiplies in bf16 only where a `Bf16Logits` block applies it to the
+    /// outputs channels-last; channels-first outputs and a given `w` use f32.
+    pub(super) fn output_at(
+        &self,
+        precision: Precision,
+        order: Order,
+        x: MatRef<'_>,
+        y: MatRef<'_>,
+        w: Option<MatRef<'_>>,
+        out: &mut [f32],
+    ) {
         if order == Order::PositionMajor {
-            return self.output(x, y, w, out);
+            return self.output(precision, x, y, w, out);
         }
         let (n, c) = (x.rows(), x.cols());
         self.residual_channels(x, out);
@@ -309,14 +324,22 @@ impl NonLocalBlock {
         });
     }
 
-    /// `out ← x + y·W + b_out` with W = `w` (C' × C) or `W_outᵀ`, in f32 in both precisions.
-    pub(crate) fn output(&self, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
+    /// `out ← x + y·W + b_out` with W = `w` (C' × C, f32) or `W_outᵀ` (in bf16 when `precision`
+    /// is `Bf16Logits`, else f32).
+    pub(crate) fn output(
+        &self,
+        precision: Precision,
+        x: MatRef<'_>,
+        y: MatRef<'_>,
+        w: Option<MatRef<'_>>,
+        out: &mut [f32],
+    ) {
         let (n, c) = (x.rows(), x.cols());
         self.residual_rows(x, out, false);
         let mut out = MatMut::new(out, n, c, c);
         match w {
             Some(w) => par_gemm(1.0, y, w, 1.0, &mut out),
-            None => self.compiled.w_out.apply(Precision::F32, y, 1.0, &mut out, &self.workspace),
+            None => self.compiled.w_out.apply(precision, y, 1.0, &mut out, &self.workspace),
         }
     }
 

@@ -222,7 +222,7 @@ impl NonLocalBlock {
                 concat_attention(p.concat_a(), &b, p.values(), &mut y);
             }
         }
-        self.output_in(order, x, MatRef::new(&y, 0, n, ci, ci), None, out);
+        self.output_at(Precision::F32, order, x, MatRef::new(&y, 0, n, ci, ci), None, out);
         let cols = p.cols;
         let k = p.proj_cols;
         let pooled = match p.pooled {

@@ -388,7 +388,7 @@ impl DisentangledNonLocal {
             // y + u: the unary term added to every position before conv_out.
             let mut y_u = y.clone();
             y_u.par_chunks_mut(ci).for_each(|row| row.iter_mut().zip(&p.unary).for_each(|(a, b)| *a += b));
-            self.block.output(x, rows(&y_u, n, ci), None, out_sample);
+            self.block.output(Precision::F32, x, rows(&y_u, n, ci), None, out_sample);
             if let Some(saved) = saved.as_deref_mut() {
                 let Projected { q, k, g, unary_w, unary } = p;
                 saved.push(Saved { q, k, g, y, unary_w, unary, lse });

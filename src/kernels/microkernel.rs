@@ -605,9 +605,15 @@ mod tests {
 
     #[test]
     fn pair_packing_matches_its_definition_for_every_layout() {
-        for (rows, depth, width, groups) in
-            [(1, 1, 12, 1), (13, 7, 12, 4), (29, 16, 4, 9), (40, 33, 32, 17), (5, 0, 4, 0), (29, 18, 4, 9), (37, 24, 12, 12)]
-        {
+        for (rows, depth, width, groups) in [
+            (1, 1, 12, 1),
+            (13, 7, 12, 4),
+            (29, 16, 4, 9),
+            (40, 33, 32, 17),
+            (5, 0, 4, 0),
+            (29, 18, 4, 9),
+            (37, 24, 12, 12),
+        ] {
             let data: Vec<f32> = (0..rows * depth * 2).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
             let row_major = MatRef::new(&data, 0, rows, depth, depth);
             let cols: Vec<f32> = (0..rows * depth).map(|i| data[(i % rows) * depth + i / rows]).collect();

@@ -123,7 +123,11 @@ impl Compiled {
             Mode::DotProduct => ci,
             Mode::Gaussian | Mode::Concatenation => 0,
         });
-        let (w_proj, w_out) = (Weights::mixed(w_proj, proj_cols, c, precision, f32_rows), Weights::new(w_out, c, ci));
+        // `Bf16Logits` multiplies `W_z` in bf16 too (as autocast's and OpenVINO's bf16 convolutions),
+        // where it is applied to the N outputs; the other precisions keep it f32.
+        let w_out_f32_rows = if precision.bf16_logits() { 0 } else { c };
+        let w_proj = Weights::mixed(w_proj, proj_cols, c, precision, f32_rows);
+        let w_out = Weights::mixed(w_out, c, ci, precision, w_out_f32_rows);
         Compiled {
             w_proj,
             b_proj,
