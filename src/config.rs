@@ -94,7 +94,7 @@ pub enum Precision {
     /// OpenVINO's bf16 default do, and `W_z` multiplied in bf16 where it is applied to the
     /// outputs (channels-last; folded into the values or channels-first it stays f32); the
     /// softmax, the residual and the output stay f32.
-    /// 1.25–1.85× faster than f32 on AVX512_BF16 (measured, README "bf16"), with an error in
+    /// 1.2–1.9× faster than f32 on AVX512_BF16 (measured, README "bf16"), with an error in
     /// their class rather than below it: 0.18–1.37× PyTorch autocast's own on the golden cases,
     /// a median 0.44–0.61× over random blocks but up to 3.9× on one of them, so the per-case
     /// contract of [`Bf16`](Precision::Bf16) does not hold. The same entry points as `Bf16`

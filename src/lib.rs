@@ -124,10 +124,10 @@
 //! tested on every PyTorch golden case: `max |z − z_ref| / max(1, max |z_ref|)` at most
 //! `max(1.25 × e, 4e-3)`, `e` PyTorch's own error under bf16 autocast.
 //! [`Precision::Bf16Logits`] also projects and multiplies the logits (and `W_z`, where it is
-//! applied to the outputs) in bf16, as PyTorch's autocast and OpenVINO's bf16 default do: faster (1.25–1.85× f32 on AVX512_BF16, measured),
-//! with an error in their class rather than below it (tested: within `max(2 × e, 8e-3)` on the
-//! golden cases). Attention maps and training run in f32 on any block, with the f32 block's
-//! bits. See the README's "bf16".
+//! applied to the outputs) in bf16, as PyTorch's autocast and OpenVINO's bf16 default do:
+//! faster (1.2–1.9× f32 on AVX512_BF16, measured), with an error in their class rather than
+//! below it (tested: within `max(2 × e, 8e-3)` on the golden cases). Attention maps and
+//! training run in f32 on any block, with the f32 block's bits. See the README's "bf16".
 //!
 //! # Speed and memory
 //! The forward pass never builds the N×M matrix: the Gaussian modes use a fused online-softmax
