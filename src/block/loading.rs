@@ -54,13 +54,13 @@ impl NonLocalBlock {
     /// means Gaussian). [`find_blocks`] and [`BlockInfo::config`] read all of it off the file.
     ///
     /// # Errors
-    /// [`Error::ConfigMismatch`](crate::Error::ConfigMismatch) naming the setting,
-    /// [`Error::MissingKey`](crate::Error::MissingKey),
-    /// [`Error::NotATensor`](crate::Error::NotATensor),
-    /// [`Error::WrongShape`](crate::Error::WrongShape),
-    /// [`Error::UnsupportedDtype`](crate::Error::UnsupportedDtype),
-    /// [`Error::InvalidParameter`](crate::Error::InvalidParameter) (non-finite values,
-    /// negative variance) or [`Error::InvalidConfig`](crate::Error::InvalidConfig), each
+    /// [`Error::ConfigMismatch`] naming the setting,
+    /// [`Error::MissingKey`],
+    /// [`Error::NotATensor`],
+    /// [`Error::WrongShape`],
+    /// [`Error::UnsupportedDtype`],
+    /// [`Error::InvalidParameter`] (non-finite values,
+    /// negative variance) or [`Error::InvalidConfig`], each
     /// naming the key.
     pub fn from_checkpoint(config: NonLocalConfig, file: &TensorFile, keys: &WeightKeys) -> Result<Self> {
         let params = load_parameters(file, &config, keys)?;

@@ -1,7 +1,7 @@
 //! The bf16 pair operations of the register tile on every instruction set (the [`Bf16Simd`]
 //! implementations; the trait is the instruction-set layer's, in `simd`): the real
 //! `VDPBF16PS` on [`Avx512Bf16`], an exact emulation in f32 fused multiply-adds on
-//! [`Avx512`] and [`Avx2`], and the scalar model of [`bf16`](super::bf16) per lane on
+//! [`Avx512`] and [`Avx2`], and the scalar model of [`bf16`] per lane on
 //! `Portable`, so that a bf16 kernel gives the same bits on each of them.
 //!
 //! A vector of pairs holds [`Simd::LANES`](super::simd::Simd::LANES) 32-bit words, each two

@@ -2,7 +2,7 @@
 //! rearranged for the kernels once, when they are set ([`Compiled`]: projections stacked and
 //! packed, BatchNorm folded, θ's fold prepared), the algebraic shortcuts and when each pays
 //! (decided here and nowhere else), and one sample's projections and pooled keys
-//! ([`Prepared`], from [`prepare`]).
+//! ([`Prepared`], from [`prepare()`]).
 
 use crate::config::{Mode, NonLocalConfig, Precision};
 use crate::params::Parameters;
