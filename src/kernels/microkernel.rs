@@ -130,7 +130,7 @@ impl Elem for F32 {
     // instruction set.
     #[inline(always)]
     fn pack_rows<const MR: usize>(src: MatRef<'_>, groups: usize, out: &mut [f32]) {
-        pack_rows::<MR>(src, groups, out);
+        pack_panels_of::<MR>(src, groups, out);
     }
     type Checked = F32;
 }
@@ -420,24 +420,16 @@ pub(crate) fn pack_panels_of<const W: usize>(src: MatRef<'_>, depth_pad: usize, 
                 }
             }
         } else {
+            let row: [Option<&[f32]>; W] =
+                std::array::from_fn(|r| (r < tail).then(|| src.row(first + r).expect("contiguous rows")));
             for (p, group) in panel.chunks_exact_mut(W).take(depth).enumerate() {
-                for (r, g) in group.iter_mut().enumerate() {
-                    *g = if r < tail { src.row(first + r).expect("contiguous rows")[p] } else { 0.0 };
+                for (g, r) in group.iter_mut().zip(&row) {
+                    *g = r.map_or(0.0, |r| r[p]);
                 }
             }
         }
         panel[depth * W..].fill(0.0);
     }
-}
-
-/// [`pack_panels`] for panels of a compile-time height (the tiles' A operands): the same
-/// layout, by [`pack_panels_of`].
-///
-/// # Panics
-/// As [`pack_panels`].
-#[inline]
-pub(crate) fn pack_rows<const MR: usize>(src: MatRef<'_>, depth_pad: usize, out: &mut [f32]) {
-    pack_panels_of::<MR>(src, depth_pad, out);
 }
 
 /// [`Elem::pack`] into a scratch buffer of `ws` (its words seen through [`Word::of`]): `src`
@@ -673,8 +665,8 @@ mod tests {
                 }
                 let want = reference_panels(src, 12, depth_pad);
                 let mut fast = vec![f32::NAN; want.len()];
-                pack_rows::<12>(src, depth_pad, &mut fast);
-                assert_eq!(fast, want, "pack_rows {what}");
+                F32::pack_rows::<12>(src, depth_pad, &mut fast);
+                assert_eq!(fast, want, "F32::pack_rows {what}");
             }
         }
     }
