@@ -146,9 +146,14 @@ fn bf16_outputs_are_the_same_bits_on_every_x86_path() {
             assert_eq!(hashes(path, precision), first, "{precision}: {path} differs from {}", paths[0]);
         }
     }
-    // And the f32 kernels of avx512bf16 are avx512's.
+    // And the f32 kernels of avx512bf16 and amx are avx512's (the AMX tiles sum bf16
+    // products in their own order: their bf16 bits are their own, checked against the
+    // accuracy contract by the golden tests on the default path).
     if paths[..2] == ["avx512bf16", "avx512"] {
         assert_eq!(hashes("avx512bf16", "f32"), hashes("avx512", "f32"), "f32 on avx512bf16 and avx512");
+        if is_available("amx") {
+            assert_eq!(hashes("amx", "f32"), hashes("avx512", "f32"), "f32 on amx and avx512");
+        }
     }
 }
 
@@ -156,6 +161,7 @@ fn bf16_outputs_are_the_same_bits_on_every_x86_path() {
 fn is_available(name: &str) -> bool {
     match name {
         "avx512bf16" => nonlocal::Isa::Avx512Bf16.available(),
+        "amx" => nonlocal::Isa::Amx.available(),
         "avx512" => nonlocal::Isa::Avx512.available(),
         "avx2" => nonlocal::Isa::Avx2.available(),
         _ => false,

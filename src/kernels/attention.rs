@@ -32,6 +32,9 @@ const MAX_VALUE_CHANNELS_AVX512: usize = 1024;
 /// An attention kernel, for dispatch and for tests that run each one directly.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Kernel {
+    /// Packed, AVX-512 12×32 tiles in f32; bf16 products on AMX tiles (`flash_amx`).
+    #[cfg(target_arch = "x86_64")]
+    Amx(super::amx::Amx),
     /// Packed, AVX-512 12×32 tiles; bf16 on `VDPBF16PS`.
     #[cfg(target_arch = "x86_64")]
     Avx512Bf16(Avx512Bf16),
@@ -56,6 +59,9 @@ impl Kernel {
     fn choose(dv: usize) -> Kernel {
         #[cfg(target_arch = "x86_64")]
         match isa() {
+            Isa::Amx if dv <= MAX_VALUE_CHANNELS_AVX512 => {
+                return super::amx::Amx::detect().map_or(Kernel::Sgemm, Kernel::Amx)
+            }
             Isa::Avx512Bf16 if dv <= MAX_VALUE_CHANNELS_AVX512 => {
                 return Avx512Bf16::detect().map_or(Kernel::Sgemm, Kernel::Avx512Bf16)
             }
@@ -92,6 +98,18 @@ impl Kernel {
         // contract on wide and many-key cases: see the README's "bf16"). `Bf16Logits`: both.
         let (bf16, bf16_logits) = (precision.bf16_values(), precision.bf16_logits());
         match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx(amx) if bf16 => super::flash_amx::attention(amx, bf16_logits, qkv, bias, out, lse, tile, ws),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx(amx) => flash::attention::<_, F32, F32, AVX512_MR, AVX512_MR, AVX512_NV>(
+                amx.simd().base(),
+                qkv,
+                bias,
+                out,
+                lse,
+                tile,
+                ws,
+            ),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Bf16(s) if bf16_logits => {
                 flash::attention::<_, Bf16, Bf16, AVX512_MR, AVX512_MR, AVX512_NV>(s, qkv, bias, out, lse, tile, ws)
@@ -181,6 +199,10 @@ impl Kernel {
         assert!(n > 0 && d > 0 && dvc > 0, "softmax_attention_backward: empty queries, depth or values");
         let yy = (y, dy);
         match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx(amx) => {
+                flash::attention_backward::<_, AVX512_MR, AVX512_NV>(amx.simd().base(), qkv, lse, yy, dq, dk, dv, ws)
+            }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Bf16(s) => {
                 flash::attention_backward::<_, AVX512_MR, AVX512_NV>(s.base(), qkv, lse, yy, dq, dk, dv, ws)
@@ -363,6 +385,7 @@ mod tests {
         let mut all = vec![Kernel::Sgemm, Kernel::Portable16, Kernel::Portable8];
         #[cfg(target_arch = "x86_64")]
         {
+            all.extend(super::super::amx::Amx::detect().map(Kernel::Amx));
             all.extend(Avx512Bf16::detect().map(Kernel::Avx512Bf16));
             all.extend(Avx512::detect().map(Kernel::Avx512));
             all.extend(Avx2::detect().map(Kernel::Avx2));
@@ -374,7 +397,7 @@ mod tests {
     fn portable_twin(kernel: Kernel) -> Option<Kernel> {
         match kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Bf16(_) | Kernel::Avx512(_) => Some(Kernel::Portable16),
+            Kernel::Amx(_) | Kernel::Avx512Bf16(_) | Kernel::Avx512(_) => Some(Kernel::Portable16),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2(_) => Some(Kernel::Portable8),
             _ => None,
@@ -547,10 +570,54 @@ mod tests {
     /// Every precision the kernels take.
     const PRECISIONS: [Precision; 3] = [Precision::F32, Precision::Bf16, Precision::Bf16Logits];
 
-    /// The packed kernels that take bf16 pairs (every packed kernel does): their bf16 outputs
-    /// are one computation whatever the geometry and instruction set.
+    /// The packed kernels that take bf16 pairs in register tiles (every packed kernel but the
+    /// AMX one, whose tiles sum in their own order): their bf16 outputs are one computation
+    /// whatever the geometry and instruction set.
     fn packed_kernels() -> Vec<Kernel> {
-        kernels().into_iter().filter(|k| !matches!(k, Kernel::Sgemm)).collect()
+        kernels().into_iter().filter(|k| !matches!(k, Kernel::Sgemm)).filter(|k| !is_amx(*k)).collect()
+    }
+
+    fn is_amx(kernel: Kernel) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Kernel::Amx(_) = kernel {
+            return true;
+        }
+        let _ = kernel;
+        false
+    }
+
+    #[test]
+    fn the_amx_kernel_gives_one_result_for_any_thread_count_close_to_the_register_tiles() {
+        // The AMX tiles round the same operands and sum each element in f32 in their own
+        // order, over key tiles of their own (288 keys, not 252: the weights are rounded
+        // against another running maximum): the register tiles' result within the weights'
+        // rounding (2^-8 of the values, 1 here, each way), and the same bits for any thread
+        // count. Key tiles, query tiles and channel blocks off every multiple.
+        let Some(amx) = kernels().into_iter().find(|k| is_amx(*k)) else {
+            eprintln!("no AMX here: the AMX kernel is not run");
+            return;
+        };
+        let mut with_bias = Case::new((203, 617, 19, 45), 1.5, 5);
+        with_bias.bias = Some(pseudo_random(617, 9, 4.0));
+        for case in [Case::new((517, 611, 40, 24), 3.0, 7), Case::new((33, 290, 64, 70), 2.0, 3), with_bias] {
+            for precision in [Precision::Bf16, Precision::Bf16Logits] {
+                let want = case.forward_in(precision, Kernel::Portable16, 0.7);
+                let one = in_pool(1, || case.forward_in(precision, amx, 0.7));
+                for threads in [2, 3] {
+                    let got = in_pool(threads, || case.forward_in(precision, amx, 0.7));
+                    assert_eq!(bits(&got.0), bits(&one.0), "{precision} on {threads} threads");
+                    assert_eq!(bits(&got.1), bits(&one.1), "{precision} lse on {threads} threads");
+                }
+                for (i, (a, b)) in one.0.iter().zip(&want.0).enumerate() {
+                    assert!((a - b).abs() < 2.04 / 256.0, "{precision} [{i}]: {a} vs {b}");
+                }
+                let worst = one.0.iter().zip(&want.0).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(worst > 0.0, "{precision}: the AMX result is the register tiles' bits");
+                for (i, (a, b)) in one.1.iter().zip(&want.1).enumerate() {
+                    assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{precision} lse [{i}]: {a} vs {b}");
+                }
+            }
+        }
     }
 
     /// bf16 softmax attention in f64: the values rounded to bf16, the logits and the weights

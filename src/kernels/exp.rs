@@ -204,7 +204,7 @@ fn exp_sum_fn() -> ExpSumFn {
         // SAFETY (both arms): `isa()` chose a path the CPU has, with the features these
         // functions enable.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => |r, s, m| unsafe { x86::exp_sum_avx512(r, s, m) },
+        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => |r, s, m| unsafe { x86::exp_sum_avx512(r, s, m) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => |r, s, m| unsafe { x86::exp_sum_avx2(r, s, m) },
         _ => exp_sum_portable,
@@ -216,7 +216,7 @@ fn max_fn() -> MaxFn {
     *F.get_or_init(|| match isa() {
         // SAFETY (both arms): as in `exp_sum_fn`.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => |r| unsafe { x86::max_avx512(r) },
+        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => |r| unsafe { x86::max_avx512(r) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => |r| unsafe { x86::max_avx2(r) },
         _ => max_portable,

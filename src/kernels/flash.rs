@@ -216,7 +216,7 @@ impl<QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize> Att
 /// unrounded.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn softmax_panel<S: Bf16Simd, const NV: usize>(
+pub(crate) fn softmax_panel<S: Bf16Simd, const NV: usize>(
     s: S,
     panel: &mut [f32],
     (keys, bias): (usize, Option<&[f32]>),

@@ -155,10 +155,10 @@ fn par_gemm_bf16(
     match packed {
         #[cfg(target_arch = "x86_64")]
         BPacking::Bf16(packed) => match isa() {
-            Isa::Avx512Bf16 | Isa::Avx512 if packed.nr() == AVX512_NV * 16 => {
+            Isa::Amx | Isa::Avx512Bf16 | Isa::Avx512 if packed.nr() == AVX512_NV * 16 => {
                 use super::microkernel::Bf16;
                 use super::simd::{Avx512, Avx512Bf16};
-                if let (Isa::Avx512Bf16, Some(s)) = (isa(), Avx512Bf16::detect()) {
+                if let (true, Some(s)) = (isa().has_avx512_bf16(), Avx512Bf16::detect()) {
                     return super::packed_gemm::gemm_packed::<_, Bf16, AVX512_MR, AVX512_NV>(
                         s, a, packed, accumulate, c, ws,
                     );
@@ -176,6 +176,11 @@ fn par_gemm_bf16(
         BPacking::Rounded(rounded) => {
             let (k, n) = (b.rows(), b.cols());
             rounded_gemm(a, MatRef::new(rounded, 0, k, n, n), accumulate, c)
+        }
+        #[cfg(target_arch = "x86_64")]
+        BPacking::Amx(packed) => {
+            let amx = super::amx::Amx::detect().expect("B is packed for AMX only where AMX runs");
+            super::amx::gemm(amx, a, packed, accumulate, c, ws)
         }
         _ => unreachable!("BPacking::bf16 packs bf16"),
     }
@@ -242,6 +247,9 @@ enum BPacking {
     Bf16(PackedB<u32>),
     /// Portable code: B rounded to bf16, row-major K × N, for matrixmultiply.
     Rounded(Vec<f32>),
+    /// bf16 pair panels for the AMX tiles.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Amx(super::amx::AmxB),
 }
 
 impl BPacking {
@@ -249,6 +257,7 @@ impl BPacking {
     fn bf16(b: MatRef<'_>) -> BPacking {
         #[cfg(target_arch = "x86_64")]
         match isa() {
+            Isa::Amx => return BPacking::Amx(super::amx::AmxB::new(b)),
             Isa::Avx512Bf16 | Isa::Avx512 => return BPacking::Bf16(PackedB::bf16(b, AVX512_NV * 16)),
             Isa::Avx2 => return BPacking::Bf16(PackedB::bf16(b, AVX2_BF16_NV * 8)),
             _ => {}
@@ -291,7 +300,7 @@ impl PrepackedB {
     /// The precision of the products the packing is for.
     fn precision(&self) -> Precision {
         match self.packed {
-            BPacking::Bf16(_) | BPacking::Rounded(_) => Precision::Bf16,
+            BPacking::Bf16(_) | BPacking::Rounded(_) | BPacking::Amx(_) => Precision::Bf16,
             BPacking::None | BPacking::F32(_) => Precision::F32,
         }
     }

@@ -501,7 +501,7 @@ pub(crate) fn pack_pair_panels(src: MatRef<'_>, width: usize, groups: usize, out
 /// The pair words of one row, word g holding its elements 2g (low half) and 2g+1 (high half,
 /// zero past the end) rounded by [`f32_to_bf16`]: `out` has ⌈len/2⌉ words.
 #[inline]
-fn pair_words(row: &[f32], out: &mut [u32]) {
+pub(crate) fn pair_words(row: &[f32], out: &mut [u32]) {
     debug_assert_eq!(out.len(), row.len().div_ceil(2));
     let pairs = row.chunks_exact(2);
     let last = pairs.remainder().first().copied();

@@ -17,6 +17,7 @@
 //!
 //! No kernel imports another for a type: every one takes [`views`] and [`simd`].
 
+pub(crate) mod amx;
 pub mod attention;
 pub(crate) mod attention_common;
 pub(crate) mod attention_shapes;
@@ -26,6 +27,7 @@ pub mod concat;
 pub mod dot_product;
 pub mod exp;
 pub(crate) mod flash;
+pub(crate) mod flash_amx;
 pub mod gemm;
 pub(crate) mod microkernel;
 pub(crate) mod packed_gemm;

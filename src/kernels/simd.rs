@@ -476,6 +476,13 @@ mod x86 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Isa {
+    /// [`Isa::Avx512Bf16`] with Intel AMX-BF16 (Sapphire Rapids and later Xeons), on Linux: the
+    /// same kernels, except that the bf16 products of the GEMMs and of the fused attention run
+    /// on AMX tiles (`TDPBF16PS`: a 16 × 32 by 32 × 16 bf16 product per instruction; on those
+    /// CPUs `VDPBF16PS` is no faster than the f32 kernels). The operands are rounded as on the
+    /// other paths; the tiles accumulate in f32 in their own order (the same bits for any
+    /// thread count, not the bits of the `VDPBF16PS` kernels).
+    Amx,
     /// AVX-512F with AVX512_BF16 (Zen 4 and later, Sapphire Rapids and later Xeons): the f32
     /// kernels of [`Isa::Avx512`], and bf16 products on `VDPBF16PS` in the same 12×32 register
     /// tile (twice the multiply-adds per instruction).
@@ -496,12 +503,13 @@ pub enum Isa {
 
 impl Isa {
     /// Every path, widest first.
-    const ALL: [Isa; 4] = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
+    const ALL: [Isa; 5] = [Isa::Amx, Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
 
-    /// The name used by `NONLOCAL_SIMD` and in reports: `avx512bf16`, `avx512`, `avx2` or
-    /// `portable`.
+    /// The name used by `NONLOCAL_SIMD` and in reports: `amx`, `avx512bf16`, `avx512`, `avx2`
+    /// or `portable`.
     pub fn name(self) -> &'static str {
         match self {
+            Isa::Amx => "amx",
             Isa::Avx512Bf16 => "avx512bf16",
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
@@ -512,6 +520,8 @@ impl Isa {
     /// Whether this CPU can run the path.
     pub fn available(self) -> bool {
         match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => super::amx::Amx::detect().is_some(),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16 => Avx512Bf16::detect().is_some(),
             #[cfg(target_arch = "x86_64")]
@@ -529,10 +539,16 @@ impl Isa {
         Isa::ALL.into_iter().find(|isa| isa.available()).unwrap_or(Isa::Portable)
     }
 
-    /// Whether the f32 kernels of this path are the AVX-512 ones ([`Isa::Avx512`] and
-    /// [`Isa::Avx512Bf16`]).
+    /// Whether the f32 kernels of this path are the AVX-512 ones ([`Isa::Avx512`],
+    /// [`Isa::Avx512Bf16`] and [`Isa::Amx`]).
     pub(crate) fn f32_avx512(self) -> bool {
-        matches!(self, Isa::Avx512 | Isa::Avx512Bf16)
+        matches!(self, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx)
+    }
+
+    /// Whether the `VDPBF16PS` kernels of [`Isa::Avx512Bf16`] run on this path (the bf16
+    /// products AMX does not take, on [`Isa::Amx`]).
+    pub(crate) fn has_avx512_bf16(self) -> bool {
+        matches!(self, Isa::Avx512Bf16 | Isa::Amx)
     }
 
     fn parse(name: &str) -> Option<Isa> {
@@ -547,8 +563,9 @@ impl std::fmt::Display for Isa {
 }
 
 /// The path the kernels use: [`Isa::best`], or the one named by the environment variable
-/// `NONLOCAL_SIMD` (`avx512bf16`, `avx512`, `avx2` or `portable`, any case; empty means unset)
-/// when the CPU can run it: `avx512` on a CPU with AVX512_BF16 runs the f32 AVX-512 kernels
+/// `NONLOCAL_SIMD` (`amx`, `avx512bf16`, `avx512`, `avx2` or `portable`, any case; empty means
+/// unset) when the CPU can run it: `avx512bf16` on a CPU with AMX runs the `VDPBF16PS` kernels
+/// instead of the tiles, `avx512` on a CPU with AVX512_BF16 runs the f32 AVX-512 kernels
 /// and the bf16 emulation. A path the CPU lacks, or an unknown name, falls back to the best available with
 /// a message on stderr: never an illegal instruction. Chosen once, at the first call.
 pub fn isa() -> Isa {
@@ -567,7 +584,7 @@ pub fn isa() -> Isa {
             }
             None => {
                 eprintln!(
-                    "nonlocal: NONLOCAL_SIMD={requested} is not avx512bf16, avx512, avx2 or portable; using {best}"
+                    "nonlocal: NONLOCAL_SIMD={requested} is not amx, avx512bf16, avx512, avx2 or portable; using {best}"
                 );
                 best
             }
@@ -588,6 +605,8 @@ mod tests {
         assert_eq!(Isa::parse("AVX512BF16"), Some(Isa::Avx512Bf16));
         // The bf16 path includes the AVX-512 one.
         assert!(!Isa::Avx512Bf16.available() || Isa::Avx512.available());
+        assert!(!Isa::Amx.available() || Isa::Avx512Bf16.available());
+        assert_eq!(Isa::parse("AMX"), Some(Isa::Amx));
         assert_eq!(Isa::parse("sse"), None);
         assert!(Isa::Portable.available());
         assert!(isa().available());

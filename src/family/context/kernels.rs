@@ -59,7 +59,7 @@ pub(super) fn dispatch<P: Pass>(pass: P) -> P::Out {
         // SAFETY (both arms): `isa()` chose a path the CPU has, with the features these
         // functions enable.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::avx512(pass) },
+        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => unsafe { x86::avx512(pass) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::avx2(pass) },
         Isa::Portable => pass.run::<false>(),

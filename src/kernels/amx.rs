@@ -1,0 +1,650 @@
+//! Intel AMX tiles for the bf16 products: `TDPBF16PS` multiplies a 16 × 32 bf16 tile by a
+//! 32 × 16 one into a 16 × 16 f32 tile, 8192 multiply-adds an instruction (measured on a
+//! Xeon with AMX, one core: 1.35 TFLOP/s with operands in tiles, against 0.10–0.17 for the
+//! `VDPBF16PS` and f32 register tiles there).
+//!
+//! One register plan serves every product: a 32 × 32 block of C in four accumulator tiles,
+//! A as two 16-row tiles of 32 depth steps read row-major (a row's bf16 pairs one after the
+//! other: [`Tiles::block`]), B as two 16-column tiles in the pair ("VNNI") layout the packed
+//! kernels already use (`groups` rows of pair words, a panel of 32 columns per row:
+//! [`pack_pair_panels`] with width 32). Depths are padded to whole tiles (32 steps, 16 pair
+//! rows) with zeros.
+//!
+//! The instructions are written with `asm!` (Rust has no stable AMX intrinsics). Linux hands a
+//! process the tile registers only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), made once
+//! by [`Amx::detect`]; other systems do not get this path.
+//!
+//! Operands are rounded to bf16 exactly as on the other paths; the tile unit accumulates each
+//! element in f32 in its own order (and flushes subnormals), so results are not the bits of the
+//! `VDPBF16PS` kernels, but they are the same bits for any thread count.
+
+use rayon::prelude::*;
+
+use super::bf16::{f32_to_bf16, pair};
+#[cfg(not(target_arch = "x86_64"))]
+use super::microkernel::pair_words;
+use super::microkernel::{pack_pair_panels, Word};
+use super::simd::{Avx512Bf16, Bf16Simd, Job, Simd};
+use super::views::{MatMut, MatRef};
+use crate::workspace::Workspace;
+
+/// Columns of a B panel (two tiles of 16).
+pub(crate) const PANEL: usize = 32;
+/// Pair rows of B per tile step (32 depth steps).
+pub(crate) const GROUP_STEP: usize = 16;
+/// Rows of C per parallel block, at most.
+const MAX_ROW_BLOCK: usize = 256;
+
+/// A token proving this process may run AMX-BF16 (and AVX512_BF16, which every CPU with AMX
+/// has, for the conversions around the tiles).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Amx {
+    simd: Avx512Bf16,
+}
+
+impl Amx {
+    /// The token, when the CPU has AMX-TILE and AMX-BF16 and the system lets this process use
+    /// the tile registers (asked once).
+    pub(crate) fn detect() -> Option<Amx> {
+        let simd = Avx512Bf16::detect()?;
+        permitted().then_some(Amx { simd })
+    }
+
+    /// The AVX-512 token the code around the tiles runs on.
+    pub(crate) fn simd(self) -> Avx512Bf16 {
+        self.simd
+    }
+}
+
+/// Whether the CPU reports AMX-TILE and AMX-BF16 and Linux granted this process the tile data
+/// state (once per process).
+fn permitted() -> bool {
+    static PERMITTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PERMITTED.get_or_init(|| cpu_has_amx_bf16() && request_tile_data())
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_amx_bf16() -> bool {
+    // CPUID leaf 7, sub-leaf 0: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+    // SAFETY: CPUID is available on every x86-64 CPU; leaf 7 exists where the maximum leaf
+    // (leaf 0's EAX) reaches it. (Safe functions from Rust 1.94 on, unsafe before.)
+    #[allow(unused_unsafe)]
+    let max_leaf = unsafe { std::arch::x86_64::__cpuid(0) }.eax;
+    if max_leaf < 7 {
+        return false;
+    }
+    // SAFETY: as above.
+    #[allow(unused_unsafe)]
+    let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+    edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_amx_bf16() -> bool {
+    false
+}
+
+/// Asks Linux for the tile data state (`ARCH_REQ_XCOMP_PERM`, `XFEATURE_XTILEDATA`).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_data() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with this request only changes which register states the process may
+    // use; it fails (non-zero) where the kernel or CPU lacks them.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn request_tile_data() -> bool {
+    false
+}
+
+/// The tile configuration (palette 1): all eight tiles 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+/// The tile registers configured on this thread for the 32 × 32 block; released when dropped.
+/// Not `Send`: the configuration belongs to the thread that loaded it.
+pub(crate) struct Tiles {
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Tiles {
+    /// Loads the configuration on this thread.
+    pub(crate) fn configure(_amx: Amx) -> Tiles {
+        let mut config = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
+        config.colsb[..8].fill(64);
+        config.rows[..8].fill(16);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the token proves the CPU has AMX and the process may use it; the
+        // configuration is a valid palette-1 one, 64 bytes, read only.
+        unsafe {
+            std::arch::asm!("ldtilecfg [{0}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
+        }
+        Tiles { _thread: std::marker::PhantomData }
+    }
+
+    /// `C[32 × 32] (+)= A·B` over `steps` steps of 32 depth: A's two 16-row tiles at `a` and
+    /// `a + 16·lda` (`lda` bytes a row), 64 bytes further each step; B's two 16-column tiles
+    /// at `b` and `b + 64` (`ldb` bytes a pair row), 16 pair rows further each step; C 32 rows
+    /// `ldc` bytes apart, read first when `accumulate`.
+    ///
+    /// # Safety
+    /// The 32 rows of `steps · 64` bytes of A, the `16 · steps` rows of 128 bytes of B and
+    /// the 32 rows of 128 bytes of C must be readable (C writable).
+    ///
+    /// # Panics
+    /// If `steps` is 0 (the loop would not end).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn block(
+        &self,
+        steps: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        assert!(steps >= 1, "amx: a product of no depth");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's guarantees; the tiles were configured on this thread (`self`).
+        unsafe {
+            std::arch::asm!(
+                "test {acc:e}, {acc:e}",
+                "jz 3f",
+                "tileloadd tmm0, [{c} + {ldc}*1]",
+                "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
+                "tileloadd tmm2, [{c2} + {ldc}*1]",
+                "tileloadd tmm3, [{c2} + {ldc}*1 + 64]",
+                "jmp 4f",
+                "3:",
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "4:",
+                "tileloadd tmm4, [{a} + {lda}*1]",
+                "tileloadd tmm6, [{b} + {ldb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a2} + {lda}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {a}, 64",
+                "add {a2}, 64",
+                "add {b}, {bstep}",
+                "dec {steps}",
+                "jnz 4b",
+                "tilestored [{c} + {ldc}*1], tmm0",
+                "tilestored [{c} + {ldc}*1 + 64], tmm1",
+                "tilestored [{c2} + {ldc}*1], tmm2",
+                "tilestored [{c2} + {ldc}*1 + 64], tmm3",
+                acc = in(reg) accumulate as u32,
+                a = inout(reg) a => _,
+                a2 = inout(reg) a.byte_add(16 * lda) => _,
+                lda = in(reg) lda,
+                b = inout(reg) b => _,
+                ldb = in(reg) ldb,
+                bstep = in(reg) 16 * ldb,
+                c = in(reg) c,
+                c2 = in(reg) c.byte_add(16 * ldc),
+                ldc = in(reg) ldc,
+                steps = inout(reg) steps => _,
+                options(nostack),
+            );
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (steps, a, lda, b, ldb, c, ldc, accumulate);
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: releases the tile state this thread configured.
+        unsafe {
+            std::arch::asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+}
+
+/// Pair groups of a depth `k`, padded to whole tile steps.
+pub(crate) fn padded_groups(k: usize) -> usize {
+    k.div_ceil(2).next_multiple_of(GROUP_STEP)
+}
+
+/// Writes the rows of `src` as bf16 pair words into `out`, row r at `r · groups` (each row's
+/// words past its depth zero), and zeroes the rows from `src.rows()` to `rows_pad`. Rows with
+/// contiguous elements convert 32 at a time (`VCVTNE2PS2BF16`, the bits of
+/// [`f32_to_bf16`](super::bf16::f32_to_bf16)); a matrix with contiguous columns (a transposed
+/// view) is read a pair of columns at a time.
+pub(crate) fn pack_rows(amx: Amx, src: MatRef<'_>, groups: usize, rows_pad: usize, out: &mut [u32]) {
+    let (rows, depth) = (src.rows(), src.cols());
+    let used = depth.div_ceil(2);
+    assert!(used <= groups && rows <= rows_pad && out.len() >= rows_pad * groups);
+    if groups == 0 {
+        return;
+    }
+    if rows > 1 && src.row(0).is_none() && src.col(0).is_some() {
+        return pack_columns(src, groups, rows_pad, out);
+    }
+    let mut copy = vec![0.0f32; if rows > 0 && src.row(0).is_none() { depth } else { 0 }];
+    for (r, dst) in out.chunks_exact_mut(groups).take(rows_pad).enumerate() {
+        if r >= rows {
+            dst.fill(0);
+            continue;
+        }
+        let row = match src.row(r) {
+            Some(row) => row,
+            None => {
+                src.copy_row(r, &mut copy);
+                &copy[..]
+            }
+        };
+        row_to_pairs(amx, row, &mut dst[..used]);
+        dst[used..].fill(0);
+    }
+}
+
+/// [`pack_pair_panels`] with width [`PANEL`] (the pair-row layout of B tiles: panel q holds
+/// `groups` rows of [`PANEL`] words, word (g, r) pairing elements 2g, 2g+1 of row q·32 + r),
+/// rows converted 32 floats at a time when contiguous.
+pub(crate) fn pack_panels(amx: Amx, src: MatRef<'_>, groups: usize, out: &mut [u32]) {
+    let (rows, depth) = (src.rows(), src.cols());
+    if rows == 0 || depth == 0 || src.row(0).is_none() {
+        return pack_pair_panels(src, PANEL, groups, out);
+    }
+    let used = depth.div_ceil(2);
+    assert!(used <= groups && out.len() >= rows.div_ceil(PANEL) * groups * PANEL);
+    let mut words = vec![0u32; used];
+    for (q, panel) in out.chunks_exact_mut(groups * PANEL).take(rows.div_ceil(PANEL)).enumerate() {
+        panel[used * PANEL..].fill(0);
+        for r in 0..PANEL {
+            let row = q * PANEL + r;
+            if row >= rows {
+                (0..used).for_each(|g| panel[g * PANEL + r] = 0);
+                continue;
+            }
+            row_to_pairs(amx, src.row(row).expect("contiguous rows"), &mut words);
+            for (g, &w) in words.iter().enumerate() {
+                panel[g * PANEL + r] = w;
+            }
+        }
+    }
+}
+
+/// [`pack_rows`] of a matrix whose columns are contiguous: row r's word g pairs elements
+/// (r, 2g) and (r, 2g + 1), read from two columns; the writes walk `groups`-word rows, whose
+/// lines stay in L1 across consecutive groups.
+fn pack_columns(src: MatRef<'_>, groups: usize, rows_pad: usize, out: &mut [u32]) {
+    let (rows, depth) = (src.rows(), src.cols());
+    out[..rows_pad * groups].fill(0);
+    for g in 0..depth.div_ceil(2) {
+        let even = src.col(2 * g).expect("contiguous columns");
+        let odd = (2 * g + 1 < depth).then(|| src.col(2 * g + 1).expect("contiguous columns"));
+        for r in 0..rows {
+            let high = odd.map_or(0, |odd| f32_to_bf16(odd[r]));
+            out[r * groups + g] = pair(f32_to_bf16(even[r]), high);
+        }
+    }
+}
+
+/// The pair words of `row` (⌈len/2⌉ of them in `out`, a zero high half past an odd end).
+fn row_to_pairs(amx: Amx, row: &[f32], out: &mut [u32]) {
+    assert_eq!(out.len(), row.len().div_ceil(2));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the token proves AVX512_BF16 and AVX-512BW; the lengths are checked above.
+    unsafe {
+        let _ = amx;
+        row_to_pairs_avx512(row, out)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = amx;
+        pair_words(row, out)
+    }
+}
+
+/// # Safety
+/// The CPU has AVX512_BF16 and AVX-512BW; `out.len() == ⌈row.len() / 2⌉`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+unsafe fn row_to_pairs_avx512(row: &[f32], out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let whole = row.len() / 32;
+    for i in 0..whole {
+        // SAFETY: 32 floats from 32·i and 16 words from 16·i are inside the slices.
+        unsafe {
+            let lo = _mm512_loadu_ps(row.as_ptr().add(32 * i));
+            let hi = _mm512_loadu_ps(row.as_ptr().add(32 * i + 16));
+            // The second source fills halves 0..16: 32 consecutive bf16, i.e. 16 pair words.
+            let words = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(out.as_mut_ptr().add(16 * i) as *mut __m512i, words);
+        }
+    }
+    let done = 32 * whole;
+    if done < row.len() {
+        let rest = row.len() - done;
+        let (lo_n, hi_n) = (rest.min(16), rest.saturating_sub(16));
+        // SAFETY: masked loads read only the `rest` floats left, the masked store only the
+        // ⌈rest/2⌉ words left.
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(((1u32 << lo_n) - 1) as u16, row.as_ptr().add(done));
+            let hi = _mm512_maskz_loadu_ps(((1u32 << hi_n) - 1) as u16, row.as_ptr().add(done + 16));
+            let words = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            let n_words = rest.div_ceil(2);
+            _mm512_mask_storeu_epi32(
+                out.as_mut_ptr().add(16 * whole) as *mut i32,
+                ((1u32 << n_words) - 1) as u16,
+                words,
+            );
+        }
+    }
+}
+
+/// B (K × N) rounded to bf16 for the AMX product: panels of [`PANEL`] columns, each
+/// [`padded_groups`]`(K)` pair rows of [`PANEL`] words (zero past N and past K).
+#[derive(Clone, Debug)]
+pub(crate) struct AmxB {
+    data: Vec<u32>,
+    k: usize,
+    n: usize,
+    groups: usize,
+}
+
+impl AmxB {
+    /// Packs `b`, column panels in parallel.
+    pub(crate) fn new(b: MatRef<'_>) -> AmxB {
+        let (k, n) = (b.rows(), b.cols());
+        let groups = padded_groups(k);
+        let mut data = vec![0u32; n.div_ceil(PANEL) * groups * PANEL];
+        if groups > 0 {
+            data.par_chunks_mut(groups * PANEL).enumerate().for_each(|(jp, panel)| {
+                let cols = (jp * PANEL)..(n.min((jp + 1) * PANEL));
+                // Column panels of B are row panels of Bᵀ.
+                pack_pair_panels(b.cols_range(cols.start, cols.end).t(), PANEL, groups, panel);
+            });
+        }
+        AmxB { data, k, n, groups }
+    }
+}
+
+/// `C ← A·B` (`accumulate`: `C ← C + A·B`) on AMX tiles, A rounded to bf16 as it is packed,
+/// row blocks of C in parallel with scratch from `ws`.
+///
+/// # Panics
+/// If the shapes disagree.
+pub(crate) fn gemm(amx: Amx, a: MatRef<'_>, b: &AmxB, accumulate: bool, c: &mut MatMut<'_>, ws: &Workspace) {
+    assert_eq!((a.cols(), a.rows(), b.n), (b.k, c.rows(), c.cols()), "amx::gemm: shapes");
+    let (m, n, ld) = (c.rows(), c.cols(), c.ld());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if b.k == 0 {
+        if !accumulate {
+            c.data_mut().chunks_mut(ld).take(m).for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
+    // Blocks of whole 32-row tiles, as many as a multiple of the thread count, near-equal.
+    let threads = rayon::current_num_threads().max(1);
+    let tiles = m.div_ceil(32);
+    let blocks = threads * tiles.div_ceil(threads * (MAX_ROW_BLOCK / 32));
+    let block = tiles.div_ceil(blocks) * 32;
+    c.data_mut()[..(m - 1) * ld + n].par_chunks_mut(block * ld).enumerate().for_each(|(i, c_block)| {
+        let start = i * block;
+        let rows = block.min(m - start);
+        amx.simd().vectorize(GemmBlock {
+            amx,
+            a: a.rows_range(start, start + rows),
+            b,
+            c: c_block,
+            n,
+            ld,
+            accumulate,
+            ws,
+        });
+    });
+}
+
+/// One block of rows of C for [`gemm`].
+struct GemmBlock<'a> {
+    amx: Amx,
+    a: MatRef<'a>,
+    b: &'a AmxB,
+    c: &'a mut [f32],
+    n: usize,
+    ld: usize,
+    accumulate: bool,
+    ws: &'a Workspace,
+}
+
+impl Job for GemmBlock<'_> {
+    type Out = ();
+
+    #[inline(always)]
+    fn run<S: Bf16Simd>(self, _s: S) {
+        let GemmBlock { amx, a, b, c, n, ld, accumulate, ws } = self;
+        let (rows, groups) = (a.rows(), b.groups);
+        let rows_pad = rows.next_multiple_of(32);
+        let mut scratch = ws.scratch(rows_pad * groups);
+        let a_words = u32::of_mut(&mut scratch);
+        pack_rows(amx, a, groups, rows_pad, a_words);
+        let tiles = Tiles::configure(amx);
+        let mut edge = [0.0f32; 32 * 32];
+        let steps = groups / GROUP_STEP;
+        for jp in 0..n.div_ceil(PANEL) {
+            let b_panel = &b.data[jp * groups * PANEL..][..groups * PANEL];
+            let cols = PANEL.min(n - jp * PANEL);
+            for ib in 0..rows_pad / 32 {
+                let a_tile = &a_words[ib * 32 * groups..][..32 * groups];
+                let tile_rows = 32.min(rows - ib * 32);
+                let at = ib * 32 * ld + jp * PANEL;
+                if tile_rows == 32 && cols == PANEL {
+                    let c_tile = &mut c[at..][..31 * ld + PANEL];
+                    // SAFETY: A holds 32 rows of `groups` words, B's panel `groups` rows of
+                    // 32 words, C 32 rows of 32 floats `ld` apart.
+                    unsafe {
+                        tiles.block(
+                            steps,
+                            a_tile.as_ptr(),
+                            4 * groups,
+                            b_panel.as_ptr(),
+                            4 * PANEL,
+                            c_tile.as_mut_ptr(),
+                            4 * ld,
+                            accumulate,
+                        )
+                    };
+                } else {
+                    // SAFETY: as above, C being the 32 × 32 edge buffer.
+                    unsafe {
+                        tiles.block(
+                            steps,
+                            a_tile.as_ptr(),
+                            4 * groups,
+                            b_panel.as_ptr(),
+                            4 * PANEL,
+                            edge.as_mut_ptr(),
+                            4 * PANEL,
+                            false,
+                        )
+                    };
+                    for r in 0..tile_rows {
+                        let dst = &mut c[at + r * ld..][..cols];
+                        let src = &edge[r * PANEL..][..cols];
+                        match accumulate {
+                            true => dst.iter_mut().zip(src).for_each(|(d, s)| *d += s),
+                            false => dst.copy_from_slice(src),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::bf16::round_to_bf16;
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn padded_groups_are_whole_tile_steps() {
+        assert_eq!(padded_groups(0), 0);
+        assert_eq!(padded_groups(1), 16);
+        assert_eq!(padded_groups(32), 16);
+        assert_eq!(padded_groups(33), 32);
+    }
+
+    #[test]
+    fn pack_rows_pairs_each_row_and_zeroes_the_padding() {
+        let Some(amx) = Amx::detect() else {
+            return;
+        };
+        // Depths around the 32-float steps; values that round up, down and to even, a NaN
+        // and a subnormal.
+        for (rows, depth) in [(3, 5), (2, 32), (4, 33), (1, 63), (3, 64), (2, 95)] {
+            let mut data: Vec<f32> =
+                (0..rows * depth).map(|i| (i as f32 * 0.37 + 0.5) * (1.0 + 3.0 * f32::EPSILON * i as f32)).collect();
+            data[0] = f32::NAN;
+            data[1] = 1e-40;
+            let groups = padded_groups(depth);
+            let rows_pad = rows + 2;
+            // Row-major, transposed (contiguous columns) and strided both ways.
+            let cols: Vec<f32> = (0..rows * depth).map(|i| data[(i % rows) * depth + i / rows]).collect();
+            let wide: Vec<f32> = (0..rows * 2 * depth).map(|i| if i % 2 == 0 { data[i / 2] } else { -1.0 }).collect();
+            let views = [
+                MatRef::new(&data, 0, rows, depth, depth),
+                MatRef::new(&cols, 0, depth, rows, rows).t(),
+                // SAFETY: every (i, 2j) with i < rows, j < depth is inside `wide`.
+                unsafe { MatRef::from_raw(wide.as_ptr(), rows, depth, 2 * depth as isize, 2) },
+            ];
+            for (v, src) in views.into_iter().enumerate() {
+                let mut out = vec![7u32; rows_pad * groups];
+                pack_rows(amx, src, groups, rows_pad, &mut out);
+                for r in 0..rows_pad {
+                    for g in 0..groups {
+                        let at = |j: usize| if r < rows && j < depth { f32_to_bf16(data[r * depth + j]) } else { 0 };
+                        assert_eq!(
+                            out[r * groups + g],
+                            pair(at(2 * g), at(2 * g + 1)),
+                            "view {v} ({rows},{depth}) row {r} group {g}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pack_panels_is_pack_pair_panels_of_width_32() {
+        let Some(amx) = Amx::detect() else {
+            return;
+        };
+        for (rows, depth) in [(1, 1), (31, 33), (32, 64), (70, 5), (65, 96)] {
+            let data = values(rows * depth, (rows + depth) as u64);
+            let groups = padded_groups(depth);
+            let src = MatRef::new(&data, 0, rows, depth, depth);
+            let len = rows.div_ceil(PANEL) * groups * PANEL;
+            let (mut got, mut want) = (vec![7u32; len], vec![9u32; len]);
+            pack_panels(amx, src, groups, &mut got);
+            pack_pair_panels(src, PANEL, groups, &mut want);
+            assert_eq!(got, want, "({rows},{depth})");
+        }
+    }
+
+    #[test]
+    fn the_amx_product_matches_the_rounded_f64_product() {
+        let Some(amx) = Amx::detect() else {
+            eprintln!("no AMX-BF16 here: the AMX product is not run");
+            return;
+        };
+        let ws = Workspace::default();
+        for (m, k, n) in [(1, 1, 1), (3, 5, 7), (32, 32, 32), (33, 31, 65), (70, 513, 90), (300, 64, 50), (5, 1100, 3)]
+        {
+            let a = values(m * k, (m * 31 + k) as u64);
+            let b = values(k * n, (k * 17 + n) as u64);
+            let (ar, br): (Vec<f32>, Vec<f32>) =
+                (a.iter().map(|&x| round_to_bf16(x)).collect(), b.iter().map(|&x| round_to_bf16(x)).collect());
+            let want = crate::kernels::views::naive_product(MatRef::new(&ar, 0, m, k, k), MatRef::new(&br, 0, k, n, n));
+            let packed = AmxB::new(MatRef::new(&b, 0, k, n, n));
+            // A row-major and transposed (strided rows).
+            let at: Vec<f32> = (0..m * k).map(|i| a[(i % m) * k + i / m]).collect();
+            for (a_view, what) in [(MatRef::new(&a, 0, m, k, k), "rows"), (MatRef::new(&at, 0, k, m, m).t(), "cols")] {
+                for accumulate in [false, true] {
+                    let ld = n + 3;
+                    let fill = if accumulate { 1.0 } else { f32::NAN };
+                    let mut c = vec![fill; m * ld];
+                    gemm(amx, a_view, &packed, accumulate, &mut MatMut::new(&mut c, m, n, ld), &ws);
+                    for i in 0..m {
+                        for j in 0..ld {
+                            let got = c[i * ld + j];
+                            if j >= n {
+                                assert!(got.to_bits() == fill.to_bits(), "({m},{k},{n}) {what}: padding written");
+                                continue;
+                            }
+                            let want = want[i * n + j] + if accumulate { 1.0 } else { 0.0 };
+                            // f32 accumulation of k products of magnitude ≤ 1.
+                            let tol = 1e-6 * (k as f64 + 1.0);
+                            assert!(
+                                (got as f64 - want).abs() <= tol,
+                                "({m},{k},{n}) {what} acc={accumulate} at ({i},{j}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_amx_product_has_the_same_bits_for_any_thread_count() {
+        let Some(amx) = Amx::detect() else {
+            return;
+        };
+        let (m, k, n) = (517, 300, 70);
+        let (a, b) = (values(m * k, 1), values(k * n, 2));
+        let packed = AmxB::new(MatRef::new(&b, 0, k, n, n));
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+            let mut c = vec![0.0f32; m * n];
+            pool.install(|| {
+                gemm(
+                    amx,
+                    MatRef::new(&a, 0, m, k, k),
+                    &packed,
+                    false,
+                    &mut MatMut::new(&mut c, m, n, n),
+                    &Workspace::default(),
+                )
+            });
+            c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let one = run(1);
+        assert_eq!(run(2), one);
+        assert_eq!(run(5), one);
+    }
+}

@@ -1,0 +1,238 @@
+//! The packed softmax attention of `flash` with its bf16 products on AMX tiles (see
+//! [`amx`](super::amx)): the same online softmax (`flash::softmax_panel`, NR = 32 queries in
+//! the vector lanes) and the same transposed layouts, so that each product's output is the
+//! next one's operand without a copy:
+//! - `Sᵀ = K·Qᵀ` per 32 keys × 32 queries block: K as bf16 rows (keys × ⌈d/2⌉ pair words) in
+//!   A tiles, the query panel in pair-row (VNNI) B tiles. With f32 logits
+//!   ([`Precision::Bf16`](crate::Precision::Bf16)) the f32 register tile of the AVX-512 kernel
+//!   computes them instead (12 keys × 32 queries);
+//! - the softmax writes the weights as pair words `[key pair][32 queries]`: VNNI B tiles;
+//! - `Oᵀ += Vᵀ·Pᵀ` per 32 value channels × 32 queries block, Vᵀ as bf16 rows (channels × key
+//!   pairs) in A tiles, Oᵀ read and written by the tiles themselves.
+//!
+//! Every sum runs in a fixed order (key tiles of [`KEY_TILE`] in order), so the results do not
+//! depend on how queries are split between threads.
+
+use super::amx::{pack_panels, pack_rows, padded_groups, Amx, Tiles, GROUP_STEP, PANEL};
+use super::attention_common::{finish_rows, for_each_query_tile, Accumulated};
+use super::attention_shapes::check_forward;
+use super::flash::softmax_panel;
+use super::microkernel::{packed_panels, tile, Elem, Word, F32};
+use super::simd::{Bf16Simd, Job, Simd};
+use super::tiles::AVX512_MR;
+use super::views::MatRef;
+use crate::workspace::Workspace;
+
+/// Keys per tile: whole 32-key blocks and whole 12-key panels of the f32 logit tile.
+pub(crate) const KEY_TILE: usize = 288;
+/// Queries per panel (the lanes of the softmax, the columns of a B tile pair).
+const NR: usize = PANEL;
+/// f32 logit tile: 12 keys × 2 vectors of 16 queries.
+const MR: usize = AVX512_MR;
+const NV: usize = 2;
+
+const _: () = assert!(KEY_TILE.is_multiple_of(32) && KEY_TILE.is_multiple_of(MR) && NR == NV * 16);
+
+/// `out ← softmax(scale · (q·kᵀ + bias))·v` as `flash::attention`, the value product (and
+/// with `bf16_logits` the logits) on AMX tiles with operands rounded to bf16; the softmax in
+/// f32. `lse` as there.
+///
+/// # Panics
+/// If the shapes disagree (as `flash::attention`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention(
+    amx: Amx,
+    bf16_logits: bool,
+    (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+    tile: usize,
+    ws: &Workspace,
+) {
+    check_forward((q, k, v), bias, out, lse.as_deref());
+    let (n, m, d, dv) = (q.rows(), k.rows(), q.cols(), v.cols());
+    if n == 0 || dv == 0 {
+        return;
+    }
+    let m_pad = m.next_multiple_of(32);
+    // K: bf16 rows for the tiles, or f32 panels of 12 keys for the register tile.
+    let d_groups = padded_groups(d);
+    let k_packed = match bf16_logits {
+        true => {
+            let mut words = ws.scratch(m_pad * d_groups);
+            pack_rows(amx, k, d_groups, m_pad, u32::of_mut(&mut words));
+            words
+        }
+        false => packed_panels::<F32>(ws, k, MR, d),
+    };
+    // Vᵀ: value channels (padded to 32) as rows of key-pair words.
+    let (dv_pad, v_groups) = (dv.next_multiple_of(32), m_pad / 2);
+    let mut v_words = ws.scratch(dv_pad * v_groups);
+    pack_rows(amx, v.t(), v_groups, dv_pad, u32::of_mut(&mut v_words));
+    let tile = tile.next_multiple_of(NR).min(super::tiles::QUERY_TILE);
+    for_each_query_tile(n, dv, tile, out, lse, |rows, out, lse| {
+        let q = q.rows_range(rows.start, rows.end);
+        amx.simd().vectorize(AttendTile {
+            amx,
+            bf16_logits,
+            q,
+            k: (&k_packed, m, d_groups),
+            bias,
+            v: (u32::of(&v_words), dv, v_groups),
+            scale,
+            out,
+            lse,
+            ws,
+        });
+    });
+}
+
+/// One query tile against all keys.
+struct AttendTile<'a> {
+    amx: Amx,
+    bf16_logits: bool,
+    q: MatRef<'a>,
+    /// K packed (bf16 rows `groups` words long, or f32 panels of 12 keys), M, and the bf16
+    /// rows' groups.
+    k: (&'a [f32], usize, usize),
+    bias: Option<&'a [f32]>,
+    /// Vᵀ as bf16 rows, dv, and the rows' groups (M padded to 32, halved).
+    v: (&'a [u32], usize, usize),
+    scale: f32,
+    out: &'a mut [f32],
+    lse: Option<&'a mut [f32]>,
+    ws: &'a Workspace,
+}
+
+impl Job for AttendTile<'_> {
+    type Out = ();
+
+    #[inline(always)]
+    fn run<S: Bf16Simd>(self, s: S) {
+        let AttendTile { amx, bf16_logits, q, k: (k_packed, m, d_groups), bias, v: (v_words, dv, v_groups), .. } = self;
+        let (scale, ws) = (self.scale, self.ws);
+        assert_eq!(S::LANES * NV, NR, "flash_amx: 16-lane vectors");
+        let (rows, d) = (q.rows(), q.cols());
+        let qpanels = rows.div_ceil(NR);
+        let width = qpanels * NR;
+        let dv_blocks = dv.div_ceil(32);
+        // The query panels: VNNI pair rows for the tiles, or f32 panels for the register tile.
+        let q_len = if bf16_logits { qpanels * d_groups * NR } else { qpanels * d * NR };
+        let mut q_packed = ws.scratch(q_len);
+        match bf16_logits {
+            true => pack_panels(amx, q, d_groups, u32::of_mut(&mut q_packed)),
+            false => F32::pack(q, NR, d, &mut q_packed),
+        }
+        // P: [query panel][KEY_TILE keys][NR queries] logits; the weights as pair words
+        // [query panel][KEY_TILE / 2][NR]; Oᵀ: [dv padded to 32][width queries]. Each is
+        // written before it is read.
+        let mut p = ws.scratch(qpanels * KEY_TILE * NR);
+        let mut p_words = ws.scratch(qpanels * (KEY_TILE / 2) * NR);
+        let p_words = u32::of_mut(&mut p_words);
+        let mut o_t = ws.scratch(dv_blocks * 32 * width);
+        let mut run_max = vec![f32::NEG_INFINITY; width];
+        let mut run_sum = vec![0.0f32; width];
+        let mut correction = vec![1.0f32; NR];
+        let tiles = Tiles::configure(amx);
+        let mut start = 0;
+        while start < m {
+            let end = (start + KEY_TILE).min(m);
+            let keys = end - start;
+            let blocks = keys.div_ceil(32);
+            let first = start == 0;
+            for qp in 0..qpanels {
+                let panel = &mut p[qp * KEY_TILE * NR..][..KEY_TILE * NR];
+                match bf16_logits {
+                    // No depth: every logit is 0.
+                    true if d_groups == 0 => panel[..blocks * 32 * NR].fill(0.0),
+                    true => {
+                        let k_words = u32::of(k_packed);
+                        let q_panel = &u32::of(&q_packed)[qp * d_groups * NR..][..d_groups * NR];
+                        for kb in 0..blocks {
+                            let a = &k_words[(start + kb * 32) * d_groups..][..32 * d_groups];
+                            let c = &mut panel[kb * 32 * NR..][..32 * NR];
+                            // SAFETY: A holds 32 rows of d_groups words (K is padded to 32
+                            // keys), B d_groups rows of NR words, C 32 rows of NR floats.
+                            unsafe {
+                                tiles.block(
+                                    d_groups / GROUP_STEP,
+                                    a.as_ptr(),
+                                    4 * d_groups,
+                                    q_panel.as_ptr(),
+                                    4 * NR,
+                                    c.as_mut_ptr(),
+                                    4 * NR,
+                                    false,
+                                )
+                            };
+                        }
+                    }
+                    false => {
+                        let q_panel = &q_packed[qp * d * NR..][..d * NR];
+                        for kp in 0..keys.div_ceil(MR) {
+                            let a = &k_packed[(start / MR + kp) * d * MR..][..d * MR];
+                            // SAFETY: `a` holds d runs of MR, the query panel d runs of NR, and
+                            // the P tile is MR rows of NR inside `panel`.
+                            unsafe {
+                                tile::<S, F32, MR, NV>(
+                                    s,
+                                    d,
+                                    a.as_ptr(),
+                                    q_panel.as_ptr(),
+                                    panel[kp * MR * NR..][..MR * NR].as_mut_ptr(),
+                                    NR,
+                                    false,
+                                )
+                            };
+                        }
+                    }
+                }
+                let lanes = qp * NR..(qp + 1) * NR;
+                let words = &mut p_words[qp * (KEY_TILE / 2) * NR..][..blocks * 16 * NR];
+                let grew = softmax_panel::<S, NV>(
+                    s,
+                    panel,
+                    (keys, bias.map(|b| &b[start..end])),
+                    scale,
+                    (&mut run_max[lanes.clone()], &mut run_sum[lanes]),
+                    first,
+                    &mut correction,
+                    Some(words),
+                );
+                if grew {
+                    for ch in 0..dv {
+                        let row = &mut o_t[ch * width + qp * NR..][..NR];
+                        row.iter_mut().zip(&correction).for_each(|(o, c)| *o *= c);
+                    }
+                }
+            }
+            for cb in 0..dv_blocks {
+                let a = &v_words[cb * 32 * v_groups + start / 2..];
+                for qp in 0..qpanels {
+                    let b = &p_words[qp * (KEY_TILE / 2) * NR..][..blocks * 16 * NR];
+                    let c = &mut o_t[cb * 32 * width + qp * NR..][..31 * width + NR];
+                    debug_assert!(a.len() >= 31 * v_groups + blocks * 16);
+                    // SAFETY: A's 32 rows hold `blocks · 16` words from `start / 2` (Vᵀ's rows
+                    // are M padded to 32, halved, long), B `blocks · 16` rows of NR words, C 32
+                    // rows of NR floats `width` apart.
+                    unsafe {
+                        tiles.block(
+                            blocks,
+                            a.as_ptr(),
+                            4 * v_groups,
+                            b.as_ptr(),
+                            4 * NR,
+                            c.as_mut_ptr(),
+                            4 * width,
+                            !first,
+                        )
+                    };
+                }
+            }
+            start = end;
+        }
+        drop(tiles);
+        finish_rows(Accumulated::Transposed { o_t: &o_t, width }, self.out, dv, (&run_max, &run_sum), scale, self.lse);
+    }
+}
