@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use super::bf16::{f32_to_bf16, pair};
+use super::bf16::{f32_to_bf16, pair, round_to_bf16};
 #[cfg(not(target_arch = "x86_64"))]
 use super::microkernel::pair_words;
 use super::microkernel::{pack_pair_panels, Word};
@@ -360,6 +360,8 @@ pub(crate) struct AmxB {
     k: usize,
     n: usize,
     groups: usize,
+    /// Packed by [`AmxB::split`]: A's rows enter as `[a_hi, a_hi, a_lo]`.
+    split: bool,
 }
 
 impl AmxB {
@@ -375,7 +377,54 @@ impl AmxB {
                 pack_pair_panels(b.cols_range(cols.start, cols.end).t(), PANEL, groups, panel);
             });
         }
-        AmxB { data, k, n, groups }
+        AmxB { data, k, n, groups, split: false }
+    }
+
+    /// Packs `b` for near-f32 products on the tiles ("bf16×3", as oneDNN and XLA do): each
+    /// operand is split into a bf16 high part and a bf16 low part (`x − bf16(x)`, exact in
+    /// f32), and `A·B ≈ A_hi·B_hi + A_hi·B_lo + A_lo·B_hi` is one product three times as deep,
+    /// `[A_hi, A_hi, A_lo]·[B_hi; B_lo; B_hi]` (each part padded to whole tile steps). Each
+    /// operand keeps 16 bits of mantissa and the dropped `A_lo·B_lo` is below 2^-16 of each
+    /// |a·b|: the error is about 2^-16 of Σ|a||b|, against 2^-8 for a bf16 product, at three
+    /// times its cost (on AMX, still 2–3× faster than the f32 register tiles).
+    pub(crate) fn split(b: MatRef<'_>) -> AmxB {
+        let (k, n) = (b.rows(), b.cols());
+        let part = 2 * padded_groups(k);
+        let mut parts = vec![0.0f32; 3 * part * n];
+        let mut row = vec![0.0f32; n];
+        for r in 0..k {
+            b.copy_row(r, &mut row);
+            parts[r * n..][..n].copy_from_slice(&row);
+            parts[(2 * part + r) * n..][..n].copy_from_slice(&row);
+            let low = &mut parts[(part + r) * n..][..n];
+            low.iter_mut().zip(&row).for_each(|(l, &x)| *l = x - round_to_bf16(x));
+        }
+        let packed = AmxB::new(MatRef::new(&parts, 0, 3 * part, n, n));
+        AmxB { k, split: true, ..packed }
+    }
+}
+
+/// [`pack_rows`] of the split operand `[a_hi, a_hi, a_lo]` (see [`AmxB::split`]): row r's
+/// three parts of `part` words each at `r · 3 · part`.
+fn pack_split_rows(amx: Amx, src: MatRef<'_>, part: usize, rows_pad: usize, out: &mut [u32]) {
+    let (rows, depth) = (src.rows(), src.cols());
+    let used = depth.div_ceil(2);
+    assert!(used <= part && rows <= rows_pad && out.len() >= rows_pad * 3 * part);
+    let (mut row, mut low) = (vec![0.0f32; depth], vec![0.0f32; depth]);
+    for (r, dst) in out.chunks_exact_mut(3 * part).take(rows_pad).enumerate() {
+        if r >= rows {
+            dst.fill(0);
+            continue;
+        }
+        src.copy_row(r, &mut row);
+        low.iter_mut().zip(&row).for_each(|(l, &x)| *l = x - round_to_bf16(x));
+        let (high, rest) = dst.split_at_mut(part);
+        row_to_pairs(amx, &row, &mut high[..used]);
+        high[used..].fill(0);
+        let (again, lows) = rest.split_at_mut(part);
+        again.copy_from_slice(high);
+        row_to_pairs(amx, &low, &mut lows[..used]);
+        lows[used..].fill(0);
     }
 }
 
@@ -439,7 +488,10 @@ impl Job for GemmBlock<'_> {
         let rows_pad = rows.next_multiple_of(32);
         let mut scratch = ws.scratch(rows_pad * groups);
         let a_words = u32::of_mut(&mut scratch);
-        pack_rows(amx, a, groups, rows_pad, a_words);
+        match b.split {
+            true => pack_split_rows(amx, a, groups / 3, rows_pad, a_words),
+            false => pack_rows(amx, a, groups, rows_pad, a_words),
+        }
         let tiles = Tiles::configure(amx);
         let mut edge = [0.0f32; 32 * 32];
         let steps = groups / GROUP_STEP;
@@ -617,6 +669,39 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_split_product_is_near_f32() {
+        // bf16×3: within ~2^-16 of Σ|a||b| of the exact product (against ~2^-8 for bf16), and
+        // far closer than the bf16 product on the same operands.
+        let Some(amx) = Amx::detect() else {
+            return;
+        };
+        let ws = Workspace::default();
+        for (m, k, n) in [(1, 1, 1), (33, 31, 65), (70, 513, 90), (5, 1100, 3)] {
+            let a = values(m * k, (m * 31 + k) as u64);
+            let b = values(k * n, (k * 17 + n) as u64);
+            let want = crate::kernels::views::naive_product(MatRef::new(&a, 0, m, k, k), MatRef::new(&b, 0, k, n, n));
+            let a_view = MatRef::new(&a, 0, m, k, k);
+            let split = AmxB::split(MatRef::new(&b, 0, k, n, n));
+            let plain = AmxB::new(MatRef::new(&b, 0, k, n, n));
+            let (mut c, mut c_plain) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+            gemm(amx, a_view, &split, false, &mut MatMut::new(&mut c, m, n, n), &ws);
+            gemm(amx, a_view, &plain, false, &mut MatMut::new(&mut c_plain, m, n, n), &ws);
+            let (mut worst, mut worst_plain) = (0.0f64, 0.0f64);
+            for i in 0..m {
+                for j in 0..n {
+                    let norm: f64 = (0..k).map(|t| (a[i * k + t] as f64 * b[t * n + j] as f64).abs()).sum();
+                    let err = (c[i * n + j] as f64 - want[i * n + j]).abs() / norm.max(1e-30);
+                    worst = worst.max(err);
+                    worst_plain =
+                        worst_plain.max((c_plain[i * n + j] as f64 - want[i * n + j]).abs() / norm.max(1e-30));
+                }
+            }
+            assert!(worst < 4.0 * 2f64.powi(-16), "({m},{k},{n}): {worst:e}");
+            assert!(worst < worst_plain / 16.0, "({m},{k},{n}): {worst:e} against bf16 {worst_plain:e}");
         }
     }
 

@@ -99,7 +99,11 @@ impl Kernel {
         let (bf16, bf16_logits) = (precision.bf16_values(), precision.bf16_logits());
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Amx(amx) if bf16 => super::flash_amx::attention(amx, bf16_logits, qkv, bias, out, lse, tile, ws),
+            Kernel::Amx(amx) if bf16 => {
+                use super::flash_amx::{attention, Logits};
+                let logits = if bf16_logits { Logits::Rounded } else { Logits::Split };
+                attention(amx, logits, qkv, bias, out, lse, tile, ws)
+            }
             #[cfg(target_arch = "x86_64")]
             Kernel::Amx(amx) => flash::attention::<_, F32, F32, AVX512_MR, AVX512_MR, AVX512_NV>(
                 amx.simd().base(),

@@ -3,9 +3,14 @@
 //! the vector lanes) and the same transposed layouts, so that each product's output is the
 //! next one's operand without a copy:
 //! - `Sᵀ = K·Qᵀ` per 32 keys × 32 queries block: K as bf16 rows (keys × ⌈d/2⌉ pair words) in
-//!   A tiles, the query panel in pair-row (VNNI) B tiles. With f32 logits
-//!   ([`Precision::Bf16`](crate::Precision::Bf16)) the f32 register tile of the AVX-512 kernel
-//!   computes them instead (12 keys × 32 queries);
+//!   A tiles, the query panel in pair-row (VNNI) B tiles. For
+//!   [`Precision::Bf16`](crate::Precision::Bf16), whose logits are not bf16 products, each
+//!   operand is split into a bf16 high part and a bf16 low part (`x − hi`) and the logit is
+//!   `q_hi·k_hi + q_hi·k_lo + q_lo·k_hi` — one product three times as deep, `[q_hi, q_hi,
+//!   q_lo]·[k_hi, k_lo, k_hi]` (the "bf16×3" of oneDNN and XLA): each operand carries 16 bits
+//!   of mantissa, the dropped `q_lo·k_lo` is below 2^-16 of |q_j·k_j|, and the tiles sum in f32
+//!   — near f32 logits at three times the cost of bf16 ones, still 2–3× faster than the f32
+//!   register tile on these CPUs;
 //! - the softmax writes the weights as pair words `[key pair][32 queries]`: VNNI B tiles;
 //! - `Oᵀ += Vᵀ·Pᵀ` per 32 value channels × 32 queries block, Vᵀ as bf16 rows (channels × key
 //!   pairs) in A tiles, Oᵀ read and written by the tiles themselves.
@@ -16,10 +21,10 @@
 use super::amx::{pack_panels, pack_rows, padded_groups, Amx, Tiles, GROUP_STEP, PANEL};
 use super::attention_common::{finish_rows, for_each_query_tile, Accumulated};
 use super::attention_shapes::check_forward;
+use super::bf16::round_to_bf16;
 use super::flash::softmax_panel;
-use super::microkernel::{packed_panels, tile, Elem, Word, F32};
+use super::microkernel::Word;
 use super::simd::{Bf16Simd, Job, Simd};
-use super::tiles::AVX512_MR;
 use super::views::MatRef;
 use crate::workspace::Workspace;
 
@@ -27,22 +32,50 @@ use crate::workspace::Workspace;
 pub(crate) const KEY_TILE: usize = 288;
 /// Queries per panel (the lanes of the softmax, the columns of a B tile pair).
 const NR: usize = PANEL;
-/// f32 logit tile: 12 keys × 2 vectors of 16 queries.
-const MR: usize = AVX512_MR;
+/// 16-lane vectors per query panel (the softmax's).
 const NV: usize = 2;
 
-const _: () = assert!(KEY_TILE.is_multiple_of(32) && KEY_TILE.is_multiple_of(MR) && NR == NV * 16);
+const _: () = assert!(KEY_TILE.is_multiple_of(32) && NR == NV * 16);
 
-/// `out ← softmax(scale · (q·kᵀ + bias))·v` as `flash::attention`, the value product (and
-/// with `bf16_logits` the logits) on AMX tiles with operands rounded to bf16; the softmax in
-/// f32. `lse` as there.
+/// How the logits' operands enter the tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Logits {
+    /// Rounded to bf16 ([`Precision::Bf16Logits`](crate::Precision::Bf16Logits)).
+    Rounded,
+    /// Split into high and low bf16 parts, three products (see the module docs).
+    Split,
+}
+
+/// The logits' operand `src` (rows × d) as f32 rows of `parts.len()` blocks of `2·groups`
+/// columns: block i holds `src` itself (`false`: rounded to bf16 when packed, its high part)
+/// or `src − bf16(src)` (`true`: its low part, exact in f32), zero past d.
+fn split_parts(src: MatRef<'_>, groups: usize, parts: [bool; 3], out: &mut [f32]) {
+    let (rows, d, width) = (src.rows(), src.cols(), 2 * groups);
+    if width == 0 {
+        return;
+    }
+    let mut row = vec![0.0f32; d];
+    for (r, dst) in out.chunks_exact_mut(3 * width).take(rows).enumerate() {
+        src.copy_row(r, &mut row);
+        for (block, &low) in dst.chunks_exact_mut(width).zip(&parts) {
+            for (o, &x) in block.iter_mut().zip(&row) {
+                *o = if low { x - round_to_bf16(x) } else { x };
+            }
+            block[d..].fill(0.0);
+        }
+    }
+}
+
+/// `out ← softmax(scale · (q·kᵀ + bias))·v` as `flash::attention`, the logits and the value
+/// product on AMX tiles with operands rounded to bf16 (the logits' split per `logits`); the
+/// softmax in f32. `lse` as there.
 ///
 /// # Panics
 /// If the shapes disagree (as `flash::attention`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     amx: Amx,
-    bf16_logits: bool,
+    logits: Logits,
     (q, k, v, scale): (MatRef<'_>, MatRef<'_>, MatRef<'_>, f32),
     bias: Option<&[f32]>,
     out: &mut [f32],
@@ -56,16 +89,19 @@ pub(crate) fn attention(
         return;
     }
     let m_pad = m.next_multiple_of(32);
-    // K: bf16 rows for the tiles, or f32 panels of 12 keys for the register tile.
-    let d_groups = padded_groups(d);
-    let k_packed = match bf16_logits {
-        true => {
-            let mut words = ws.scratch(m_pad * d_groups);
-            pack_rows(amx, k, d_groups, m_pad, u32::of_mut(&mut words));
-            words
+    // K as bf16 rows ([k_hi, k_lo, k_hi] when split) for the A tiles.
+    let part_groups = padded_groups(d);
+    let d_groups = if logits == Logits::Split { 3 * part_groups } else { part_groups };
+    let mut k_packed = ws.scratch(m_pad * d_groups);
+    match logits {
+        Logits::Rounded => pack_rows(amx, k, d_groups, m_pad, u32::of_mut(&mut k_packed)),
+        Logits::Split => {
+            let mut parts = ws.scratch(m * 2 * d_groups);
+            split_parts(k, part_groups, [false, true, false], &mut parts);
+            let parts = MatRef::new(&parts, 0, m, 2 * d_groups, 2 * d_groups);
+            pack_rows(amx, parts, d_groups, m_pad, u32::of_mut(&mut k_packed));
         }
-        false => packed_panels::<F32>(ws, k, MR, d),
-    };
+    }
     // Vᵀ: value channels (padded to 32) as rows of key-pair words.
     let (dv_pad, v_groups) = (dv.next_multiple_of(32), m_pad / 2);
     let mut v_words = ws.scratch(dv_pad * v_groups);
@@ -75,9 +111,9 @@ pub(crate) fn attention(
         let q = q.rows_range(rows.start, rows.end);
         amx.simd().vectorize(AttendTile {
             amx,
-            bf16_logits,
+            logits,
             q,
-            k: (&k_packed, m, d_groups),
+            k: (u32::of(&k_packed), m, (part_groups, d_groups)),
             bias,
             v: (u32::of(&v_words), dv, v_groups),
             scale,
@@ -91,11 +127,10 @@ pub(crate) fn attention(
 /// One query tile against all keys.
 struct AttendTile<'a> {
     amx: Amx,
-    bf16_logits: bool,
+    logits: Logits,
     q: MatRef<'a>,
-    /// K packed (bf16 rows `groups` words long, or f32 panels of 12 keys), M, and the bf16
-    /// rows' groups.
-    k: (&'a [f32], usize, usize),
+    /// K as bf16 rows (M padded to 32), M, and the groups of one part and of a row.
+    k: (&'a [u32], usize, (usize, usize)),
     bias: Option<&'a [f32]>,
     /// Vᵀ as bf16 rows, dv, and the rows' groups (M padded to 32, halved).
     v: (&'a [u32], usize, usize),
@@ -110,20 +145,33 @@ impl Job for AttendTile<'_> {
 
     #[inline(always)]
     fn run<S: Bf16Simd>(self, s: S) {
-        let AttendTile { amx, bf16_logits, q, k: (k_packed, m, d_groups), bias, v: (v_words, dv, v_groups), .. } = self;
+        let AttendTile {
+            amx,
+            logits,
+            q,
+            k: (k_words, m, (part_groups, d_groups)),
+            bias,
+            v: (v_words, dv, v_groups),
+            ..
+        } = self;
         let (scale, ws) = (self.scale, self.ws);
         assert_eq!(S::LANES * NV, NR, "flash_amx: 16-lane vectors");
-        let (rows, d) = (q.rows(), q.cols());
+        let rows = q.rows();
         let qpanels = rows.div_ceil(NR);
         let width = qpanels * NR;
         let dv_blocks = dv.div_ceil(32);
-        // The query panels: VNNI pair rows for the tiles, or f32 panels for the register tile.
-        let q_len = if bf16_logits { qpanels * d_groups * NR } else { qpanels * d * NR };
-        let mut q_packed = ws.scratch(q_len);
-        match bf16_logits {
-            true => pack_panels(amx, q, d_groups, u32::of_mut(&mut q_packed)),
-            false => F32::pack(q, NR, d, &mut q_packed),
+        // The query panels in pair rows ([q_hi, q_hi, q_lo] when split) for the B tiles.
+        let mut q_packed = ws.scratch(qpanels * d_groups * NR);
+        match logits {
+            Logits::Rounded => pack_panels(amx, q, d_groups, u32::of_mut(&mut q_packed)),
+            Logits::Split => {
+                let mut parts = ws.scratch(rows * 2 * d_groups);
+                split_parts(q, part_groups, [false, false, true], &mut parts);
+                let parts = MatRef::new(&parts, 0, rows, 2 * d_groups, 2 * d_groups);
+                pack_panels(amx, parts, d_groups, u32::of_mut(&mut q_packed));
+            }
         }
+        let q_words = u32::of(&q_packed);
         // P: [query panel][KEY_TILE keys][NR queries] logits; the weights as pair words
         // [query panel][KEY_TILE / 2][NR]; Oᵀ: [dv padded to 32][width queries]. Each is
         // written before it is read.
@@ -143,49 +191,28 @@ impl Job for AttendTile<'_> {
             let first = start == 0;
             for qp in 0..qpanels {
                 let panel = &mut p[qp * KEY_TILE * NR..][..KEY_TILE * NR];
-                match bf16_logits {
+                if d_groups == 0 {
                     // No depth: every logit is 0.
-                    true if d_groups == 0 => panel[..blocks * 32 * NR].fill(0.0),
-                    true => {
-                        let k_words = u32::of(k_packed);
-                        let q_panel = &u32::of(&q_packed)[qp * d_groups * NR..][..d_groups * NR];
-                        for kb in 0..blocks {
-                            let a = &k_words[(start + kb * 32) * d_groups..][..32 * d_groups];
-                            let c = &mut panel[kb * 32 * NR..][..32 * NR];
-                            // SAFETY: A holds 32 rows of d_groups words (K is padded to 32
-                            // keys), B d_groups rows of NR words, C 32 rows of NR floats.
-                            unsafe {
-                                tiles.block(
-                                    d_groups / GROUP_STEP,
-                                    a.as_ptr(),
-                                    4 * d_groups,
-                                    q_panel.as_ptr(),
-                                    4 * NR,
-                                    c.as_mut_ptr(),
-                                    4 * NR,
-                                    false,
-                                )
-                            };
-                        }
-                    }
-                    false => {
-                        let q_panel = &q_packed[qp * d * NR..][..d * NR];
-                        for kp in 0..keys.div_ceil(MR) {
-                            let a = &k_packed[(start / MR + kp) * d * MR..][..d * MR];
-                            // SAFETY: `a` holds d runs of MR, the query panel d runs of NR, and
-                            // the P tile is MR rows of NR inside `panel`.
-                            unsafe {
-                                tile::<S, F32, MR, NV>(
-                                    s,
-                                    d,
-                                    a.as_ptr(),
-                                    q_panel.as_ptr(),
-                                    panel[kp * MR * NR..][..MR * NR].as_mut_ptr(),
-                                    NR,
-                                    false,
-                                )
-                            };
-                        }
+                    panel[..blocks * 32 * NR].fill(0.0);
+                } else {
+                    let q_panel = &q_words[qp * d_groups * NR..][..d_groups * NR];
+                    for kb in 0..blocks {
+                        let a = &k_words[(start + kb * 32) * d_groups..][..32 * d_groups];
+                        let c = &mut panel[kb * 32 * NR..][..32 * NR];
+                        // SAFETY: A holds 32 rows of d_groups words (K is padded to 32 keys), B
+                        // d_groups rows of NR words, C 32 rows of NR floats.
+                        unsafe {
+                            tiles.block(
+                                d_groups / GROUP_STEP,
+                                a.as_ptr(),
+                                4 * d_groups,
+                                q_panel.as_ptr(),
+                                4 * NR,
+                                c.as_mut_ptr(),
+                                4 * NR,
+                                false,
+                            )
+                        };
                     }
                 }
                 let lanes = qp * NR..(qp + 1) * NR;

@@ -250,6 +250,10 @@ enum BPacking {
     /// bf16 pair panels for the AMX tiles.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Amx(super::amx::AmxB),
+    /// B split into bf16 high and low parts for near-f32 products on the AMX tiles
+    /// ([`AmxB::split`](super::amx::AmxB::split)).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    AmxSplit(super::amx::AmxB),
 }
 
 impl BPacking {
@@ -297,11 +301,26 @@ impl PrepackedB {
         PrepackedB { packed, rows: b.rows(), cols: b.cols() }
     }
 
-    /// The precision of the products the packing is for.
+    /// B packed for the products a bf16 block keeps near f32 (the logits' projections of
+    /// [`Precision::Bf16`]), when the path has a faster way than f32 products: on
+    /// [`Isa::Amx`], split into bf16 high and low parts for three tile products
+    /// ([`AmxB::split`](super::amx::AmxB::split): about 2^-16 of Σ|a||b| off the exact
+    /// product, against f32's 2^-24). `None` elsewhere (such products run in f32).
+    pub(crate) fn near_f32(b: MatRef<'_>) -> Option<PrepackedB> {
+        #[cfg(target_arch = "x86_64")]
+        if isa() == Isa::Amx && b.rows() > 0 && b.cols() > 0 {
+            let packed = BPacking::AmxSplit(super::amx::AmxB::split(b));
+            return Some(PrepackedB { packed, rows: b.rows(), cols: b.cols() });
+        }
+        let _ = b;
+        None
+    }
+
+    /// The precision of the products the packing is for (the near-f32 split: f32).
     fn precision(&self) -> Precision {
         match self.packed {
             BPacking::Bf16(_) | BPacking::Rounded(_) | BPacking::Amx(_) => Precision::Bf16,
-            BPacking::None | BPacking::F32(_) => Precision::F32,
+            BPacking::None | BPacking::F32(_) | BPacking::AmxSplit(_) => Precision::F32,
         }
     }
 }
@@ -309,7 +328,8 @@ impl PrepackedB {
 /// `C ← A·B + β·C` (β 0 or 1) in `precision` with B given both as a view and packed ahead
 /// ([`PrepackedB::new`] of the same `b`), rows of C in parallel, scratch from `ws`. A packing
 /// made for the other precision is not used: the product then packs B on the call, with the
-/// same bits as a packing of the right precision.
+/// same bits as a packing of the right precision. An f32 product on a
+/// [`PrepackedB::near_f32`] packing is that packing's near-f32 product.
 ///
 /// # Panics
 /// If the dimensions disagree, or `packed` was made from a matrix of another shape.
@@ -326,6 +346,11 @@ pub(crate) fn par_gemm_prepacked(
         assert!(beta == 0.0 || beta == 1.0, "par_gemm_prepacked: bf16 takes β 0 or 1");
         let ahead = (packed.precision() == Precision::Bf16).then_some(&packed.packed);
         return par_gemm_bf16(a, (b, ahead), beta == 1.0, c, ws);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (BPacking::AmxSplit(packed), true) = (&packed.packed, beta == 0.0 || beta == 1.0) {
+        let amx = super::amx::Amx::detect().expect("B is split for AMX only where AMX runs");
+        return super::amx::gemm(amx, a, packed, beta == 1.0, c, ws);
     }
     #[cfg(target_arch = "x86_64")]
     if let (BPacking::F32(packed), Some(simd)) = (&packed.packed, avx512_gemm(beta)) {

@@ -21,6 +21,9 @@ pub(crate) struct Weights {
     split: usize,
     /// `W[0..split]ᵀ` packed ahead for f32 products.
     head: PrepackedB,
+    /// `W[0..split]ᵀ` packed for the near-f32 products of a bf16 block's forward pass, where
+    /// the path has them ([`PrepackedB::near_f32`]: AMX).
+    head_near: Option<PrepackedB>,
     /// `W[split..out]ᵀ` packed ahead for bf16 products (nothing when `split = out`).
     tail: PrepackedB,
 }
@@ -46,8 +49,9 @@ impl Weights {
         let split = if precision == Precision::F32 { out } else { split };
         let rows = |from: usize, to: usize| MatRef::new(&data, from * inp, to - from, inp, inp).t();
         let head = PrepackedB::new(rows(0, split), Precision::F32);
+        let head_near = if precision == Precision::F32 { None } else { PrepackedB::near_f32(rows(0, split)) };
         let tail = PrepackedB::new(rows(split, out), if split < out { Precision::Bf16 } else { Precision::F32 });
-        Weights { data, out, inp, split, head, tail }
+        Weights { data, out, inp, split, head, head_near, tail }
     }
 
     /// W's values (`out × in`, row-major).
@@ -62,11 +66,16 @@ impl Weights {
 
     /// `C ← X·Wᵀ + β·C` (β 0 or 1), rows of C in parallel, scratch from `ws`: in f32 for
     /// [`Precision::F32`] (the bits of an f32 block's weights); for [`Precision::Bf16`], the
-    /// columns of the bf16 rows in bf16 and the others in f32, each on its packing.
+    /// columns of the bf16 rows in bf16 and the others in f32 (near f32 on AMX: see
+    /// [`PrepackedB::near_f32`]), each on its packing.
     pub(crate) fn apply(&self, precision: Precision, x: MatRef<'_>, beta: f32, c: &mut MatMut<'_>, ws: &Workspace) {
         let (split, out) = (self.split, self.out);
+        let head = match (&self.head_near, precision) {
+            (Some(near), p) if p != Precision::F32 => near,
+            _ => &self.head,
+        };
         if split == out {
-            return par_gemm_prepacked(Precision::F32, x, (self.view().t(), &self.head), beta, c, ws);
+            return par_gemm_prepacked(Precision::F32, x, (self.view().t(), head), beta, c, ws);
         }
         if precision == Precision::F32 {
             // One f32 product of all the rows, packed on the call: the same bits as on packed
@@ -80,8 +89,8 @@ impl Weights {
         let rows_of =
             |from: usize, to: usize| MatRef::new(&self.data, from * self.inp, to - from, self.inp, self.inp).t();
         if split > 0 {
-            let mut head = MatMut::new(c.data_mut(), rows, split, ld);
-            par_gemm_prepacked(Precision::F32, x, (rows_of(0, split), &self.head), beta, &mut head, ws);
+            let mut head_c = MatMut::new(c.data_mut(), rows, split, ld);
+            par_gemm_prepacked(Precision::F32, x, (rows_of(0, split), head), beta, &mut head_c, ws);
         }
         let mut tail = MatMut::new(&mut c.data_mut()[split..], rows, out - split, ld);
         par_gemm_prepacked(Precision::Bf16, x, (rows_of(split, out), &self.tail), beta, &mut tail, ws);
