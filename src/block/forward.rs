@@ -190,7 +190,8 @@ impl NonLocalBlock {
         if self.compiled.folds_values_in_attention(n, m) {
             // W_out·Σ_j a_ij ĝ_j = Σ_j a_ij (W_out ĝ_j): aggregate C columns instead of C'.
             let mut vw = self.workspace.take(m * c, "projected values")?;
-            self.compiled.w_out.apply(Precision::F32, p.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c), ws);
+            let fold_precision = self.compiled.value_fold_precision();
+            self.compiled.w_out.apply(fold_precision, p.values(), 0.0, &mut MatMut::new(&mut vw, m, c, c), ws);
             match order {
                 Order::PositionMajor => {
                     attend(MatRef::new(&vw, 0, m, c, c), out);

@@ -130,14 +130,16 @@ impl Tiles {
         Tiles { _thread: std::marker::PhantomData }
     }
 
-    /// `C[32 × 32] (+)= A·B` over `steps` steps of 32 depth: A's two 16-row tiles at `a` and
-    /// `a + 16·lda` (`lda` bytes a row), 64 bytes further each step; B's two 16-column tiles
-    /// at `b` and `b + 64` (`ldb` bytes a pair row), 16 pair rows further each step; C 32 rows
-    /// `ldc` bytes apart, read first when `accumulate`.
+    /// `C[32 × 32] (+)= A·B` over `steps` steps of 32 depth: A blocked ([`pack_rows`]: per
+    /// step 2 KiB, its two 16-row tiles one after the other, rows 64 bytes apart), the step 4
+    /// ahead prefetched into L1 as the tiles multiply; B's two 16-column tiles at `b` and
+    /// `b + 64` (`ldb` bytes a pair row), 16 pair rows further each step; C 32 rows `ldc` bytes
+    /// apart, read first when `accumulate`.
     ///
     /// # Safety
-    /// The 32 rows of `steps · 64` bytes of A, the `16 · steps` rows of 128 bytes of B and
-    /// the 32 rows of 128 bytes of C must be readable (C writable).
+    /// The `steps · 2` KiB of A from `a`, the `16 · steps` rows of 128 bytes of B and the 32
+    /// rows of 128 bytes of C must be readable (C writable). (The prefetches may run past A:
+    /// they never fault.)
     ///
     /// # Panics
     /// If `steps` is 0 (the loop would not end).
@@ -147,7 +149,6 @@ impl Tiles {
         &self,
         steps: usize,
         a: *const u32,
-        lda: usize,
         b: *const u32,
         ldb: usize,
         c: *mut f32,
@@ -177,11 +178,42 @@ impl Tiles {
                 "tdpbf16ps tmm0, tmm4, tmm6",
                 "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
                 "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a2} + {lda}*1]",
+                "tileloadd tmm5, [{a} + {lda}*1 + 1024]",
                 "tdpbf16ps tmm2, tmm5, tmm6",
+                "prefetcht0 [{a} + 8192]",
+                "prefetcht0 [{a} + 8256]",
+                "prefetcht0 [{a} + 8320]",
+                "prefetcht0 [{a} + 8384]",
+                "prefetcht0 [{a} + 8448]",
+                "prefetcht0 [{a} + 8512]",
+                "prefetcht0 [{a} + 8576]",
+                "prefetcht0 [{a} + 8640]",
+                "prefetcht0 [{a} + 8704]",
+                "prefetcht0 [{a} + 8768]",
+                "prefetcht0 [{a} + 8832]",
+                "prefetcht0 [{a} + 8896]",
+                "prefetcht0 [{a} + 8960]",
+                "prefetcht0 [{a} + 9024]",
+                "prefetcht0 [{a} + 9088]",
+                "prefetcht0 [{a} + 9152]",
+                "prefetcht0 [{a} + 9216]",
+                "prefetcht0 [{a} + 9280]",
+                "prefetcht0 [{a} + 9344]",
+                "prefetcht0 [{a} + 9408]",
+                "prefetcht0 [{a} + 9472]",
+                "prefetcht0 [{a} + 9536]",
+                "prefetcht0 [{a} + 9600]",
+                "prefetcht0 [{a} + 9664]",
+                "prefetcht0 [{a} + 9728]",
+                "prefetcht0 [{a} + 9792]",
+                "prefetcht0 [{a} + 9856]",
+                "prefetcht0 [{a} + 9920]",
+                "prefetcht0 [{a} + 9984]",
+                "prefetcht0 [{a} + 10048]",
+                "prefetcht0 [{a} + 10112]",
+                "prefetcht0 [{a} + 10176]",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                "add {a}, 64",
-                "add {a2}, 64",
+                "add {a}, 2048",
                 "add {b}, {bstep}",
                 "dec {steps}",
                 "jnz 4b",
@@ -191,8 +223,7 @@ impl Tiles {
                 "tilestored [{c2} + {ldc}*1 + 64], tmm3",
                 acc = in(reg) accumulate as u32,
                 a = inout(reg) a => _,
-                a2 = inout(reg) a.byte_add(16 * lda) => _,
-                lda = in(reg) lda,
+                lda = in(reg) 64usize,
                 b = inout(reg) b => _,
                 ldb = in(reg) ldb,
                 bstep = in(reg) 16 * ldb,
@@ -204,7 +235,7 @@ impl Tiles {
             );
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (steps, a, lda, b, ldb, c, ldc, accumulate);
+        let _ = (steps, a, b, ldb, c, ldc, accumulate);
     }
 }
 
@@ -223,15 +254,34 @@ pub(crate) fn padded_groups(k: usize) -> usize {
     k.div_ceil(2).next_multiple_of(GROUP_STEP)
 }
 
-/// Writes the rows of `src` as bf16 pair words into `out`, row r at `r · groups` (each row's
-/// words past its depth zero), and zeroes the rows from `src.rows()` to `rows_pad`. Rows with
-/// contiguous elements convert 32 at a time (`VCVTNE2PS2BF16`, the bits of
+/// Where word g of row r of an A operand lies in the blocked layout the tiles read
+/// ([`Tiles::block`]): blocks of 32 rows, `groups` words deep (a multiple of 16), each a run
+/// of steps of 32 rows × 16 words.
+#[inline(always)]
+fn blocked(r: usize, g: usize, groups: usize) -> usize {
+    (r / 32) * 32 * groups + (g / GROUP_STEP) * 32 * GROUP_STEP + (r % 32) * GROUP_STEP + g % GROUP_STEP
+}
+
+/// Writes row r's words (`groups` of them, a multiple of 16) into the blocked layout.
+#[inline(always)]
+fn scatter_row(r: usize, words: &[u32], out: &mut [u32]) {
+    let groups = words.len();
+    for (step, run) in words.chunks_exact(GROUP_STEP).enumerate() {
+        out[blocked(r, step * GROUP_STEP, groups)..][..GROUP_STEP].copy_from_slice(run);
+    }
+}
+
+/// Writes the rows of `src` as bf16 pair words into `out` in the blocked layout of A operands
+/// (see [`blocked`]; `groups` a multiple of 16, each row's words past its depth zero), and
+/// zeroes the rows from `src.rows()` to `rows_pad` (a multiple of 32). Rows with contiguous
+/// elements convert 32 at a time (`VCVTNE2PS2BF16`, the bits of
 /// [`f32_to_bf16`](super::bf16::f32_to_bf16)); a matrix with contiguous columns (a transposed
 /// view) is read a pair of columns at a time.
 pub(crate) fn pack_rows(amx: Amx, src: MatRef<'_>, groups: usize, rows_pad: usize, out: &mut [u32]) {
     let (rows, depth) = (src.rows(), src.cols());
     let used = depth.div_ceil(2);
-    assert!(used <= groups && rows <= rows_pad && out.len() >= rows_pad * groups);
+    assert!(used <= groups && groups.is_multiple_of(GROUP_STEP) && rows <= rows_pad && rows_pad.is_multiple_of(32));
+    assert!(out.len() >= rows_pad * groups);
     if groups == 0 {
         return;
     }
@@ -239,20 +289,22 @@ pub(crate) fn pack_rows(amx: Amx, src: MatRef<'_>, groups: usize, rows_pad: usiz
         return pack_columns(src, groups, rows_pad, out);
     }
     let mut copy = vec![0.0f32; if rows > 0 && src.row(0).is_none() { depth } else { 0 }];
-    for (r, dst) in out.chunks_exact_mut(groups).take(rows_pad).enumerate() {
-        if r >= rows {
-            dst.fill(0);
-            continue;
-        }
-        let row = match src.row(r) {
-            Some(row) => row,
-            None => {
-                src.copy_row(r, &mut copy);
-                &copy[..]
+    let mut words = vec![0u32; groups];
+    for r in 0..rows_pad {
+        match r < rows {
+            true => {
+                let row = match src.row(r) {
+                    Some(row) => row,
+                    None => {
+                        src.copy_row(r, &mut copy);
+                        &copy[..]
+                    }
+                };
+                row_to_pairs(amx, row, &mut words[..used]);
             }
-        };
-        row_to_pairs(amx, row, &mut dst[..used]);
-        dst[used..].fill(0);
+            false => words.fill(0),
+        }
+        scatter_row(r, &words, out);
     }
 }
 
@@ -284,8 +336,8 @@ pub(crate) fn pack_panels(amx: Amx, src: MatRef<'_>, groups: usize, out: &mut [u
 }
 
 /// [`pack_rows`] of a matrix whose columns are contiguous: row r's word g pairs elements
-/// (r, 2g) and (r, 2g + 1), read from two columns; the writes walk `groups`-word rows, whose
-/// lines stay in L1 across consecutive groups.
+/// (r, 2g) and (r, 2g + 1), read from two columns; the writes walk the blocks' lines, which
+/// stay in L1 across consecutive groups.
 fn pack_columns(src: MatRef<'_>, groups: usize, rows_pad: usize, out: &mut [u32]) {
     let (rows, depth) = (src.rows(), src.cols());
     out[..rows_pad * groups].fill(0);
@@ -294,7 +346,7 @@ fn pack_columns(src: MatRef<'_>, groups: usize, rows_pad: usize, out: &mut [u32]
         let odd = (2 * g + 1 < depth).then(|| src.col(2 * g + 1).expect("contiguous columns"));
         for r in 0..rows {
             let high = odd.map_or(0, |odd| f32_to_bf16(odd[r]));
-            out[r * groups + g] = pair(f32_to_bf16(even[r]), high);
+            out[blocked(r, g, groups)] = pair(f32_to_bf16(even[r]), high);
         }
     }
 }
@@ -405,26 +457,27 @@ impl AmxB {
 }
 
 /// [`pack_rows`] of the split operand `[a_hi, a_hi, a_lo]` (see [`AmxB::split`]): row r's
-/// three parts of `part` words each at `r · 3 · part`.
+/// three parts of `part` words each (a multiple of 16), blocked.
 fn pack_split_rows(amx: Amx, src: MatRef<'_>, part: usize, rows_pad: usize, out: &mut [u32]) {
     let (rows, depth) = (src.rows(), src.cols());
     let used = depth.div_ceil(2);
-    assert!(used <= part && rows <= rows_pad && out.len() >= rows_pad * 3 * part);
+    assert!(used <= part && part.is_multiple_of(GROUP_STEP) && rows <= rows_pad && rows_pad.is_multiple_of(32));
+    assert!(out.len() >= rows_pad * 3 * part);
     let (mut row, mut low) = (vec![0.0f32; depth], vec![0.0f32; depth]);
-    for (r, dst) in out.chunks_exact_mut(3 * part).take(rows_pad).enumerate() {
+    let mut words = vec![0u32; 3 * part];
+    for r in 0..rows_pad {
         if r >= rows {
-            dst.fill(0);
-            continue;
+            words.fill(0);
+        } else {
+            src.copy_row(r, &mut row);
+            low.iter_mut().zip(&row).for_each(|(l, &x)| *l = x - round_to_bf16(x));
+            let (high, rest) = words.split_at_mut(part);
+            row_to_pairs(amx, &row, &mut high[..used]);
+            let (again, lows) = rest.split_at_mut(part);
+            again.copy_from_slice(high);
+            row_to_pairs(amx, &low, &mut lows[..used]);
         }
-        src.copy_row(r, &mut row);
-        low.iter_mut().zip(&row).for_each(|(l, &x)| *l = x - round_to_bf16(x));
-        let (high, rest) = dst.split_at_mut(part);
-        row_to_pairs(amx, &row, &mut high[..used]);
-        high[used..].fill(0);
-        let (again, lows) = rest.split_at_mut(part);
-        again.copy_from_slice(high);
-        row_to_pairs(amx, &low, &mut lows[..used]);
-        lows[used..].fill(0);
+        scatter_row(r, &words, out);
     }
 }
 
@@ -510,7 +563,6 @@ impl Job for GemmBlock<'_> {
                         tiles.block(
                             steps,
                             a_tile.as_ptr(),
-                            4 * groups,
                             b_panel.as_ptr(),
                             4 * PANEL,
                             c_tile.as_mut_ptr(),
@@ -524,7 +576,6 @@ impl Job for GemmBlock<'_> {
                         tiles.block(
                             steps,
                             a_tile.as_ptr(),
-                            4 * groups,
                             b_panel.as_ptr(),
                             4 * PANEL,
                             edge.as_mut_ptr(),
@@ -572,6 +623,18 @@ mod tests {
     }
 
     #[test]
+    fn blocked_places_each_step_of_32_rows_contiguously() {
+        // 64 rows, 32 words: block 1, step 1, row 5 of the block, word 3 of the step.
+        assert_eq!(blocked(37, 19, 32), 32 * 32 + 512 + 5 * 16 + 3);
+        let mut seen = vec![false; 64 * 32];
+        for r in 0..64 {
+            for g in 0..32 {
+                assert!(!std::mem::replace(&mut seen[blocked(r, g, 32)], true), "({r},{g}) twice");
+            }
+        }
+    }
+
+    #[test]
     fn pack_rows_pairs_each_row_and_zeroes_the_padding() {
         let Some(amx) = Amx::detect() else {
             return;
@@ -584,7 +647,7 @@ mod tests {
             data[0] = f32::NAN;
             data[1] = 1e-40;
             let groups = padded_groups(depth);
-            let rows_pad = rows + 2;
+            let rows_pad = (rows + 2).next_multiple_of(32);
             // Row-major, transposed (contiguous columns) and strided both ways.
             let cols: Vec<f32> = (0..rows * depth).map(|i| data[(i % rows) * depth + i / rows]).collect();
             let wide: Vec<f32> = (0..rows * 2 * depth).map(|i| if i % 2 == 0 { data[i / 2] } else { -1.0 }).collect();
@@ -601,7 +664,7 @@ mod tests {
                     for g in 0..groups {
                         let at = |j: usize| if r < rows && j < depth { f32_to_bf16(data[r * depth + j]) } else { 0 };
                         assert_eq!(
-                            out[r * groups + g],
+                            out[blocked(r, g, groups)],
                             pair(at(2 * g), at(2 * g + 1)),
                             "view {v} ({rows},{depth}) row {r} group {g}"
                         );

@@ -107,12 +107,29 @@ pub(crate) fn finish_rows(
     scale: f32,
     lse: Option<&mut [f32]>,
 ) {
-    for (r, row) in out.chunks_mut(dv.max(1)).enumerate().take(run_sum.len()) {
-        let inv = 1.0 / run_sum[r];
-        match acc {
-            Accumulated::InPlace => row.iter_mut().for_each(|o| *o *= inv),
-            Accumulated::Transposed { o_t, width } => {
-                row.iter_mut().enumerate().for_each(|(ch, o)| *o = o_t[ch * width + r] * inv)
+    match acc {
+        Accumulated::InPlace => {
+            for (row, &sum) in out.chunks_mut(dv.max(1)).zip(run_sum) {
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|o| *o *= inv);
+            }
+        }
+        Accumulated::Transposed { o_t, width } => {
+            // In 16 × 16 blocks: the 16 lines of Oᵀ a block reads serve all its rows from L1
+            // (row by row, a wide tile's channels would each miss).
+            const BLOCK: usize = 16;
+            let rows = run_sum.len().min(out.len() / dv.max(1));
+            let inv: Vec<f32> = run_sum[..rows].iter().map(|&sum| 1.0 / sum).collect();
+            for r0 in (0..rows).step_by(BLOCK) {
+                for c0 in (0..dv).step_by(BLOCK) {
+                    let channels = c0..(c0 + BLOCK).min(dv);
+                    for (r, &inv) in inv.iter().enumerate().skip(r0).take(BLOCK) {
+                        let row = &mut out[r * dv..][channels.clone()];
+                        for (o, ch) in row.iter_mut().zip(channels.clone()) {
+                            *o = o_t[ch * width + r] * inv;
+                        }
+                    }
+                }
             }
         }
     }

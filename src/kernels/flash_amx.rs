@@ -199,19 +199,11 @@ impl Job for AttendTile<'_> {
                     for kb in 0..blocks {
                         let a = &k_words[(start + kb * 32) * d_groups..][..32 * d_groups];
                         let c = &mut panel[kb * 32 * NR..][..32 * NR];
-                        // SAFETY: A holds 32 rows of d_groups words (K is padded to 32 keys), B
-                        // d_groups rows of NR words, C 32 rows of NR floats.
+                        // SAFETY: A is a whole block of 32 keys, d_groups words deep (K is padded
+                        // to 32 keys), B d_groups rows of NR words, C 32 rows of NR floats.
                         unsafe {
-                            tiles.block(
-                                d_groups / GROUP_STEP,
-                                a.as_ptr(),
-                                4 * d_groups,
-                                q_panel.as_ptr(),
-                                4 * NR,
-                                c.as_mut_ptr(),
-                                4 * NR,
-                                false,
-                            )
+                            let steps = d_groups / GROUP_STEP;
+                            tiles.block(steps, a.as_ptr(), q_panel.as_ptr(), 4 * NR, c.as_mut_ptr(), 4 * NR, false)
                         };
                     }
                 }
@@ -235,26 +227,16 @@ impl Job for AttendTile<'_> {
                 }
             }
             for cb in 0..dv_blocks {
-                let a = &v_words[cb * 32 * v_groups + start / 2..];
+                // The block of 32 channels from the step of this key tile's first key (a
+                // multiple of 32: KEY_TILE is).
+                let a = &v_words[cb * 32 * v_groups + (start / 32) * 32 * GROUP_STEP..][..blocks * 32 * GROUP_STEP];
                 for qp in 0..qpanels {
                     let b = &p_words[qp * (KEY_TILE / 2) * NR..][..blocks * 16 * NR];
                     let c = &mut o_t[cb * 32 * width + qp * NR..][..31 * width + NR];
-                    debug_assert!(a.len() >= 31 * v_groups + blocks * 16);
-                    // SAFETY: A's 32 rows hold `blocks · 16` words from `start / 2` (Vᵀ's rows
-                    // are M padded to 32, halved, long), B `blocks · 16` rows of NR words, C 32
-                    // rows of NR floats `width` apart.
-                    unsafe {
-                        tiles.block(
-                            blocks,
-                            a.as_ptr(),
-                            4 * v_groups,
-                            b.as_ptr(),
-                            4 * NR,
-                            c.as_mut_ptr(),
-                            4 * width,
-                            !first,
-                        )
-                    };
+                    // SAFETY: A holds `blocks` steps of its channel block (Vᵀ's rows are M
+                    // padded to 32, halved, long), B `blocks · 16` rows of NR words, C 32 rows
+                    // of NR floats `width` apart.
+                    unsafe { tiles.block(blocks, a.as_ptr(), b.as_ptr(), 4 * NR, c.as_mut_ptr(), 4 * width, !first) };
                 }
             }
             start = end;

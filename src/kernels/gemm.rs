@@ -109,6 +109,12 @@ pub(crate) fn par_gemm_ws(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c
     sgemm_row_blocks(alpha, a, b, beta, c);
 }
 
+/// Whether this process's bf16 products run on matrix tiles (AMX: several times the f32
+/// rate) rather than in vector registers (at most twice it): the plan weighs its folds by it.
+pub(crate) fn bf16_on_tiles() -> bool {
+    isa() == Isa::Amx
+}
+
 /// The AVX-512 token when that path runs and β is one the packed kernel takes (0 or 1).
 #[cfg(target_arch = "x86_64")]
 fn avx512_gemm(beta: f32) -> Option<super::simd::Avx512> {

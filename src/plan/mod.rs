@@ -5,6 +5,7 @@
 //! ([`Prepared`], from [`prepare()`]).
 
 use crate::config::{Mode, NonLocalConfig, Precision};
+use crate::kernels::gemm::bf16_on_tiles;
 use crate::params::Parameters;
 
 mod prepare;
@@ -114,7 +115,15 @@ impl Compiled {
         let theta_fold = (uses_logits && fold_may_pay).then(|| ThetaFold {
             w_keys: Weights::mixed(w_proj[ci * c..].to_vec(), 2 * ci, c, precision, logit_rows(ci)),
             b_keys: b_proj[ci..].to_vec(),
-            w_theta_t: Weights::new((0..c * ci).map(|i| w_proj[(i % ci) * c + i / ci]).collect(), c, ci),
+            // W_θᵀ: f32 (near f32 on AMX tiles for `Bf16`), bf16 for `Bf16Logits` where bf16
+            // products run on tiles (K' = φ·W_θ is rounded for the bf16 logits anyway).
+            w_theta_t: Weights::mixed(
+                (0..c * ci).map(|i| w_proj[(i % ci) * c + i / ci]).collect(),
+                c,
+                ci,
+                precision,
+                if precision.bf16_logits() && bf16_on_tiles() { 0 } else { c },
+            ),
             b_theta: b_proj[..ci].to_vec(),
         });
         // The leading projection rows that stay f32 in a bf16 block.
@@ -184,13 +193,30 @@ impl Compiled {
     }
 
     /// [`Compiled::folds_values`] for the softmax modes, whose aggregation runs on bf16
-    /// operands (`VDPBF16PS`: twice the f32 rate) in a bf16 block while `W_z` stays f32: the
-    /// wider aggregation of the folded values costs half as much there (detect-res4 folds in
-    /// bf16, not in f32).
+    /// operands in a bf16 block: with `VDPBF16PS` at twice the rate of `W_z`'s f32 products
+    /// (detect-res4 folds in bf16, not in f32); on AMX tiles at `W_z`'s own rate for
+    /// `Bf16Logits` (`W_z` on the tiles too) and three times it for `Bf16` (`W_z` near f32:
+    /// three tile products).
     pub(crate) fn folds_values_in_attention(&self, n: usize, m: usize) -> bool {
-        let rate = if self.precision == Precision::F32 { 1.0 } else { 2.0 };
+        let rate = match (self.precision, bf16_on_tiles()) {
+            (Precision::F32, _) => 1.0,
+            (_, false) => 2.0,
+            (Precision::Bf16Logits, true) => 1.0,
+            (_, true) => 3.0,
+        };
         let (fold, after) = self.aggregation_costs(n, m, rate);
         fold < after
+    }
+
+    /// The precision `W_z` is applied to the values in when they are folded
+    /// ([`Compiled::folds_values_in_attention`]): the block's where bf16 products run on tiles
+    /// (`Bf16Logits`: bf16, `Bf16`: near f32), f32 elsewhere.
+    pub(crate) fn value_fold_precision(&self) -> Precision {
+        if bf16_on_tiles() {
+            self.precision
+        } else {
+            Precision::F32
+        }
     }
 
     /// Dot product: whether the direct form `(θφᵀ/M)·g`, with the cheaper of each fold, costs
@@ -255,13 +281,19 @@ mod tests {
                     let config = NonLocalConfig::new(c).mode(mode).precision(precision);
                     let bf16 = Compiled::new(&config, &Parameters::init(&config, 1));
                     // video-res4 folds in every precision; detect-res4 only where the
-                    // aggregation runs at the bf16 rate (2.81 against 3.33 G f32-equivalent
-                    // multiply-adds); video-res3 (0.733 against 0.726) and video-res2 never.
-                    assert_eq!(
-                        bf16.folds_values_in_attention(n, m),
-                        i == 0 || i == 2,
-                        "{mode:?} {precision:?} at {c}, {n}, {m}"
-                    );
+                    // aggregation runs faster than W_z (VDPBF16PS: 2.81 against 3.33 G
+                    // f32-equivalent multiply-adds; `Bf16Logits` on AMX tiles runs both at one
+                    // rate: 5.07 against 4.46); video-res3 (0.733 against 0.726) only for `Bf16`
+                    // on tiles (W_z at a third of the aggregation's rate: 0.52 against 0.62);
+                    // video-res2 never.
+                    let tiles = bf16_on_tiles();
+                    let want = match i {
+                        0 => true,
+                        1 => tiles && precision == Precision::Bf16,
+                        2 => !(tiles && precision == Precision::Bf16Logits),
+                        _ => false,
+                    };
+                    assert_eq!(bf16.folds_values_in_attention(n, m), want, "{mode:?} {precision:?} at {c}, {n}, {m}");
                     // Dot product's direct aggregation is f32 in every precision.
                     assert_eq!(bf16.folds_values(n, m), i == 0);
                 }
