@@ -313,24 +313,118 @@ pub(crate) fn pack_rows(amx: Amx, src: MatRef<'_>, groups: usize, rows_pad: usiz
 /// rows converted 32 floats at a time when contiguous.
 pub(crate) fn pack_panels(amx: Amx, src: MatRef<'_>, groups: usize, out: &mut [u32]) {
     let (rows, depth) = (src.rows(), src.cols());
-    if rows == 0 || depth == 0 || src.row(0).is_none() {
+    if rows == 0 || depth == 0 || src.row(0).is_none() || !groups.is_multiple_of(16) {
         return pack_pair_panels(src, PANEL, groups, out);
     }
     let used = depth.div_ceil(2);
     assert!(used <= groups && out.len() >= rows.div_ceil(PANEL) * groups * PANEL);
-    let mut words = vec![0u32; used];
+    // Each half panel (16 rows) converted into row-major words, then transposed 16 × 16 at a
+    // time into the panel's pair rows.
+    let mut words = vec![0u32; 16 * groups];
     for (q, panel) in out.chunks_exact_mut(groups * PANEL).take(rows.div_ceil(PANEL)).enumerate() {
-        panel[used * PANEL..].fill(0);
-        for r in 0..PANEL {
-            let row = q * PANEL + r;
-            if row >= rows {
-                (0..used).for_each(|g| panel[g * PANEL + r] = 0);
-                continue;
+        for half in 0..2 {
+            for r in 0..16 {
+                let row = q * PANEL + half * 16 + r;
+                let dst = &mut words[r * groups..][..groups];
+                match row < rows {
+                    true => {
+                        row_to_pairs(amx, src.row(row).expect("contiguous rows"), &mut dst[..used]);
+                        dst[used..].fill(0);
+                    }
+                    false => dst.fill(0),
+                }
             }
-            row_to_pairs(amx, src.row(row).expect("contiguous rows"), &mut words);
-            for (g, &w) in words.iter().enumerate() {
-                panel[g * PANEL + r] = w;
+            for g0 in (0..groups).step_by(16) {
+                // SAFETY: a 16 × 16 block of `words` (rows `groups` apart) into 16 rows of 16
+                // words of the panel (rows 32 apart), both inside their slices.
+                unsafe {
+                    transpose16(
+                        amx,
+                        words[g0..].as_ptr() as *const f32,
+                        groups,
+                        panel[g0 * PANEL + half * 16..].as_mut_ptr() as *mut f32,
+                        PANEL,
+                        None,
+                    )
+                };
             }
+        }
+    }
+}
+
+/// `dst[j][i] = src[i][j] · scale[j]` (no scaling without `scale`) for a 16 × 16 block, rows
+/// `src_ld` and `dst_ld` floats apart (any 32-bit data when unscaled).
+///
+/// # Safety
+/// The 16 rows of 16 floats at `src` readable, at `dst` writable.
+#[inline]
+pub(crate) unsafe fn transpose16(
+    amx: Amx,
+    src: *const f32,
+    src_ld: usize,
+    dst: *mut f32,
+    dst_ld: usize,
+    scale: Option<&[f32; 16]>,
+) {
+    let _ = amx;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the token proves AVX-512F; the caller guarantees the blocks.
+    unsafe {
+        transpose16_avx512(src, src_ld, dst, dst_ld, scale)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for i in 0..16 {
+        for j in 0..16 {
+            // SAFETY: as above.
+            unsafe {
+                let v = *src.add(i * src_ld + j);
+                *dst.add(j * dst_ld + i) = scale.map_or(v, |s| v * s[j]);
+            }
+        }
+    }
+}
+
+/// # Safety
+/// AVX-512F; as [`transpose16`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16_avx512(src: *const f32, src_ld: usize, dst: *mut f32, dst_ld: usize, scale: Option<&[f32; 16]>) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's guarantees.
+    unsafe {
+        let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * src_ld)));
+        // Pairs of rows interleaved, then pairs of pairs, then 128-bit lanes twice.
+        let t: [__m512; 16] = std::array::from_fn(|i| match i % 2 {
+            0 => _mm512_unpacklo_ps(r[i], r[i + 1]),
+            _ => _mm512_unpackhi_ps(r[i - 1], r[i]),
+        });
+        let pd = |x: __m512| _mm512_castps_pd(x);
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let (base, k) = (i / 4 * 4, i % 4);
+            let (a, b) = (t[base + k / 2], t[base + 2 + k / 2]);
+            match k % 2 {
+                0 => _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a), pd(b))),
+                _ => _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a), pd(b))),
+            }
+        });
+        let v: [__m512; 16] = std::array::from_fn(|i| {
+            let (base, k) = (i / 8 * 8, i % 8);
+            let (a, b) = (u[base + k % 4], u[base + 4 + k % 4]);
+            match k / 4 {
+                0 => _mm512_shuffle_f32x4::<0x88>(a, b),
+                _ => _mm512_shuffle_f32x4::<0xdd>(a, b),
+            }
+        });
+        for j in 0..16 {
+            let (a, b) = (v[j % 8], v[8 + j % 8]);
+            let mut x = match j / 8 {
+                0 => _mm512_shuffle_f32x4::<0x88>(a, b),
+                _ => _mm512_shuffle_f32x4::<0xdd>(a, b),
+            };
+            if let Some(scale) = scale {
+                x = _mm512_mul_ps(x, _mm512_set1_ps(scale[j]));
+            }
+            _mm512_storeu_ps(dst.add(j * dst_ld), x);
         }
     }
 }
@@ -675,11 +769,31 @@ mod tests {
     }
 
     #[test]
+    fn transpose16_transposes_and_scales() {
+        let Some(amx) = Amx::detect() else {
+            return;
+        };
+        let src: Vec<f32> = (0..16 * 19).map(|i| i as f32).collect();
+        let scale: [f32; 16] = std::array::from_fn(|j| 1.0 + j as f32);
+        for with in [None, Some(&scale)] {
+            let mut dst = vec![-1.0f32; 16 * 21];
+            // SAFETY: 16 rows of 19 and of 21 floats.
+            unsafe { transpose16(amx, src.as_ptr(), 19, dst.as_mut_ptr(), 21, with) };
+            for j in 0..16 {
+                for i in 0..21 {
+                    let want = if i < 16 { src[i * 19 + j] * with.map_or(1.0, |s| s[j]) } else { -1.0 };
+                    assert_eq!(dst[j * 21 + i], want, "({j},{i})");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn pack_panels_is_pack_pair_panels_of_width_32() {
         let Some(amx) = Amx::detect() else {
             return;
         };
-        for (rows, depth) in [(1, 1), (31, 33), (32, 64), (70, 5), (65, 96)] {
+        for (rows, depth) in [(1, 1), (31, 33), (32, 64), (70, 5), (65, 96), (40, 700)] {
             let data = values(rows * depth, (rows + depth) as u64);
             let groups = padded_groups(depth);
             let src = MatRef::new(&data, 0, rows, depth, depth);

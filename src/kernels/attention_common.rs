@@ -94,6 +94,8 @@ pub(crate) enum Accumulated<'a> {
     InPlace,
     /// Transposed: value channel `ch` of query `r` at `o_t[ch·width + r]`.
     Transposed { o_t: &'a [f32], width: usize },
+    /// Already normalised into the output rows by the caller (only the log-sum-exp is left).
+    Done,
 }
 
 /// The online softmax's last step for a tile of queries, with running maxima `run_max` (of
@@ -108,6 +110,7 @@ pub(crate) fn finish_rows(
     lse: Option<&mut [f32]>,
 ) {
     match acc {
+        Accumulated::Done => {}
         Accumulated::InPlace => {
             for (row, &sum) in out.chunks_mut(dv.max(1)).zip(run_sum) {
                 let inv = 1.0 / sum;

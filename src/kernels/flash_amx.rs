@@ -18,7 +18,7 @@
 //! Every sum runs in a fixed order (key tiles of [`KEY_TILE`] in order), so the results do not
 //! depend on how queries are split between threads.
 
-use super::amx::{pack_panels, pack_rows, padded_groups, Amx, Tiles, GROUP_STEP, PANEL};
+use super::amx::{pack_panels, pack_rows, padded_groups, transpose16, Amx, Tiles, GROUP_STEP, PANEL};
 use super::attention_common::{finish_rows, for_each_query_tile, Accumulated};
 use super::attention_shapes::check_forward;
 use super::bf16::round_to_bf16;
@@ -242,6 +242,34 @@ impl Job for AttendTile<'_> {
             start = end;
         }
         drop(tiles);
-        finish_rows(Accumulated::Transposed { o_t: &o_t, width }, self.out, dv, (&run_max, &run_sum), scale, self.lse);
+        // Whole 16 × 16 blocks of Oᵀ transposed in registers, scaled by 1 / sum; the edges
+        // (and the log-sum-exp) by `finish_rows`.
+        let out = self.out;
+        let inv: Vec<f32> = run_sum[..rows].iter().map(|&sum| 1.0 / sum).collect();
+        let (whole_rows, whole_channels) = (rows / 16 * 16, dv / 16 * 16);
+        for r0 in (0..whole_rows).step_by(16) {
+            let scale: &[f32; 16] = inv[r0..r0 + 16].try_into().expect("16 rows");
+            for c0 in (0..whole_channels).step_by(16) {
+                // SAFETY: channels c0..c0 + 16 of Oᵀ hold queries r0..r0 + 16 (rows `width`
+                // apart), and output rows r0..r0 + 16 hold channels c0..c0 + 16 (`dv` apart).
+                unsafe {
+                    transpose16(
+                        amx,
+                        o_t[c0 * width + r0..].as_ptr(),
+                        width,
+                        out[r0 * dv + c0..].as_mut_ptr(),
+                        dv,
+                        Some(scale),
+                    )
+                };
+            }
+        }
+        for (r, &inv) in inv.iter().enumerate() {
+            let channels = if r < whole_rows { whole_channels } else { 0 };
+            for (ch, o) in out[r * dv..][..dv].iter_mut().enumerate().skip(channels) {
+                *o = o_t[ch * width + r] * inv;
+            }
+        }
+        finish_rows(Accumulated::Done, &mut [], dv, (&run_max, &run_sum), scale, self.lse);
     }
 }
