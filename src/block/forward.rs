@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::attention_in;
 use crate::kernels::concat::concat_attention;
 use crate::kernels::dot_product::key_value_product_in;
-use crate::kernels::gemm::{par_gemm, par_gemm_ws, row_block};
+use crate::kernels::gemm::{par_gemm, par_gemm_on_tiles, par_gemm_ws, row_block};
 use crate::kernels::views::{MatMut, MatRef};
 use crate::plan::{prepare, Prepared, Purpose};
 
@@ -229,10 +229,21 @@ impl NonLocalBlock {
             self.output_in(order, p.x, p.queries(), Some(MatRef::new(&folded, 0, ci, c, c)), out);
         } else {
             let mut y = self.workspace.take(n * ci, "y")?;
-            par_gemm(1.0, p.queries(), kv, 0.0, &mut MatMut::new(&mut y, n, ci, ci));
+            self.dot_product_gemm(1.0, p.queries(), kv, 0.0, &mut MatMut::new(&mut y, n, ci, ci));
             self.output_in(order, p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
         }
         Ok(())
+    }
+
+    /// A product of dot product's (the logits, `θ·(φᵀg)`, `S·g`): f32, except in a bf16 block
+    /// where bf16 products run on AMX tiles ([`par_gemm_on_tiles`]): there in bf16 for
+    /// [`Precision::Bf16Logits`] and near f32 (bf16×3) for [`Precision::Bf16`].
+    fn dot_product_gemm(&self, alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut MatMut<'_>) {
+        let precision = self.config.precision;
+        let near_f32 = !precision.bf16_logits();
+        if precision == Precision::F32 || !par_gemm_on_tiles(near_f32, alpha, a, b, beta, c, &self.workspace) {
+            par_gemm(alpha, a, b, beta, c);
+        }
     }
 
     /// Dot product's direct form: logits `S = q·kᵀ (+ offsets)` (N × M: no larger than the
@@ -247,13 +258,13 @@ impl NonLocalBlock {
             }),
             None => logits.fill(0.0),
         }
-        par_gemm(1.0, q, k.t(), 1.0, &mut MatMut::new(&mut logits, n, m, m));
+        self.dot_product_gemm(1.0, q, k.t(), 1.0, &mut MatMut::new(&mut logits, n, m, m));
         let s = MatRef::new(&logits, 0, n, m, m);
         let inv_m = 1.0 / m as f32;
         if self.compiled.folds_values(n, m) {
             let mut vw = self.workspace.take(m * c, "projected values")?;
             self.compiled.w_out.apply(
-                Precision::F32,
+                self.compiled.value_fold_precision(),
                 p.values(),
                 0.0,
                 &mut MatMut::new(&mut vw, m, c, c),
@@ -263,16 +274,16 @@ impl NonLocalBlock {
             match order {
                 Order::PositionMajor => {
                     self.residual_rows(p.x, out, false);
-                    par_gemm(inv_m, s, vw, 1.0, &mut MatMut::new(out, n, c, c));
+                    self.dot_product_gemm(inv_m, s, vw, 1.0, &mut MatMut::new(out, n, c, c));
                 }
                 Order::ChannelMajor => {
                     self.residual_channels(p.x, out);
-                    par_gemm(inv_m, vw.t(), s.t(), 1.0, &mut MatMut::new(out, c, n, n));
+                    self.dot_product_gemm(inv_m, vw.t(), s.t(), 1.0, &mut MatMut::new(out, c, n, n));
                 }
             }
         } else {
             let mut y = self.workspace.take(n * ci, "y")?;
-            par_gemm(inv_m, s, p.values(), 0.0, &mut MatMut::new(&mut y, n, ci, ci));
+            self.dot_product_gemm(inv_m, s, p.values(), 0.0, &mut MatMut::new(&mut y, n, ci, ci));
             self.output_in(order, p.x, MatRef::new(&y, 0, n, ci, ci), None, out);
         }
         Ok(())

@@ -109,6 +109,48 @@ pub(crate) fn par_gemm_ws(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c
     sgemm_row_blocks(alpha, a, b, beta, c);
 }
 
+/// `C ← α·A·B + β·C` (β 0 or 1) on the AMX tiles, B packed on the call: bf16 operands, or
+/// with `near_f32` split into bf16 high and low parts ([`AmxB::split`](super::amx::AmxB::split)).
+/// Returns false, doing nothing, where bf16 products do not run on tiles
+/// ([`bf16_on_tiles`]): the caller multiplies another way.
+///
+/// # Panics
+/// If the dimensions disagree or β is not 0 or 1.
+pub(crate) fn par_gemm_on_tiles(
+    near_f32: bool,
+    alpha: f32,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    beta: f32,
+    c: &mut MatMut<'_>,
+    ws: &Workspace,
+) -> bool {
+    assert!(beta == 0.0 || beta == 1.0, "par_gemm_on_tiles: β 0 or 1");
+    #[cfg(target_arch = "x86_64")]
+    if let (true, Some(amx)) = (bf16_on_tiles(), super::amx::Amx::detect()) {
+        // α scales B before it is packed (with β = 1 it cannot scale the product after).
+        let scaled: Vec<f32>;
+        let b = match alpha {
+            1.0 => b,
+            _ => {
+                let (k, n) = (b.rows(), b.cols());
+                let mut rows = vec![0.0f32; k * n];
+                for (r, row) in rows.chunks_mut(n.max(1)).enumerate().take(k) {
+                    b.copy_row(r, row);
+                    row.iter_mut().for_each(|v| *v *= alpha);
+                }
+                scaled = rows;
+                MatRef::new(&scaled, 0, k, n, n)
+            }
+        };
+        let packed = if near_f32 { super::amx::AmxB::split(b) } else { super::amx::AmxB::new(b) };
+        super::amx::gemm(amx, a, &packed, beta == 1.0, c, ws);
+        return true;
+    }
+    let _ = (near_f32, alpha, a, b, c, ws);
+    false
+}
+
 /// Whether this process's bf16 products run on matrix tiles (AMX: several times the f32
 /// rate) rather than in vector registers (at most twice it): the plan weighs its folds by it.
 pub(crate) fn bf16_on_tiles() -> bool {
@@ -412,6 +454,31 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn products_on_tiles_scale_accumulate_and_split() {
+        // α·A·B + C with B strided: bf16 operands within bf16 rounding, the split within
+        // ~2^-16; off AMX the call declines and leaves C alone.
+        let (m, k, n) = (70, 300, 45);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 11) as f32 * 0.1 - 0.5).collect();
+        let bt: Vec<f32> = (0..n * k).map(|i| ((i * 5) % 13) as f32 * 0.07 - 0.4).collect();
+        let (a, b) = (MatRef::new(&a, 0, m, k, k), MatRef::new(&bt, 0, n, k, k).t());
+        let want = naive_product(a, b);
+        let norm: f64 = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
+        for (near_f32, tol) in [(false, 2e-2), (true, 2e-5)] {
+            let mut c = vec![1.0f32; m * n];
+            let ran =
+                par_gemm_on_tiles(near_f32, 0.5, a, b, 1.0, &mut MatMut::new(&mut c, m, n, n), &Workspace::default());
+            assert_eq!(ran, bf16_on_tiles());
+            if !ran {
+                assert!(c.iter().all(|&v| v == 1.0));
+                continue;
+            }
+            for (i, (&got, &w)) in c.iter().zip(&want).enumerate() {
+                assert!((got as f64 - (1.0 + 0.5 * w)).abs() < tol * norm, "near_f32={near_f32} [{i}]: {got} vs {w}");
             }
         }
     }
