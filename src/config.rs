@@ -83,9 +83,12 @@ pub enum Precision {
     /// when they are packed; activations as they are packed for a product; every sum is f32.
     /// The logits and their projections (θ, φ), the softmax (maximum, exponential, sums),
     /// `W_z` with the folded BatchNorm, the residual and the output stay f32: bf16 logits
-    /// would make the error PyTorch autocast's own (measured, README "bf16"). On `VDPBF16PS`
-    /// where the CPU has AVX512_BF16 ([`Isa::Avx512Bf16`](crate::Isa::Avx512Bf16)); elsewhere
-    /// an exact emulation (the same bits on every x86 CPU) at about the f32 speed. Only the
+    /// would make the error PyTorch autocast's own (measured, README "bf16"). On AMX tiles
+    /// where the CPU has AMX-BF16 ([`Isa::Amx`](crate::Isa::Amx)), the f32 products above
+    /// there as near-f32 bf16×3 tile products (each operand split into bf16 high and low parts:
+    /// about 2⁻¹⁶ of `Σ|a||b|` off the exact product); on `VDPBF16PS` where it has AVX512_BF16
+    /// ([`Isa::Avx512Bf16`](crate::Isa::Avx512Bf16)); elsewhere an exact emulation (the same
+    /// bits on every x86 CPU without AMX) at about the f32 speed. Only the
     /// forward pass: attention maps and training run in f32 (see
     /// [`NonLocalConfig::precision`]).
     Bf16,
@@ -94,7 +97,7 @@ pub enum Precision {
     /// OpenVINO's bf16 default do, and `W_z` multiplied in bf16 where it is applied to the
     /// outputs (channels-last; folded into the values or channels-first it stays f32); the
     /// softmax, the residual and the output stay f32.
-    /// 1.2–1.9× faster than f32 on AVX512_BF16 (measured, README "bf16"), with an error in
+    /// 1.2–1.9× faster than f32 on AVX512_BF16 and 1.7–3.6× on AMX (measured, README "bf16"), with an error in
     /// their class rather than below it: 0.18–1.37× PyTorch autocast's own on the golden cases,
     /// a median 0.44–0.61× over random blocks but up to 3.9× on one of them, so the per-case
     /// contract of [`Bf16`](Precision::Bf16) does not hold. The same entry points as `Bf16`

@@ -119,13 +119,15 @@
 //! the values, dot product's φᵀg — and keeps f32 what bf16 would make less accurate than
 //! PyTorch's autocast: the logits and their projections, the softmax, `W_z` with the folded
 //! BatchNorm, the residual and the output. Parameters are rounded once, when packed. It runs on
-//! `VDPBF16PS` where the CPU has AVX512_BF16 ([`Isa::Avx512Bf16`]) and on an exact emulation of
-//! it elsewhere (the same bits on every x86 CPU, at about the f32 speed). Accuracy contract,
+//! AMX tiles where the CPU has AMX-BF16 ([`Isa::Amx`]: there the f32 products above run as
+//! near-f32 bf16×3 tile products, about 2⁻¹⁶ of `Σ|a||b|` off the exact product), on
+//! `VDPBF16PS` where it has AVX512_BF16 ([`Isa::Avx512Bf16`]) and on an exact emulation of it
+//! elsewhere (the same bits on every x86 CPU without AMX, at about the f32 speed). Accuracy contract,
 //! tested on every PyTorch golden case: `max |z − z_ref| / max(1, max |z_ref|)` at most
 //! `max(1.25 × e, 4e-3)`, `e` PyTorch's own error under bf16 autocast.
 //! [`Precision::Bf16Logits`] also projects and multiplies the logits (and `W_z`, where it is
 //! applied to the outputs) in bf16, as PyTorch's autocast and OpenVINO's bf16 default do:
-//! faster (1.2–1.9× f32 on AVX512_BF16, measured), with an error in their class rather than
+//! faster (1.2–1.9× f32 on AVX512_BF16, 1.7–3.6× on AMX, measured), with an error in their class rather than
 //! below it (tested: within `max(2 × e, 8e-3)` on the golden cases). Attention maps and
 //! training run in f32 on any block, with the f32 block's bits. See the README's "bf16".
 //!
@@ -135,8 +137,8 @@
 //! channels little, `(θφᵀ/M)·g` with the projections folded in, whichever costs fewer
 //! multiply-adds; concatenation a sort and prefix sums. Work is spread over the current rayon
 //! pool; results are bit-identical for any thread count. The kernels are chosen at run time
-//! for the widest instruction set the CPU has — AVX-512 (with AVX512_BF16 for bf16), AVX2+FMA
-//! or portable code ([`simd_path`]; `NONLOCAL_SIMD` forces one) — and layer weights are packed
+//! for the widest instruction set the CPU has — AVX-512 (with AMX or AVX512_BF16 for bf16),
+//! AVX2+FMA or portable code ([`simd_path`]; `NONLOCAL_SIMD` forces one) — and layer weights are packed
 //! once for them when the parameters are set. See the README for
 //! figures.
 //!
@@ -206,15 +208,15 @@ pub use kernels::simd::Isa;
 pub use load::{detect_naming, find_blocks, BlockInfo, BlockKind, Naming, TensorFile, WeightKeys};
 
 /// The instruction set the kernels run on in this process: the widest the CPU has, or the
-/// one `NONLOCAL_SIMD=avx512bf16|avx512|avx2|portable` asks for when the CPU has it (else the
-/// widest, with a message on stderr). It decides the f32 kernels and the bf16 ones
-/// ([`Isa`]: `avx512bf16` runs bf16 products on `VDPBF16PS`, `avx512` and `avx2` on its exact
-/// emulation). See the README's "What runs where".
+/// one `NONLOCAL_SIMD=amx|avx512bf16|avx512|avx2|portable` asks for when the CPU has it (else
+/// the widest, with a message on stderr). It decides the f32 kernels and the bf16 ones
+/// ([`Isa`]: `amx` runs bf16 products on AMX tiles, `avx512bf16` on `VDPBF16PS`, `avx512` and
+/// `avx2` on its exact emulation). See the README's "What runs where".
 ///
 /// ```
 /// let path = nonlocal::simd_path();
 /// assert!(path.available());
-/// println!("kernels: {path}"); // avx512bf16, avx512, avx2 or portable
+/// println!("kernels: {path}"); // amx, avx512bf16, avx512, avx2 or portable
 /// ```
 pub fn simd_path() -> Isa {
     kernels::simd::isa()

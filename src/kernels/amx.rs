@@ -134,11 +134,12 @@ impl Tiles {
     /// step 2 KiB, its two 16-row tiles one after the other, rows 64 bytes apart), the step 4
     /// ahead prefetched into L1 as the tiles multiply; B's two 16-column tiles at `b` and
     /// `b + 64` (`ldb` bytes a pair row), 16 pair rows further each step; C 32 rows `ldc` bytes
-    /// apart, read first when `accumulate`.
+    /// apart, started from zero or, with `init = Some((src, ld))`, from the 32 × 32 floats at
+    /// `src`, rows `ld` bytes apart (`(c, ldc)`: C itself; `(bias, 0)`: one row repeated).
     ///
     /// # Safety
-    /// The `steps · 2` KiB of A from `a`, the `16 · steps` rows of 128 bytes of B and the 32
-    /// rows of 128 bytes of C must be readable (C writable). (The prefetches may run past A:
+    /// The `steps · 2` KiB of A from `a`, the `16 · steps` rows of 128 bytes of B, the 32
+    /// rows of 128 bytes of C and those of `init` must be readable (C writable). (The prefetches may run past A:
     /// they never fault.)
     ///
     /// # Panics
@@ -153,19 +154,20 @@ impl Tiles {
         ldb: usize,
         c: *mut f32,
         ldc: usize,
-        accumulate: bool,
+        init: Option<(*const f32, usize)>,
     ) {
         assert!(steps >= 1, "amx: a product of no depth");
+        let (src, src_ld) = init.unwrap_or((c, 0));
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller's guarantees; the tiles were configured on this thread (`self`).
         unsafe {
             std::arch::asm!(
                 "test {acc:e}, {acc:e}",
                 "jz 3f",
-                "tileloadd tmm0, [{c} + {ldc}*1]",
-                "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
-                "tileloadd tmm2, [{c2} + {ldc}*1]",
-                "tileloadd tmm3, [{c2} + {ldc}*1 + 64]",
+                "tileloadd tmm0, [{src} + {src_ld}*1]",
+                "tileloadd tmm1, [{src} + {src_ld}*1 + 64]",
+                "tileloadd tmm2, [{src2} + {src_ld}*1]",
+                "tileloadd tmm3, [{src2} + {src_ld}*1 + 64]",
                 "jmp 4f",
                 "3:",
                 "tilezero tmm0",
@@ -221,7 +223,10 @@ impl Tiles {
                 "tilestored [{c} + {ldc}*1 + 64], tmm1",
                 "tilestored [{c2} + {ldc}*1], tmm2",
                 "tilestored [{c2} + {ldc}*1 + 64], tmm3",
-                acc = in(reg) accumulate as u32,
+                acc = in(reg) init.is_some() as u32,
+                src = in(reg) src,
+                src2 = in(reg) src.byte_add(16 * src_ld),
+                src_ld = in(reg) src_ld,
                 a = inout(reg) a => _,
                 lda = in(reg) 64usize,
                 b = inout(reg) b => _,
@@ -235,7 +240,7 @@ impl Tiles {
             );
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (steps, a, b, ldb, c, ldc, accumulate);
+        let _ = (steps, a, b, ldb, c, ldc, src, src_ld);
     }
 }
 
@@ -581,14 +586,48 @@ fn pack_split_rows(amx: Amx, src: MatRef<'_>, part: usize, rows_pad: usize, out:
 /// # Panics
 /// If the shapes disagree.
 pub(crate) fn gemm(amx: Amx, a: MatRef<'_>, b: &AmxB, accumulate: bool, c: &mut MatMut<'_>, ws: &Workspace) {
+    gemm_from(amx, a, b, if accumulate { Start::C } else { Start::Zero }, c, ws)
+}
+
+/// What the sums of [`gemm_from`] start from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Start<'a> {
+    /// Zero: `C ← A·B`.
+    Zero,
+    /// C itself: `C ← C + A·B`.
+    C,
+    /// One row added to every row (N floats): `C ← A·B + 1·biasᵀ`, the tiles loaded from the
+    /// row (a stride of 0) instead of from a C filled with it.
+    Bias(&'a [f32]),
+}
+
+/// [`gemm`] with the sums started from `start`.
+///
+/// # Panics
+/// If the shapes disagree (a bias not N long).
+pub(crate) fn gemm_from(amx: Amx, a: MatRef<'_>, b: &AmxB, start: Start<'_>, c: &mut MatMut<'_>, ws: &Workspace) {
     assert_eq!((a.cols(), a.rows(), b.n), (b.k, c.rows(), c.cols()), "amx::gemm: shapes");
     let (m, n, ld) = (c.rows(), c.cols(), c.ld());
     if m == 0 || n == 0 {
         return;
     }
+    // The bias padded to whole panels, so that every tile reads 32 floats.
+    let padded: Vec<f32>;
+    let start = match start {
+        Start::Bias(bias) => {
+            assert_eq!(bias.len(), n, "amx::gemm: bias");
+            padded = bias.iter().copied().chain(std::iter::repeat(0.0)).take(n.next_multiple_of(PANEL)).collect();
+            Start::Bias(&padded)
+        }
+        other => other,
+    };
     if b.k == 0 {
-        if !accumulate {
-            c.data_mut().chunks_mut(ld).take(m).for_each(|row| row[..n].fill(0.0));
+        for row in c.data_mut().chunks_mut(ld).take(m) {
+            match start {
+                Start::Zero => row[..n].fill(0.0),
+                Start::C => {}
+                Start::Bias(bias) => row[..n].copy_from_slice(&bias[..n]),
+            }
         }
         return;
     }
@@ -598,18 +637,9 @@ pub(crate) fn gemm(amx: Amx, a: MatRef<'_>, b: &AmxB, accumulate: bool, c: &mut 
     let blocks = threads * tiles.div_ceil(threads * (MAX_ROW_BLOCK / 32));
     let block = tiles.div_ceil(blocks) * 32;
     c.data_mut()[..(m - 1) * ld + n].par_chunks_mut(block * ld).enumerate().for_each(|(i, c_block)| {
-        let start = i * block;
-        let rows = block.min(m - start);
-        amx.simd().vectorize(GemmBlock {
-            amx,
-            a: a.rows_range(start, start + rows),
-            b,
-            c: c_block,
-            n,
-            ld,
-            accumulate,
-            ws,
-        });
+        let first = i * block;
+        let rows = block.min(m - first);
+        amx.simd().vectorize(GemmBlock { amx, a: a.rows_range(first, first + rows), b, c: c_block, n, ld, start, ws });
     });
 }
 
@@ -621,7 +651,7 @@ struct GemmBlock<'a> {
     c: &'a mut [f32],
     n: usize,
     ld: usize,
-    accumulate: bool,
+    start: Start<'a>,
     ws: &'a Workspace,
 }
 
@@ -630,7 +660,7 @@ impl Job for GemmBlock<'_> {
 
     #[inline(always)]
     fn run<S: Bf16Simd>(self, _s: S) {
-        let GemmBlock { amx, a, b, c, n, ld, accumulate, ws } = self;
+        let GemmBlock { amx, a, b, c, n, ld, start, ws } = self;
         let (rows, groups) = (a.rows(), b.groups);
         let rows_pad = rows.next_multiple_of(32);
         let mut scratch = ws.scratch(rows_pad * groups);
@@ -649,21 +679,18 @@ impl Job for GemmBlock<'_> {
                 let a_tile = &a_words[ib * 32 * groups..][..32 * groups];
                 let tile_rows = 32.min(rows - ib * 32);
                 let at = ib * 32 * ld + jp * PANEL;
+                // The bias row of this panel (32 floats: padded above).
+                let bias_row = match start {
+                    Start::Bias(bias) => Some((bias[jp * PANEL..][..PANEL].as_ptr(), 0)),
+                    _ => None,
+                };
                 if tile_rows == 32 && cols == PANEL {
                     let c_tile = &mut c[at..][..31 * ld + PANEL];
+                    let ptr = c_tile.as_mut_ptr();
+                    let init = if let Start::C = start { Some((ptr as *const f32, 4 * ld)) } else { bias_row };
                     // SAFETY: A holds 32 rows of `groups` words, B's panel `groups` rows of
-                    // 32 words, C 32 rows of 32 floats `ld` apart.
-                    unsafe {
-                        tiles.block(
-                            steps,
-                            a_tile.as_ptr(),
-                            b_panel.as_ptr(),
-                            4 * PANEL,
-                            c_tile.as_mut_ptr(),
-                            4 * ld,
-                            accumulate,
-                        )
-                    };
+                    // 32 words, C 32 rows of 32 floats `ld` apart, the bias row 32 floats.
+                    unsafe { tiles.block(steps, a_tile.as_ptr(), b_panel.as_ptr(), 4 * PANEL, ptr, 4 * ld, init) };
                 } else {
                     // SAFETY: as above, C being the 32 × 32 edge buffer.
                     unsafe {
@@ -674,15 +701,15 @@ impl Job for GemmBlock<'_> {
                             4 * PANEL,
                             edge.as_mut_ptr(),
                             4 * PANEL,
-                            false,
+                            bias_row,
                         )
                     };
                     for r in 0..tile_rows {
                         let dst = &mut c[at + r * ld..][..cols];
                         let src = &edge[r * PANEL..][..cols];
-                        match accumulate {
-                            true => dst.iter_mut().zip(src).for_each(|(d, s)| *d += s),
-                            false => dst.copy_from_slice(src),
+                        match start {
+                            Start::C => dst.iter_mut().zip(src).for_each(|(d, s)| *d += s),
+                            _ => dst.copy_from_slice(src),
                         }
                     }
                 }
@@ -845,6 +872,34 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn products_started_from_a_bias_row_add_it_to_every_row() {
+        let Some(amx) = Amx::detect() else {
+            return;
+        };
+        for (m, k, n) in [(1, 3, 1), (33, 40, 65), (64, 64, 64), (70, 0, 5)] {
+            let (a, b, bias) = (values(m * k, 3), values(k * n, 4), values(n, 5));
+            let ar: Vec<f32> = a.iter().map(|&x| round_to_bf16(x)).collect();
+            let br: Vec<f32> = b.iter().map(|&x| round_to_bf16(x)).collect();
+            let want = crate::kernels::views::naive_product(MatRef::new(&ar, 0, m, k, k), MatRef::new(&br, 0, k, n, n));
+            let ld = n + 2;
+            let mut c = vec![f32::NAN; m * ld];
+            let packed = AmxB::new(MatRef::new(&b, 0, k, n, n));
+            let (a_view, ws) = (MatRef::new(&a, 0, m, k, k), Workspace::default());
+            gemm_from(amx, a_view, &packed, Start::Bias(&bias), &mut MatMut::new(&mut c, m, n, ld), &ws);
+            for i in 0..m {
+                for j in 0..n {
+                    let want = want[i * n + j] + bias[j] as f64;
+                    assert!(
+                        (c[i * ld + j] as f64 - want).abs() < 1e-5 * (k as f64 + 1.0),
+                        "({m},{k},{n}) at ({i},{j})"
+                    );
+                }
+                assert!(c[i * ld + n..][..2].iter().all(|v| v.is_nan()), "padding written");
             }
         }
     }

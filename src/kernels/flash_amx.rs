@@ -203,7 +203,7 @@ impl Job for AttendTile<'_> {
                         // to 32 keys), B d_groups rows of NR words, C 32 rows of NR floats.
                         unsafe {
                             let steps = d_groups / GROUP_STEP;
-                            tiles.block(steps, a.as_ptr(), q_panel.as_ptr(), 4 * NR, c.as_mut_ptr(), 4 * NR, false)
+                            tiles.block(steps, a.as_ptr(), q_panel.as_ptr(), 4 * NR, c.as_mut_ptr(), 4 * NR, None)
                         };
                     }
                 }
@@ -236,7 +236,9 @@ impl Job for AttendTile<'_> {
                     // SAFETY: A holds `blocks` steps of its channel block (Vᵀ's rows are M
                     // padded to 32, halved, long), B `blocks · 16` rows of NR words, C 32 rows
                     // of NR floats `width` apart.
-                    unsafe { tiles.block(blocks, a.as_ptr(), b.as_ptr(), 4 * NR, c.as_mut_ptr(), 4 * width, !first) };
+                    let (ptr, ld) = (c.as_mut_ptr(), 4 * width);
+                    let init = (!first).then_some((ptr as *const f32, ld));
+                    unsafe { tiles.block(blocks, a.as_ptr(), b.as_ptr(), 4 * NR, ptr, ld, init) };
                 }
             }
             start = end;

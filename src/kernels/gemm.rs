@@ -417,6 +417,49 @@ pub(crate) fn par_gemm_prepacked(
     par_gemm(1.0, a, b, beta, c);
 }
 
+/// `C ← A·B + 1·biasᵀ` (every row of C the product plus `bias`, N long) as
+/// [`par_gemm_prepacked`]: on a packing for the AMX tiles they start from the bias row (no pass
+/// filling C with it); elsewhere C is filled with the bias, rows in parallel, and the product
+/// accumulated onto it (the bits of that fill and a β = 1 product).
+///
+/// # Panics
+/// As [`par_gemm_prepacked`], or if `bias` is not N long.
+pub(crate) fn par_gemm_prepacked_bias(
+    precision: Precision,
+    a: MatRef<'_>,
+    (b, packed): (MatRef<'_>, &PrepackedB),
+    bias: &[f32],
+    c: &mut MatMut<'_>,
+    ws: &Workspace,
+) {
+    assert_eq!(bias.len(), c.cols(), "par_gemm_prepacked_bias: bias");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let tiles = match (&packed.packed, precision) {
+            (BPacking::Amx(p), precision) if precision.bf16_values() => Some(p),
+            (BPacking::AmxSplit(p), Precision::F32) => Some(p),
+            _ => None,
+        };
+        if let (Some(p), Some(amx)) = (tiles, super::amx::Amx::detect()) {
+            assert_eq!((packed.rows, packed.cols), (b.rows(), b.cols()), "par_gemm_prepacked_bias: B and its packing");
+            return super::amx::gemm_from(amx, a, p, super::amx::Start::Bias(bias), c, ws);
+        }
+    }
+    fill_rows(bias, c);
+    par_gemm_prepacked(precision, a, (b, packed), 1.0, c, ws);
+}
+
+/// Every row of C set to `row`, rows in parallel.
+pub(crate) fn fill_rows(row: &[f32], c: &mut MatMut<'_>) {
+    let (rows, cols, ld) = (c.rows(), c.cols(), c.ld());
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    c.data_mut()[..(rows - 1) * ld + cols].par_chunks_mut(row_block(rows, 64) * ld).for_each(|block| {
+        block.chunks_mut(ld).for_each(|dst| dst[..cols].copy_from_slice(row));
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

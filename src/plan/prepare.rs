@@ -1,12 +1,9 @@
 //! One sample's projections and pooled keys, and the views the kernels take of them.
 
-use rayon::prelude::*;
-
 use super::Compiled;
 use crate::config::{Mode, NonLocalConfig, Precision};
 use crate::error::Result;
 use crate::kernels::concat::key_scores;
-use crate::kernels::gemm::row_block;
 use crate::kernels::pool::{max_pool, pooled_grid};
 use crate::kernels::views::{MatMut, MatRef};
 use crate::workspace::{Scratch, Workspace};
@@ -167,10 +164,7 @@ pub(crate) fn prepare<'a>(
     let k = bias.len();
     let precision = purpose.precision(config.precision);
     let mut proj = workspace.take(n * k, "projections")?;
-    proj.par_chunks_mut(row_block(n, 64) * k).for_each(|rows| {
-        rows.chunks_mut(k).for_each(|row| row.copy_from_slice(bias));
-    });
-    weights.apply(precision, x, 1.0, &mut MatMut::new(&mut proj, n, k, k), workspace);
+    weights.apply_bias(precision, x, bias, &mut MatMut::new(&mut proj, n, k, k), workspace);
     let (mut pooled, mut pooled_x) = (None, None);
     if config.sub_sample.is_some() {
         let (start, width) = (cols.key_start, cols.key_width);

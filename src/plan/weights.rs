@@ -2,7 +2,7 @@
 //! the block's precision.
 
 use crate::config::Precision;
-use crate::kernels::gemm::{par_gemm, par_gemm_prepacked, PrepackedB};
+use crate::kernels::gemm::{fill_rows, par_gemm, par_gemm_prepacked, par_gemm_prepacked_bias, PrepackedB};
 use crate::kernels::views::{MatMut, MatRef};
 use crate::workspace::Workspace;
 
@@ -94,5 +94,42 @@ impl Weights {
         }
         let mut tail = MatMut::new(&mut c.data_mut()[split..], rows, out - split, ld);
         par_gemm_prepacked(Precision::Bf16, x, (rows_of(split, out), &self.tail), beta, &mut tail, ws);
+    }
+
+    /// `C ← X·Wᵀ + 1·biasᵀ` as [`Weights::apply`] with β = 0 and `bias` (out) added to every
+    /// row: on AMX tiles the products start from the bias row instead of a C filled with it.
+    pub(crate) fn apply_bias(
+        &self,
+        precision: Precision,
+        x: MatRef<'_>,
+        bias: &[f32],
+        c: &mut MatMut<'_>,
+        ws: &Workspace,
+    ) {
+        let (split, out) = (self.split, self.out);
+        assert_eq!(bias.len(), out, "Weights::apply_bias: bias");
+        let head = match (&self.head_near, precision) {
+            (Some(near), p) if p != Precision::F32 => near,
+            _ => &self.head,
+        };
+        if split == out {
+            return par_gemm_prepacked_bias(Precision::F32, x, (self.view().t(), head), bias, c, ws);
+        }
+        if precision == Precision::F32 {
+            fill_rows(bias, c);
+            return par_gemm(1.0, x, self.view().t(), 1.0, c);
+        }
+        let (rows, ld) = (c.rows(), c.ld());
+        if rows == 0 {
+            return;
+        }
+        let rows_of =
+            |from: usize, to: usize| MatRef::new(&self.data, from * self.inp, to - from, self.inp, self.inp).t();
+        if split > 0 {
+            let mut head_c = MatMut::new(c.data_mut(), rows, split, ld);
+            par_gemm_prepacked_bias(Precision::F32, x, (rows_of(0, split), head), &bias[..split], &mut head_c, ws);
+        }
+        let mut tail = MatMut::new(&mut c.data_mut()[split..], rows, out - split, ld);
+        par_gemm_prepacked_bias(Precision::Bf16, x, (rows_of(split, out), &self.tail), &bias[split..], &mut tail, ws);
     }
 }
