@@ -296,11 +296,11 @@ enum BPacking {
     /// Portable code: B rounded to bf16, row-major K × N, for matrixmultiply.
     Rounded(Vec<f32>),
     /// bf16 pair panels for the AMX tiles.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[cfg(target_arch = "x86_64")]
     Amx(super::amx::AmxB),
     /// B split into bf16 high and low parts for near-f32 products on the AMX tiles
-    /// ([`AmxB::split`](super::amx::AmxB::split)).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    /// (`AmxB::split`).
+    #[cfg(target_arch = "x86_64")]
     AmxSplit(super::amx::AmxB),
 }
 
@@ -367,8 +367,12 @@ impl PrepackedB {
     /// The precision of the products the packing is for (the near-f32 split: f32).
     fn precision(&self) -> Precision {
         match self.packed {
-            BPacking::Bf16(_) | BPacking::Rounded(_) | BPacking::Amx(_) => Precision::Bf16,
-            BPacking::None | BPacking::F32(_) | BPacking::AmxSplit(_) => Precision::F32,
+            BPacking::Bf16(_) | BPacking::Rounded(_) => Precision::Bf16,
+            #[cfg(target_arch = "x86_64")]
+            BPacking::Amx(_) => Precision::Bf16,
+            #[cfg(target_arch = "x86_64")]
+            BPacking::AmxSplit(_) => Precision::F32,
+            BPacking::None | BPacking::F32(_) => Precision::F32,
         }
     }
 }

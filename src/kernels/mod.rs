@@ -17,6 +17,7 @@
 //!
 //! No kernel imports another for a type: every one takes [`views`] and [`simd`].
 
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod amx;
 pub mod attention;
 pub(crate) mod attention_common;
@@ -27,6 +28,7 @@ pub mod concat;
 pub mod dot_product;
 pub mod exp;
 pub(crate) mod flash;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod flash_amx;
 pub mod gemm;
 pub(crate) mod microkernel;
