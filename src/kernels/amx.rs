@@ -280,7 +280,7 @@ fn scatter_row(r: usize, words: &[u32], out: &mut [u32]) {
 /// (see [`blocked`]; `groups` a multiple of 16, each row's words past its depth zero), and
 /// zeroes the rows from `src.rows()` to `rows_pad` (a multiple of 32). Rows with contiguous
 /// elements convert 32 at a time (`VCVTNE2PS2BF16`, the bits of
-/// [`f32_to_bf16`](super::bf16::f32_to_bf16)); a matrix with contiguous columns (a transposed
+/// [`f32_to_bf16`]); a matrix with contiguous columns (a transposed
 /// view) is read a pair of columns at a time.
 pub(crate) fn pack_rows(amx: Amx, src: MatRef<'_>, groups: usize, rows_pad: usize, out: &mut [u32]) {
     let (rows, depth) = (src.rows(), src.cols());
