@@ -336,8 +336,9 @@ impl NonLocalBlock {
         });
     }
 
-    /// `out ← x + y·W + b_out` with W = `w` (C' × C, f32) or `W_outᵀ` (in bf16 when `precision`
-    /// is `Bf16Logits`, else f32).
+    /// `out ← x + y·W + b_out` with W = `w` (C' × C: f32, or in a bf16 block on AMX tiles as
+    /// dot product's other products) or `W_outᵀ` (in bf16 when `precision` is `Bf16Logits`,
+    /// else f32).
     pub(crate) fn output(
         &self,
         precision: Precision,
@@ -350,6 +351,8 @@ impl NonLocalBlock {
         self.residual_rows(x, out, false);
         let mut out = MatMut::new(out, n, c, c);
         match w {
+            // Dot product's θ·((φᵀg/M)·W_outᵀ): on the tiles in a bf16 block where they run.
+            Some(w) if precision != Precision::F32 => self.dot_product_gemm(1.0, y, w, 1.0, &mut out),
             Some(w) => par_gemm(1.0, y, w, 1.0, &mut out),
             None => self.compiled.w_out.apply(precision, y, 1.0, &mut out, &self.workspace),
         }
