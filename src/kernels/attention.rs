@@ -104,16 +104,9 @@ impl Kernel {
                 let logits = if bf16_logits { Logits::Rounded } else { Logits::Split };
                 attention(amx, logits, qkv, bias, out, lse, tile, ws)
             }
+            // f32: the AVX-512 kernels, as on the path without the tiles.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Amx(amx) => flash::attention::<_, F32, F32, AVX512_MR, AVX512_MR, AVX512_NV>(
-                amx.simd().base(),
-                qkv,
-                bias,
-                out,
-                lse,
-                tile,
-                ws,
-            ),
+            Kernel::Amx(amx) => Kernel::Avx512Bf16(amx.simd()).forward(precision, qkv, bias, out, lse, ws),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Bf16(s) if bf16_logits => {
                 flash::attention::<_, Bf16, Bf16, AVX512_MR, AVX512_MR, AVX512_NV>(s, qkv, bias, out, lse, tile, ws)
@@ -204,9 +197,7 @@ impl Kernel {
         let yy = (y, dy);
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Amx(amx) => {
-                flash::attention_backward::<_, AVX512_MR, AVX512_NV>(amx.simd().base(), qkv, lse, yy, dq, dk, dv, ws)
-            }
+            Kernel::Amx(amx) => Kernel::Avx512Bf16(amx.simd()).backward(qkv, lse, yy, dq, dk, dv, ws),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Bf16(s) => {
                 flash::attention_backward::<_, AVX512_MR, AVX512_NV>(s.base(), qkv, lse, yy, dq, dk, dv, ws)

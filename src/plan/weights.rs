@@ -69,31 +69,7 @@ impl Weights {
     /// columns of the bf16 rows in bf16 and the others in f32 (near f32 on AMX: see
     /// [`PrepackedB::near_f32`]), each on its packing.
     pub(crate) fn apply(&self, precision: Precision, x: MatRef<'_>, beta: f32, c: &mut MatMut<'_>, ws: &Workspace) {
-        let (split, out) = (self.split, self.out);
-        let head = match (&self.head_near, precision) {
-            (Some(near), p) if p != Precision::F32 => near,
-            _ => &self.head,
-        };
-        if split == out {
-            return par_gemm_prepacked(Precision::F32, x, (self.view().t(), head), beta, c, ws);
-        }
-        if precision == Precision::F32 {
-            // One f32 product of all the rows, packed on the call: the same bits as on packed
-            // f32 weights.
-            return par_gemm(1.0, x, self.view().t(), beta, c);
-        }
-        let (rows, ld) = (c.rows(), c.ld());
-        if rows == 0 {
-            return;
-        }
-        let rows_of =
-            |from: usize, to: usize| MatRef::new(&self.data, from * self.inp, to - from, self.inp, self.inp).t();
-        if split > 0 {
-            let mut head_c = MatMut::new(c.data_mut(), rows, split, ld);
-            par_gemm_prepacked(Precision::F32, x, (rows_of(0, split), head), beta, &mut head_c, ws);
-        }
-        let mut tail = MatMut::new(&mut c.data_mut()[split..], rows, out - split, ld);
-        par_gemm_prepacked(Precision::Bf16, x, (rows_of(split, out), &self.tail), beta, &mut tail, ws);
+        self.apply_from(precision, x, Start::Beta(beta), c, ws)
     }
 
     /// `C ← X·Wᵀ + 1·biasᵀ` as [`Weights::apply`] with β = 0 and `bias` (out) added to every
@@ -106,18 +82,31 @@ impl Weights {
         c: &mut MatMut<'_>,
         ws: &Workspace,
     ) {
+        assert_eq!(bias.len(), self.out, "Weights::apply_bias: bias");
+        self.apply_from(precision, x, Start::Bias(bias), c, ws)
+    }
+
+    /// [`Weights::apply`] and [`Weights::apply_bias`]: the products start from `start`.
+    fn apply_from(&self, precision: Precision, x: MatRef<'_>, start: Start<'_>, c: &mut MatMut<'_>, ws: &Workspace) {
         let (split, out) = (self.split, self.out);
-        assert_eq!(bias.len(), out, "Weights::apply_bias: bias");
         let head = match (&self.head_near, precision) {
             (Some(near), p) if p != Precision::F32 => near,
             _ => &self.head,
         };
         if split == out {
-            return par_gemm_prepacked_bias(Precision::F32, x, (self.view().t(), head), bias, c, ws);
+            return start.prepacked(Precision::F32, x, (self.view().t(), head), c, ws);
         }
         if precision == Precision::F32 {
-            fill_rows(bias, c);
-            return par_gemm(1.0, x, self.view().t(), 1.0, c);
+            // One f32 product of all the rows, packed on the call: the same bits as on packed
+            // f32 weights.
+            let beta = match start {
+                Start::Beta(beta) => beta,
+                Start::Bias(bias) => {
+                    fill_rows(bias, c);
+                    1.0
+                }
+            };
+            return par_gemm(1.0, x, self.view().t(), beta, c);
         }
         let (rows, ld) = (c.rows(), c.ld());
         if rows == 0 {
@@ -127,9 +116,43 @@ impl Weights {
             |from: usize, to: usize| MatRef::new(&self.data, from * self.inp, to - from, self.inp, self.inp).t();
         if split > 0 {
             let mut head_c = MatMut::new(c.data_mut(), rows, split, ld);
-            par_gemm_prepacked_bias(Precision::F32, x, (rows_of(0, split), head), &bias[..split], &mut head_c, ws);
+            start.columns(0, split).prepacked(Precision::F32, x, (rows_of(0, split), head), &mut head_c, ws);
         }
         let mut tail = MatMut::new(&mut c.data_mut()[split..], rows, out - split, ld);
-        par_gemm_prepacked_bias(Precision::Bf16, x, (rows_of(split, out), &self.tail), &bias[split..], &mut tail, ws);
+        start.columns(split, out).prepacked(Precision::Bf16, x, (rows_of(split, out), &self.tail), &mut tail, ws);
+    }
+}
+
+/// What the products of [`Weights::apply_from`] start from.
+#[derive(Clone, Copy, Debug)]
+enum Start<'a> {
+    /// β·C (β 0 or 1).
+    Beta(f32),
+    /// A bias row added to every row of C.
+    Bias(&'a [f32]),
+}
+
+impl<'a> Start<'a> {
+    /// The start of columns `from..to` of C.
+    fn columns(self, from: usize, to: usize) -> Start<'a> {
+        match self {
+            Start::Bias(bias) => Start::Bias(&bias[from..to]),
+            beta => beta,
+        }
+    }
+
+    /// The prepacked product from this start.
+    fn prepacked(
+        self,
+        precision: Precision,
+        x: MatRef<'_>,
+        b: (MatRef<'_>, &PrepackedB),
+        c: &mut MatMut<'_>,
+        ws: &Workspace,
+    ) {
+        match self {
+            Start::Beta(beta) => par_gemm_prepacked(precision, x, b, beta, c, ws),
+            Start::Bias(bias) => par_gemm_prepacked_bias(precision, x, b, bias, c, ws),
+        }
     }
 }
