@@ -28,7 +28,8 @@ use super::simd::{Bf16Simd, Job, Simd};
 use super::views::MatRef;
 use crate::workspace::Workspace;
 
-/// Keys per tile: whole 32-key blocks and whole 12-key panels of the f32 logit tile.
+/// Keys per tile: whole 32-key blocks (it fixes the order of the online-softmax updates,
+/// so it must not depend on the thread count).
 pub(crate) const KEY_TILE: usize = 288;
 /// Queries per panel (the lanes of the softmax, the columns of a B tile pair).
 const NR: usize = PANEL;
