@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::attention_in;
 use crate::kernels::concat::concat_attention;
 use crate::kernels::dot_product::key_value_product_in;
-use crate::kernels::gemm::{par_gemm, par_gemm_on_tiles, par_gemm_ws, row_block};
+use crate::kernels::gemm::{par_gemm, par_gemm_on_tiles, par_gemm_prepacked, row_block, PrepackedB};
+use crate::kernels::transpose::{par_rows_transposed, write_transposed, Onto};
 use crate::kernels::views::{MatMut, MatRef};
 use crate::plan::{prepare, Prepared, Purpose};
 
@@ -200,8 +201,8 @@ impl NonLocalBlock {
                 Order::ChannelMajor => {
                     let mut rows = self.workspace.take(n * c, "attention output")?;
                     attend(MatRef::new(&vw, 0, m, c, c), &mut rows);
-                    self.residual_channels(p.x, out);
-                    add_transposed(MatRef::new(&rows, 0, n, c, c), out);
+                    let onto = Onto::Residual(p.x, &self.compiled.b_out);
+                    write_transposed(MatRef::new(&rows, 0, n, c, c), onto, out, n, 0);
                 }
             }
         } else {
@@ -277,8 +278,10 @@ impl NonLocalBlock {
                     self.dot_product_gemm(inv_m, s, vw, 1.0, &mut MatMut::new(out, n, c, c));
                 }
                 Order::ChannelMajor => {
-                    self.residual_channels(p.x, out);
-                    self.dot_product_gemm(inv_m, vw.t(), s.t(), 1.0, &mut MatMut::new(out, c, n, n));
+                    let mut rows = self.workspace.take(n * c, "attention output")?;
+                    self.dot_product_gemm(inv_m, s, vw, 0.0, &mut MatMut::new(&mut rows, n, c, c));
+                    let onto = Onto::Residual(p.x, &self.compiled.b_out);
+                    write_transposed(MatRef::new(&rows, 0, n, c, c), onto, out, n, 0);
                 }
             }
         } else {
@@ -300,14 +303,16 @@ impl NonLocalBlock {
     }
 
     /// [`NonLocalBlock::output`], or with [`Order::ChannelMajor`] its transpose
-    /// `outᵀ ← xᵀ + Wᵀ·yᵀ + b_out` (C × N): the GEMM writes channel-major rows directly.
+    /// `outᵀ ← xᵀ + Wᵀ·yᵀ + b_out` (C × N).
     pub(super) fn output_in(&self, order: Order, x: MatRef<'_>, y: MatRef<'_>, w: Option<MatRef<'_>>, out: &mut [f32]) {
         self.output_at(self.config.precision, order, x, y, w, out);
     }
 
     /// [`NonLocalBlock::output_in`] in `precision` (the training pass's is f32 in every
-    /// precision). `W_z` multiplies in bf16 only where a `Bf16Logits` block applies it to the
-    /// outputs channels-last; channels-first outputs and a given `w` use f32.
+    /// precision). Channel-major, the product runs position-major on the packed weights, a
+    /// chunk of positions at a time in cache, and [`par_rows_transposed`] writes each chunk's
+    /// channel rows with the residual: the same products as channels-last (the same bits where
+    /// C' fits one K block), without packing the large `yᵀ` on every call.
     pub(super) fn output_at(
         &self,
         precision: Precision,
@@ -321,18 +326,16 @@ impl NonLocalBlock {
             return self.output(precision, x, y, w, out);
         }
         let (n, c) = (x.rows(), x.cols());
-        self.residual_channels(x, out);
-        let w_t = w.map_or_else(|| self.compiled.w_out.view(), |w| w.t());
-        par_gemm_ws(1.0, w_t, y.t(), 1.0, &mut MatMut::new(out, c, n, n), &self.workspace);
-    }
-
-    /// `outᵀ ← xᵀ + b_out` (C × N), channel rows in parallel.
-    fn residual_channels(&self, x: MatRef<'_>, out: &mut [f32]) {
-        let n = x.rows();
-        out.par_chunks_mut(n.max(1)).enumerate().for_each(|(ch, row)| {
-            x.cols_range(ch, ch + 1).t().copy_row(0, row);
-            let bias = self.compiled.b_out[ch];
-            row.iter_mut().for_each(|v| *v += bias);
+        let onto = Onto::Residual(x, &self.compiled.b_out);
+        // A given f32 W is packed once for all the chunks (the same bits as packed per call).
+        let packed = w.filter(|_| precision == Precision::F32).map(|w| (w, PrepackedB::new(w, Precision::F32)));
+        let ws = &self.workspace;
+        par_rows_transposed(n, c, onto, out, n, ws, |range, rows| {
+            let y = y.rows_range(range.start, range.end);
+            match &packed {
+                Some((w, packed)) => par_gemm_prepacked(Precision::F32, y, (*w, packed), 0.0, rows, ws),
+                None => self.output_product(precision, y, w, 0.0, rows),
+            }
         });
     }
 
@@ -349,12 +352,23 @@ impl NonLocalBlock {
     ) {
         let (n, c) = (x.rows(), x.cols());
         self.residual_rows(x, out, false);
-        let mut out = MatMut::new(out, n, c, c);
+        self.output_product(precision, y, w, 1.0, &mut MatMut::new(out, n, c, c));
+    }
+
+    /// `out ← β·out + y·W` for [`NonLocalBlock::output`]'s W.
+    fn output_product(
+        &self,
+        precision: Precision,
+        y: MatRef<'_>,
+        w: Option<MatRef<'_>>,
+        beta: f32,
+        out: &mut MatMut<'_>,
+    ) {
         match w {
             // Dot product's θ·((φᵀg/M)·W_outᵀ): on the tiles in a bf16 block where they run.
-            Some(w) if precision != Precision::F32 => self.dot_product_gemm(1.0, y, w, 1.0, &mut out),
-            Some(w) => par_gemm(1.0, y, w, 1.0, &mut out),
-            None => self.compiled.w_out.apply(precision, y, 1.0, &mut out, &self.workspace),
+            Some(w) if precision != Precision::F32 => self.dot_product_gemm(1.0, y, w, beta, out),
+            Some(w) => par_gemm(1.0, y, w, beta, out),
+            None => self.compiled.w_out.apply(precision, y, beta, out, &self.workspace),
         }
     }
 
@@ -399,22 +413,6 @@ impl NonLocalBlock {
 pub(crate) enum Order {
     PositionMajor,
     ChannelMajor,
-}
-
-/// `out ← out + mᵀ` for `m` N × C and `out` C × N row-major, 32 channel rows at a time in
-/// parallel.
-pub(super) fn add_transposed(m: MatRef<'_>, out: &mut [f32]) {
-    const TILE: usize = 32;
-    let (n, c) = (m.rows(), m.cols());
-    out.par_chunks_mut(TILE * n.max(1)).enumerate().for_each(|(t, rows)| {
-        let c0 = t * TILE;
-        let width = rows.len() / n.max(1);
-        for i in 0..n {
-            for dc in 0..width.min(c - c0) {
-                rows[dc * n + i] += m.at(i, c0 + dc);
-            }
-        }
-    });
 }
 
 /// The sample (T, H, W, C) as an N × C matrix: a view of the input when its positions have

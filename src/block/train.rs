@@ -17,7 +17,6 @@ use ndarray::{
 };
 use rayon::prelude::*;
 
-use super::forward::add_transposed;
 use super::gradients::{Gradients, ParameterGradients};
 use super::{buffer, next_generation, sample_matrix, Layout, NonLocalBlock, Order};
 use crate::config::{Mode, Precision};
@@ -26,7 +25,8 @@ use crate::kernels::attention::{attention_backward_in, attention_in};
 use crate::kernels::concat::{concat_attention, concat_attention_backward, key_scores};
 use crate::kernels::dot_product::key_value_product;
 use crate::kernels::gemm::par_gemm_ws;
-use crate::kernels::pool::{max_pool_argmax, max_unpool_add, max_unpool_add_transposed};
+use crate::kernels::pool::{max_pool_argmax, max_unpool_add};
+use crate::kernels::transpose::{write_transposed, Onto};
 use crate::kernels::views::{MatMut, MatRef};
 use crate::params::{check_shape, Conv1x1};
 use crate::plan::{prepare, Columns, Compiled, Purpose};
@@ -345,6 +345,33 @@ impl NonLocalBlock {
         (dx, order): (&mut [f32], Order),
         acc: &mut Accumulators,
     ) -> Result<()> {
+        let (n, c) = (x.rows(), x.cols());
+        match order {
+            Order::PositionMajor => self.backward_rows(x, saved, dz, (dx, true), acc),
+            Order::ChannelMajor => {
+                // Position-major throughout (every product on the packed weights) into rows
+                // holding all of dx but dz's own term, then one transposing pass
+                // `dxᵀ ← dz + rowsᵀ` (dz channel-major like dx: read in place).
+                let mut rows = self.workspace.take(n * c, "input gradient rows")?;
+                rows.fill(0.0);
+                self.backward_rows(x, saved, dz, (&mut rows, false), acc)?;
+                let zeros = vec![0.0f32; c];
+                write_transposed(MatRef::new(&rows, 0, n, c, c), Onto::Residual(dz, &zeros), dx, n, 0);
+                Ok(())
+            }
+        }
+    }
+
+    /// One sample's backward pass into the position-major `dx` (N × C): `dx ← dz + …` with
+    /// `with_dz`, else `dx ← dx + …` without dz's own term.
+    fn backward_rows(
+        &self,
+        x: MatRef<'_>,
+        saved: &Saved,
+        dz: MatRef<'_>,
+        (dx, with_dz): (&mut [f32], bool),
+        acc: &mut Accumulators,
+    ) -> Result<()> {
         let (n, c, ci, m) = (x.rows(), x.cols(), self.config.inter_channels, saved.m);
         let k = self.compiled.proj_cols;
         let cols = Columns::of(self.config.mode, ci);
@@ -355,12 +382,11 @@ impl NonLocalBlock {
         par_gemm_ws(1.0, dz, self.compiled.w_out.view(), 0.0, &mut MatMut::new(&mut dy, n, ci, ci), &self.workspace);
         par_gemm_ws(1.0, dz.t(), y, 1.0, &mut MatMut::new(&mut acc.dz_y, c, ci, ci), &self.workspace);
         column_sums(dz, &mut acc.dz_sum);
-        match order {
-            Order::PositionMajor => dx.par_chunks_mut(c.max(1)).enumerate().for_each(|(i, row)| dz.copy_row(i, row)),
-            Order::ChannelMajor => {
-                let dz_t = dz.t();
-                dx.par_chunks_mut(n.max(1)).enumerate().for_each(|(ch, row)| dz_t.copy_row(ch, row));
-            }
+        match (with_dz, dz.col_stride() == 1) {
+            (false, _) => {}
+            (true, true) => dx.par_chunks_mut(c.max(1)).enumerate().for_each(|(i, row)| dz.copy_row(i, row)),
+            // A channels-first gradient: rows from its channel rows through register transposes.
+            (true, false) => write_transposed(dz.t(), Onto::Set, dx, c, 0),
         }
 
         // Attention side, into dP (N × proj_cols) and the key side (M × key_width, the key-side
@@ -386,7 +412,7 @@ impl NonLocalBlock {
             dkey: Block { data: &mut dkey, ld: kwidth, start: kstart },
         };
         match self.config.mode {
-            Mode::EmbeddedGaussian | Mode::Gaussian => self.backward_softmax(sample, (dx, order))?,
+            Mode::EmbeddedGaussian | Mode::Gaussian => self.backward_softmax(sample, dx)?,
             Mode::DotProduct => self.backward_dot_product(sample)?,
             Mode::Concatenation => self.backward_concatenation(sample, &mut acc.d_w_phi)?,
         }
@@ -399,24 +425,19 @@ impl NonLocalBlock {
                 }
             }
         }
-        // Projection side: P = x·W_allᵀ + b_all; channel-major, dxᵀ += W_allᵀ·dPᵀ.
+        // Projection side: P = x·W_allᵀ + b_all.
         let dp_m = MatRef::new(&dp, 0, n, k, k);
         par_gemm_ws(1.0, dp_m.t(), x, 1.0, &mut MatMut::new(&mut acc.d_proj_w, k, c, c), &self.workspace);
         column_sums(dp_m, &mut acc.d_proj_b);
         let w_proj = self.compiled.w_proj.view();
-        match order {
-            Order::PositionMajor => par_gemm_ws(1.0, dp_m, w_proj, 1.0, &mut MatMut::new(dx, n, c, c), &self.workspace),
-            Order::ChannelMajor => {
-                par_gemm_ws(1.0, w_proj.t(), dp_m.t(), 1.0, &mut MatMut::new(dx, c, n, n), &self.workspace)
-            }
-        }
+        par_gemm_ws(1.0, dp_m, w_proj, 1.0, &mut MatMut::new(dx, n, c, c), &self.workspace);
         Ok(())
     }
 
     /// The (embedded) Gaussian modes: the FlashAttention-2 backward from the saved
     /// log-sum-exp. Gaussian's queries and keys are the input itself, so their gradients go
     /// straight into `dx` (through the pooling arg-max for the keys).
-    fn backward_softmax(&self, s: SampleGrad<'_>, (dx, order): (&mut [f32], Order)) -> Result<()> {
+    fn backward_softmax(&self, s: SampleGrad<'_>, dx: &mut [f32]) -> Result<()> {
         let SampleGrad { x, proj, key_side, cols, y, dy, saved, mut dp, mut dkey } = s;
         let (n, c, ci, m) = (x.rows(), x.cols(), self.config.inter_channels, saved.m);
         let (q, keys) = match cols.theta {
@@ -438,19 +459,11 @@ impl NonLocalBlock {
                 dp.set(th, &dq, ci);
                 dkey.set(cols.phi.expect("θ comes with φ"), &dk, ci);
             }
-            None if order == Order::PositionMajor => {
+            None => {
                 dx.iter_mut().zip(dq.iter()).for_each(|(a, b)| *a += b);
                 match &saved.pooled_x {
                     Some((_, arg)) => max_unpool_add(&dk, arg, c, dx, c, 0),
                     None => dx.iter_mut().zip(dk.iter()).for_each(|(a, b)| *a += b),
-                }
-            }
-            None => {
-                // Channel-major dx (C × N): the same sums, in the same order per element.
-                add_transposed(MatRef::new(&dq, 0, n, c, c), dx);
-                match &saved.pooled_x {
-                    Some((_, arg)) => max_unpool_add_transposed(&dk, arg, c, dx, n),
-                    None => add_transposed(MatRef::new(&dk, 0, n, c, c), dx),
                 }
             }
         }

@@ -372,66 +372,8 @@ pub(crate) unsafe fn transpose16(
     scale: Option<&[f32; 16]>,
 ) {
     let _ = amx;
-    #[cfg(target_arch = "x86_64")]
     // SAFETY: the token proves AVX-512F; the caller guarantees the blocks.
-    unsafe {
-        transpose16_avx512(src, src_ld, dst, dst_ld, scale)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    for i in 0..16 {
-        for j in 0..16 {
-            // SAFETY: as above.
-            unsafe {
-                let v = *src.add(i * src_ld + j);
-                *dst.add(j * dst_ld + i) = scale.map_or(v, |s| v * s[j]);
-            }
-        }
-    }
-}
-
-/// # Safety
-/// AVX-512F; as [`transpose16`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose16_avx512(src: *const f32, src_ld: usize, dst: *mut f32, dst_ld: usize, scale: Option<&[f32; 16]>) {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller's guarantees.
-    unsafe {
-        let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * src_ld)));
-        // Pairs of rows interleaved, then pairs of pairs, then 128-bit lanes twice.
-        let t: [__m512; 16] = std::array::from_fn(|i| match i % 2 {
-            0 => _mm512_unpacklo_ps(r[i], r[i + 1]),
-            _ => _mm512_unpackhi_ps(r[i - 1], r[i]),
-        });
-        let pd = |x: __m512| _mm512_castps_pd(x);
-        let u: [__m512; 16] = std::array::from_fn(|i| {
-            let (base, k) = (i / 4 * 4, i % 4);
-            let (a, b) = (t[base + k / 2], t[base + 2 + k / 2]);
-            match k % 2 {
-                0 => _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a), pd(b))),
-                _ => _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a), pd(b))),
-            }
-        });
-        let v: [__m512; 16] = std::array::from_fn(|i| {
-            let (base, k) = (i / 8 * 8, i % 8);
-            let (a, b) = (u[base + k % 4], u[base + 4 + k % 4]);
-            match k / 4 {
-                0 => _mm512_shuffle_f32x4::<0x88>(a, b),
-                _ => _mm512_shuffle_f32x4::<0xdd>(a, b),
-            }
-        });
-        for j in 0..16 {
-            let (a, b) = (v[j % 8], v[8 + j % 8]);
-            let mut x = match j / 8 {
-                0 => _mm512_shuffle_f32x4::<0x88>(a, b),
-                _ => _mm512_shuffle_f32x4::<0xdd>(a, b),
-            };
-            if let Some(scale) = scale {
-                x = _mm512_mul_ps(x, _mm512_set1_ps(scale[j]));
-            }
-            _mm512_storeu_ps(dst.add(j * dst_ld), x);
-        }
-    }
+    unsafe { super::simd::transpose16(src, src_ld, dst, dst_ld, scale) }
 }
 
 /// [`pack_rows`] of a matrix whose columns are contiguous: row r's word g pairs elements

@@ -13,7 +13,8 @@
 //!   run-time choice), `bf16_simd` (the bf16 pair operations on each: `VDPBF16PS` or its exact
 //!   emulation), `bf16` (the scalar model of the bf16 instructions, bit for bit),
 //!   `microkernel` (the packed register tile for f32 and bf16 elements, and its packing),
-//!   `tiles` (tile sizes in one place).
+//!   `tiles` (tile sizes in one place), `transpose` (position-major results written channel-major
+//!   through register transposes).
 //!
 //! No kernel imports another for a type: every one takes [`views`] and [`simd`].
 
@@ -37,4 +38,5 @@ pub mod pool;
 pub(crate) mod sgemm_attention;
 pub mod simd;
 pub(crate) mod tiles;
+pub(crate) mod transpose;
 pub mod views;

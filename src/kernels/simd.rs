@@ -60,6 +60,22 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// ([`ROUNDER`] = 1.5·2^23), for −126 ≤ n ≤ 127.
     fn pow2_rounded(self, t: Self::V) -> Self::V;
 
+    /// `dst[j][i] = src[i][j]` for a [`Simd::LANES`] × [`Simd::LANES`] block, rows `src_ld`
+    /// and `dst_ld` floats apart (any 32-bit data). The default moves element by element;
+    /// the x86 paths shuffle registers.
+    ///
+    /// # Safety
+    /// The [`Simd::LANES`] rows of [`Simd::LANES`] floats at `src` readable, at `dst` writable.
+    #[inline(always)]
+    unsafe fn transpose(self, src: *const f32, src_ld: usize, dst: *mut f32, dst_ld: usize) {
+        for i in 0..Self::LANES {
+            for j in 0..Self::LANES {
+                // SAFETY: the caller's guarantees.
+                unsafe { *dst.add(j * dst_ld + i) = *src.add(i * src_ld + j) };
+            }
+        }
+    }
+
     /// Loads `ptr[..LANES]`, reading only slice elements (a safe [`Simd::load`]).
     ///
     /// # Panics
@@ -211,7 +227,7 @@ impl<const L: usize> Simd for Portable<L> {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{Avx2, Avx512, Avx512Bf16};
+pub(crate) use x86::{transpose16, Avx2, Avx512, Avx512Bf16};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -320,6 +336,11 @@ mod x86 {
         fn pow2_rounded(self, t: __m512) -> __m512 {
             self.base.pow2_rounded(t)
         }
+        #[inline(always)]
+        unsafe fn transpose(self, src: *const f32, src_ld: usize, dst: *mut f32, dst_ld: usize) {
+            // SAFETY: the caller's guarantees.
+            unsafe { self.base.transpose(src, src_ld, dst, dst_ld) }
+        }
     }
 
     impl Simd for Avx512 {
@@ -383,6 +404,64 @@ mod x86 {
             unsafe {
                 let n = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(super::ROUNDER.to_bits() as i32));
                 _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(n, _mm512_set1_epi32(127))))
+            }
+        }
+        #[inline(always)]
+        unsafe fn transpose(self, src: *const f32, src_ld: usize, dst: *mut f32, dst_ld: usize) {
+            // SAFETY: the token proves AVX-512F; the caller guarantees the blocks.
+            unsafe { transpose16(src, src_ld, dst, dst_ld, None) }
+        }
+    }
+
+    /// `dst[j][i] = src[i][j] · scale[j]` (no scaling without `scale`) for a 16 × 16 block,
+    /// rows `src_ld` and `dst_ld` floats apart (any 32-bit data when unscaled): pairs of rows
+    /// interleaved, then pairs of pairs, then 128-bit lanes twice.
+    ///
+    /// # Safety
+    /// AVX-512F; the 16 rows of 16 floats at `src` readable, at `dst` writable.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn transpose16(
+        src: *const f32,
+        src_ld: usize,
+        dst: *mut f32,
+        dst_ld: usize,
+        scale: Option<&[f32; 16]>,
+    ) {
+        // SAFETY: the caller's guarantees.
+        unsafe {
+            let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * src_ld)));
+            let t: [__m512; 16] = std::array::from_fn(|i| match i % 2 {
+                0 => _mm512_unpacklo_ps(r[i], r[i + 1]),
+                _ => _mm512_unpackhi_ps(r[i - 1], r[i]),
+            });
+            let pd = |x: __m512| _mm512_castps_pd(x);
+            let u: [__m512; 16] = std::array::from_fn(|i| {
+                let (base, k) = (i / 4 * 4, i % 4);
+                let (a, b) = (t[base + k / 2], t[base + 2 + k / 2]);
+                match k % 2 {
+                    0 => _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a), pd(b))),
+                    _ => _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a), pd(b))),
+                }
+            });
+            let v: [__m512; 16] = std::array::from_fn(|i| {
+                let (base, k) = (i / 8 * 8, i % 8);
+                let (a, b) = (u[base + k % 4], u[base + 4 + k % 4]);
+                match k / 4 {
+                    0 => _mm512_shuffle_f32x4::<0x88>(a, b),
+                    _ => _mm512_shuffle_f32x4::<0xdd>(a, b),
+                }
+            });
+            for j in 0..16 {
+                let (a, b) = (v[j % 8], v[8 + j % 8]);
+                let mut x = match j / 8 {
+                    0 => _mm512_shuffle_f32x4::<0x88>(a, b),
+                    _ => _mm512_shuffle_f32x4::<0xdd>(a, b),
+                };
+                if let Some(scale) = scale {
+                    x = _mm512_mul_ps(x, _mm512_set1_ps(scale[j]));
+                }
+                _mm512_storeu_ps(dst.add(j * dst_ld), x);
             }
         }
     }
@@ -462,6 +541,35 @@ mod x86 {
             unsafe {
                 let n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(super::ROUNDER.to_bits() as i32));
                 _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(n, _mm256_set1_epi32(127))))
+            }
+        }
+        #[inline(always)]
+        unsafe fn transpose(self, src: *const f32, src_ld: usize, dst: *mut f32, dst_ld: usize) {
+            // SAFETY: the token proves AVX2; the caller guarantees the blocks. Pairs of rows
+            // interleaved, then pairs of pairs, then the 128-bit halves.
+            unsafe {
+                let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * src_ld)));
+                let t: [__m256; 8] = std::array::from_fn(|i| match i % 2 {
+                    0 => _mm256_unpacklo_ps(r[i], r[i + 1]),
+                    _ => _mm256_unpackhi_ps(r[i - 1], r[i]),
+                });
+                // u[4h + q]: rows 4h..4h+4, columns q, q + 4 of each half.
+                let u: [__m256; 8] = std::array::from_fn(|i| {
+                    let (base, k) = (i / 4 * 4, i % 4);
+                    let (a, b) = (t[base + k / 2], t[base + 2 + k / 2]);
+                    match k % 2 {
+                        0 => _mm256_shuffle_ps::<0x44>(a, b),
+                        _ => _mm256_shuffle_ps::<0xee>(a, b),
+                    }
+                });
+                for j in 0..8 {
+                    let (a, b) = (u[j % 4], u[4 + j % 4]);
+                    let x = match j / 4 {
+                        0 => _mm256_permute2f128_ps::<0x20>(a, b),
+                        _ => _mm256_permute2f128_ps::<0x31>(a, b),
+                    };
+                    _mm256_storeu_ps(dst.add(j * dst_ld), x);
+                }
             }
         }
     }
