@@ -4,6 +4,8 @@
 //! (decided here and nowhere else), and one sample's projections and pooled keys
 //! ([`Prepared`], from [`prepare()`]).
 
+use std::sync::OnceLock;
+
 use crate::config::{Mode, NonLocalConfig, Precision};
 use crate::kernels::gemm::bf16_on_tiles;
 use crate::params::Parameters;
@@ -28,8 +30,10 @@ pub(crate) struct Compiled {
     pub(crate) w_phi: Vec<f32>,
     /// Per output channel, the BatchNorm factor γ/√(var + eps) (1 without BatchNorm).
     pub(crate) bn_scale: Vec<f32>,
-    /// Embedded Gaussian: what the forward pass needs to fold θ into the keys.
-    pub(crate) theta_fold: Option<ThetaFold>,
+    /// Whether the forward pass may fold θ into the keys (embedded Gaussian and dot product,
+    /// pooled keys or C < C'), and what it needs then, made on its first use.
+    theta_fold_pays: bool,
+    theta_fold: OnceLock<ThetaFold>,
     /// C and C'.
     channels: (usize, usize),
     mode: Mode,
@@ -52,10 +56,13 @@ pub(crate) struct ThetaFold {
 impl Compiled {
     pub(crate) fn new(config: &NonLocalConfig, params: &Parameters) -> Self {
         let (c, ci) = (config.in_channels, config.inter_channels);
-        let mut w_proj: Vec<f32> = Vec::new();
-        let mut b_proj: Vec<f32> = Vec::new();
+        let mut w_proj: Vec<f32> = Vec::with_capacity(3 * ci * c + c);
+        let mut b_proj: Vec<f32> = Vec::with_capacity(3 * ci + 1);
         let mut push = |conv: &crate::params::Conv1x1| {
-            w_proj.extend(conv.weight.iter());
+            match conv.weight.as_slice() {
+                Some(rows) => w_proj.extend_from_slice(rows),
+                None => w_proj.extend(conv.weight.iter()),
+            }
             match &conv.bias {
                 Some(b) => b_proj.extend(b.iter()),
                 None => b_proj.extend(std::iter::repeat_n(0.0, conv.weight.nrows())),
@@ -112,20 +119,7 @@ impl Compiled {
         let precision = config.precision;
         let logit_rows = |rows: usize| if precision.bf16_logits() { 0 } else { rows };
         let uses_logits = matches!(config.mode, Mode::EmbeddedGaussian | Mode::DotProduct);
-        let theta_fold = (uses_logits && fold_may_pay).then(|| ThetaFold {
-            w_keys: Weights::mixed(w_proj[ci * c..].to_vec(), 2 * ci, c, precision, logit_rows(ci)),
-            b_keys: b_proj[ci..].to_vec(),
-            // W_θᵀ: f32 (near f32 on AMX tiles for `Bf16`), bf16 for `Bf16Logits` where bf16
-            // products run on tiles (K' = φ·W_θ is rounded for the bf16 logits anyway).
-            w_theta_t: Weights::mixed(
-                (0..c * ci).map(|i| w_proj[(i % ci) * c + i / ci]).collect(),
-                c,
-                ci,
-                precision,
-                if precision.bf16_logits() && bf16_on_tiles() { 0 } else { c },
-            ),
-            b_theta: b_proj[..ci].to_vec(),
-        });
+        let theta_fold_pays = uses_logits && fold_may_pay;
         // The leading projection rows that stay f32 in a bf16 block.
         let f32_rows = logit_rows(match config.mode {
             Mode::EmbeddedGaussian => 2 * ci,
@@ -145,11 +139,38 @@ impl Compiled {
             b_out,
             w_phi,
             bn_scale,
-            theta_fold,
+            theta_fold_pays,
+            theta_fold: OnceLock::new(),
             channels: (c, ci),
             mode: config.mode,
             precision,
         }
+    }
+
+    /// What folding θ into the keys needs ([`ThetaFold`]), made on the first call; `None`
+    /// where the fold never pays.
+    pub(crate) fn theta_fold(&self) -> Option<&ThetaFold> {
+        let (c, ci) = self.channels;
+        let precision = self.precision;
+        let logit_rows = |rows: usize| if precision.bf16_logits() { 0 } else { rows };
+        let make = || {
+            let w_proj = self.w_proj.values();
+            ThetaFold {
+                w_keys: Weights::mixed(w_proj[ci * c..].to_vec(), 2 * ci, c, precision, logit_rows(ci)),
+                b_keys: self.b_proj[ci..].to_vec(),
+                // W_θᵀ: f32 (near f32 on AMX tiles for `Bf16`), bf16 for `Bf16Logits` where bf16
+                // products run on tiles (K' = φ·W_θ is rounded for the bf16 logits anyway).
+                w_theta_t: Weights::mixed(
+                    (0..c * ci).map(|i| w_proj[(i % ci) * c + i / ci]).collect(),
+                    c,
+                    ci,
+                    precision,
+                    if precision.bf16_logits() && bf16_on_tiles() { 0 } else { c },
+                ),
+                b_theta: self.b_proj[..ci].to_vec(),
+            }
+        };
+        self.theta_fold_pays.then(|| self.theta_fold.get_or_init(make))
     }
 
     /// Whether the forward pass folds θ into the keys for N queries and M keys (see
@@ -163,7 +184,7 @@ impl Compiled {
             Mode::Gaussian | Mode::Concatenation => false,
         };
         let (fold, project) = self.logit_costs(n, m);
-        self.theta_fold.is_some() && uses_logits && fold < project
+        self.theta_fold_pays && uses_logits && fold < project
     }
 
     /// The multiply-adds of the logits `θ_i·φ_j` with θ folded into the keys (`φ·W_θ`, then
@@ -233,7 +254,7 @@ impl Compiled {
         };
         let (fold, project) = self.logit_costs(n, m);
         let (fold_v, after) = self.aggregation_costs(n, m, 1.0);
-        let logits = if self.theta_fold.is_some() { fold.min(project) } else { project };
+        let logits = if self.theta_fold_pays { fold.min(project) } else { project };
         logits + fold_v.min(after) < associated
     }
 

@@ -156,7 +156,10 @@ pub(crate) fn prepare<'a>(
     let (n, c, ci) = (x.rows(), x.cols(), config.inter_channels);
     let kernel = config.pool_kernel();
     let m: usize = pooled_grid(grid, kernel).iter().product();
-    let fold = compiled.theta_fold.as_ref().filter(|_| purpose == Purpose::Inference && compiled.folds_theta(n, m));
+    let fold = match purpose == Purpose::Inference && compiled.folds_theta(n, m) {
+        true => compiled.theta_fold(),
+        false => None,
+    };
     let (weights, bias, cols) = match fold {
         Some(fold) => (&fold.w_keys, &fold.b_keys, Columns::theta_folded(ci)),
         None => (&compiled.w_proj, &compiled.b_proj, Columns::of(config.mode, ci)),

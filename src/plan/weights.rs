@@ -1,17 +1,19 @@
 //! A layer's weights as the kernels use them: packed once, when the parameters are set, for
 //! the block's precision.
 
+use std::sync::OnceLock;
+
 use crate::config::Precision;
 use crate::kernels::gemm::{fill_rows, par_gemm, par_gemm_prepacked, par_gemm_prepacked_bias, PrepackedB};
 use crate::kernels::views::{MatMut, MatRef};
 use crate::workspace::Workspace;
 
 /// A layer's weights W (`out × in`, row-major), the right-hand operand of `X·Wᵀ` on every
-/// forward pass: Wᵀ is packed once here for the GEMM path this process runs, in f32, or (a
-/// bf16 block) with the rows from `split` on rounded to bf16 for bf16 products, the rows before
-/// `split` in f32 (the products that stay f32: the logits' θ and φ). The f32 weights are kept
-/// too, for the products that stay f32 throughout (training and attention maps pack them on
-/// the call).
+/// forward pass: Wᵀ is packed for the GEMM path this process runs, once, on the first product
+/// that needs it (a block built for one training step never packs), in f32, or (a bf16 block)
+/// with the rows from `split` on rounded to bf16 for bf16 products, the rows before `split` in
+/// f32 (the products that stay f32: the logits' θ and φ). The f32 weights are kept too, for the
+/// products that stay f32 throughout (training and attention maps pack them on the call).
 #[derive(Clone, Debug)]
 pub(crate) struct Weights {
     data: Vec<f32>,
@@ -19,6 +21,13 @@ pub(crate) struct Weights {
     inp: usize,
     /// Rows `0..split` are multiplied in f32 whatever the precision asked.
     split: usize,
+    precision: Precision,
+    packed: OnceLock<Packings>,
+}
+
+/// [`Weights`]' packings.
+#[derive(Clone, Debug)]
+struct Packings {
     /// `W[0..split]ᵀ` packed ahead for f32 products.
     head: PrepackedB,
     /// `W[0..split]ᵀ` packed for the near-f32 products of a bf16 block's forward pass, where
@@ -29,7 +38,7 @@ pub(crate) struct Weights {
 }
 
 impl Weights {
-    /// W from `data` (`out × in`, row-major), packed for f32 products.
+    /// W from `data` (`out × in`, row-major), for f32 products.
     ///
     /// # Panics
     /// If `data` does not hold `out × in` floats (an internal error).
@@ -38,8 +47,8 @@ impl Weights {
     }
 
     /// W from `data` (`out × in`, row-major) for a block in `precision`: with
-    /// [`Precision::Bf16`], rows `split..` are rounded to bf16 once, here, and multiplied in
-    /// bf16; rows `..split` stay f32.
+    /// [`Precision::Bf16`], rows `split..` are rounded to bf16 once, when packed, and
+    /// multiplied in bf16; rows `..split` stay f32.
     ///
     /// # Panics
     /// If `data` does not hold `out × in` floats or `split > out` (an internal error).
@@ -47,16 +56,32 @@ impl Weights {
         assert_eq!(Some(data.len()), out.checked_mul(inp), "Weights: {out}×{inp}");
         assert!(split <= out, "Weights: split {split} of {out} rows");
         let split = if precision == Precision::F32 { out } else { split };
-        let rows = |from: usize, to: usize| MatRef::new(&data, from * inp, to - from, inp, inp).t();
-        let head = PrepackedB::new(rows(0, split), Precision::F32);
-        let head_near = if precision == Precision::F32 { None } else { PrepackedB::near_f32(rows(0, split)) };
-        let tail = PrepackedB::new(rows(split, out), if split < out { Precision::Bf16 } else { Precision::F32 });
-        Weights { data, out, inp, split, head, head_near, tail }
+        Weights { data, out, inp, split, precision, packed: OnceLock::new() }
+    }
+
+    /// The packings, made on the first call.
+    fn packings(&self) -> &Packings {
+        self.packed.get_or_init(|| {
+            let (inp, split, out) = (self.inp, self.split, self.out);
+            let rows = |from: usize, to: usize| MatRef::new(&self.data, from * inp, to - from, inp, inp).t();
+            let head = PrepackedB::new(rows(0, split), Precision::F32);
+            let head_near = match self.precision {
+                Precision::F32 => None,
+                _ => PrepackedB::near_f32(rows(0, split)),
+            };
+            let tail_precision = if split < out { Precision::Bf16 } else { Precision::F32 };
+            Packings { head, head_near, tail: PrepackedB::new(rows(split, out), tail_precision) }
+        })
     }
 
     /// W's values (`out × in`, row-major).
     pub(crate) fn to_vec(&self) -> Vec<f32> {
         self.data.clone()
+    }
+
+    /// W's values (`out × in`, row-major), borrowed.
+    pub(crate) fn values(&self) -> &[f32] {
+        &self.data
     }
 
     /// W as a view (`out × in`).
@@ -89,9 +114,10 @@ impl Weights {
     /// [`Weights::apply`] and [`Weights::apply_bias`]: the products start from `start`.
     fn apply_from(&self, precision: Precision, x: MatRef<'_>, start: Start<'_>, c: &mut MatMut<'_>, ws: &Workspace) {
         let (split, out) = (self.split, self.out);
-        let head = match (&self.head_near, precision) {
+        let packed = self.packings();
+        let head = match (&packed.head_near, precision) {
             (Some(near), p) if p != Precision::F32 => near,
-            _ => &self.head,
+            _ => &packed.head,
         };
         if split == out {
             return start.prepacked(Precision::F32, x, (self.view().t(), head), c, ws);
@@ -119,7 +145,7 @@ impl Weights {
             start.columns(0, split).prepacked(Precision::F32, x, (rows_of(0, split), head), &mut head_c, ws);
         }
         let mut tail = MatMut::new(&mut c.data_mut()[split..], rows, out - split, ld);
-        start.columns(split, out).prepacked(Precision::Bf16, x, (rows_of(split, out), &self.tail), &mut tail, ws);
+        start.columns(split, out).prepacked(Precision::Bf16, x, (rows_of(split, out), &packed.tail), &mut tail, ws);
     }
 }
 
