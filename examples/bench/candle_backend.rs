@@ -29,17 +29,22 @@ pub fn bench_case(
         );
     };
     let layer = Layer::new(block, x, grad_output);
-    let backends = ["native", "candle", "candle-plain"];
+    let backends = ["native", "candle", "native-channels-first", "candle-plain"];
     let mut forward = || {
         std::hint::black_box(block.forward(x).expect("bench forward"));
+    };
+    // The native block on PyTorch's layout, as the candle op runs it.
+    let (x_cf, g_cf) = (first(x), first(grad_output));
+    let mut forward_cf = || {
+        std::hint::black_box(block.forward_channels_first(&x_cf).expect("bench forward"));
     };
     let (mut candle, mut plain) = (|| layer.forward(false), || layer.forward(true));
     // candle-plain on its own after the others: its N×M buffers would change how the C
     // allocator treats theirs from one repetition to the next.
-    let mut runs: [&mut dyn FnMut(); 2] = [&mut forward, &mut candle];
+    let mut runs: [&mut dyn FnMut(); 3] = [&mut forward, &mut candle, &mut forward_cf];
     let mut medians = interleaved_medians(args.reps, &mut runs);
     medians.extend(interleaved_medians(args.reps, &mut [&mut plain as &mut dyn FnMut()]));
-    let mut runs: [&mut dyn FnMut(); 3] = [&mut forward, &mut candle, &mut plain];
+    let mut runs: [&mut dyn FnMut(); 4] = [&mut forward, &mut candle, &mut forward_cf, &mut plain];
     for ((backend, (median, _)), run) in backends.iter().zip(medians).zip(runs.iter_mut()) {
         report(backend, "", median, flops, peak_mb(run));
     }
@@ -51,8 +56,6 @@ pub fn bench_case(
         };
         let (mut candle, mut plain) = (|| layer.train(false, Loss::Dot), || layer.train(true, Loss::Dot));
         let mut injected = || layer.train(false, Loss::Injected);
-        // The native block on PyTorch's layout, as the candle op runs it.
-        let (x_cf, g_cf) = (first(x), first(grad_output));
         let mut train_cf = || {
             let (z, ctx) = block.forward_train_channels_first(&x_cf).expect("bench forward_train");
             std::hint::black_box(z);

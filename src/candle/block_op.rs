@@ -12,13 +12,14 @@
 //!
 //! **What it keeps for the backward pass.** The op's `cpu_fwd` runs the channels-first
 //! training pass (`forward_train_channels_first`'s, on the storage itself) and keeps the
-//! block and its [`TrainContext`](crate::TrainContext) (O(N·C): the projections, pooled keys,
+//! block and its [`TrainContext`] (O(N·C): the projections, pooled keys,
 //! y and one log-sum-exp per query, never N×M) inside the op itself, which candle holds in
 //! the graph for `bwd`; `bwd` reads the output gradient channels-first the same way. Neither
 //! direction transposes: the GEMMs read the channel-major storage through strides and write
 //! the output and ∂L/∂x channel-major straight into the tensors candle gets. When neither
-//! the input nor a parameter needs a gradient, it is applied without backward and runs the
-//! inference `forward` (with its folds) instead.
+//! the input nor a parameter needs a gradient, the layer runs [`CachedBlock`] instead: the
+//! inference `forward` (with its folds) of a block it keeps while the parameters' bits stay
+//! those it was built from (checked by one comparison, no concatenation).
 //!
 //! **Parameters** travel as one flat f32 tensor (their concatenation, a candle op whose
 //! backward hands each parameter its slice of the gradient), in the order of
@@ -27,12 +28,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use ndarray::{Array1, Array2, ArrayView5, ShapeBuilder};
 
 use super::views::{collapsed, f32_data, with_cpu_f32};
 use crate::block::{Layout as InputLayout, NonLocalBlock, Order, TrainContext};
 use crate::config::NonLocalConfig;
+use crate::kernels::microkernel::Word;
 use crate::params::{BatchNorm, Conv1x1, Parameters};
 use crate::workspace::Workspace;
 
@@ -79,67 +81,101 @@ pub(crate) fn entries(config: &NonLocalConfig, present: Present) -> Vec<(&'stati
 /// The inference block a layer keeps, with the flat parameters it was built from.
 pub(crate) type BlockCache = Arc<Mutex<Option<(Vec<f32>, NonLocalBlock)>>>;
 
-/// The block on channels-first input (B, C, positions…) with flat parameters.
+/// Whether `parts`, laid end to end, hold exactly the bits of `values` (a part not contiguous
+/// on the CPU counts as different: the caller rebuilds).
+pub(crate) fn same_bits(values: &[f32], parts: &[Tensor]) -> bool {
+    let mut at = 0;
+    for part in parts {
+        let len = part.elem_count();
+        let Some(want) = values.get(at..at + len) else { return false };
+        at += len;
+        let same = with_cpu_f32(part, "parameter", |data, layout| {
+            let start = layout.start_offset();
+            Ok(layout.is_contiguous() && data.get(start..start + len).is_some_and(|got| u32::of(got) == u32::of(want)))
+        });
+        if !matches!(same, Ok(true)) {
+            return false;
+        }
+    }
+    at == values.len()
+}
+
+/// The block on channels-first input (B, C, positions…) with flat parameters, trained:
+/// `forward_train`, keeping what `bwd` needs.
 pub(crate) struct BlockOp {
     pub(crate) config: NonLocalConfig,
     pub(crate) present: Present,
-    /// Whether to run `forward_train` and keep what `bwd` needs.
-    pub(crate) train: bool,
     /// The layer's scratch buffers, kept between calls (fresh pages for every projection and
     /// gradient buffer would cost more than some of the passes that fill them).
     pub(crate) workspace: Arc<Workspace>,
-    /// The layer's last inference block and the flat parameters it was built from: reused
-    /// when they are equal (one comparison instead of rebuilding the packed weights).
-    pub(crate) cache: BlockCache,
     pub(crate) saved: Mutex<Option<(NonLocalBlock, TrainContext)>>,
+}
+
+/// The layer's inference block (built by the layer, see [`BlockCache`]) on channels-first
+/// input, without backward.
+pub(crate) struct CachedBlock {
+    pub(crate) cache: BlockCache,
 }
 
 fn wrap(e: crate::Error) -> candle_core::Error {
     candle_core::Error::wrap(e)
 }
 
-fn poisoned() -> candle_core::Error {
+pub(crate) fn poisoned() -> candle_core::Error {
     candle_core::Error::Msg("nonlocal: a lock was poisoned by a panic".into())
 }
 
-impl BlockOp {
-    /// Parameters from the flat f32 values.
-    fn parameters(&self, flat: &[f32]) -> Result<Parameters> {
-        let entries = entries(&self.config, self.present);
-        let total: usize = entries.iter().map(|e| e.1).sum();
-        if flat.len() != total {
-            candle_core::bail!("nonlocal: {} parameter values, expected {total}", flat.len());
-        }
-        let (c, ci) = (self.config.in_channels, self.config.inter_channels);
-        let mut at = 0;
-        let mut take = |len: usize| {
-            let part = &flat[at..at + len];
-            at += len;
-            part.to_vec()
-        };
-        let mut values = std::collections::HashMap::new();
-        for (name, len) in &entries {
-            values.insert(*name, take(*len));
-        }
-        let mut conv = |name: &str, out: usize, inp: usize| -> Option<Conv1x1> {
-            let weight = values.remove(format!("{name}.weight").as_str())?;
-            let bias = values.remove(format!("{name}.bias").as_str()).map(Array1::from_vec);
-            Some(Conv1x1 { weight: Array2::from_shape_vec((out, inp), weight).expect("sized by entries"), bias })
-        };
-        let theta = conv("theta", ci, c);
-        let phi = conv("phi", ci, c);
-        let g = conv("g", ci, c).expect("g is always present");
-        let w_z = conv("w_z", c, ci).expect("W_z is always present");
-        let mut vector = |name: &str| values.remove(name).map(Array1::from_vec);
-        let bn = match (vector("bn.weight"), vector("bn.bias"), vector("bn.running_mean"), vector("bn.running_var")) {
-            (Some(weight), Some(bias), Some(running_mean), Some(running_var)) => {
-                Some(BatchNorm { weight, bias, running_mean, running_var })
-            }
-            _ => None,
-        };
-        let concat_project = vector("concat_project");
-        Ok(Parameters { theta, phi, g, w_z, bn, concat_project })
+/// The block of the flat f32 parameter values (the order of [`entries`]), on `workspace`.
+///
+/// # Errors
+/// When there are not as many values as `entries` says, or the block rejects them.
+pub(crate) fn block_from_flat(
+    config: &NonLocalConfig,
+    present: Present,
+    flat: &[f32],
+    workspace: &Arc<Workspace>,
+) -> Result<NonLocalBlock> {
+    let mut block = NonLocalBlock::from_parameters(config.clone(), parameters(config, present, flat)?).map_err(wrap)?;
+    block.share_workspace(Arc::clone(workspace));
+    Ok(block)
+}
+
+/// Parameters from the flat f32 values.
+fn parameters(config: &NonLocalConfig, present: Present, flat: &[f32]) -> Result<Parameters> {
+    let entries = entries(config, present);
+    let total: usize = entries.iter().map(|e| e.1).sum();
+    if flat.len() != total {
+        candle_core::bail!("nonlocal: {} parameter values, expected {total}", flat.len());
     }
+    let (c, ci) = (config.in_channels, config.inter_channels);
+    let mut at = 0;
+    let mut take = |len: usize| {
+        let part = &flat[at..at + len];
+        at += len;
+        part.to_vec()
+    };
+    let mut values = std::collections::HashMap::new();
+    for (name, len) in &entries {
+        values.insert(*name, take(*len));
+    }
+    let mut conv = |name: &str, out: usize, inp: usize| -> Option<Conv1x1> {
+        let weight = values.remove(format!("{name}.weight").as_str())?;
+        let bias = values.remove(format!("{name}.bias").as_str()).map(Array1::from_vec);
+        Some(Conv1x1 { weight: Array2::from_shape_vec((out, inp), weight).expect("sized by entries"), bias })
+    };
+    let theta = conv("theta", ci, c);
+    let phi = conv("phi", ci, c);
+    let g = conv("g", ci, c).expect("g is always present");
+    let w_z = conv("w_z", c, ci).expect("W_z is always present");
+    let mut vector = |name: &str| values.remove(name).map(Array1::from_vec);
+    let bn = match (vector("bn.weight"), vector("bn.bias"), vector("bn.running_mean"), vector("bn.running_var")) {
+        (Some(weight), Some(bias), Some(running_mean), Some(running_var)) => {
+            Some(BatchNorm { weight, bias, running_mean, running_var })
+        }
+        _ => None,
+    };
+    let concat_project = vector("concat_project");
+    Ok(Parameters { theta, phi, g, w_z, bn, concat_project })
 }
 
 /// A channels-first tensor's storage (B, C, positions…) viewed as (B, C, T, H, W).
@@ -171,30 +207,15 @@ impl CustomOp2 for BlockOp {
         if !lp.is_contiguous() {
             candle_core::bail!("nonlocal: the flat parameters must be contiguous");
         }
-        let build = || -> Result<NonLocalBlock> {
-            let mut block =
-                NonLocalBlock::from_parameters(self.config.clone(), self.parameters(flat)?).map_err(wrap)?;
-            block.share_workspace(Arc::clone(&self.workspace));
-            Ok(block)
-        };
-        if self.train {
-            // Channels-first in, channels-first out: the block reads the storage through
-            // strides and its output GEMM writes channel-major rows into the result.
-            let block = build()?;
-            let x5 = block.check_input(clips(x, lx)?.into_dyn(), InputLayout::Clips).map_err(wrap)?;
-            let mut z = crate::block::buffer(x5.len(), "output").map_err(wrap)?;
-            // No copy of x in the context: candle keeps x for `bwd`, which reads it again.
-            let ctx = block.forward_train_checked(x5, Order::ChannelMajor, &mut z, false).map_err(wrap)?;
-            *self.saved.lock().map_err(|_| poisoned())? = Some((block, ctx));
-            return Ok((CpuStorage::F32(z), lx.shape().clone()));
-        }
-        let mut cache = self.cache.lock().map_err(|_| poisoned())?;
-        if cache.as_ref().is_none_or(|(params, _)| params.as_slice() != flat) {
-            *cache = Some((flat.to_vec(), build()?));
-        }
-        let (_, block) = cache.as_ref().expect("filled above");
-        let z = block.forward_channels_first(&channels_first(x, lx)?).map_err(wrap)?;
-        Ok((CpuStorage::F32(z.into_raw_vec_and_offset().0), lx.shape().clone()))
+        // Channels-first in, channels-first out: the block reads the storage through strides
+        // and its output GEMM writes channel-major rows into the result.
+        let block = block_from_flat(&self.config, self.present, flat, &self.workspace)?;
+        let x5 = block.check_input(clips(x, lx)?.into_dyn(), InputLayout::Clips).map_err(wrap)?;
+        let mut z = crate::block::buffer(x5.len(), "output").map_err(wrap)?;
+        // No copy of x in the context: candle keeps x for `bwd`, which reads it again.
+        let ctx = block.forward_train_checked(x5, Order::ChannelMajor, &mut z, false).map_err(wrap)?;
+        *self.saved.lock().map_err(|_| poisoned())? = Some((block, ctx));
+        Ok((CpuStorage::F32(z), lx.shape().clone()))
     }
 
     fn bwd(
@@ -222,11 +243,30 @@ impl CustomOp2 for BlockOp {
         let mut flat = Vec::with_capacity(params.elem_count());
         for (name, len) in entries(&self.config, self.present) {
             match named.iter().find(|(n, _)| n == name) {
-                Some((_, g)) => flat.extend(g.iter().copied()),
+                Some((_, g)) => match g.as_slice() {
+                    Some(values) => flat.extend_from_slice(values),
+                    None => flat.extend(g.iter().copied()),
+                },
                 None => flat.extend(std::iter::repeat_n(0.0, len)),
             }
         }
         let dp = Tensor::from_vec(flat, params.dims(), &candle_core::Device::Cpu)?;
         Ok((x.track_op().then_some(dx), params.track_op().then_some(dp)))
+    }
+}
+
+impl CustomOp1 for CachedBlock {
+    fn name(&self) -> &'static str {
+        "nonlocal-block"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_data(sx, "x")?;
+        let cache = self.cache.lock().map_err(|_| poisoned())?;
+        let Some((_, block)) = cache.as_ref() else {
+            candle_core::bail!("nonlocal: the layer's block was not built before its op ran");
+        };
+        let z = block.forward_channels_first(&channels_first(x, lx)?).map_err(wrap)?;
+        Ok((CpuStorage::F32(z.into_raw_vec_and_offset().0), lx.shape().clone()))
     }
 }

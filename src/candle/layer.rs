@@ -6,7 +6,7 @@ use candle_nn::{Init, VarBuilder};
 
 use std::sync::{Arc, Mutex};
 
-use super::block_op::{entries, BlockCache, BlockOp, Present};
+use super::block_op::{block_from_flat, poisoned, same_bits, BlockCache, BlockOp, CachedBlock, Present};
 use super::views::collapsible;
 use crate::config::{Mode, NonLocalConfig};
 use crate::load::{Naming, WeightKeys};
@@ -310,15 +310,19 @@ impl NonLocal {
         }
     }
 
-    /// The parameters as one flat f32 tensor in the order of [`entries`], and what it holds.
-    fn flat_parameters(&self) -> Result<(Present, Tensor)> {
-        let present = Present {
+    /// Which optional parameters the layer has.
+    fn present(&self) -> Present {
+        Present {
             theta_phi: self.theta.is_some(),
             bias: [&self.theta, &self.phi, &Some(self.g.clone()), &Some(self.w_z.clone())]
                 .map(|c| c.as_ref().is_some_and(|c| c.bias.is_some())),
             bn: self.bn.is_some(),
             concat: self.concat_project.is_some(),
-        };
+        }
+    }
+
+    /// The parameters as f32 tensors in the order of [`entries`](super::block_op::entries) (weights flattened).
+    fn parameter_parts(&self) -> Result<Vec<Tensor>> {
         let mut parts: Vec<Tensor> = Vec::new();
         for conv in [&self.theta, &self.phi].into_iter().flatten().chain([&self.g, &self.w_z]) {
             parts.push(conv.weight.flatten_all()?);
@@ -331,11 +335,7 @@ impl NonLocal {
         if let Some(bn) = &self.bn {
             parts.extend([bn.running_mean.clone(), bn.running_var.clone()]);
         }
-        let parts: Vec<Tensor> = parts.iter().map(|t| t.to_dtype(DType::F32)).collect::<Result<_>>()?;
-        let flat = Tensor::cat(&parts, 0)?;
-        let expected: usize = entries(&self.config, present).iter().map(|e| e.1).sum();
-        debug_assert_eq!(flat.elem_count(), expected);
-        Ok((present, flat))
+        parts.iter().map(|t| t.to_dtype(DType::F32)).collect()
     }
 
     /// The CPU forward pass: the whole block as one custom op (see `block_op`), in f32.
@@ -347,12 +347,25 @@ impl NonLocal {
         if broadcast || !collapsible(&x32, 1, 1) {
             x32 = x32.contiguous()?;
         }
-        let (present, flat) = self.flat_parameters()?;
-        let train = x32.track_op() || flat.track_op();
-        let (workspace, cache) = (Arc::clone(&self.workspace), Arc::clone(&self.cache));
-        let op = BlockOp { config: self.config.clone(), present, train, workspace, cache, saved: Mutex::new(None) };
-        let z = if train { x32.apply_op2(&flat, op)? } else { x32.apply_op2_no_bwd(&flat, &op)? };
-        z.to_dtype(dtype)
+        let parts = self.parameter_parts()?;
+        if !x32.track_op() && !parts.iter().any(Tensor::track_op) {
+            // Inference: the block built from these parameters before, when their bits are
+            // those it was built from (one comparison, no concatenation), else a new one.
+            let present = self.present();
+            let mut cache = self.cache.lock().map_err(|_| poisoned())?;
+            if !cache.as_ref().is_some_and(|(values, _)| same_bits(values, &parts)) {
+                let values = Tensor::cat(&parts, 0)?.to_vec1::<f32>()?;
+                let block = block_from_flat(&self.config, present, &values, &self.workspace)?;
+                *cache = Some((values, block));
+            }
+            drop(cache);
+            let op = CachedBlock { cache: Arc::clone(&self.cache) };
+            return x32.apply_op1_no_bwd(&op)?.to_dtype(dtype);
+        }
+        let (present, flat) = (self.present(), Tensor::cat(&parts, 0)?);
+        let workspace = Arc::clone(&self.workspace);
+        let op = BlockOp { config: self.config.clone(), present, workspace, saved: Mutex::new(None) };
+        x32.apply_op2(&flat, op)?.to_dtype(dtype)
     }
 
     /// The block in plain candle ops on any device: projections by matmul, max-pool by

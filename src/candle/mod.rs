@@ -5,7 +5,7 @@
 //! `candle-flash-attn` CUDA-only), so attention written in candle forms the N×M matrix. This
 //! module brings the crate's kernels to candle as custom ops with exact backward passes:
 //!
-//! - [`attention`]: `softmax(s·Q·Kᵀ)·V` on (B, heads, N, d) tensors, the FlashAttention-style
+//! - [`attention()`]: `softmax(s·Q·Kᵀ)·V` on (B, heads, N, d) tensors, the FlashAttention-style
 //!   kernel forward and backward (from a saved log-sum-exp), O(N·d) memory per head;
 //!   [`attention_plain`] is candle's own composition, for comparison;
 //! - [`NonLocal`]: the whole block as a `candle_core::Module`, built from a
