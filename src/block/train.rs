@@ -709,8 +709,14 @@ pub(crate) fn column_sums(m: MatRef<'_>, out: &mut [f32]) {
         let mut sums = vec![0.0f64; out_block.len()];
         let mut row = vec![0.0f32; out_block.len()];
         for i in 0..cols.rows() {
-            cols.copy_row(i, &mut row);
-            sums.iter_mut().zip(&row).for_each(|(s, &v)| *s += v as f64);
+            let values = match cols.row(i) {
+                Some(values) => values,
+                None => {
+                    cols.copy_row(i, &mut row);
+                    &row[..]
+                }
+            };
+            sums.iter_mut().zip(values).for_each(|(s, &v)| *s += v as f64);
         }
         out_block.iter_mut().zip(sums).for_each(|(o, s)| *o = (*o as f64 + s) as f32);
     });

@@ -65,26 +65,42 @@ pub fn max_pool_argmax(src: MatRef<'_>, grid: [usize; 3], kernel: [usize; 3]) ->
     if c == 0 {
         return arg;
     }
-    arg.par_chunks_mut(c).enumerate().for_each(|(m, arg_row)| {
-        let (to, rest) = (m / (ph * pw), m % (ph * pw));
-        let (ho, wo) = (rest / pw, rest % pw);
+    // Pooled rows in parallel blocks, each block's running maxima in one buffer; the
+    // comparison is branch-free so that it vectorises.
+    let block = 16;
+    arg.par_chunks_mut(block * c).enumerate().for_each(|(b, arg_rows)| {
         let mut best = vec![0.0f32; c];
-        let mut values = vec![0.0f32; c];
-        let mut first = true;
-        for dt in 0..kt {
-            for dh in 0..kh {
-                for dw in 0..kw {
-                    let n = ((to * kt + dt) * h + ho * kh + dh) * w + wo * kw + dw;
-                    src.copy_row(n, &mut values);
-                    for ch in 0..c {
-                        let v = values[ch];
-                        let take = first || (!best[ch].is_nan() && (v > best[ch] || v.is_nan()));
-                        if take {
-                            best[ch] = v;
-                            arg_row[ch] = n as u32;
+        let mut copy = Vec::new();
+        for (r, arg_row) in arg_rows.chunks_mut(c).enumerate() {
+            let m = b * block + r;
+            let (to, rest) = (m / (ph * pw), m % (ph * pw));
+            let (ho, wo) = (rest / pw, rest % pw);
+            let mut first = true;
+            for dt in 0..kt {
+                for dh in 0..kh {
+                    for dw in 0..kw {
+                        let n = ((to * kt + dt) * h + ho * kh + dh) * w + wo * kw + dw;
+                        let values = match src.row(n) {
+                            Some(row) => row,
+                            None => {
+                                copy.resize(c, 0.0);
+                                src.copy_row(n, &mut copy);
+                                &copy[..]
+                            }
+                        };
+                        if first {
+                            best.copy_from_slice(values);
+                            arg_row.fill(n as u32);
+                            first = false;
+                            continue;
+                        }
+                        for ((b, a), &v) in best.iter_mut().zip(arg_row.iter_mut()).zip(values) {
+                            // The first maximum, or the first NaN (which then stays).
+                            let take = !b.is_nan() & ((v > *b) | v.is_nan());
+                            *b = if take { v } else { *b };
+                            *a = if take { n as u32 } else { *a };
                         }
                     }
-                    first = false;
                 }
             }
         }
