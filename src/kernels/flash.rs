@@ -436,6 +436,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
         let mut ds_by_key = ws.scratch((KEY_TILE / MR) * width * MR);
         let mut dq_t = ws.scratch(d_panels * MR * width);
         let vscale = s.splat(scale);
+        let normal = s.splat(f32::MIN_POSITIVE);
         let mut start = 0;
         while start < m {
             let end = (start + KEY_TILE).min(m);
@@ -482,6 +483,10 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                         let w = exp_vector(s, s.fmadd(s.load_slice(&p_panel[at..]), vscale, neg_lse));
                         s.store_slice(&mut p_panel[at..], w);
                         let g = s.mul(w, s.add(s.load_slice(&ds_panel[at..]), neg_delta));
+                        // Subnormal dS (tiny weights, as Gaussian's unscaled logits make) to 0:
+                        // as operands they cost a microcode assist per multiply-add.
+                        let magnitude = s.max(g, s.mul(s.splat(-1.0), g));
+                        let g = s.zero_below(magnitude, normal, g);
                         s.store_slice(&mut ds_panel[at..], g);
                     }
                 }

@@ -203,11 +203,12 @@ fn backward_tile(
         gemm(1.0, dy, v_t.t(), 0.0, &mut MatMut::new(&mut dp, rows, width, width));
         let p_view = MatRef::new(&p, 0, rows, width, width);
         gemm(1.0, p_view.t(), dy, 1.0, &mut MatMut::new(&mut dv[start * dvc..end * dvc], width, dvc, dvc));
-        // dS = P ⊙ (dP − D), stored over dP.
+        // dS = P ⊙ (dP − D), stored over dP; subnormal values to 0 (as the packed kernel).
         for r in 0..rows {
             let (pr, dpr) = (&p[r * width..(r + 1) * width], &mut dp[r * width..(r + 1) * width]);
             for (g, &w) in dpr.iter_mut().zip(pr) {
-                *g = w * (*g - delta[r]);
+                let v = w * (*g - delta[r]);
+                *g = if v.abs() < f32::MIN_POSITIVE { 0.0 } else { v };
             }
         }
         let ds = MatRef::new(&dp, 0, rows, width, width);
