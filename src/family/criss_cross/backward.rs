@@ -140,11 +140,15 @@ impl Context<'_> {
                 row[i] = 0.0;
             }
         }
-        // dS = A ⊙ (γ·dZ·Vᵀ − D).
+        // dS = A ⊙ (γ·dZ·Vᵀ − D), subnormal values as 0 (as the block's attention backward:
+        // as operands of the products below they cost a microcode assist each).
         gemm(self.gamma, dz, v.t(), 0.0, &mut MatMut::new(ds, len, len, len));
         for (i, (ds_row, a_row)) in ds.chunks_mut(len).zip(a.chunks(len)).enumerate() {
             let d = self.delta[first + i * stride];
-            ds_row.iter_mut().zip(a_row).for_each(|(g, &w)| *g = w * (*g - d));
+            ds_row.iter_mut().zip(a_row).for_each(|(g, &w)| {
+                let v = w * (*g - d);
+                *g = if v.abs() < f32::MIN_POSITIVE { 0.0 } else { v };
+            });
         }
         let (a, ds) = (MatRef::new(a, 0, len, len, len), MatRef::new(ds, 0, len, len, len));
         gemm(1.0, ds, k, 0.0, &mut MatMut::new(out, len, qk, width));
