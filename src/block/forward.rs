@@ -388,14 +388,7 @@ impl NonLocalBlock {
             let mut copy = Vec::new();
             for (r, row) in rows.chunks_mut(c).enumerate() {
                 let i = b * block + r;
-                let residual = match x.row(i) {
-                    Some(contiguous) => contiguous,
-                    None => {
-                        copy.resize(c, 0.0);
-                        x.copy_row(i, &mut copy);
-                        &copy[..]
-                    }
-                };
+                let residual = x.row_or_copy(i, &mut copy);
                 let terms = row.iter_mut().zip(residual).zip(bias);
                 if add {
                     terms.for_each(|((o, &v), &bias)| *o = *o + v + bias);

@@ -707,16 +707,9 @@ pub(crate) fn column_sums(m: MatRef<'_>, out: &mut [f32]) {
     out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, out_block)| {
         let cols = m.cols_range(b * BLOCK, b * BLOCK + out_block.len());
         let mut sums = vec![0.0f64; out_block.len()];
-        let mut row = vec![0.0f32; out_block.len()];
+        let mut row = Vec::new();
         for i in 0..cols.rows() {
-            let values = match cols.row(i) {
-                Some(values) => values,
-                None => {
-                    cols.copy_row(i, &mut row);
-                    &row[..]
-                }
-            };
-            sums.iter_mut().zip(values).for_each(|(s, &v)| *s += v as f64);
+            sums.iter_mut().zip(cols.row_or_copy(i, &mut row)).for_each(|(s, &v)| *s += v as f64);
         }
         out_block.iter_mut().zip(sums).for_each(|(o, s)| *o = (*o as f64 + s) as f32);
     });

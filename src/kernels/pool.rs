@@ -16,8 +16,6 @@ pub fn pooled_grid(grid: [usize; 3], kernel: [usize; 3]) -> [usize; 3] {
 pub fn max_pool(src: MatRef<'_>, grid: [usize; 3], kernel: [usize; 3], out: &mut [f32]) {
     let c = src.cols();
     let [pt, ph, pw] = pooled_grid(grid, kernel);
-    let [_, h, w] = grid;
-    let [kt, kh, kw] = kernel;
     assert_eq!(src.rows(), grid.iter().product::<usize>());
     assert_eq!(out.len(), pt * ph * pw * c);
     if c == 0 {
@@ -25,28 +23,15 @@ pub fn max_pool(src: MatRef<'_>, grid: [usize; 3], kernel: [usize; 3], out: &mut
     }
     out.par_chunks_mut(c * pw.max(1)).enumerate().for_each(|(row, dst_row)| {
         let (to, ho) = (row / ph.max(1), row % ph.max(1));
-        let mut scratch = vec![0.0f32; c];
+        let mut scratch = Vec::new();
         for (wo, dst) in dst_row.chunks_mut(c).enumerate() {
-            let mut first = true;
-            for dt in 0..kt {
-                for dh in 0..kh {
-                    for dw in 0..kw {
-                        let n = ((to * kt + dt) * h + ho * kh + dh) * w + wo * kw + dw;
-                        let values = match src.row(n) {
-                            Some(r) => r,
-                            None => {
-                                src.copy_row(n, &mut scratch);
-                                &scratch
-                            }
-                        };
-                        if first {
-                            dst.copy_from_slice(values);
-                            first = false;
-                        } else {
-                            for (d, &v) in dst.iter_mut().zip(values) {
-                                *d = if v > *d || v.is_nan() { v } else { *d };
-                            }
-                        }
+            for (k, n) in window(grid, kernel, [to, ho, wo]).enumerate() {
+                let values = src.row_or_copy(n, &mut scratch);
+                if k == 0 {
+                    dst.copy_from_slice(values);
+                } else {
+                    for (d, &v) in dst.iter_mut().zip(values) {
+                        *d = if v > *d || v.is_nan() { v } else { *d };
                     }
                 }
             }
@@ -54,13 +39,20 @@ pub fn max_pool(src: MatRef<'_>, grid: [usize; 3], kernel: [usize; 3], out: &mut
     });
 }
 
+/// The source rows (indices into the grid's (t, h, w) row-major positions) of the pooling
+/// window of pooled position `[to, ho, wo]`, in (t, h, w) order.
+fn window(grid: [usize; 3], kernel: [usize; 3], [to, ho, wo]: [usize; 3]) -> impl Iterator<Item = usize> {
+    let ([_, h, w], [kt, kh, kw]) = (grid, kernel);
+    (0..kt).flat_map(move |dt| {
+        (0..kh).flat_map(move |dh| (0..kw).map(move |dw| ((to * kt + dt) * h + ho * kh + dh) * w + wo * kw + dw))
+    })
+}
+
 /// For each pooled position and channel, the index (into `src`'s rows) of the maximum that
 /// [`max_pool`] picked: the first maximum in (t, h, w) order, or the first NaN.
 pub fn max_pool_argmax(src: MatRef<'_>, grid: [usize; 3], kernel: [usize; 3]) -> Vec<u32> {
     let c = src.cols();
     let [pt, ph, pw] = pooled_grid(grid, kernel);
-    let [_, h, w] = grid;
-    let [kt, kh, kw] = kernel;
     let mut arg = vec![0u32; pt * ph * pw * c];
     if c == 0 {
         return arg;
@@ -74,33 +66,18 @@ pub fn max_pool_argmax(src: MatRef<'_>, grid: [usize; 3], kernel: [usize; 3]) ->
         for (r, arg_row) in arg_rows.chunks_mut(c).enumerate() {
             let m = b * block + r;
             let (to, rest) = (m / (ph * pw), m % (ph * pw));
-            let (ho, wo) = (rest / pw, rest % pw);
-            let mut first = true;
-            for dt in 0..kt {
-                for dh in 0..kh {
-                    for dw in 0..kw {
-                        let n = ((to * kt + dt) * h + ho * kh + dh) * w + wo * kw + dw;
-                        let values = match src.row(n) {
-                            Some(row) => row,
-                            None => {
-                                copy.resize(c, 0.0);
-                                src.copy_row(n, &mut copy);
-                                &copy[..]
-                            }
-                        };
-                        if first {
-                            best.copy_from_slice(values);
-                            arg_row.fill(n as u32);
-                            first = false;
-                            continue;
-                        }
-                        for ((b, a), &v) in best.iter_mut().zip(arg_row.iter_mut()).zip(values) {
-                            // The first maximum, or the first NaN (which then stays).
-                            let take = !b.is_nan() & ((v > *b) | v.is_nan());
-                            *b = if take { v } else { *b };
-                            *a = if take { n as u32 } else { *a };
-                        }
-                    }
+            for (k, n) in window(grid, kernel, [to, rest / pw, rest % pw]).enumerate() {
+                let values = src.row_or_copy(n, &mut copy);
+                if k == 0 {
+                    best.copy_from_slice(values);
+                    arg_row.fill(n as u32);
+                    continue;
+                }
+                for ((b, a), &v) in best.iter_mut().zip(arg_row.iter_mut()).zip(values) {
+                    // The first maximum, or the first NaN (which then stays).
+                    let take = !b.is_nan() & ((v > *b) | v.is_nan());
+                    *b = if take { v } else { *b };
+                    *a = if take { n as u32 } else { *a };
                 }
             }
         }

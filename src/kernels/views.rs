@@ -135,6 +135,23 @@ impl<'a> MatRef<'a> {
             None => out.iter_mut().enumerate().for_each(|(j, o)| *o = self.at(i, j)),
         }
     }
+
+    /// Row `i`: in place where it is contiguous, else copied into `scratch` (resized to
+    /// `cols`).
+    #[inline]
+    pub(crate) fn row_or_copy<'s>(self, i: usize, scratch: &'s mut Vec<f32>) -> &'s [f32]
+    where
+        'a: 's,
+    {
+        match self.row(i) {
+            Some(row) => row,
+            None => {
+                scratch.resize(self.cols, 0.0);
+                self.copy_row(i, scratch);
+                scratch
+            }
+        }
+    }
 }
 
 /// A mutable row-major matrix over a slice: element (i, j) at `data[i·ld + j]`.
