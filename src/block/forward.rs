@@ -131,10 +131,11 @@ impl NonLocalBlock {
     }
 
     /// Runs the block on clips in PyTorch's layout, (B, C, T, H, W) channels-first with any
-    /// strides, and returns (B, C, T, H, W) in standard layout: the output GEMM writes the
-    /// channel-major result directly (`zᵀ = xᵀ + W·yᵀ + b`), at the speed of
-    /// [`NonLocalBlock::forward`] and without a permuting copy. The same values as `forward`
-    /// on the permuted input, up to float rounding (the output GEMM's operands swap roles).
+    /// strides, and returns (B, C, T, H, W) in standard layout: the output product runs
+    /// position-major a chunk of positions at a time and is written channel-major with its
+    /// residual through register transposes, at the speed of [`NonLocalBlock::forward`] and
+    /// without a permuting copy. The same values as `forward` on the permuted input, up to
+    /// float rounding (the residual is added in another order on some paths).
     ///
     /// ```
     /// use ndarray::Array5;

@@ -114,7 +114,7 @@ impl NonLocalBlock {
 
     /// [`NonLocalBlock::forward_train`] in PyTorch's layout: `x` is (B, C, T, H, W)
     /// channels-first with any strides, and the output (B, C, T, H, W) in standard layout,
-    /// written channel-major by the output GEMM (no permuting copy either way), as
+    /// written channel-major as the output is computed (no permuting copy either way), as
     /// [`NonLocalBlock::forward_channels_first`]. The same values as `forward_train` on the
     /// permuted input, up to float rounding; the context serves
     /// [`NonLocalBlock::backward_channels_first`] (or [`NonLocalBlock::backward`]).

@@ -15,8 +15,9 @@
 //! block and its [`TrainContext`] (O(N·C): the projections, pooled keys,
 //! y and one log-sum-exp per query, never N×M) inside the op itself, which candle holds in
 //! the graph for `bwd`; `bwd` reads the output gradient channels-first the same way. Neither
-//! direction transposes: the GEMMs read the channel-major storage through strides and write
-//! the output and ∂L/∂x channel-major straight into the tensors candle gets. When neither
+//! direction copies the input: the GEMMs read the channel-major storage through strides, and
+//! the output and ∂L/∂x, computed position-major, are written channel-major straight into
+//! the tensors candle gets by one pass of register transposes. When neither
 //! the input nor a parameter needs a gradient, the layer runs [`CachedBlock`] instead: the
 //! inference `forward` (with its folds) of a block it keeps while the parameters' bits stay
 //! those it was built from (checked by one comparison, no concatenation).
@@ -208,7 +209,7 @@ impl CustomOp2 for BlockOp {
             candle_core::bail!("nonlocal: the flat parameters must be contiguous");
         }
         // Channels-first in, channels-first out: the block reads the storage through strides
-        // and its output GEMM writes channel-major rows into the result.
+        // and writes the result channel-major (register transposes of its output rows).
         let block = block_from_flat(&self.config, self.present, flat, &self.workspace)?;
         let x5 = block.check_input(clips(x, lx)?.into_dyn(), InputLayout::Clips).map_err(wrap)?;
         let mut z = crate::block::buffer(x5.len(), "output").map_err(wrap)?;
@@ -230,7 +231,7 @@ impl CustomOp2 for BlockOp {
             candle_core::bail!("nonlocal: backward of a block run without gradients");
         };
         let grad = collapsed(grad, 1, 1)?;
-        // ∂L/∂x is channels-first like x: the backward GEMMs write it channel-major.
+        // ∂L/∂x is channels-first like x: written channel-major by the backward's last pass.
         let mut dx = crate::block::buffer(x.elem_count(), "input gradient").map_err(wrap)?;
         let params_grad = with_cpu_f32(x, "x", |xd, xl| {
             with_cpu_f32(&grad, "output gradient", |data, layout| {
