@@ -10,9 +10,11 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::attention_in;
 use crate::kernels::concat::concat_attention;
 use crate::kernels::dot_product::key_value_product_in;
-use crate::kernels::gemm::{par_gemm, par_gemm_on_tiles, par_gemm_prepacked, row_block, PrepackedB};
+use crate::kernels::gemm::{
+    par_gemm, par_gemm_from, par_gemm_on_tiles, par_gemm_prepacked, row_block, written, PrepackedB,
+};
 use crate::kernels::transpose::{par_rows_transposed, write_transposed, Onto};
-use crate::kernels::views::{MatMut, MatRef};
+use crate::kernels::views::{MatMut, MatRef, Start};
 use crate::plan::{prepare, Prepared, Purpose};
 
 impl NonLocalBlock {
@@ -275,8 +277,9 @@ impl NonLocalBlock {
             let vw = MatRef::new(&vw, 0, m, c, c);
             match order {
                 Order::PositionMajor => {
-                    self.residual_rows(p.x, out, false);
-                    self.dot_product_gemm(inv_m, s, vw, 1.0, &mut MatMut::new(out, n, c, c));
+                    let out = &mut MatMut::new(out, n, c, c);
+                    written(Start::Residual(p.x, &self.compiled.b_out), out);
+                    self.dot_product_gemm(inv_m, s, vw, 1.0, out);
                 }
                 Order::ChannelMajor => {
                     let mut rows = self.workspace.take(n * c, "attention output")?;
@@ -352,8 +355,17 @@ impl NonLocalBlock {
         out: &mut [f32],
     ) {
         let (n, c) = (x.rows(), x.cols());
-        self.residual_rows(x, out, false);
-        self.output_product(precision, y, w, 1.0, &mut MatMut::new(out, n, c, c));
+        let start = Start::Residual(x, &self.compiled.b_out);
+        let out = &mut MatMut::new(out, n, c, c);
+        match w {
+            // The packed kernels begin their sums from x + b_out: out is written once.
+            None => self.compiled.w_out.apply_from(precision, y, start, out, &self.workspace),
+            Some(w) if precision == Precision::F32 => par_gemm_from(y, w, start, out, &self.workspace),
+            Some(_) => {
+                written(start, out);
+                self.output_product(precision, y, w, 1.0, out);
+            }
+        }
     }
 
     /// `out ← β·out + y·W` for [`NonLocalBlock::output`]'s W.
@@ -373,29 +385,17 @@ impl NonLocalBlock {
         }
     }
 
-    /// `out ← out + x + b_out`.
+    /// `out ← (out + x) + b_out`, in one pass, rows in parallel; x's rows are read in place
+    /// where they are contiguous.
     fn add_residual(&self, x: MatRef<'_>, out: &mut [f32]) {
-        self.residual_rows(x, out, true);
-    }
-
-    /// Every row of `out` set to (`add` false) or incremented by (`add` true, in the order
-    /// `(out + x) + b_out`) its row of x plus `b_out`, in one pass, rows in parallel; x's rows
-    /// are read in place where they are contiguous.
-    fn residual_rows(&self, x: MatRef<'_>, out: &mut [f32], add: bool) {
         let (n, c) = (x.rows(), x.cols());
         let block = row_block(n, 64);
         let bias = &self.compiled.b_out;
         out.par_chunks_mut(block * c).enumerate().for_each(|(b, rows)| {
             let mut copy = Vec::new();
             for (r, row) in rows.chunks_mut(c).enumerate() {
-                let i = b * block + r;
-                let residual = x.row_or_copy(i, &mut copy);
-                let terms = row.iter_mut().zip(residual).zip(bias);
-                if add {
-                    terms.for_each(|((o, &v), &bias)| *o = *o + v + bias);
-                } else {
-                    terms.for_each(|((o, &v), &bias)| *o = v + bias);
-                }
+                let residual = x.row_or_copy(b * block + r, &mut copy);
+                row.iter_mut().zip(residual).zip(bias).for_each(|((o, &v), &bias)| *o = *o + v + bias);
             }
         });
     }

@@ -25,7 +25,7 @@ use super::bf16::{f32_to_bf16, pair, round_to_bf16};
 use super::microkernel::pair_words;
 use super::microkernel::{pack_pair_panels, Word};
 use super::simd::{Avx512Bf16, Bf16Simd, Job, Simd};
-use super::views::{MatMut, MatRef};
+use super::views::{MatMut, MatRef, Start};
 use crate::workspace::Workspace;
 
 /// Columns of a B panel (two tiles of 16).
@@ -531,24 +531,15 @@ pub(crate) fn gemm(amx: Amx, a: MatRef<'_>, b: &AmxB, accumulate: bool, c: &mut 
     gemm_from(amx, a, b, if accumulate { Start::C } else { Start::Zero }, c, ws)
 }
 
-/// What the sums of [`gemm_from`] start from.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Start<'a> {
-    /// Zero: `C ← A·B`.
-    Zero,
-    /// C itself: `C ← C + A·B`.
-    C,
-    /// One row added to every row (N floats): `C ← A·B + 1·biasᵀ`, the tiles loaded from the
-    /// row (a stride of 0) instead of from a C filled with it.
-    Bias(&'a [f32]),
-}
-
-/// [`gemm`] with the sums started from `start`.
+/// [`gemm`] with the sums started from `start`: zero, C, or a bias row the tiles load (a
+/// stride of 0) instead of a C filled with it. A residual start is written into C by the
+/// caller.
 ///
 /// # Panics
-/// If the shapes disagree (a bias not N long).
+/// If the shapes disagree (a bias not N long), or for a [`Start::Residual`].
 pub(crate) fn gemm_from(amx: Amx, a: MatRef<'_>, b: &AmxB, start: Start<'_>, c: &mut MatMut<'_>, ws: &Workspace) {
     assert_eq!((a.cols(), a.rows(), b.n), (b.k, c.rows(), c.cols()), "amx::gemm: shapes");
+    assert!(!matches!(start, Start::Residual(..)), "amx::gemm: a residual start is written into C first");
     let (m, n, ld) = (c.rows(), c.cols(), c.ld());
     if m == 0 || n == 0 {
         return;
@@ -569,6 +560,7 @@ pub(crate) fn gemm_from(amx: Amx, a: MatRef<'_>, b: &AmxB, start: Start<'_>, c: 
                 Start::Zero => row[..n].fill(0.0),
                 Start::C => {}
                 Start::Bias(bias) => row[..n].copy_from_slice(&bias[..n]),
+                Start::Residual(..) => unreachable!("asserted above"),
             }
         }
         return;

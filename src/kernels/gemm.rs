@@ -20,7 +20,7 @@ use super::packed_gemm::PackedB;
 use super::simd::{isa, Isa};
 #[cfg(target_arch = "x86_64")]
 use super::tiles::{AVX2_BF16_MR, AVX2_BF16_NV, AVX512_MR, AVX512_NV};
-use super::views::{MatMut, MatRef};
+use super::views::{MatMut, MatRef, Start};
 use crate::config::Precision;
 use crate::workspace::Workspace;
 
@@ -102,11 +102,31 @@ pub(crate) fn par_gemm_ws(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c
     if let Some(simd) = avx512_gemm(beta) {
         let packed = PackedB::new_in(b, AVX512_NV * 16, alpha, ws);
         use super::microkernel::F32;
-        super::packed_gemm::gemm_packed::<_, F32, AVX512_MR, AVX512_NV>(simd, a, &packed, beta == 1.0, c, ws);
+        super::packed_gemm::gemm_packed::<_, F32, AVX512_MR, AVX512_NV>(simd, a, &packed, Start::beta(beta), c, ws);
         ws.give(packed.into_data());
         return;
     }
     sgemm_row_blocks(alpha, a, b, beta, c);
+}
+
+/// `C ← start + A·B` as [`par_gemm`] with scratch from `ws`: the packed AVX-512 kernel
+/// begins its sums from the start; elsewhere it is written into C first (the same bits).
+///
+/// # Panics
+/// If the dimensions disagree.
+pub(crate) fn par_gemm_from(a: MatRef<'_>, b: MatRef<'_>, start: Start<'_>, c: &mut MatMut<'_>, ws: &Workspace) {
+    assert_eq!((a.rows(), a.cols(), b.cols()), (c.rows(), b.rows(), c.cols()), "par_gemm: shapes");
+    #[cfg(target_arch = "x86_64")]
+    if let (true, Some(simd)) = (c.rows() * c.cols() * a.cols() >= SMALL_PRODUCT, avx512_gemm(0.0)) {
+        let start = if start.in_place() { start } else { written(start, c) };
+        let packed = PackedB::new_in(b, AVX512_NV * 16, 1.0, ws);
+        use super::microkernel::F32;
+        super::packed_gemm::gemm_packed::<_, F32, AVX512_MR, AVX512_NV>(simd, a, &packed, start, c, ws);
+        ws.give(packed.into_data());
+        return;
+    }
+    let beta = if written(start, c).accumulates() { 1.0 } else { 0.0 };
+    par_gemm_ws(1.0, a, b, beta, c, ws)
 }
 
 /// `C ← α·A·B + β·C` (β 0 or 1) on the AMX tiles, B packed on the call: bf16 operands, or
@@ -175,7 +195,7 @@ pub fn par_gemm_in(precision: Precision, alpha: f32, a: MatRef<'_>, b: MatRef<'_
         return par_gemm(alpha, a, b, beta, c);
     }
     assert!(beta == 0.0 || (beta == 1.0 && alpha == 1.0), "par_gemm_in: bf16 takes β 0, or β 1 with α 1");
-    par_gemm_bf16(a, (b, None), beta == 1.0, c, &Workspace::default());
+    par_gemm_bf16(a, (b, None), Start::beta(beta), c, &Workspace::default());
     if alpha != 1.0 {
         let (rows, cols, ld) = (c.rows(), c.cols(), c.ld());
         c.data_mut().chunks_mut(ld).take(rows).for_each(|row| row[..cols].iter_mut().for_each(|v| *v *= alpha));
@@ -183,11 +203,12 @@ pub fn par_gemm_in(precision: Precision, alpha: f32, a: MatRef<'_>, b: MatRef<'_
 }
 
 /// `C ← A·B (+ C)` with A and B rounded to bf16 and every sum in f32, B packed ahead when
-/// `packed` is given (a [`PrepackedB::new`] in bf16 of the same `b`), else on the call.
+/// `packed` is given (a [`PrepackedB::new`] in bf16 of the same `b`), else on the call; the
+/// sums start from `start`.
 fn par_gemm_bf16(
     a: MatRef<'_>,
     (b, packed): (MatRef<'_>, Option<&BPacking>),
-    accumulate: bool,
+    start: Start<'_>,
     c: &mut MatMut<'_>,
     ws: &Workspace,
 ) {
@@ -200,6 +221,15 @@ fn par_gemm_bf16(
             &packed_here
         }
     };
+    // The packed kernels begin from any start whose rows they read in place; the others from
+    // the start written into C.
+    let start = match (packed, start) {
+        (BPacking::Bf16(_), start) if start.in_place() => start,
+        #[cfg(target_arch = "x86_64")]
+        (BPacking::Amx(_), start @ (Start::Zero | Start::C | Start::Bias(_))) => start,
+        (_, start) => written(start, c),
+    };
+    let accumulate = start.accumulates();
     match packed {
         #[cfg(target_arch = "x86_64")]
         BPacking::Bf16(packed) => match isa() {
@@ -208,17 +238,17 @@ fn par_gemm_bf16(
                 use super::simd::{Avx512, Avx512Bf16};
                 if let (true, Some(s)) = (isa().has_avx512_bf16(), Avx512Bf16::detect()) {
                     return super::packed_gemm::gemm_packed::<_, Bf16, AVX512_MR, AVX512_NV>(
-                        s, a, packed, accumulate, c, ws,
+                        s, a, packed, start, c, ws,
                     );
                 }
                 let s = Avx512::detect().expect("the AVX-512 path runs on AVX-512 CPUs");
-                super::packed_gemm::gemm_packed::<_, Bf16, AVX512_MR, AVX512_NV>(s, a, packed, accumulate, c, ws)
+                super::packed_gemm::gemm_packed::<_, Bf16, AVX512_MR, AVX512_NV>(s, a, packed, start, c, ws)
             }
             _ => {
                 use super::microkernel::Bf16;
                 let s = super::simd::Avx2::detect().expect("bf16 pairs are packed for AVX2 only on AVX2 CPUs");
                 assert_eq!(packed.nr(), AVX2_BF16_NV * 8, "par_gemm_bf16: B packed for another path");
-                super::packed_gemm::gemm_packed::<_, Bf16, AVX2_BF16_MR, AVX2_BF16_NV>(s, a, packed, accumulate, c, ws)
+                super::packed_gemm::gemm_packed::<_, Bf16, AVX2_BF16_MR, AVX2_BF16_NV>(s, a, packed, start, c, ws)
             }
         },
         BPacking::Rounded(rounded) => {
@@ -228,7 +258,7 @@ fn par_gemm_bf16(
         #[cfg(target_arch = "x86_64")]
         BPacking::Amx(packed) => {
             let amx = super::amx::Amx::detect().expect("B is packed for AMX only where AMX runs");
-            super::amx::gemm(amx, a, packed, accumulate, c, ws)
+            super::amx::gemm_from(amx, a, packed, start, c, ws)
         }
         _ => unreachable!("BPacking::bf16 packs bf16"),
     }
@@ -378,79 +408,97 @@ impl PrepackedB {
 }
 
 /// `C ← A·B + β·C` (β 0 or 1) in `precision` with B given both as a view and packed ahead
-/// ([`PrepackedB::new`] of the same `b`), rows of C in parallel, scratch from `ws`. A packing
-/// made for the other precision is not used: the product then packs B on the call, with the
-/// same bits as a packing of the right precision. An f32 product on a
-/// [`PrepackedB::near_f32`] packing is that packing's near-f32 product.
+/// ([`PrepackedB::new`] of the same `b`), rows of C in parallel, scratch from `ws`: see
+/// [`par_gemm_prepacked_from`].
 ///
 /// # Panics
-/// If the dimensions disagree, or `packed` was made from a matrix of another shape.
+/// If the dimensions disagree, `packed` was made from a matrix of another shape, or β is not 0
+/// or 1.
 pub(crate) fn par_gemm_prepacked(
     precision: Precision,
     a: MatRef<'_>,
-    (b, packed): (MatRef<'_>, &PrepackedB),
+    b: (MatRef<'_>, &PrepackedB),
     beta: f32,
     c: &mut MatMut<'_>,
     ws: &Workspace,
 ) {
-    assert_eq!((packed.rows, packed.cols), (b.rows(), b.cols()), "par_gemm_prepacked: B and its packing");
-    if precision.bf16_values() {
-        assert!(beta == 0.0 || beta == 1.0, "par_gemm_prepacked: bf16 takes β 0 or 1");
-        let ahead = (packed.precision() == Precision::Bf16).then_some(&packed.packed);
-        return par_gemm_bf16(a, (b, ahead), beta == 1.0, c, ws);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let (BPacking::AmxSplit(packed), true) = (&packed.packed, beta == 0.0 || beta == 1.0) {
-        let amx = super::amx::Amx::detect().expect("B is split for AMX only where AMX runs");
-        return super::amx::gemm(amx, a, packed, beta == 1.0, c, ws);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let (BPacking::F32(packed), Some(simd)) = (&packed.packed, avx512_gemm(beta)) {
-        if c.rows() * c.cols() * a.cols() >= SMALL_PRODUCT {
-            use super::microkernel::F32;
-            return super::packed_gemm::gemm_packed::<_, F32, AVX512_MR, AVX512_NV>(
-                simd,
-                a,
-                packed,
-                beta == 1.0,
-                c,
-                ws,
-            );
-        }
-    }
-    par_gemm(1.0, a, b, beta, c);
+    par_gemm_prepacked_from(precision, a, b, Start::beta(beta), c, ws)
 }
 
-/// `C ← A·B + 1·biasᵀ` (every row of C the product plus `bias`, N long) as
-/// [`par_gemm_prepacked`]: on a packing for the AMX tiles they start from the bias row (no pass
-/// filling C with it); elsewhere C is filled with the bias, rows in parallel, and the product
-/// accumulated onto it (the bits of that fill and a β = 1 product).
+/// `C ← start + A·B` in `precision` with B given both as a view and packed ahead
+/// ([`PrepackedB::new`] of the same `b`), rows of C in parallel, scratch from `ws`. The packed
+/// kernels (AVX-512 f32 and bf16, the AMX tiles for a bias) begin their sums from the start;
+/// elsewhere it is written into C and the product accumulated onto it, with the same bits. A
+/// packing made for the other precision is not used: the product then packs B on the call,
+/// with the same bits as a packing of the right precision. An f32 product on a
+/// [`PrepackedB::near_f32`] packing is that packing's near-f32 product.
 ///
 /// # Panics
-/// As [`par_gemm_prepacked`], or if `bias` is not N long.
-pub(crate) fn par_gemm_prepacked_bias(
+/// If the dimensions disagree, `packed` was made from a matrix of another shape, or the start
+/// does not fit C (a bias not N long, a residual not C's shape).
+pub(crate) fn par_gemm_prepacked_from(
     precision: Precision,
     a: MatRef<'_>,
     (b, packed): (MatRef<'_>, &PrepackedB),
-    bias: &[f32],
+    start: Start<'_>,
     c: &mut MatMut<'_>,
     ws: &Workspace,
 ) {
-    assert_eq!(bias.len(), c.cols(), "par_gemm_prepacked_bias: bias");
+    assert_eq!((packed.rows, packed.cols), (b.rows(), b.cols()), "par_gemm_prepacked: B and its packing");
+    match start {
+        Start::Bias(bias) => assert_eq!(bias.len(), c.cols(), "par_gemm_prepacked: bias"),
+        Start::Residual(x, bias) => {
+            assert_eq!((x.rows(), x.cols(), bias.len()), (c.rows(), c.cols(), c.cols()), "par_gemm_prepacked: residual")
+        }
+        Start::Zero | Start::C => {}
+    }
+    if precision.bf16_values() {
+        let ahead = (packed.precision() == Precision::Bf16).then_some(&packed.packed);
+        return par_gemm_bf16(a, (b, ahead), start, c, ws);
+    }
     #[cfg(target_arch = "x86_64")]
-    {
-        let tiles = match (&packed.packed, precision) {
-            (BPacking::Amx(p), precision) if precision.bf16_values() => Some(p),
-            (BPacking::AmxSplit(p), Precision::F32) => Some(p),
-            _ => None,
-        };
-        if let (Some(p), Some(amx)) = (tiles, super::amx::Amx::detect()) {
-            assert_eq!((packed.rows, packed.cols), (b.rows(), b.cols()), "par_gemm_prepacked_bias: B and its packing");
-            return super::amx::gemm_from(amx, a, p, super::amx::Start::Bias(bias), c, ws);
+    if let BPacking::AmxSplit(packed) = &packed.packed {
+        let amx = super::amx::Amx::detect().expect("B is split for AMX only where AMX runs");
+        let start = if let Start::Residual(..) = start { written(start, c) } else { start };
+        return super::amx::gemm_from(amx, a, packed, start, c, ws);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (BPacking::F32(packed), Some(simd)) = (&packed.packed, avx512_gemm(0.0)) {
+        if c.rows() * c.cols() * a.cols() >= SMALL_PRODUCT {
+            use super::microkernel::F32;
+            let start = if start.in_place() { start } else { written(start, c) };
+            return super::packed_gemm::gemm_packed::<_, F32, AVX512_MR, AVX512_NV>(simd, a, packed, start, c, ws);
         }
     }
-    fill_rows(bias, c);
-    par_gemm_prepacked(precision, a, (b, packed), 1.0, c, ws);
+    let beta = if written(start, c).accumulates() { 1.0 } else { 0.0 };
+    par_gemm(1.0, a, b, beta, c);
+}
+
+/// `start` written into C (rows in parallel) for a product that cannot begin from it, and
+/// the start that product then has: [`Start::C`], or [`Start::Zero`] unchanged.
+pub(crate) fn written<'s>(start: Start<'_>, c: &mut MatMut<'_>) -> Start<'s> {
+    match start {
+        Start::Zero => Start::Zero,
+        Start::C => Start::C,
+        Start::Bias(bias) => {
+            fill_rows(bias, c);
+            Start::C
+        }
+        Start::Residual(x, bias) => {
+            let (rows, cols, ld) = (c.rows(), c.cols(), c.ld());
+            if rows > 0 && cols > 0 {
+                let block = row_block(rows, 64);
+                c.data_mut()[..(rows - 1) * ld + cols].par_chunks_mut(block * ld).enumerate().for_each(|(b, chunk)| {
+                    let mut copy = Vec::new();
+                    for (r, dst) in chunk.chunks_mut(ld).enumerate() {
+                        let row = x.row_or_copy(b * block + r, &mut copy);
+                        dst[..cols].iter_mut().zip(row).zip(bias).for_each(|((d, &x), &b)| *d = x + b);
+                    }
+                });
+            }
+            Start::C
+        }
+    }
 }
 
 /// Every row of C set to `row`, rows in parallel.
@@ -645,5 +693,51 @@ mod tests {
         let mut direct = vec![f32::NAN; m * n];
         par_gemm(1.0, a, b, 0.0, &mut MatMut::new(&mut direct, m, n, n));
         assert_eq!(c32, direct);
+    }
+
+    #[test]
+    fn products_from_a_bias_or_residual_start_have_the_bits_of_that_start_written_into_c() {
+        // Above SMALL_PRODUCT with several depth, row and column blocks; a residual with rows
+        // in place and one stored transposed (strided rows, written into C first).
+        let (m, k, n) = (301, 517, 300);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.618).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i as f32) * 0.377).cos()).collect();
+        let x: Vec<f32> = (0..m * n).map(|i| ((i as f32) * 0.123).sin() * 3.0).collect();
+        let x_t: Vec<f32> = (0..m * n).map(|i| x[(i % m) * n + i / m]).collect();
+        let bias: Vec<f32> = (0..n).map(|j| (j as f32 * 0.7).cos()).collect();
+        let (a, b) = (MatRef::new(&a, 0, m, k, k), MatRef::new(&w, 0, n, k, k).t());
+        let x_rows = MatRef::new(&x, 0, m, n, n);
+        let x_strided = MatRef::new(&x_t, 0, n, m, m).t();
+        let product: Vec<f64> = naive_product(a, b);
+        let ws = Workspace::default();
+        for precision in [Precision::F32, Precision::Bf16] {
+            let packed = PrepackedB::new(b, precision);
+            let starts = [
+                ("bias", Start::Bias(&bias)),
+                ("residual", Start::Residual(x_rows, &bias)),
+                ("strided residual", Start::Residual(x_strided, &bias)),
+            ];
+            for (what, start) in starts {
+                let mut got = vec![f32::NAN; m * n];
+                par_gemm_prepacked_from(precision, a, (b, &packed), start, &mut MatMut::new(&mut got, m, n, n), &ws);
+                let mut want = vec![f32::NAN; m * n];
+                assert!(written(start, &mut MatMut::new(&mut want, m, n, n)).accumulates());
+                par_gemm_prepacked(precision, a, (b, &packed), 1.0, &mut MatMut::new(&mut want, m, n, n), &ws);
+                assert_eq!(got, want, "{precision:?} {what}: the bits of the start written first");
+                if precision == Precision::F32 {
+                    let mut unpacked = vec![f32::NAN; m * n];
+                    par_gemm_from(a, b, start, &mut MatMut::new(&mut unpacked, m, n, n), &ws);
+                    assert_eq!(unpacked, want, "{what}: B packed on the call");
+                }
+                // And the values: start + A·B (bf16: within the rounding of the operands).
+                let tolerance = if precision == Precision::F32 { 1e-3 } else { 0.2 };
+                for (i, (&g, &p)) in got.iter().zip(&product).enumerate() {
+                    let (r, j) = (i / n, i % n);
+                    let under = if what == "bias" { 0.0 } else { x[r * n + j] as f64 };
+                    let exact = p + under + bias[j] as f64;
+                    assert!((g as f64 - exact).abs() <= tolerance, "{precision:?} {what} at {i}: {g} vs {exact}");
+                }
+            }
+        }
     }
 }

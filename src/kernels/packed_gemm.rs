@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::microkernel::{edge_tile, min_exponent, pack_pair_panels, pack_panels, tile, Elem, Word};
 use super::simd::Bf16Simd;
 use super::simd::Job;
-use super::views::{MatMut, MatRef};
+use super::views::{MatMut, MatRef, Start};
 use crate::workspace::Workspace;
 
 /// Packed depth groups per block (512 f32 depth steps, or 512 bf16 pairs): an A panel of
@@ -138,20 +138,24 @@ pub(crate) fn gemm_packed<S: Bf16Simd, E: Elem, const MR: usize, const NV: usize
     s: S,
     a: MatRef<'_>,
     b: &PackedB<E::Packed>,
-    accumulate: bool,
+    start: Start<'_>,
     c: &mut MatMut<'_>,
     ws: &Workspace,
 ) {
     assert_eq!(b.nr, NV * S::LANES, "gemm_packed: B packed for another tile");
+    assert!(start.in_place(), "gemm_packed: a residual start with strided rows");
     assert_eq!((a.cols(), a.rows(), b.n), (b.k, c.rows(), c.cols()), "gemm_packed: shapes");
     let (m, n, ld) = (c.rows(), c.cols(), c.ld());
     if m == 0 || n == 0 {
         return;
     }
     if b.k == 0 {
-        // An empty sum: C ← 0, or C unchanged.
-        if !accumulate {
-            c.data_mut().chunks_mut(ld).take(m).for_each(|row| row[..n].fill(0.0));
+        // An empty sum: C ← start.
+        if !matches!(start, Start::C) {
+            for (i, row) in c.data_mut().chunks_mut(ld).take(m).enumerate() {
+                row[..n].fill(0.0);
+                start.add_under(i, 0..n, &mut row[..n]);
+            }
         }
         return;
     }
@@ -165,10 +169,10 @@ pub(crate) fn gemm_packed<S: Bf16Simd, E: Elem, const MR: usize, const NV: usize
     let block = panels.div_ceil(blocks) * MR;
     // Only the m rows of C: its buffer may run on past them.
     c.data_mut()[..(m - 1) * ld + n].par_chunks_mut(block * ld).enumerate().for_each(|(i, c_block)| {
-        let start = i * block;
-        let rows = block.min(m - start);
-        let a = a.rows_range(start, start + rows);
-        s.vectorize(GemmBlock::<E, MR, NV> { a, b, c: c_block, cols: n, ld, accumulate, ws });
+        let first = i * block;
+        let rows = block.min(m - first);
+        let (a, start) = (a.rows_range(first, first + rows), start.rows(first, first + rows));
+        s.vectorize(GemmBlock::<E, MR, NV> { a, b, c: c_block, cols: n, ld, start, ws });
     });
 }
 
@@ -179,7 +183,8 @@ struct GemmBlock<'a, E: Elem, const MR: usize, const NV: usize> {
     c: &'a mut [f32],
     cols: usize,
     ld: usize,
-    accumulate: bool,
+    /// What the block's rows of C start from (rows in place).
+    start: Start<'a>,
     ws: &'a Workspace,
 }
 
@@ -188,7 +193,7 @@ impl<E: Elem, const MR: usize, const NV: usize> Job for GemmBlock<'_, E, MR, NV>
 
     #[inline(always)]
     fn run<S: Bf16Simd>(self, s: S) {
-        let GemmBlock { a, b, c, cols, ld, accumulate, ws } = self;
+        let GemmBlock { a, b, c, cols, ld, start: from, ws } = self;
         let nr = NV * S::LANES;
         let (rows, k) = (a.rows(), a.cols());
         let (a_panels, b_panels) = (rows.div_ceil(MR), cols.div_ceil(nr));
@@ -199,12 +204,15 @@ impl<E: Elem, const MR: usize, const NV: usize> Job for GemmBlock<'_, E, MR, NV>
         let a_packed = E::Packed::of_mut(&mut a_scratch);
         let mut start = 0;
         while start < k {
+            // The first depth block begins from zero or C; a bias or residual start is added
+            // under each of its tiles right after (while the tile is in L1).
+            let under = (start == 0).then_some(from).filter(|f| !matches!(f, Start::Zero | Start::C));
             let depth = block_depth.min(k - start);
             let groups = depth.div_ceil(E::DEPTH);
             let a_block = &mut a_packed[..a_panels * groups * MR];
             E::pack_rows::<MR>(a.cols_range(start, start + depth), groups, a_block);
             let checked = E::checked::<S>(E::exponent_floor::<S>(a_block), b.exponent_floor);
-            let add = accumulate || start > 0;
+            let add = start > 0 || matches!(from, Start::C);
             let block_panels = (COLUMN_BLOCK / nr).max(1);
             for first in (0..b_panels).step_by(block_panels) {
                 for ip in 0..a_panels {
@@ -229,6 +237,12 @@ impl<E: Elem, const MR: usize, const NV: usize> Job for GemmBlock<'_, E, MR, NV>
                                 }
                             }
                         }
+                        if let Some(from) = under {
+                            let cols = jp * nr..jp * nr + tile_cols;
+                            for (r, row) in c_tile.chunks_mut(ld).enumerate() {
+                                from.add_under(ip * MR + r, cols.clone(), &mut row[..tile_cols]);
+                            }
+                        }
                     }
                 }
             }
@@ -251,7 +265,7 @@ mod tests {
         b: MatRef<'_>,
         c0: &[f32],
         ld: usize,
-        accumulate: bool,
+        start: Start<'_>,
     ) -> Vec<(&'static str, Vec<f32>)> {
         let (m, n) = (a.rows(), b.cols());
         let run = |name: &'static str, f: &dyn Fn(&mut MatMut<'_>)| {
@@ -265,7 +279,7 @@ mod tests {
                     Portable::<16>,
                     a,
                     &PackedB::new(b, 32, 1.0),
-                    accumulate,
+                    start,
                     c,
                     &Workspace::default(),
                 )
@@ -275,7 +289,7 @@ mod tests {
                     Portable::<8>,
                     a,
                     &PackedB::new(b, 16, 1.0),
-                    accumulate,
+                    start,
                     c,
                     &Workspace::default(),
                 )
@@ -286,12 +300,12 @@ mod tests {
             use crate::kernels::simd::{Avx2, Avx512};
             if let Some(s) = Avx512::detect() {
                 out.push(run("avx512", &|c| {
-                    gemm_packed::<_, F32, 12, 2>(s, a, &PackedB::new(b, 32, 1.0), accumulate, c, &Workspace::default())
+                    gemm_packed::<_, F32, 12, 2>(s, a, &PackedB::new(b, 32, 1.0), start, c, &Workspace::default())
                 }));
             }
             if let Some(s) = Avx2::detect() {
                 out.push(run("avx2", &|c| {
-                    gemm_packed::<_, F32, 6, 2>(s, a, &PackedB::new(b, 16, 1.0), accumulate, c, &Workspace::default())
+                    gemm_packed::<_, F32, 6, 2>(s, a, &PackedB::new(b, 16, 1.0), start, c, &Workspace::default())
                 }));
             }
         }
@@ -333,7 +347,7 @@ mod tests {
                             }
                         })
                         .collect();
-                    let paths = all_paths(a, b, &c0, ld, accumulate);
+                    let paths = all_paths(a, b, &c0, ld, Start::beta(accumulate as u8 as f32));
                     for (name, c) in &paths {
                         for i in 0..m {
                             for j in 0..ld {
@@ -359,29 +373,51 @@ mod tests {
         let b: Vec<f32> = (0..k * n).map(|i| ((i as f32) * 0.377).cos()).collect();
         let (a, b) = (MatRef::new(&a, 0, m, k, k), MatRef::new(&b, 0, k, n, n));
         let c0 = vec![0.5f32; m * n];
-        let runs: Vec<_> = [1, 2, 3]
-            .iter()
-            .map(|&t| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().expect("pool");
-                pool.install(|| all_paths(a, b, &c0, n, true))
-            })
-            .collect();
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        for run in &runs[1..] {
-            for ((name, c), (_, c1)) in run.iter().zip(&runs[0]) {
-                assert_eq!(bits(c), bits(c1), "{name}: depends on the thread count");
-            }
-        }
-        let find = |name: &str| runs[0].iter().find(|(n, _)| *n == name).map(|(_, c)| bits(c));
-        for (real, twin) in [("avx512", "portable16"), ("avx2", "portable8")] {
-            if let Some(got) = find(real) {
-                assert_eq!(Some(got), find(twin), "{real} differs from {twin}");
-            }
-        }
+        // C's start: C itself (0.5), or a bias row (0.5: the same bits as C holding it) and a
+        // residual added under the first depth block's tiles.
+        let x: Vec<f32> = (0..m * n).map(|i| 0.25 + (i % 7) as f32 / 64.0).collect();
+        let bias: Vec<f32> = (0..n).map(|j| 0.25 - (j % 7) as f32 / 64.0).collect();
+        let bias_only: Vec<f32> = vec![0.5f32; n];
+        let starts = [
+            ("C", Start::C),
+            ("bias", Start::Bias(&bias_only)),
+            ("residual", Start::Residual(MatRef::new(&x, 0, m, n, n), &bias)),
+        ];
         let want = naive(a, b);
-        for (name, c) in &runs[0] {
-            for (g, w) in c.iter().zip(&want) {
-                assert!((*g as f64 - (w + 0.5)).abs() < 1e-3, "{name}: {g} vs {}", w + 0.5);
+        let mut from_c = Vec::new();
+        for (what, start) in starts {
+            let runs: Vec<_> = [1, 2, 3]
+                .iter()
+                .map(|&t| {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().expect("pool");
+                    pool.install(|| all_paths(a, b, &c0, n, start))
+                })
+                .collect();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for run in &runs[1..] {
+                for ((name, c), (_, c1)) in run.iter().zip(&runs[0]) {
+                    assert_eq!(bits(c), bits(c1), "{name} from {what}: depends on the thread count");
+                }
+            }
+            let find = |name: &str| runs[0].iter().find(|(n, _)| *n == name).map(|(_, c)| bits(c));
+            for (real, twin) in [("avx512", "portable16"), ("avx2", "portable8")] {
+                if let Some(got) = find(real) {
+                    assert_eq!(Some(got), find(twin), "{real} from {what} differs from {twin}");
+                }
+            }
+            for (name, c) in &runs[0] {
+                for (i, (g, w)) in c.iter().zip(&want).enumerate() {
+                    let under = match start {
+                        Start::Residual(x, bias) => (x.at(i / n, i % n) + bias[i % n]) as f64,
+                        _ => 0.5,
+                    };
+                    assert!((*g as f64 - (w + under)).abs() < 1e-3, "{name} from {what}: {g} vs {}", w + under);
+                }
+            }
+            match what {
+                "C" => from_c = runs[0].clone(),
+                "bias" => assert_eq!(runs[0], from_c, "a bias row of 0.5 and C holding 0.5: the same bits"),
+                _ => {}
             }
         }
     }
@@ -430,7 +466,7 @@ mod tests {
         b: MatRef<'_>,
         c0: &[f32],
         ld: usize,
-        accumulate: bool,
+        start: Start<'_>,
     ) -> Vec<(&'static str, Vec<f32>)> {
         use crate::kernels::microkernel::Bf16;
         let (m, n) = (a.rows(), b.cols());
@@ -442,20 +478,20 @@ mod tests {
             (name, c)
         };
         let mut out = vec![
-            run("portable16", &|c| gemm_packed::<_, Bf16, 12, 2>(Portable::<16>, a, &b32, accumulate, c, &ws)),
-            run("portable8", &|c| gemm_packed::<_, Bf16, 4, 2>(Portable::<8>, a, &b16, accumulate, c, &ws)),
+            run("portable16", &|c| gemm_packed::<_, Bf16, 12, 2>(Portable::<16>, a, &b32, start, c, &ws)),
+            run("portable8", &|c| gemm_packed::<_, Bf16, 4, 2>(Portable::<8>, a, &b16, start, c, &ws)),
         ];
         #[cfg(target_arch = "x86_64")]
         {
             use crate::kernels::simd::{Avx2, Avx512, Avx512Bf16};
             if let Some(s) = Avx512Bf16::detect() {
-                out.push(run("avx512bf16", &|c| gemm_packed::<_, Bf16, 12, 2>(s, a, &b32, accumulate, c, &ws)));
+                out.push(run("avx512bf16", &|c| gemm_packed::<_, Bf16, 12, 2>(s, a, &b32, start, c, &ws)));
             }
             if let Some(s) = Avx512::detect() {
-                out.push(run("avx512 emulation", &|c| gemm_packed::<_, Bf16, 12, 2>(s, a, &b32, accumulate, c, &ws)));
+                out.push(run("avx512 emulation", &|c| gemm_packed::<_, Bf16, 12, 2>(s, a, &b32, start, c, &ws)));
             }
             if let Some(s) = Avx2::detect() {
-                out.push(run("avx2 emulation", &|c| gemm_packed::<_, Bf16, 4, 2>(s, a, &b16, accumulate, c, &ws)));
+                out.push(run("avx2 emulation", &|c| gemm_packed::<_, Bf16, 4, 2>(s, a, &b16, start, c, &ws)));
             }
         }
         out
@@ -489,7 +525,7 @@ mod tests {
             for accumulate in [false, true] {
                 let c0: Vec<f32> =
                     (0..m * ld).map(|i| if i % ld >= n { f32::NAN } else { (i % 7) as f32 - 3.0 }).collect();
-                let paths = bf16_paths(a, b, &c0, ld, accumulate);
+                let paths = bf16_paths(a, b, &c0, ld, Start::beta(accumulate as u8 as f32));
                 let want = &paths[0].1;
                 for (name, c) in &paths {
                     let exact_nans = !name.contains("emulation");
@@ -513,7 +549,7 @@ mod tests {
             let b = MatRef::new(&bt, 0, n, k, k).t();
             for a in [MatRef::new(&a, 0, m, k, k), MatRef::new(&a_cols, 0, k, m, m).t()] {
                 let c0 = vec![f32::NAN; m * n];
-                for (name, c) in bf16_paths(a, b, &c0, n, false) {
+                for (name, c) in bf16_paths(a, b, &c0, n, Start::Zero) {
                     for i in 0..m {
                         for j in 0..n {
                             let r = |x: f32| round_to_bf16(x) as f64;
@@ -546,7 +582,7 @@ mod tests {
             .iter()
             .map(|&t| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().expect("pool");
-                pool.install(|| bf16_paths(a, b, &c0, n, true))
+                pool.install(|| bf16_paths(a, b, &c0, n, Start::C))
             })
             .collect();
         for run in &runs[1..] {
@@ -562,7 +598,7 @@ mod tests {
         let (ta, tb) = (MatRef::new(&ta, 0, m, k, k), MatRef::new(&tb, 0, k, n, n));
         let packed = PackedB::bf16(tb, 32);
         assert!(!crate::kernels::microkernel::normal_range_certified(Some(-75), packed.exponent_floor));
-        let got = &bf16_paths(ta, tb, &vec![0.0; m * n], n, false)[0].1;
+        let got = &bf16_paths(ta, tb, &vec![0.0; m * n], n, Start::Zero)[0].1;
         let r = crate::kernels::bf16::round_to_bf16;
         let ieee: Vec<f32> = (0..m * n)
             .map(|e| {

@@ -203,6 +203,85 @@ impl<'a> MatMut<'a> {
     }
 }
 
+/// What a product's sums start from: `C ← start + A·B`. Kernels that can begin their first
+/// depth block from it do (C is then written once); the others have it written into C first
+/// and accumulate onto it, with the same bits: `start + Σ` either way.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Start<'a> {
+    /// `C ← A·B`.
+    Zero,
+    /// `C ← C + A·B`.
+    C,
+    /// One row (N floats) under every row: `C ← 1·biasᵀ + A·B`.
+    Bias(&'a [f32]),
+    /// A matrix of C's shape plus a row, added in that order: `C ← (x + 1·biasᵀ) + A·B` (the
+    /// block's residual and folded bias under its output projection).
+    Residual(MatRef<'a>, &'a [f32]),
+}
+
+impl<'a> Start<'a> {
+    /// `β·C` for β 0 or 1.
+    ///
+    /// # Panics
+    /// For any other β.
+    pub(crate) fn beta(beta: f32) -> Start<'a> {
+        match beta {
+            0.0 => Start::Zero,
+            1.0 => Start::C,
+            _ => panic!("Start::beta: β is 0 or 1, not {beta}"),
+        }
+    }
+
+    /// The start of C's rows `from..to`.
+    pub(crate) fn rows(self, from: usize, to: usize) -> Start<'a> {
+        match self {
+            Start::Residual(x, bias) => Start::Residual(x.rows_range(from, to), bias),
+            other => other,
+        }
+    }
+
+    /// The start of C's columns `from..to`.
+    pub(crate) fn columns(self, from: usize, to: usize) -> Start<'a> {
+        match self {
+            Start::Bias(bias) => Start::Bias(&bias[from..to]),
+            Start::Residual(x, bias) => Start::Residual(x.cols_range(from, to), &bias[from..to]),
+            other => other,
+        }
+    }
+
+    /// Whether the product adds to what C holds (every start but [`Start::Zero`], once it
+    /// has been written into C).
+    pub(crate) fn accumulates(self) -> bool {
+        !matches!(self, Start::Zero)
+    }
+
+    /// Row `i`'s start for columns `cols` added under `c` (`c ← start + c`), for a product
+    /// that began from zero; nothing for [`Start::Zero`] and [`Start::C`].
+    ///
+    /// # Panics
+    /// If a residual's row `i` is not contiguous (kernels check [`Start::in_place`] first).
+    #[inline(always)]
+    pub(crate) fn add_under(self, i: usize, cols: std::ops::Range<usize>, c: &mut [f32]) {
+        match self {
+            Start::Zero | Start::C => {}
+            Start::Bias(bias) => c.iter_mut().zip(&bias[cols]).for_each(|(c, &b)| *c += b),
+            Start::Residual(x, bias) => {
+                let row = &x.row(i).expect("Start::add_under: contiguous residual rows")[cols.clone()];
+                c.iter_mut().zip(row).zip(&bias[cols]).for_each(|((c, &x), &b)| *c += x + b);
+            }
+        }
+    }
+
+    /// Whether [`Start::add_under`] can read every row in place (a residual's rows
+    /// contiguous).
+    pub(crate) fn in_place(self) -> bool {
+        match self {
+            Start::Residual(x, _) => x.rows() == 0 || x.row(0).is_some(),
+            _ => true,
+        }
+    }
+}
+
 /// One past the last element of a `rows × cols` view (rows, cols ≥ 1) at `offset`, rows `ld`
 /// apart, or None when that overflows.
 fn view_end(offset: usize, rows: usize, cols: usize, ld: usize) -> Option<usize> {

@@ -4,8 +4,8 @@
 use std::sync::OnceLock;
 
 use crate::config::Precision;
-use crate::kernels::gemm::{fill_rows, par_gemm, par_gemm_prepacked, par_gemm_prepacked_bias, PrepackedB};
-use crate::kernels::views::{MatMut, MatRef};
+use crate::kernels::gemm::{par_gemm_from, par_gemm_prepacked_from, PrepackedB};
+use crate::kernels::views::{MatMut, MatRef, Start};
 use crate::workspace::Workspace;
 
 /// A layer's weights W (`out × in`, row-major), the right-hand operand of `X·Wᵀ` on every
@@ -94,11 +94,11 @@ impl Weights {
     /// columns of the bf16 rows in bf16 and the others in f32 (near f32 on AMX: see
     /// [`PrepackedB::near_f32`]), each on its packing.
     pub(crate) fn apply(&self, precision: Precision, x: MatRef<'_>, beta: f32, c: &mut MatMut<'_>, ws: &Workspace) {
-        self.apply_from(precision, x, Start::Beta(beta), c, ws)
+        self.apply_from(precision, x, Start::beta(beta), c, ws)
     }
 
     /// `C ← X·Wᵀ + 1·biasᵀ` as [`Weights::apply`] with β = 0 and `bias` (out) added to every
-    /// row: on AMX tiles the products start from the bias row instead of a C filled with it.
+    /// row: the packed kernels start from the bias row instead of a C filled with it.
     pub(crate) fn apply_bias(
         &self,
         precision: Precision,
@@ -111,8 +111,17 @@ impl Weights {
         self.apply_from(precision, x, Start::Bias(bias), c, ws)
     }
 
-    /// [`Weights::apply`] and [`Weights::apply_bias`]: the products start from `start`.
-    fn apply_from(&self, precision: Precision, x: MatRef<'_>, start: Start<'_>, c: &mut MatMut<'_>, ws: &Workspace) {
+    /// `C ← start + X·Wᵀ` as [`Weights::apply`] ([`Weights::apply`] and
+    /// [`Weights::apply_bias`] are its β and bias starts; the block's output starts from its
+    /// residual).
+    pub(crate) fn apply_from(
+        &self,
+        precision: Precision,
+        x: MatRef<'_>,
+        start: Start<'_>,
+        c: &mut MatMut<'_>,
+        ws: &Workspace,
+    ) {
         let (split, out) = (self.split, self.out);
         let packed = self.packings();
         let head = match (&packed.head_near, precision) {
@@ -120,19 +129,12 @@ impl Weights {
             _ => &packed.head,
         };
         if split == out {
-            return start.prepacked(Precision::F32, x, (self.view().t(), head), c, ws);
+            return par_gemm_prepacked_from(Precision::F32, x, (self.view().t(), head), start, c, ws);
         }
         if precision == Precision::F32 {
             // One f32 product of all the rows, packed on the call: the same bits as on packed
             // f32 weights.
-            let beta = match start {
-                Start::Beta(beta) => beta,
-                Start::Bias(bias) => {
-                    fill_rows(bias, c);
-                    1.0
-                }
-            };
-            return par_gemm(1.0, x, self.view().t(), beta, c);
+            return par_gemm_from(x, self.view().t(), start, c, ws);
         }
         let (rows, ld) = (c.rows(), c.ld());
         if rows == 0 {
@@ -142,43 +144,17 @@ impl Weights {
             |from: usize, to: usize| MatRef::new(&self.data, from * self.inp, to - from, self.inp, self.inp).t();
         if split > 0 {
             let mut head_c = MatMut::new(c.data_mut(), rows, split, ld);
-            start.columns(0, split).prepacked(Precision::F32, x, (rows_of(0, split), head), &mut head_c, ws);
+            par_gemm_prepacked_from(
+                Precision::F32,
+                x,
+                (rows_of(0, split), head),
+                start.columns(0, split),
+                &mut head_c,
+                ws,
+            );
         }
         let mut tail = MatMut::new(&mut c.data_mut()[split..], rows, out - split, ld);
-        start.columns(split, out).prepacked(Precision::Bf16, x, (rows_of(split, out), &packed.tail), &mut tail, ws);
-    }
-}
-
-/// What the products of [`Weights::apply_from`] start from.
-#[derive(Clone, Copy, Debug)]
-enum Start<'a> {
-    /// β·C (β 0 or 1).
-    Beta(f32),
-    /// A bias row added to every row of C.
-    Bias(&'a [f32]),
-}
-
-impl<'a> Start<'a> {
-    /// The start of columns `from..to` of C.
-    fn columns(self, from: usize, to: usize) -> Start<'a> {
-        match self {
-            Start::Bias(bias) => Start::Bias(&bias[from..to]),
-            beta => beta,
-        }
-    }
-
-    /// The prepacked product from this start.
-    fn prepacked(
-        self,
-        precision: Precision,
-        x: MatRef<'_>,
-        b: (MatRef<'_>, &PrepackedB),
-        c: &mut MatMut<'_>,
-        ws: &Workspace,
-    ) {
-        match self {
-            Start::Beta(beta) => par_gemm_prepacked(precision, x, b, beta, c, ws),
-            Start::Bias(bias) => par_gemm_prepacked_bias(precision, x, b, bias, c, ws),
-        }
+        let b = (rows_of(split, out), &packed.tail);
+        par_gemm_prepacked_from(Precision::Bf16, x, b, start.columns(split, out), &mut tail, ws);
     }
 }
