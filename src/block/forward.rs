@@ -256,13 +256,15 @@ impl NonLocalBlock {
         let (n, m, c, ci) = (p.x.rows(), p.m, self.config.in_channels, self.config.inter_channels);
         let (q, k, bias) = p.attention_operands();
         let mut logits = self.workspace.take(n * m, "dot-product logits")?;
-        match bias {
-            Some(bias) => logits.par_chunks_mut(row_block(n, 64) * m).for_each(|rows| {
-                rows.chunks_mut(m).for_each(|row| row.copy_from_slice(bias));
-            }),
-            None => logits.fill(0.0),
+        let start = bias.map_or(Start::Zero, Start::Bias);
+        let logits_out = &mut MatMut::new(&mut logits, n, m, m);
+        match self.config.precision {
+            Precision::F32 => par_gemm_from(q, k.t(), start, logits_out, &self.workspace),
+            _ => {
+                let beta = if written(start, logits_out).accumulates() { 1.0 } else { 0.0 };
+                self.dot_product_gemm(1.0, q, k.t(), beta, logits_out);
+            }
         }
-        self.dot_product_gemm(1.0, q, k.t(), 1.0, &mut MatMut::new(&mut logits, n, m, m));
         let s = MatRef::new(&logits, 0, n, m, m);
         let inv_m = 1.0 / m as f32;
         if self.compiled.folds_values(n, m) {

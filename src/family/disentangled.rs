@@ -402,9 +402,7 @@ impl DisentangledNonLocal {
         let (n, ci) = (x.rows(), self.config.non_local.inter_channels);
         let width = self.b_proj.len();
         let mut proj = ws.take(n * width, "projections")?;
-        proj.par_chunks_mut(64 * width)
-            .for_each(|rows| rows.chunks_mut(width).for_each(|r| r.copy_from_slice(&self.b_proj)));
-        self.proj.apply(Precision::F32, x, 1.0, &mut MatMut::new(&mut proj, n, width, width), ws);
+        self.proj.apply_bias(Precision::F32, x, &self.b_proj, &mut MatMut::new(&mut proj, n, width, width), ws);
         let all = rows(&proj, n, width);
         let whitened = |col: usize| -> Result<Vec<f32>> {
             let view = all.cols_range(col, col + ci);

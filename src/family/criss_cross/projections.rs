@@ -1,12 +1,9 @@
 //! The stacked projections `[q | k | v]` of one sample, and views of one image row or one
 //! image column of them.
 
-use rayon::prelude::*;
-
 use super::params::Compiled;
 use crate::config::Precision;
 use crate::error::Result;
-use crate::kernels::gemm::row_block;
 use crate::kernels::views::{MatMut, MatRef};
 use crate::workspace::{Scratch, Workspace};
 
@@ -86,8 +83,5 @@ pub(crate) fn project<'w>(compiled: &Compiled, x: MatRef<'_>, workspace: &'w Wor
 pub(crate) fn project_into(compiled: &Compiled, x: MatRef<'_>, out: &mut [f32], workspace: &Workspace) {
     let (n, width) = (x.rows(), compiled.b_proj.len());
     assert_eq!(out.len(), n * width, "projections: size");
-    out.par_chunks_mut(row_block(n, 64) * width).for_each(|rows| {
-        rows.chunks_mut(width).for_each(|row| row.copy_from_slice(&compiled.b_proj));
-    });
-    compiled.w_proj.apply(Precision::F32, x, 1.0, &mut MatMut::new(out, n, width, width), workspace);
+    compiled.w_proj.apply_bias(Precision::F32, x, &compiled.b_proj, &mut MatMut::new(out, n, width, width), workspace);
 }
