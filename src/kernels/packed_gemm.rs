@@ -25,9 +25,10 @@ use crate::workspace::Workspace;
 /// AVX-512 Xeon (2048³ and the block's projections), where a 32 KiB B panel held in L1 beside
 /// A's stream was evicted often.
 pub(crate) const GROUP_BLOCK: usize = 512;
-/// Columns of C per column block: a depth block's slab of B, `GROUP_BLOCK × 256` words, is
-/// 512 KiB, held in L2 (1 MiB or more on the AVX-512 CPUs) while every A panel of the row
-/// block passes over it.
+/// Columns of C per column block with 16-lane vectors: a depth block's slab of B,
+/// `GROUP_BLOCK × 256` words, is 512 KiB, held in L2 (1 MiB or more on the AVX-512 CPUs) while
+/// every A panel of the row block passes over it. With 8 lanes (AVX2 CPUs, many with 256–512
+/// KiB of L2) half as many: a 256 KiB slab. The column blocking changes no sum.
 const COLUMN_BLOCK: usize = 256;
 /// Rows of C per parallel block, at most (a block's packed A, `192 × 512` words, is 384 KiB,
 /// of which one panel at a time is read from L1).
@@ -213,7 +214,7 @@ impl<E: Elem, const MR: usize, const NV: usize> Job for GemmBlock<'_, E, MR, NV>
             E::pack_rows::<MR>(a.cols_range(start, start + depth), groups, a_block);
             let checked = E::checked::<S>(E::exponent_floor::<S>(a_block), b.exponent_floor);
             let add = start > 0 || matches!(from, Start::C);
-            let block_panels = (COLUMN_BLOCK / nr).max(1);
+            let block_panels = (COLUMN_BLOCK * S::LANES / 16 / nr).max(1);
             for first in (0..b_panels).step_by(block_panels) {
                 for ip in 0..a_panels {
                     let a_panel = &a_block[ip * groups * MR..][..groups * MR];
