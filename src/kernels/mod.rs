@@ -8,7 +8,8 @@
 //!   and the reduction of the backward pass), `attention_shapes` (their shape checks), [`gemm`] (the
 //!   GEMM entry points), `packed_gemm` (GEMM on packed operands), [`dot_product`],
 //!   [`concat`](mod@concat), [`pool`], [`exp`] (scalar and vector `exp`, row max and sums);
-//! - below them, the instruction-set layer: [`views`] (strided matrix views), [`simd`] (vector
+//! - below them, the instruction-set layer: [`views`] (strided matrix views, and the start a
+//!   product's sums begin from), [`simd`] (vector
 //!   operations for AVX-512 with and without AVX512_BF16, AVX2 and portable code, and the
 //!   run-time choice), `bf16_simd` (the bf16 pair operations on each: `VDPBF16PS` or its exact
 //!   emulation), `bf16` (the scalar model of the bf16 instructions, bit for bit),

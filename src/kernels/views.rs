@@ -1,5 +1,6 @@
 //! Strided matrix views over f32 data: [`MatRef`] (read-only, any strides) and [`MatMut`]
-//! (row-major, mutable). Every kernel and driver takes these; they import nothing.
+//! (row-major, mutable), and what a product's sums start from (`Start`: zero, C, a bias row
+//! or a residual). Every kernel and driver takes these; they import nothing.
 
 use std::marker::PhantomData;
 
