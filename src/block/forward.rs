@@ -11,7 +11,7 @@ use crate::kernels::attention::attention_in;
 use crate::kernels::concat::concat_attention;
 use crate::kernels::dot_product::key_value_product_in;
 use crate::kernels::gemm::{
-    par_gemm, par_gemm_from, par_gemm_on_tiles, par_gemm_prepacked, row_block, written, PrepackedB,
+    beta_once_written, par_gemm, par_gemm_from, par_gemm_on_tiles, par_gemm_prepacked, row_block, PrepackedB,
 };
 use crate::kernels::transpose::{par_rows_transposed, write_transposed, Onto};
 use crate::kernels::views::{MatMut, MatRef, Start};
@@ -261,7 +261,7 @@ impl NonLocalBlock {
         match self.config.precision {
             Precision::F32 => par_gemm_from(q, k.t(), start, logits_out, &self.workspace),
             _ => {
-                let beta = if written(start, logits_out).accumulates() { 1.0 } else { 0.0 };
+                let beta = beta_once_written(start, logits_out);
                 self.dot_product_gemm(1.0, q, k.t(), beta, logits_out);
             }
         }
@@ -280,8 +280,8 @@ impl NonLocalBlock {
             match order {
                 Order::PositionMajor => {
                     let out = &mut MatMut::new(out, n, c, c);
-                    written(Start::Residual(p.x, &self.compiled.b_out), out);
-                    self.dot_product_gemm(inv_m, s, vw, 1.0, out);
+                    let beta = beta_once_written(Start::Residual(p.x, &self.compiled.b_out), out);
+                    self.dot_product_gemm(inv_m, s, vw, beta, out);
                 }
                 Order::ChannelMajor => {
                     let mut rows = self.workspace.take(n * c, "attention output")?;
@@ -364,8 +364,8 @@ impl NonLocalBlock {
             None => self.compiled.w_out.apply_from(precision, y, start, out, &self.workspace),
             Some(w) if precision == Precision::F32 => par_gemm_from(y, w, start, out, &self.workspace),
             Some(_) => {
-                written(start, out);
-                self.output_product(precision, y, w, 1.0, out);
+                let beta = beta_once_written(start, out);
+                self.output_product(precision, y, w, beta, out);
             }
         }
     }

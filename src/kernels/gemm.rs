@@ -100,13 +100,27 @@ pub(crate) fn par_gemm_ws(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = avx512_gemm(beta) {
-        let packed = PackedB::new_in(b, AVX512_NV * 16, alpha, ws);
-        use super::microkernel::F32;
-        super::packed_gemm::gemm_packed::<_, F32, AVX512_MR, AVX512_NV>(simd, a, &packed, Start::beta(beta), c, ws);
-        ws.give(packed.into_data());
-        return;
+        return packed_on_the_call(simd, alpha, a, b, Start::beta(beta), c, ws);
     }
     sgemm_row_blocks(alpha, a, b, beta, c);
+}
+
+/// `C ← start + A·(αB)` on the packed AVX-512 kernel, B packed here into scratch from `ws`
+/// (and given back); `start`'s rows in place.
+#[cfg(target_arch = "x86_64")]
+fn packed_on_the_call(
+    simd: super::simd::Avx512,
+    alpha: f32,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    start: Start<'_>,
+    c: &mut MatMut<'_>,
+    ws: &Workspace,
+) {
+    use super::microkernel::F32;
+    let packed = PackedB::new_in(b, AVX512_NV * 16, alpha, ws);
+    super::packed_gemm::gemm_packed::<_, F32, AVX512_MR, AVX512_NV>(simd, a, &packed, start, c, ws);
+    ws.give(packed.into_data());
 }
 
 /// `C ← start + A·B` as [`par_gemm`] with scratch from `ws`: the packed AVX-512 kernel
@@ -118,14 +132,10 @@ pub(crate) fn par_gemm_from(a: MatRef<'_>, b: MatRef<'_>, start: Start<'_>, c: &
     assert_eq!((a.rows(), a.cols(), b.cols()), (c.rows(), b.rows(), c.cols()), "par_gemm: shapes");
     #[cfg(target_arch = "x86_64")]
     if let (true, Some(simd)) = (c.rows() * c.cols() * a.cols() >= SMALL_PRODUCT, avx512_gemm(0.0)) {
-        let start = if start.in_place() { start } else { written(start, c) };
-        let packed = PackedB::new_in(b, AVX512_NV * 16, 1.0, ws);
-        use super::microkernel::F32;
-        super::packed_gemm::gemm_packed::<_, F32, AVX512_MR, AVX512_NV>(simd, a, &packed, start, c, ws);
-        ws.give(packed.into_data());
-        return;
+        let start = in_kernel(start, c);
+        return packed_on_the_call(simd, 1.0, a, b, start, c, ws);
     }
-    let beta = if written(start, c).accumulates() { 1.0 } else { 0.0 };
+    let beta = beta_once_written(start, c);
     par_gemm_ws(1.0, a, b, beta, c, ws)
 }
 
@@ -224,7 +234,7 @@ fn par_gemm_bf16(
     // The packed kernels begin from any start whose rows they read in place; the others from
     // the start written into C.
     let start = match (packed, start) {
-        (BPacking::Bf16(_), start) if start.in_place() => start,
+        (BPacking::Bf16(_), start) => in_kernel(start, c),
         #[cfg(target_arch = "x86_64")]
         (BPacking::Amx(_), start @ (Start::Zero | Start::C | Start::Bias(_))) => start,
         (_, start) => written(start, c),
@@ -466,17 +476,36 @@ pub(crate) fn par_gemm_prepacked_from(
     if let (BPacking::F32(packed), Some(simd)) = (&packed.packed, avx512_gemm(0.0)) {
         if c.rows() * c.cols() * a.cols() >= SMALL_PRODUCT {
             use super::microkernel::F32;
-            let start = if start.in_place() { start } else { written(start, c) };
+            let start = in_kernel(start, c);
             return super::packed_gemm::gemm_packed::<_, F32, AVX512_MR, AVX512_NV>(simd, a, packed, start, c, ws);
         }
     }
-    let beta = if written(start, c).accumulates() { 1.0 } else { 0.0 };
+    let beta = beta_once_written(start, c);
     par_gemm(1.0, a, b, beta, c);
+}
+
+/// The start a packed kernel begins from: `start` itself where it reads its rows in place,
+/// else `start` written into C ([`written`]).
+fn in_kernel<'a>(start: Start<'a>, c: &mut MatMut<'_>) -> Start<'a> {
+    if start.in_place() {
+        start
+    } else {
+        written(start, c)
+    }
+}
+
+/// [`written`] for a product taking β: 1 once the start is in C, 0 for [`Start::Zero`].
+pub(crate) fn beta_once_written(start: Start<'_>, c: &mut MatMut<'_>) -> f32 {
+    if written(start, c).accumulates() {
+        1.0
+    } else {
+        0.0
+    }
 }
 
 /// `start` written into C (rows in parallel) for a product that cannot begin from it, and
 /// the start that product then has: [`Start::C`], or [`Start::Zero`] unchanged.
-pub(crate) fn written<'s>(start: Start<'_>, c: &mut MatMut<'_>) -> Start<'s> {
+fn written<'s>(start: Start<'_>, c: &mut MatMut<'_>) -> Start<'s> {
     match start {
         Start::Zero => Start::Zero,
         Start::C => Start::C,
