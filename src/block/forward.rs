@@ -2,7 +2,6 @@
 //! function per pairwise mode, each a few kernel calls on the plan's prepared operands.
 
 use ndarray::{Array, Array5, ArrayBase, ArrayView4, ArrayView5, Data, DataMut, Dimension, Ix5};
-use rayon::prelude::*;
 
 use super::{buffer, Layout, NonLocalBlock};
 use crate::config::{Mode, Precision};
@@ -11,7 +10,7 @@ use crate::kernels::attention::attention_in;
 use crate::kernels::concat::concat_attention;
 use crate::kernels::dot_product::key_value_product_in;
 use crate::kernels::gemm::{
-    beta_once_written, par_gemm, par_gemm_from, par_gemm_on_tiles, par_gemm_prepacked, row_block, PrepackedB,
+    beta_once_written, par_gemm, par_gemm_from, par_gemm_on_tiles, par_gemm_prepacked, residual_rows, PrepackedB,
 };
 use crate::kernels::transpose::{par_rows_transposed, write_transposed, Onto};
 use crate::kernels::views::{MatMut, MatRef, Start};
@@ -387,19 +386,10 @@ impl NonLocalBlock {
         }
     }
 
-    /// `out ← (out + x) + b_out`, in one pass, rows in parallel; x's rows are read in place
-    /// where they are contiguous.
+    /// `out ← (out + x) + b_out` ([`residual_rows`]).
     fn add_residual(&self, x: MatRef<'_>, out: &mut [f32]) {
         let (n, c) = (x.rows(), x.cols());
-        let block = row_block(n, 64);
-        let bias = &self.compiled.b_out;
-        out.par_chunks_mut(block * c).enumerate().for_each(|(b, rows)| {
-            let mut copy = Vec::new();
-            for (r, row) in rows.chunks_mut(c).enumerate() {
-                let residual = x.row_or_copy(b * block + r, &mut copy);
-                row.iter_mut().zip(residual).zip(bias).for_each(|((o, &v), &bias)| *o = *o + v + bias);
-            }
-        });
+        residual_rows(x, &self.compiled.b_out, true, &mut MatMut::new(out, n, c, c));
     }
 }
 

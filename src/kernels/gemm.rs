@@ -514,20 +514,31 @@ fn written<'s>(start: Start<'_>, c: &mut MatMut<'_>) -> Start<'s> {
             Start::C
         }
         Start::Residual(x, bias) => {
-            let (rows, cols, ld) = (c.rows(), c.cols(), c.ld());
-            if rows > 0 && cols > 0 {
-                let block = row_block(rows, 64);
-                c.data_mut()[..(rows - 1) * ld + cols].par_chunks_mut(block * ld).enumerate().for_each(|(b, chunk)| {
-                    let mut copy = Vec::new();
-                    for (r, dst) in chunk.chunks_mut(ld).enumerate() {
-                        let row = x.row_or_copy(b * block + r, &mut copy);
-                        dst[..cols].iter_mut().zip(row).zip(bias).for_each(|((d, &x), &b)| *d = x + b);
-                    }
-                });
-            }
+            residual_rows(x, bias, false, c);
             Start::C
         }
     }
+}
+
+/// Every row of C set to (`add` false) or incremented by (`add` true, in the order
+/// `(c + x) + bias`) its row of x plus `bias`, in one pass, rows in parallel; x's rows are read
+/// in place where they are contiguous.
+pub(crate) fn residual_rows(x: MatRef<'_>, bias: &[f32], add: bool, c: &mut MatMut<'_>) {
+    let (rows, cols, ld) = (c.rows(), c.cols(), c.ld());
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let block = row_block(rows, 64);
+    c.data_mut()[..(rows - 1) * ld + cols].par_chunks_mut(block * ld).enumerate().for_each(|(b, chunk)| {
+        let mut copy = Vec::new();
+        for (r, dst) in chunk.chunks_mut(ld).enumerate() {
+            let terms = dst[..cols].iter_mut().zip(x.row_or_copy(b * block + r, &mut copy)).zip(bias);
+            match add {
+                true => terms.for_each(|((d, &x), &b)| *d = *d + x + b),
+                false => terms.for_each(|((d, &x), &b)| *d = x + b),
+            }
+        }
+    });
 }
 
 /// Every row of C set to `row`, rows in parallel.
