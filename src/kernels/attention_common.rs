@@ -89,11 +89,9 @@ pub(crate) fn for_each_query_tile(
 }
 
 /// Where the unnormalised outputs `Σ_j exp(s·logit_ij − s·m_i)·v_j` of a query tile are.
-pub(crate) enum Accumulated<'a> {
+pub(crate) enum Accumulated {
     /// In the output rows themselves.
     InPlace,
-    /// Transposed: value channel `ch` of query `r` at `o_t[ch·width + r]`.
-    Transposed { o_t: &'a [f32], width: usize },
     /// Already normalised into the output rows by the caller (only the log-sum-exp is left).
     Done,
 }
@@ -102,7 +100,7 @@ pub(crate) enum Accumulated<'a> {
 /// the raw logits) and sums `run_sum` over all keys: `out_r ← acc_r / run_sum_r` (`out` rows ×
 /// `dv`), and each row's log-sum-exp `scale·run_max_r + ln run_sum_r` into `lse` when asked.
 pub(crate) fn finish_rows(
-    acc: Accumulated<'_>,
+    acc: Accumulated,
     out: &mut [f32],
     dv: usize,
     (run_max, run_sum): (&[f32], &[f32]),
@@ -115,24 +113,6 @@ pub(crate) fn finish_rows(
             for (row, &sum) in out.chunks_mut(dv.max(1)).zip(run_sum) {
                 let inv = 1.0 / sum;
                 row.iter_mut().for_each(|o| *o *= inv);
-            }
-        }
-        Accumulated::Transposed { o_t, width } => {
-            // In 16 × 16 blocks: the 16 lines of Oᵀ a block reads serve all its rows from L1
-            // (row by row, a wide tile's channels would each miss).
-            const BLOCK: usize = 16;
-            let rows = run_sum.len().min(out.len() / dv.max(1));
-            let inv: Vec<f32> = run_sum[..rows].iter().map(|&sum| 1.0 / sum).collect();
-            for r0 in (0..rows).step_by(BLOCK) {
-                for c0 in (0..dv).step_by(BLOCK) {
-                    let channels = c0..(c0 + BLOCK).min(dv);
-                    for (r, &inv) in inv.iter().enumerate().skip(r0).take(BLOCK) {
-                        let row = &mut out[r * dv..][channels.clone()];
-                        for (o, ch) in row.iter_mut().zip(channels.clone()) {
-                            *o = o_t[ch * width + r] * inv;
-                        }
-                    }
-                }
             }
         }
     }

@@ -201,7 +201,41 @@ impl<QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize> Att
             }
             start = end;
         }
-        finish_rows(Accumulated::Transposed { o_t: &o_t, width }, out, dv, (&run_max, &run_sum), scale, lse);
+        normalised_rows(s, (&o_t, width), &run_sum[..rows], out, dv);
+        finish_rows(Accumulated::Done, out, dv, (&run_max, &run_sum), scale, lse);
+    }
+}
+
+/// `out[r][ch] ← o_t[ch·width + r] / sums[r]` for the `sums.len()` rows of `out` (`dv` wide):
+/// the tile's outputs from their transposed sums, [`Simd::LANES`] × LANES blocks through
+/// register transposes (a wide tile's channels, read row by row, would each miss), the edges
+/// of `dv` element by element. `o_t` holds at least `dv` rows of `width ≥` rows rounded up to
+/// LANES.
+#[inline(always)]
+fn normalised_rows<S: Bf16Simd>(s: S, (o_t, width): (&[f32], usize), sums: &[f32], out: &mut [f32], dv: usize) {
+    let lanes = S::LANES;
+    let rows = sums.len();
+    assert!(width >= rows.next_multiple_of(lanes) && o_t.len() >= dv * width && out.len() >= rows * dv);
+    let full_dv = dv / lanes * lanes;
+    let mut block = [0.0f32; 16 * 16];
+    const { assert!(S::LANES <= 16) };
+    for r0 in (0..rows).step_by(lanes) {
+        let block_rows = (rows - r0).min(lanes);
+        let inv: [f32; 16] = std::array::from_fn(|i| if i < block_rows { 1.0 / sums[r0 + i] } else { 0.0 });
+        for c0 in (0..full_dv).step_by(lanes) {
+            let src = &o_t[c0 * width + r0..][..(lanes - 1) * width + lanes];
+            // SAFETY: `src` holds LANES rows of LANES floats `width` apart, `block` LANES².
+            unsafe { s.transpose(src.as_ptr(), width, block.as_mut_ptr(), lanes) };
+            for (i, &inv) in inv.iter().enumerate().take(block_rows) {
+                let x = s.mul(s.load_slice(&block[i * lanes..]), s.splat(inv));
+                s.store_slice(&mut out[(r0 + i) * dv + c0..][..lanes], x);
+            }
+        }
+        for (i, &inv) in inv.iter().enumerate().take(block_rows) {
+            for ch in full_dv..dv {
+                out[(r0 + i) * dv + ch] = o_t[ch * width + r0 + i] * inv;
+            }
+        }
     }
 }
 
