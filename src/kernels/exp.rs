@@ -78,6 +78,21 @@ pub(crate) fn exp_vector<S: Simd>(s: S, x: S::V) -> S::V {
     s.zero_below(x, low, s.mul(e, s.pow2_rounded(t)))
 }
 
+/// Below this argument, [`weight_vector`] gives 0: `exp(−64·ln 2) = 2^-64`, the f32 weights'
+/// floor relative to the largest weight (1), as the bf16 path's [`WEIGHT_LOW`].
+pub(crate) const WEIGHT_ARG_LOW: f32 = -44.361_42;
+
+/// An f32 softmax weight `exp(x)` for `x = s·(logit − max) ≤ 0`: [`exp_vector`], but 0 below
+/// [`WEIGHT_ARG_LOW`] (weights under 2^-64 of the largest). Their sum, at most M times that,
+/// is far below f32's resolution of the row's total (≥ 1); kept, the smallest of them (down to
+/// 2^-125) make subnormal products in the value product, and on Intel cores every multiply-add
+/// with a subnormal result or operand takes a microcode assist (Gaussian's unscaled logits make
+/// many such weights). NaN stays NaN.
+#[inline(always)]
+pub(crate) fn weight_vector<S: Simd>(s: S, x: S::V) -> S::V {
+    s.zero_below(x, s.splat(WEIGHT_ARG_LOW), exp_vector(s, x))
+}
+
 /// Below this `y`, [`exp2_weight`] gives 0: every weight it gives is 0 or at least 2^-63.
 pub(crate) const WEIGHT_LOW: f32 = -63.0;
 /// The polynomial of [`exp2_weight`]: 2^f ≈ 1 + f·(c1 + f·(c2 + f·(c3 + f·c4))) on |f| ≤ 1/2,
@@ -318,6 +333,50 @@ mod tests {
         let got = exp_sum(&mut row, 0.5, 3.0);
         assert!((got as f64 - want).abs() < 1e-5 * want, "{got} vs {want}");
         assert!((row[36] as f64 - (9.0f64 * 0.5 - 3.0).exp()).abs() < 1e-6);
+    }
+
+    /// [`weight_vector`] of each whole vector of the input.
+    struct WeightJob(Vec<f32>);
+    impl Job for WeightJob {
+        type Out = Vec<f32>;
+        #[inline(always)]
+        fn run<S: Simd>(self, s: S) -> Vec<f32> {
+            let mut out = vec![0.0f32; self.0.len()];
+            for (c, o) in self.0.chunks_exact(S::LANES).zip(out.chunks_exact_mut(S::LANES)) {
+                s.store_slice(o, weight_vector(s, s.load_slice(c)));
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn weights_are_the_exp_above_2_to_the_minus_64_and_zero_below_on_every_isa() {
+        let mut xs: Vec<f32> = (0..4096).map(|i| -90.0 + 90.0 * i as f32 / 4095.0).collect();
+        let floor = WEIGHT_ARG_LOW;
+        xs.extend([floor, f32::from_bits(floor.to_bits() - 1), f32::from_bits(floor.to_bits() + 1)]);
+        xs.extend([f32::NAN, f32::NEG_INFINITY, -0.0, 0.0]);
+        xs.resize(xs.len().next_multiple_of(16), -1.0);
+        let want = Portable::<16>.vectorize(WeightJob(xs.clone()));
+        let mut others = vec![Portable::<8>.vectorize(WeightJob(xs.clone()))];
+        #[cfg(target_arch = "x86_64")]
+        {
+            others.extend(Avx512::detect().map(|s| s.vectorize(WeightJob(xs.clone()))));
+            others.extend(Avx2::detect().map(|s| s.vectorize(WeightJob(xs.clone()))));
+        }
+        for got in others {
+            assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan())));
+        }
+        for (&x, &got) in xs.iter().zip(&want) {
+            match x {
+                x if x.is_nan() => assert!(got.is_nan()),
+                // f32::from_bits(floor + 1) is more negative: below the floor.
+                x if x < floor => assert_eq!(got, 0.0, "exp({x})"),
+                x => {
+                    assert_eq!(got.to_bits(), exp_lane::<true>(x).to_bits(), "exp({x})");
+                    assert!(got >= 2f32.powi(-64) * (1.0 - 1e-6), "exp({x}) = {got} under the floor");
+                }
+            }
+        }
     }
 
     /// [`exp2_weight`] of each whole vector of the input.

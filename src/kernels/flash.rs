@@ -23,7 +23,7 @@ use super::attention_common::{
     add_key_partials, finish_rows, for_each_query_tile, over_query_chunks, row_dots, Accumulated,
 };
 use super::attention_shapes::{check_backward, check_forward};
-use super::exp::{exp2_weight, exp_vector, LOG2E};
+use super::exp::{exp2_weight, exp_vector, weight_vector, LOG2E};
 use super::microkernel::{packed_panels, tile, Elem, Word, F32};
 use super::simd::Bf16Simd;
 use super::simd::Job;
@@ -40,8 +40,8 @@ use crate::workspace::{Scratch, Workspace};
 /// `Oᵀ += Vᵀ·Pᵀ` elements `VE` in MRV × NR tiles. With bf16 elements for a product
 /// ([`Elem::DEPTH`] 2) its operands are rounded to bf16 as they are packed (the weights P per
 /// tile, dropped below 2^-63 of the running maximum; the row sums add them unrounded); the
-/// softmax is f32
-/// whatever the elements.
+/// softmax is f32 whatever the elements, its f32 weights 0 below 2^-64 of the running maximum
+/// ([`weight_vector`]: no subnormal products).
 ///
 /// # Panics
 /// If the shapes disagree: `q` N × d, `k` M × d with M ≥ 1, `v` M × dv, `bias` M, `out`
@@ -241,7 +241,8 @@ fn normalised_rows<S: Bf16Simd>(s: S, (o_t, width): (&[f32], usize), sums: &[f32
 
 /// The online-softmax step for one panel of NR queries over `keys` keys (rows of NR), each
 /// row first offset by its key's `bias` when there is one: updates the running maximum and
-/// sum, turns the logits into `exp(s·logit − s·max)` (zero for the padding rows past `keys`)
+/// sum, turns the logits into `exp(s·logit − s·max)` ([`weight_vector`]: 0 below 2^-64; zero
+/// for the padding rows past `keys`)
 /// and, when the maximum grew in some lane, writes the rescaling of earlier sums into
 /// `correction` and returns true.
 ///
@@ -292,7 +293,7 @@ pub(crate) fn softmax_panel<S: Bf16Simd, const NV: usize>(
             None => {
                 for key in 0..keys {
                     let row = &mut panel[key * nr + v * lanes..][..lanes];
-                    let e = exp_vector(s, s.fmadd(s.load_slice(row), vscale, shift));
+                    let e = weight_vector(s, s.fmadd(s.load_slice(row), vscale, shift));
                     s.store_slice(row, e);
                     sum = s.add(sum, e);
                 }
@@ -513,8 +514,9 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                     let neg_delta = s.mul(s.splat(-1.0), s.load_slice(&delta[lanes_at..]));
                     for key in 0..keys {
                         let at = key * nr + v * lanes;
-                        // P = exp(s·S − lse): the normalised weights, as in the forward pass.
-                        let w = exp_vector(s, s.fmadd(s.load_slice(&p_panel[at..]), vscale, neg_lse));
+                        // P = exp(s·S − lse): the normalised weights (0 below 2^-64), as in the
+                        // forward pass.
+                        let w = weight_vector(s, s.fmadd(s.load_slice(&p_panel[at..]), vscale, neg_lse));
                         s.store_slice(&mut p_panel[at..], w);
                         let g = s.mul(w, s.add(s.load_slice(&ds_panel[at..]), neg_delta));
                         // Subnormal dS (tiny weights, as Gaussian's unscaled logits make) to 0:
