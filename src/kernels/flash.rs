@@ -23,7 +23,7 @@ use super::attention_common::{
     add_key_partials, finish_rows, for_each_query_tile, over_query_chunks, row_dots, Accumulated,
 };
 use super::attention_shapes::{check_backward, check_forward};
-use super::exp::{exp2_weight, exp_vector, weight_vector, LOG2E};
+use super::exp::{exp2_weight, weight_vector, LOG2E};
 use super::microkernel::{packed_panels, tile, Elem, Word, F32};
 use super::simd::Bf16Simd;
 use super::simd::Job;
@@ -320,7 +320,9 @@ pub(crate) fn softmax_panel<S: Bf16Simd, const NV: usize>(
         let total = if first {
             sum
         } else {
-            let corr = exp_vector(s, s.mul(vscale, s.add(old, s.mul(new, s.splat(-1.0)))));
+            // 0 below 2^-64, as the weights: the earlier sums are then negligible, and kept they
+            // would turn subnormal.
+            let corr = weight_vector(s, s.mul(vscale, s.add(old, s.mul(new, s.splat(-1.0)))));
             s.store_slice(&mut correction[group.clone()], corr);
             grew |= correction[group.clone()].iter().any(|&c| c != 1.0);
             s.add(s.mul(run, corr), sum)
