@@ -120,24 +120,38 @@ pub(crate) fn exp2_weight<S: Simd>(s: S, y: S::V) -> S::V {
     s.zero_below(y, low, s.mul(p, s.pow2_rounded(t)))
 }
 
-/// `row[j] ← exp(row[j]·scale − shift)`, returning the sum of the new values.
+/// `row[j] ← exp(row[j]·scale − shift)`, returning the sum of the new values; with `FLOOR`,
+/// 0 where the argument is below [`WEIGHT_ARG_LOW`] (as [`weight_vector`]).
 #[inline(always)]
-fn exp_sum_body<const FMA: bool>(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+fn exp_sum_body<const FMA: bool, const FLOOR: bool>(row: &mut [f32], scale: f32, shift: f32) -> f32 {
     let mut acc = [0.0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for chunk in &mut chunks {
         for k in 0..LANES {
-            let e = exp_lane::<FMA>(fmadd::<FMA>(chunk[k], scale, -shift));
+            let e = scaled_exp::<FMA, FLOOR>(chunk[k], scale, shift);
             chunk[k] = e;
             acc[k] += e;
         }
     }
     for (k, v) in chunks.into_remainder().iter_mut().enumerate() {
-        let e = exp_lane::<FMA>(fmadd::<FMA>(*v, scale, -shift));
+        let e = scaled_exp::<FMA, FLOOR>(*v, scale, shift);
         *v = e;
         acc[k] += e;
     }
     sum_lanes(acc)
+}
+
+/// `exp(v·scale − shift)` of one lane; with `FLOOR`, 0 below [`WEIGHT_ARG_LOW`]. (A function,
+/// not a closure in the loop: a closure is compiled without the caller's instruction set.)
+#[inline(always)]
+fn scaled_exp<const FMA: bool, const FLOOR: bool>(v: f32, scale: f32, shift: f32) -> f32 {
+    let x = fmadd::<FMA>(v, scale, -shift);
+    let e = exp_lane::<FMA>(x);
+    if FLOOR && x < WEIGHT_ARG_LOW {
+        0.0
+    } else {
+        e
+    }
 }
 
 /// The maximum of `row`, NaN when any element is NaN or infinite (so the softmax of such a
@@ -179,19 +193,18 @@ pub(crate) fn sum_lanes(mut acc: [f32; LANES]) -> f32 {
     acc[0]
 }
 
-type ExpSumFn = fn(&mut [f32], f32, f32) -> f32;
 type MaxFn = fn(&[f32]) -> f32;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) fn exp_sum_avx512(row: &mut [f32], scale: f32, shift: f32) -> f32 {
-        super::exp_sum_body::<true>(row, scale, shift)
+    pub(super) fn exp_sum_avx512<const FLOOR: bool>(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+        super::exp_sum_body::<true, FLOOR>(row, scale, shift)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn exp_sum_avx2(row: &mut [f32], scale: f32, shift: f32) -> f32 {
-        super::exp_sum_body::<true>(row, scale, shift)
+    pub(super) fn exp_sum_avx2<const FLOOR: bool>(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+        super::exp_sum_body::<true, FLOOR>(row, scale, shift)
     }
 
     #[target_feature(enable = "avx512f,avx2,fma")]
@@ -205,31 +218,27 @@ mod x86 {
     }
 }
 
-fn exp_sum_portable(row: &mut [f32], scale: f32, shift: f32) -> f32 {
-    exp_sum_body::<false>(row, scale, shift)
-}
-
 fn max_portable(row: &[f32]) -> f32 {
     max_body(row)
 }
 
-fn exp_sum_fn() -> ExpSumFn {
-    static F: OnceLock<ExpSumFn> = OnceLock::new();
-    *F.get_or_init(|| match isa() {
+/// [`exp_sum`] (`FLOOR` false) or [`softmax_weights`] on the path of [`isa`].
+fn exp_sum_on_path<const FLOOR: bool>(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+    match isa() {
         // SAFETY (both arms): `isa()` chose a path the CPU has, with the features these
         // functions enable.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => |r, s, m| unsafe { x86::exp_sum_avx512(r, s, m) },
+        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => unsafe { x86::exp_sum_avx512::<FLOOR>(row, scale, shift) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => |r, s, m| unsafe { x86::exp_sum_avx2(r, s, m) },
-        _ => exp_sum_portable,
-    })
+        Isa::Avx2 => unsafe { x86::exp_sum_avx2::<FLOOR>(row, scale, shift) },
+        _ => exp_sum_body::<false, FLOOR>(row, scale, shift),
+    }
 }
 
 fn max_fn() -> MaxFn {
     static F: OnceLock<MaxFn> = OnceLock::new();
     *F.get_or_init(|| match isa() {
-        // SAFETY (both arms): as in `exp_sum_fn`.
+        // SAFETY (both arms): as in `exp_sum_on_path`.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => |r| unsafe { x86::max_avx512(r) },
         #[cfg(target_arch = "x86_64")]
@@ -242,7 +251,14 @@ fn max_fn() -> MaxFn {
 ///
 /// Accurate to about 1 ulp for arguments ≤ 88; arguments below −87 give 0; NaN gives NaN.
 pub fn exp_sum(row: &mut [f32], scale: f32, shift: f32) -> f32 {
-    exp_sum_fn()(row, scale, shift)
+    exp_sum_on_path::<false>(row, scale, shift)
+}
+
+/// Softmax weights: [`exp_sum`], but 0 where `row[j]·scale − shift` is below
+/// [`WEIGHT_ARG_LOW`] (weights under 2^-64 of the row's largest, as [`weight_vector`]: the same
+/// bits on the FMA paths).
+pub(crate) fn softmax_weights(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+    exp_sum_on_path::<true>(row, scale, shift)
 }
 
 /// The largest element of `row`; NaN if any element is NaN or infinite; −∞ if empty.
@@ -302,7 +318,8 @@ mod tests {
     #[test]
     fn exp_is_accurate_to_two_ulp_over_the_softmax_range() {
         let xs: Vec<f32> = (0..200_001).map(|i| -87.0 + 87.0 * i as f32 / 200_000.0).collect();
-        for f in [exp_sum_portable as ExpSumFn, exp_sum_fn()] {
+        let portable: fn(&mut [f32], f32, f32) -> f32 = exp_sum_body::<false, false>;
+        for f in [portable, exp_sum] {
             let mut row = xs.clone();
             f(&mut row, 1.0, 0.0);
             for (&x, &got) in xs.iter().zip(&row) {
@@ -366,6 +383,22 @@ mod tests {
         for got in others {
             assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan())));
         }
+        // The row loops of the sgemm kernel: the same weights (the vector's bits on FMA paths).
+        let mut row = xs.clone();
+        let total = softmax_weights(&mut row, 1.0, 0.0);
+        let fused = isa() != Isa::Portable;
+        for ((&x, &got), &w) in xs.iter().zip(&row).zip(&want) {
+            let lane = if x < floor {
+                0.0
+            } else if fused {
+                exp_lane::<true>(x)
+            } else {
+                exp_lane::<false>(x)
+            };
+            assert!(got.to_bits() == lane.to_bits() || (got.is_nan() && x.is_nan()), "row exp({x}) = {got}");
+            assert!(!fused || got.to_bits() == w.to_bits() || got.is_nan(), "row exp({x}) = {got} vs {w}");
+        }
+        assert!(total.is_nan(), "a NaN argument makes the sum NaN");
         for (&x, &got) in xs.iter().zip(&want) {
             match x {
                 x if x.is_nan() => assert!(got.is_nan()),

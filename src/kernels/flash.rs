@@ -207,7 +207,7 @@ impl<QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize> Att
 }
 
 /// `out[r][ch] ← o_t[ch·width + r] / sums[r]` for the `sums.len()` rows of `out` (`dv` wide):
-/// the tile's outputs from their transposed sums, [`Simd::LANES`] × LANES blocks through
+/// the tile's outputs from their transposed sums, [`Simd::LANES`](super::simd::Simd::LANES) × LANES blocks through
 /// register transposes (a wide tile's channels, read row by row, would each miss), the edges
 /// of `dv` element by element. `o_t` holds at least `dv` rows of `width ≥` rows rounded up to
 /// LANES.

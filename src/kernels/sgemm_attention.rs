@@ -19,7 +19,7 @@ use super::attention_common::{
 };
 use super::attention_shapes::{check_backward, check_forward};
 use super::bf16::round_to_bf16;
-use super::exp::{exp_sum, row_max};
+use super::exp::{row_max, softmax_weights, WEIGHT_ARG_LOW};
 use super::gemm::gemm;
 use super::tiles::{KEY_TILE, QUERY_TILE};
 use super::views::{MatMut, MatRef};
@@ -109,14 +109,16 @@ fn attend_tile(
             let tile_max = row_max(row);
             let old = run_max[r];
             let new = if tile_max > old || tile_max.is_nan() { tile_max } else { old };
-            let sum = exp_sum(row, scale, scale * new);
+            let sum = softmax_weights(row, scale, scale * new);
             if bf16 {
                 row.iter_mut().for_each(|w| *w = bf16_weight(*w));
             }
             if first {
                 run_sum[r] = sum;
             } else if new != old || new.is_nan() {
-                let correction = (scale * (old - new)).exp();
+                // 0 below 2^-64, as the weights (see `softmax_weights`).
+                let arg = scale * (old - new);
+                let correction = if arg < WEIGHT_ARG_LOW { 0.0 } else { arg.exp() };
                 run_sum[r] = run_sum[r] * correction + sum;
                 for a in &mut acc_row(&mut acc, r, dv)[..] {
                     *a *= correction;
@@ -197,8 +199,8 @@ fn backward_tile(
         let (k_t, v_t) = (k.rows_range(start, end), v.rows_range(start, end));
         gemm(1.0, q, k_t.t(), 0.0, &mut MatMut::new(&mut p, rows, width, width));
         for r in 0..rows {
-            // P = exp(s·S − lse): the normalised weights, exactly as in the forward pass.
-            exp_sum(&mut p[r * width..(r + 1) * width], scale, lse[r]);
+            // P = exp(s·S − lse): the normalised weights (0 below 2^-64), as in the forward pass.
+            softmax_weights(&mut p[r * width..(r + 1) * width], scale, lse[r]);
         }
         gemm(1.0, dy, v_t.t(), 0.0, &mut MatMut::new(&mut dp, rows, width, width));
         let p_view = MatRef::new(&p, 0, rows, width, width);
