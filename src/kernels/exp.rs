@@ -7,8 +7,6 @@
 //! lanes, and 16 independent partial sums added in a fixed order (so results do not depend
 //! on anything but the data).
 
-use std::sync::OnceLock;
-
 use super::simd::{isa, Isa, Simd, ROUNDER};
 
 pub(crate) const LANES: usize = 16;
@@ -193,8 +191,6 @@ pub(crate) fn sum_lanes(mut acc: [f32; LANES]) -> f32 {
     acc[0]
 }
 
-type MaxFn = fn(&[f32]) -> f32;
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     #[target_feature(enable = "avx512f,avx2,fma")]
@@ -218,10 +214,6 @@ mod x86 {
     }
 }
 
-fn max_portable(row: &[f32]) -> f32 {
-    max_body(row)
-}
-
 /// [`exp_sum`] (`FLOOR` false) or [`softmax_weights`] on the path of [`isa`].
 fn exp_sum_on_path<const FLOOR: bool>(row: &mut [f32], scale: f32, shift: f32) -> f32 {
     match isa() {
@@ -235,16 +227,16 @@ fn exp_sum_on_path<const FLOOR: bool>(row: &mut [f32], scale: f32, shift: f32) -
     }
 }
 
-fn max_fn() -> MaxFn {
-    static F: OnceLock<MaxFn> = OnceLock::new();
-    *F.get_or_init(|| match isa() {
+/// [`row_max`] on the path of [`isa`].
+fn max_on_path(row: &[f32]) -> f32 {
+    match isa() {
         // SAFETY (both arms): as in `exp_sum_on_path`.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => |r| unsafe { x86::max_avx512(r) },
+        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => unsafe { x86::max_avx512(row) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => |r| unsafe { x86::max_avx2(r) },
-        _ => max_portable,
-    })
+        Isa::Avx2 => unsafe { x86::max_avx2(row) },
+        _ => max_body(row),
+    }
 }
 
 /// `row[j] ← exp(row[j]·scale − shift)` for every j; returns Σ_j of the new values.
@@ -263,7 +255,7 @@ pub(crate) fn softmax_weights(row: &mut [f32], scale: f32, shift: f32) -> f32 {
 
 /// The largest element of `row`; NaN if any element is NaN or infinite; −∞ if empty.
 pub fn row_max(row: &[f32]) -> f32 {
-    max_fn()(row)
+    max_on_path(row)
 }
 
 #[cfg(test)]
