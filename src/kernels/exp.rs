@@ -265,21 +265,50 @@ mod tests {
     use crate::kernels::simd::{Avx2, Avx512};
     use crate::kernels::simd::{Job, Portable};
 
-    /// The vector `exp` of each whole vector of the input.
-    struct ExpJob(Vec<f32>);
-    impl Job for ExpJob {
+    /// Which vector function [`PerVector`] applies.
+    #[derive(Clone, Copy)]
+    enum VectorFn {
+        Exp,
+        Weight,
+        Exp2Weight,
+    }
+
+    /// A vector function of each whole vector of the input.
+    struct PerVector(Vec<f32>, VectorFn);
+    impl Job for PerVector {
         type Out = Vec<f32>;
         #[inline(always)]
         fn run<S: Simd>(self, s: S) -> Vec<f32> {
-            self.0
-                .chunks_exact(S::LANES)
-                .flat_map(|c| {
-                    let mut out = vec![0.0f32; S::LANES];
-                    s.store_slice(&mut out, exp_vector(s, s.load_slice(c)));
-                    out
-                })
-                .collect()
+            let mut out = vec![0.0f32; self.0.len()];
+            for (c, o) in self.0.chunks_exact(S::LANES).zip(out.chunks_exact_mut(S::LANES)) {
+                let x = s.load_slice(c);
+                let y = match self.1 {
+                    VectorFn::Exp => exp_vector(s, x),
+                    VectorFn::Weight => weight_vector(s, x),
+                    VectorFn::Exp2Weight => exp2_weight(s, x),
+                };
+                s.store_slice(o, y);
+            }
+            out
         }
+    }
+
+    /// `f` of `xs` on portable 16-lane vectors, after checking that portable 8-lane vectors and
+    /// the AVX-512 and AVX2 paths (where the CPU has them) give the same bits.
+    fn same_on_every_isa(xs: &[f32], f: VectorFn) -> Vec<f32> {
+        let want = Portable::<16>.vectorize(PerVector(xs.to_vec(), f));
+        let mut others = vec![Portable::<8>.vectorize(PerVector(xs.to_vec(), f))];
+        #[cfg(target_arch = "x86_64")]
+        {
+            others.extend(Avx512::detect().map(|s| s.vectorize(PerVector(xs.to_vec(), f))));
+            others.extend(Avx2::detect().map(|s| s.vectorize(PerVector(xs.to_vec(), f))));
+        }
+        for got in others {
+            for ((x, g), w) in xs.iter().zip(&got).zip(&want) {
+                assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "f({x}): {g} vs {w}");
+            }
+        }
+        want
     }
 
     #[test]
@@ -287,18 +316,9 @@ mod tests {
         let mut xs: Vec<f32> = (0..4096).map(|i| -100.0 + 200.0 * i as f32 / 4096.0).collect();
         xs.extend([f32::NAN, f32::NEG_INFINITY, f32::INFINITY, -87.0, -87.5, 88.0, 88.5, 0.0, -0.0, 1e-30, -1e-30]);
         xs.resize(xs.len().next_multiple_of(16), 0.5);
-        let want: Vec<f32> = xs.iter().map(|&x| exp_lane::<true>(x)).collect();
-        let mut results =
-            vec![Portable::<16>.vectorize(ExpJob(xs.clone())), Portable::<8>.vectorize(ExpJob(xs.clone()))];
-        #[cfg(target_arch = "x86_64")]
-        {
-            results.extend(Avx512::detect().map(|s| s.vectorize(ExpJob(xs.clone()))));
-            results.extend(Avx2::detect().map(|s| s.vectorize(ExpJob(xs.clone()))));
-        }
-        for got in results {
-            for ((x, g), w) in xs.iter().zip(&got).zip(&want) {
-                assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "exp({x}): {g} vs {w}");
-            }
+        let got = same_on_every_isa(&xs, VectorFn::Exp);
+        for ((x, g), w) in xs.iter().zip(&got).zip(xs.iter().map(|&x| exp_lane::<true>(x))) {
+            assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "exp({x}): {g} vs {w}");
         }
     }
 
@@ -344,20 +364,6 @@ mod tests {
         assert!((row[36] as f64 - (9.0f64 * 0.5 - 3.0).exp()).abs() < 1e-6);
     }
 
-    /// [`weight_vector`] of each whole vector of the input.
-    struct WeightJob(Vec<f32>);
-    impl Job for WeightJob {
-        type Out = Vec<f32>;
-        #[inline(always)]
-        fn run<S: Simd>(self, s: S) -> Vec<f32> {
-            let mut out = vec![0.0f32; self.0.len()];
-            for (c, o) in self.0.chunks_exact(S::LANES).zip(out.chunks_exact_mut(S::LANES)) {
-                s.store_slice(o, weight_vector(s, s.load_slice(c)));
-            }
-            out
-        }
-    }
-
     #[test]
     fn weights_are_the_exp_above_2_to_the_minus_64_and_zero_below_on_every_isa() {
         let mut xs: Vec<f32> = (0..4096).map(|i| -90.0 + 90.0 * i as f32 / 4095.0).collect();
@@ -365,16 +371,7 @@ mod tests {
         xs.extend([floor, f32::from_bits(floor.to_bits() - 1), f32::from_bits(floor.to_bits() + 1)]);
         xs.extend([f32::NAN, f32::NEG_INFINITY, -0.0, 0.0]);
         xs.resize(xs.len().next_multiple_of(16), -1.0);
-        let want = Portable::<16>.vectorize(WeightJob(xs.clone()));
-        let mut others = vec![Portable::<8>.vectorize(WeightJob(xs.clone()))];
-        #[cfg(target_arch = "x86_64")]
-        {
-            others.extend(Avx512::detect().map(|s| s.vectorize(WeightJob(xs.clone()))));
-            others.extend(Avx2::detect().map(|s| s.vectorize(WeightJob(xs.clone()))));
-        }
-        for got in others {
-            assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan())));
-        }
+        let want = same_on_every_isa(&xs, VectorFn::Weight);
         // The row loops of the sgemm kernel: the same weights (the vector's bits on FMA paths).
         let mut row = xs.clone();
         let total = softmax_weights(&mut row, 1.0, 0.0);
@@ -404,35 +401,12 @@ mod tests {
         }
     }
 
-    /// [`exp2_weight`] of each whole vector of the input.
-    struct Exp2Job(Vec<f32>);
-    impl Job for Exp2Job {
-        type Out = Vec<f32>;
-        #[inline(always)]
-        fn run<S: Simd>(self, s: S) -> Vec<f32> {
-            let mut out = vec![0.0f32; self.0.len()];
-            for (c, o) in self.0.chunks_exact(S::LANES).zip(out.chunks_exact_mut(S::LANES)) {
-                s.store_slice(o, exp2_weight(s, s.load_slice(c)));
-            }
-            out
-        }
-    }
-
     #[test]
     fn weight_exp2_is_accurate_to_5e_6_the_same_everywhere_and_zero_below_its_floor() {
         let mut ys: Vec<f32> = (0..200_000).map(|i| -64.0 + 64.0 * i as f32 / 199_999.0).collect();
         ys.extend([0.0, -0.0, -62.999_996, -63.0, -63.000_004, -1000.0, f32::NEG_INFINITY, f32::NAN, 1e-7]);
         ys.resize(ys.len().next_multiple_of(16), -0.5);
-        let want = Portable::<16>.vectorize(Exp2Job(ys.clone()));
-        let mut others = vec![Portable::<8>.vectorize(Exp2Job(ys.clone()))];
-        #[cfg(target_arch = "x86_64")]
-        {
-            others.extend(Avx512::detect().map(|s| s.vectorize(Exp2Job(ys.clone()))));
-            others.extend(Avx2::detect().map(|s| s.vectorize(Exp2Job(ys.clone()))));
-        }
-        for got in others {
-            assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan())));
-        }
+        let want = same_on_every_isa(&ys, VectorFn::Exp2Weight);
         for (&y, &got) in ys.iter().zip(&want) {
             if y.is_nan() {
                 assert!(got.is_nan());
