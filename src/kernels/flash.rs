@@ -207,10 +207,10 @@ impl<QE: Elem, VE: Elem, const MR: usize, const MRV: usize, const NV: usize> Att
 }
 
 /// `out[r][ch] ← o_t[ch·width + r] / sums[r]` for the `sums.len()` rows of `out` (`dv` wide):
-/// the tile's outputs from their transposed sums, [`Simd::LANES`](super::simd::Simd::LANES) × LANES blocks through
-/// register transposes (a wide tile's channels, read row by row, would each miss), the edges
-/// of `dv` element by element. `o_t` holds at least `dv` rows of `width ≥` rows rounded up to
-/// LANES.
+/// the tile's outputs from their transposed sums, in LANES × LANES blocks through register
+/// transposes ([`Simd::transpose`](super::simd::Simd::transpose); a wide tile's channels, read
+/// row by row, would each miss), the edges of `dv` element by element. `o_t` holds at least
+/// `dv` rows of `width ≥` rows rounded up to LANES.
 #[inline(always)]
 fn normalised_rows<S: Bf16Simd>(s: S, (o_t, width): (&[f32], usize), sums: &[f32], out: &mut [f32], dv: usize) {
     let lanes = S::LANES;
