@@ -24,7 +24,7 @@ use super::bf16::{f32_to_bf16, pair, round_to_bf16};
 #[cfg(not(target_arch = "x86_64"))]
 use super::microkernel::pair_words;
 use super::microkernel::{pack_pair_panels, Word};
-use super::simd::{Avx512Bf16, Bf16Simd, Job, Simd};
+use super::simd::{Amx, Bf16Simd, Job, Simd};
 use super::views::{MatMut, MatRef, Start};
 use crate::workspace::Workspace;
 
@@ -34,70 +34,6 @@ pub(crate) const PANEL: usize = 32;
 pub(crate) const GROUP_STEP: usize = 16;
 /// Rows of C per parallel block, at most.
 const MAX_ROW_BLOCK: usize = 256;
-
-/// A token proving this process may run AMX-BF16 (and AVX512_BF16, which every CPU with AMX
-/// has, for the conversions around the tiles).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Amx {
-    simd: Avx512Bf16,
-}
-
-impl Amx {
-    /// The token, when the CPU has AMX-TILE and AMX-BF16 and the system lets this process use
-    /// the tile registers (asked once).
-    pub(crate) fn detect() -> Option<Amx> {
-        let simd = Avx512Bf16::detect()?;
-        permitted().then_some(Amx { simd })
-    }
-
-    /// The AVX-512 token the code around the tiles runs on.
-    pub(crate) fn simd(self) -> Avx512Bf16 {
-        self.simd
-    }
-}
-
-/// Whether the CPU reports AMX-TILE and AMX-BF16 and Linux granted this process the tile data
-/// state (once per process).
-fn permitted() -> bool {
-    static PERMITTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *PERMITTED.get_or_init(|| cpu_has_amx_bf16() && request_tile_data())
-}
-
-#[cfg(target_arch = "x86_64")]
-fn cpu_has_amx_bf16() -> bool {
-    // CPUID leaf 7, sub-leaf 0: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
-    // SAFETY: CPUID is available on every x86-64 CPU; leaf 7 exists where the maximum leaf
-    // (leaf 0's EAX) reaches it. (Safe functions from Rust 1.94 on, unsafe before.)
-    #[allow(unused_unsafe)]
-    let max_leaf = unsafe { std::arch::x86_64::__cpuid(0) }.eax;
-    if max_leaf < 7 {
-        return false;
-    }
-    // SAFETY: as above.
-    #[allow(unused_unsafe)]
-    let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
-    edx & (1 << 22) != 0 && edx & (1 << 24) != 0
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn cpu_has_amx_bf16() -> bool {
-    false
-}
-
-/// Asks Linux for the tile data state (`ARCH_REQ_XCOMP_PERM`, `XFEATURE_XTILEDATA`).
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn request_tile_data() -> bool {
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // SAFETY: arch_prctl with this request only changes which register states the process may
-    // use; it fails (non-zero) where the kernel or CPU lacks them.
-    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn request_tile_data() -> bool {
-    false
-}
 
 /// The tile configuration (palette 1): all eight tiles 16 rows of 64 bytes.
 #[repr(C, align(64))]

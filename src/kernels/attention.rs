@@ -34,7 +34,7 @@ const MAX_VALUE_CHANNELS_AVX512: usize = 1024;
 pub(crate) enum Kernel {
     /// Packed, AVX-512 12×32 tiles in f32; bf16 products on AMX tiles (`flash_amx`).
     #[cfg(target_arch = "x86_64")]
-    Amx(super::amx::Amx),
+    Amx(super::simd::Amx),
     /// Packed, AVX-512 12×32 tiles; bf16 on `VDPBF16PS`.
     #[cfg(target_arch = "x86_64")]
     Avx512Bf16(Avx512Bf16),
@@ -60,7 +60,7 @@ impl Kernel {
         #[cfg(target_arch = "x86_64")]
         match isa() {
             Isa::Amx if dv <= MAX_VALUE_CHANNELS_AVX512 => {
-                return super::amx::Amx::detect().map_or(Kernel::Sgemm, Kernel::Amx)
+                return super::simd::Amx::detect().map_or(Kernel::Sgemm, Kernel::Amx)
             }
             Isa::Avx512Bf16 if dv <= MAX_VALUE_CHANNELS_AVX512 => {
                 return Avx512Bf16::detect().map_or(Kernel::Sgemm, Kernel::Avx512Bf16)
@@ -380,7 +380,7 @@ mod tests {
         let mut all = vec![Kernel::Sgemm, Kernel::Portable16, Kernel::Portable8];
         #[cfg(target_arch = "x86_64")]
         {
-            all.extend(super::super::amx::Amx::detect().map(Kernel::Amx));
+            all.extend(super::super::simd::Amx::detect().map(Kernel::Amx));
             all.extend(Avx512Bf16::detect().map(Kernel::Avx512Bf16));
             all.extend(Avx512::detect().map(Kernel::Avx512));
             all.extend(Avx2::detect().map(Kernel::Avx2));

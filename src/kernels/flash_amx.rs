@@ -18,13 +18,13 @@
 //! Every sum runs in a fixed order (key tiles of [`KEY_TILE`] in order), so the results do not
 //! depend on how queries are split between threads.
 
-use super::amx::{pack_panels, pack_rows, padded_groups, transpose16, Amx, Tiles, GROUP_STEP, PANEL};
+use super::amx::{pack_panels, pack_rows, padded_groups, transpose16, Tiles, GROUP_STEP, PANEL};
 use super::attention_common::{finish_rows, for_each_query_tile, Accumulated};
 use super::attention_shapes::check_forward;
 use super::bf16::round_to_bf16;
 use super::flash::softmax_panel;
 use super::microkernel::Word;
-use super::simd::{Bf16Simd, Job, Simd};
+use super::simd::{Amx, Bf16Simd, Job, Simd};
 use super::views::MatRef;
 use crate::workspace::Workspace;
 

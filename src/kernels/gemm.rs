@@ -157,7 +157,7 @@ pub(crate) fn par_gemm_on_tiles(
 ) -> bool {
     assert!(beta == 0.0 || beta == 1.0, "par_gemm_on_tiles: β 0 or 1");
     #[cfg(target_arch = "x86_64")]
-    if let (true, Some(amx)) = (bf16_on_tiles(), super::amx::Amx::detect()) {
+    if let (true, Some(amx)) = (bf16_on_tiles(), super::simd::Amx::detect()) {
         // α scales B before it is packed (with β = 1 it cannot scale the product after).
         let scaled: Vec<f32>;
         let b = match alpha {
@@ -267,7 +267,7 @@ fn par_gemm_bf16(
         }
         #[cfg(target_arch = "x86_64")]
         BPacking::Amx(packed) => {
-            let amx = super::amx::Amx::detect().expect("B is packed for AMX only where AMX runs");
+            let amx = super::simd::Amx::detect().expect("B is packed for AMX only where AMX runs");
             super::amx::gemm_from(amx, a, packed, start, c, ws)
         }
         _ => unreachable!("BPacking::bf16 packs bf16"),
@@ -468,7 +468,7 @@ pub(crate) fn par_gemm_prepacked_from(
     }
     #[cfg(target_arch = "x86_64")]
     if let BPacking::AmxSplit(packed) = &packed.packed {
-        let amx = super::amx::Amx::detect().expect("B is split for AMX only where AMX runs");
+        let amx = super::simd::Amx::detect().expect("B is split for AMX only where AMX runs");
         let start = if let Start::Residual(..) = start { written(start, c) } else { start };
         return super::amx::gemm_from(amx, a, packed, start, c, ws);
     }

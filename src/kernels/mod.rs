@@ -10,8 +10,8 @@
 //!   [`concat`](mod@concat), [`pool`], [`exp`] (scalar and vector `exp`, row max and sums);
 //! - below them, the instruction-set layer: [`views`] (strided matrix views, and the start a
 //!   product's sums begin from), [`simd`] (vector
-//!   operations for AVX-512 with and without AVX512_BF16, AVX2 and portable code, and the
-//!   run-time choice), `bf16_simd` (the bf16 pair operations on each: `VDPBF16PS` or its exact
+//!   operations for AVX-512 with and without AVX512_BF16, AVX2 and portable code, the tokens
+//!   that prove the CPU runs a path, AMX's among them, and the run-time choice), `bf16_simd` (the bf16 pair operations on each: `VDPBF16PS` or its exact
 //!   emulation), `bf16` (the scalar model of the bf16 instructions, bit for bit),
 //!   `microkernel` (the packed register tile for f32 and bf16 elements, and its packing),
 //!   `tiles` (tile sizes in one place), `transpose` (position-major results written channel-major

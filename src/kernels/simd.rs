@@ -227,7 +227,7 @@ impl<const L: usize> Simd for Portable<L> {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{transpose16, Avx2, Avx512, Avx512Bf16};
+pub(crate) use x86::{transpose16, Amx, Avx2, Avx512, Avx512Bf16};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -274,6 +274,64 @@ mod x86 {
         pub(crate) fn base(self) -> Avx512 {
             self.base
         }
+    }
+
+    /// A token proving this process may run AMX-BF16 (and AVX512_BF16, which every CPU with
+    /// AMX has, for the conversions around the tiles). The tile kernels are `kernels::amx`'s.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Amx {
+        simd: Avx512Bf16,
+    }
+
+    impl Amx {
+        /// The token, when the CPU has AMX-TILE and AMX-BF16 and the system lets this process
+        /// use the tile registers (asked once).
+        pub(crate) fn detect() -> Option<Amx> {
+            let simd = Avx512Bf16::detect()?;
+            amx_permitted().then_some(Amx { simd })
+        }
+
+        /// The AVX-512 token the code around the tiles runs on.
+        pub(crate) fn simd(self) -> Avx512Bf16 {
+            self.simd
+        }
+    }
+
+    /// Whether the CPU reports AMX-TILE and AMX-BF16 and Linux granted this process the tile
+    /// data state (once per process).
+    fn amx_permitted() -> bool {
+        static PERMITTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *PERMITTED.get_or_init(|| cpu_has_amx_bf16() && request_tile_data())
+    }
+
+    fn cpu_has_amx_bf16() -> bool {
+        // CPUID leaf 7, sub-leaf 0: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+        // SAFETY: CPUID is available on every x86-64 CPU; leaf 7 exists where the maximum leaf
+        // (leaf 0's EAX) reaches it. (Safe functions from Rust 1.94 on, unsafe before.)
+        #[allow(unused_unsafe)]
+        let max_leaf = unsafe { __cpuid(0) }.eax;
+        if max_leaf < 7 {
+            return false;
+        }
+        // SAFETY: as above.
+        #[allow(unused_unsafe)]
+        let edx = unsafe { __cpuid_count(7, 0) }.edx;
+        edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+    }
+
+    /// Asks Linux for the tile data state (`ARCH_REQ_XCOMP_PERM`, `XFEATURE_XTILEDATA`).
+    #[cfg(target_os = "linux")]
+    fn request_tile_data() -> bool {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with this request only changes which register states the process
+        // may use; it fails (non-zero) where the kernel or CPU lacks them.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn request_tile_data() -> bool {
+        false
     }
 
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx2,fma")]
@@ -629,7 +687,7 @@ impl Isa {
     pub fn available(self) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Isa::Amx => super::amx::Amx::detect().is_some(),
+            Isa::Amx => Amx::detect().is_some(),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16 => Avx512Bf16::detect().is_some(),
             #[cfg(target_arch = "x86_64")]
