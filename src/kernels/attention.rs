@@ -835,6 +835,55 @@ mod tests {
     }
 
     #[test]
+    fn backward_within_one_key_tile_renormalises_its_weights() {
+        // Every key in one key tile: the kernels take the softmax of their own logits, so a
+        // log-sum-exp off by 3e-3 (a forward pass that rounded the logits differently, e.g.
+        // with θ folded into the keys, drifts this way at large logits) changes nothing
+        // beyond rounding; and with one key dS is 0 (no gradient for q and k at all).
+        let scale = 0.7;
+        for (n, m, d, dv) in [(70, 200, 5, 3), (40, 1, 6, 4)] {
+            let q = pseudo_random(n * d, 21, 1.5);
+            let k = pseudo_random(m * d, 22, 1.5);
+            let v = pseudo_random(m * dv, 23, 1.0);
+            let dy = pseudo_random(n * dv, 24, 1.0);
+            let (qm, km, vm) =
+                (MatRef::new(&q, 0, n, d, d), MatRef::new(&k, 0, m, d, d), MatRef::new(&v, 0, m, dv, dv));
+            let (mut y, mut lse) = (vec![0.0f32; n * dv], vec![0.0f32; n]);
+            Kernel::Sgemm.forward(
+                Precision::F32,
+                (qm, km, vm, scale),
+                None,
+                &mut y,
+                Some(&mut lse),
+                &Workspace::default(),
+            );
+            let want = |kernel: Kernel, lse: &[f32]| {
+                let (mut dq, mut dk, mut dvv) = (vec![f32::NAN; n * d], vec![f32::NAN; m * d], vec![f32::NAN; m * dv]);
+                let yy = (MatRef::new(&y, 0, n, dv, dv), MatRef::new(&dy, 0, n, dv, dv));
+                kernel.backward((qm, km, vm, scale), lse, yy, &mut dq, &mut dk, &mut dvv, &Workspace::default());
+                [dq, dk, dvv]
+            };
+            let shifted: Vec<f32> = lse.iter().map(|l| l + 3e-3).collect();
+            for kernel in kernels().into_iter().chain([Kernel::Sgemm]) {
+                let (exact, drifted) = (want(kernel, &lse), want(kernel, &shifted));
+                for (which, (a, b)) in drifted.iter().zip(&exact).enumerate() {
+                    let top = b.iter().fold(1.0f32, |t, x| t.max(x.abs()));
+                    for (x, y) in a.iter().zip(b) {
+                        assert!((x - y).abs() <= 1e-5 * top, "{kernel:?} ({n}, {m}) gradient {which}: {x} vs {y}");
+                    }
+                }
+                if m == 1 {
+                    let top = exact[2].iter().fold(0.0f32, |t, x| t.max(x.abs()));
+                    for (which, g) in exact[..2].iter().enumerate() {
+                        let largest = g.iter().fold(0.0f32, |t, x| t.max(x.abs()));
+                        assert!(largest <= 1e-6 * top, "{kernel:?}, one key: gradient {which} reads {largest}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn backward_of_every_kernel_matches_finite_differences_and_is_thread_independent() {
         let (n, m, d, dv) = (300, 530, 5, 3);
         let scale = 0.7;

@@ -457,8 +457,17 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
         // Per-query values in lanes; padding queries get lse = +∞ so their P (and dS) is 0.
         let mut lse_w = vec![f32::INFINITY; width];
         lse_w[..rows].copy_from_slice(lse);
+        // D_i = Σ_j P_ij·dP_ij, the diagonal of the softmax Jacobian. With every key in one key
+        // tile it comes from this pass's own P and dP, P renormalised to sum to 1 (the forward
+        // pass's log-sum-exp may come from differently rounded logits, as with θ folded into
+        // the keys): each row of dS then sums to 0 up to rounding (one key: exactly 0), as in
+        // PyTorch's softmax backward. With more key tiles, y_i·dy_i from the forward pass's y
+        // (FlashAttention-2), which differs from it by the rounding of y.
+        let one_key_tile = m <= KEY_TILE;
         let mut delta = vec![0.0f32; width];
-        row_dots(y, dy, &mut delta);
+        if !one_key_tile {
+            row_dots(y, dy, &mut delta);
+        }
         // B operands with d or dv as depth (queries in panels of NR) ...
         let q_by_d = packed_panels::<F32>(ws, q, nr, d);
         let dy_by_dv = packed_panels::<F32>(ws, dy, nr, dvc);
@@ -513,12 +522,36 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                 for v in 0..NV {
                     let lanes_at = qp * nr + v * lanes;
                     let neg_lse = s.mul(s.splat(-1.0), s.load_slice(&lse_w[lanes_at..]));
-                    let neg_delta = s.mul(s.splat(-1.0), s.load_slice(&delta[lanes_at..]));
+                    // P = exp(s·S − lse): the normalised weights (0 below 2^-64), as in the
+                    // forward pass.
+                    let weight = |logits: &[f32]| weight_vector(s, s.fmadd(s.load_slice(logits), vscale, neg_lse));
+                    let (neg_delta, renormalise) = if one_key_tile {
+                        let (mut sum, mut dot) = (s.zero(), s.zero());
+                        for key in 0..keys {
+                            let at = key * nr + v * lanes;
+                            let w = weight(&p_panel[at..]);
+                            s.store_slice(&mut p_panel[at..], w);
+                            sum = s.add(sum, w);
+                            dot = s.fmadd(w, s.load_slice(&ds_panel[at..]), dot);
+                        }
+                        // 1/Σ_j P_ij per lane (0 for the padding queries, whose P is 0).
+                        let (mut inv, mut d) = ([0.0f32; 16], [0.0f32; 16]);
+                        s.store_slice(&mut inv, sum);
+                        s.store_slice(&mut d, dot);
+                        for (i, d) in inv.iter_mut().zip(&mut d).take(lanes) {
+                            *i = if *i > 0.0 { 1.0 / *i } else { 0.0 };
+                            *d = -(*d * *i);
+                        }
+                        (s.load_slice(&d), Some(s.load_slice(&inv)))
+                    } else {
+                        (s.mul(s.splat(-1.0), s.load_slice(&delta[lanes_at..])), None)
+                    };
                     for key in 0..keys {
                         let at = key * nr + v * lanes;
-                        // P = exp(s·S − lse): the normalised weights (0 below 2^-64), as in the
-                        // forward pass.
-                        let w = weight_vector(s, s.fmadd(s.load_slice(&p_panel[at..]), vscale, neg_lse));
+                        let w = match renormalise {
+                            Some(inv) => s.mul(s.load_slice(&p_panel[at..]), inv),
+                            None => weight(&p_panel[at..]),
+                        };
                         s.store_slice(&mut p_panel[at..], w);
                         let g = s.mul(w, s.add(s.load_slice(&ds_panel[at..]), neg_delta));
                         // Subnormal dS (tiny weights, as Gaussian's unscaled logits make) to 0:

@@ -187,8 +187,13 @@ fn backward_tile(
 ) {
     let (rows, m, d, dvc) = (q.rows(), k.rows(), q.cols(), v.cols());
     let key_tile = KEY_TILE.min(m);
+    // D_i as in the packed kernel: with every key in one key tile Σ_j P_ij·dP_ij, P
+    // renormalised to sum to 1; else y_i·dy_i.
+    let one_key_tile = m <= KEY_TILE;
     let mut delta = vec![0.0f32; rows];
-    row_dots(y, dy, &mut delta);
+    if !one_key_tile {
+        row_dots(y, dy, &mut delta);
+    }
     // Written by each key tile's products before they are read.
     let mut p = ws.scratch(rows * key_tile);
     let mut dp = ws.scratch(rows * key_tile);
@@ -200,11 +205,25 @@ fn backward_tile(
         gemm(1.0, q, k_t.t(), 0.0, &mut MatMut::new(&mut p, rows, width, width));
         for r in 0..rows {
             // P = exp(s·S − lse): the normalised weights (0 below 2^-64), as in the forward pass.
-            softmax_weights(&mut p[r * width..(r + 1) * width], scale, lse[r]);
+            let row = &mut p[r * width..(r + 1) * width];
+            softmax_weights(row, scale, lse[r]);
+            if one_key_tile {
+                let sum: f32 = row.iter().sum();
+                if sum > 0.0 {
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|w| *w *= inv);
+                }
+            }
         }
         gemm(1.0, dy, v_t.t(), 0.0, &mut MatMut::new(&mut dp, rows, width, width));
         let p_view = MatRef::new(&p, 0, rows, width, width);
         gemm(1.0, p_view.t(), dy, 1.0, &mut MatMut::new(&mut dv[start * dvc..end * dvc], width, dvc, dvc));
+        if one_key_tile {
+            for (r, dr) in delta.iter_mut().enumerate() {
+                let (pr, dpr) = (&p[r * width..(r + 1) * width], &dp[r * width..(r + 1) * width]);
+                *dr = pr.iter().zip(dpr).map(|(w, g)| w * g).sum();
+            }
+        }
         // dS = P ⊙ (dP − D), stored over dP; subnormal values to 0 (as the packed kernel).
         for r in 0..rows {
             let (pr, dpr) = (&p[r * width..(r + 1) * width], &mut dp[r * width..(r + 1) * width]);
