@@ -97,6 +97,61 @@ fn gradients_match_finite_differences_in_every_configuration() {
     }
 }
 
+/// Largest |value| of a named parameter gradient.
+fn largest(grads: &nonlocal::ParameterGradients, name: &str) -> f32 {
+    let named = grads.named();
+    let (_, g) = named.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no gradient {name}"));
+    g.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+}
+
+/// Gradients that vanish in exact arithmetic come out 0 or within rounding of it, not as
+/// noise of the size of the tolerance: with a single key the softmax weight is 1 whatever the
+/// logits, so θ and φ get no gradient; in embedded Gaussian φ's bias shifts every logit of a
+/// query alike, so its gradient is 0 with any number of keys. (The first read ~1e-4 of noise
+/// at these sizes, against tolerances of 1e-4, while D_i came from the forward pass's y.)
+#[test]
+fn gradients_that_vanish_in_exact_arithmetic_come_out_zero() {
+    let mut rng = Rng::new(7);
+    // One key: clips of 2 frames of 9×9 pooled 2×9×9; logits made large.
+    let config = NonLocalConfig::new(64).sub_sample(Some([2, 9, 9]));
+    let mut params = random_params(&config, &mut rng);
+    for conv in [params.theta.as_mut(), params.phi.as_mut()].into_iter().flatten() {
+        conv.weight.mapv_inplace(|w| 4.0 * w);
+    }
+    let block = NonLocalBlock::from_parameters(config, params).unwrap();
+    let x = rng.input((2, 2, 9, 9, 64), 1.0);
+    let r = rng.input((2, 2, 9, 9, 64), 1.0);
+    let (_, ctx) = block.forward_train(&x).unwrap();
+    let grads = block.backward(&ctx, &r).unwrap();
+    let scale = largest(&grads.params, "g.weight");
+    assert!(scale > 1.0, "the value gradient is not trivial ({scale})");
+    for name in ["theta.weight", "theta.bias", "phi.weight", "phi.bias"] {
+        let got = largest(&grads.params, name);
+        assert!(got <= 1e-6 * scale, "one key: {name} gradient {got} (g.weight's {scale})");
+    }
+    // φ's bias with many keys (several key tiles): exactly 0, as the reference shows.
+    let config = NonLocalConfig::new(6).inter_channels(4).sub_sample(Some([1, 2, 2]));
+    let params = random_params(&config, &mut rng);
+    let block = NonLocalBlock::from_parameters(config.clone(), params.clone()).unwrap();
+    let x = rng.input((1, 3, 24, 30, 6), 1.0);
+    let r = rng.input((1, 3, 24, 30, 6), 1.0);
+    let (_, ctx) = block.forward_train(&x).unwrap();
+    let grads = block.backward(&ctx, &r).unwrap();
+    assert_eq!(largest(&grads.params, "phi.bias"), 0.0);
+    assert!(largest(&grads.params, "phi.weight") > 1e-3);
+    let bias = params.phi.as_ref().unwrap().bias.as_ref().unwrap()[1];
+    let fd = central_difference(
+        |v| {
+            let mut p = params.clone();
+            p.phi.as_mut().unwrap().bias.as_mut().unwrap()[1] = v;
+            reference_loss(&config, &p, &x, &r)
+        },
+        bias,
+        1e-2,
+    );
+    assert!(fd.abs() < 1e-6, "the reference's loss moves with φ's bias: {fd}");
+}
+
 /// The output and every gradient, bit for bit, on 1, 2 and 3 threads, channels-last and
 /// channels-first.
 #[test]

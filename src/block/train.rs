@@ -601,7 +601,15 @@ impl NonLocalBlock {
         };
         let g = conv_grad(cols.g, &params.g);
         let mut theta = cols.theta.zip(params.theta.as_ref()).map(|(s, p)| conv_grad(s, p));
-        let phi = cols.phi.zip(params.phi.as_ref()).map(|(s, p)| conv_grad(s, p));
+        let mut phi = cols.phi.zip(params.phi.as_ref()).map(|(s, p)| conv_grad(s, p));
+        if self.config.mode == Mode::EmbeddedGaussian {
+            // φ's bias adds θ_i·b to every logit of query i (through the max-pool too): the
+            // softmax does not see it, so its gradient is exactly 0. Summed, the kernels' dS
+            // rows give rounding noise instead, growing with N and C'.
+            if let Some(bias) = phi.as_mut().and_then(|p| p.bias.as_mut()) {
+                bias.fill(0.0);
+            }
+        }
         let mut concat_project = None;
         if let (Some(a), Some(w), Some(th)) = (cols.a, &params.concat_project, &params.theta) {
             // a_i = u·x_i + w_θ·b_θ with u = W_θᵀ w_θ: r = Σ_i da_i x_i, ra = Σ_i da_i.
