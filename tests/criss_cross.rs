@@ -359,6 +359,51 @@ fn gradients_match_finite_differences() {
     }
 }
 
+/// Gradients that vanish in exact arithmetic come out 0 or within rounding of it: the key
+/// bias shifts every energy of a query alike (exactly 0, on any map), and on a 1 × 1 map each
+/// position is its only key, so the query and key convolutions get no gradient.
+#[test]
+fn gradients_that_vanish_in_exact_arithmetic_come_out_zero() {
+    let mut rng = Rng::new(9);
+    let largest = |g: &nonlocal::CrissCrossParameterGradients, name: &str| {
+        let named = g.named();
+        let (_, t) = named.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no gradient {name}"));
+        t.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+    };
+    for (h, w, rec) in [(1, 1, 3), (1, 7, 2), (6, 5, 2)] {
+        let config = CrissCrossConfig::new(96).recurrence(rec);
+        let mut params = random_params(&config, &mut rng);
+        // Energies of tens of units.
+        params.query.weight.mapv_inplace(|v| 3.0 * v);
+        params.key.weight.mapv_inplace(|v| 3.0 * v);
+        let block = CrissCrossAttention::from_parameters(config.clone(), params.clone()).unwrap();
+        let x = images(&mut rng, (3, h, w, 96));
+        let r = images(&mut rng, (3, h, w, 96));
+        let (_, ctx) = block.forward_train(&x).unwrap();
+        let grads = block.backward(&ctx, &r).unwrap();
+        let scale = largest(&grads.params, "value_conv.weight");
+        assert!(scale > 0.1, "{h}x{w}: the value gradient is not trivial ({scale})");
+        assert_eq!(largest(&grads.params, "key_conv.bias"), 0.0, "{h}x{w}");
+        if h * w == 1 {
+            for name in ["query_conv.weight", "query_conv.bias", "key_conv.weight"] {
+                let got = largest(&grads.params, name);
+                assert!(got <= 1e-6 * scale, "one key: {name} gradient {got} (value_conv.weight's {scale})");
+            }
+        }
+        // The reference agrees that the key bias does not move the loss.
+        let fd = central_difference(
+            |v| {
+                let mut p = params.clone();
+                p.key.bias.as_mut().unwrap()[0] = v;
+                reference_loss(&config, &p, &x, &r)
+            },
+            params.key.bias.as_ref().unwrap()[0],
+            1e-2,
+        );
+        assert!(fd.abs() < 1e-6, "{h}x{w}: the reference's loss moves with the key bias: {fd}");
+    }
+}
+
 #[test]
 fn gradient_bits_do_not_depend_on_thread_count() {
     let mut rng = Rng::new(7);

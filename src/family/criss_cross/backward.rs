@@ -134,17 +134,29 @@ impl Context<'_> {
         let (a, ds) = (&mut scratch.a[..len * len], &mut scratch.ds[..len * len]);
         // A = exp(Q·Kᵀ − L), the diagonal out of the column part.
         gemm(1.0, q, k.t(), 0.0, &mut MatMut::new(a, len, len, len));
+        // One image row (H = 1) holds every key of its queries: there the weights are
+        // renormalised to sum to 1 and D_i is Σ_j a_ij·dA_ij of these very products, as
+        // PyTorch's softmax backward takes it (a single key: dS exactly 0), instead of
+        // γ·dz_i·y_i, which differs from it by the rounding of y.
+        let all_keys_here = self.p.h == 1;
         for (i, row) in a.chunks_mut(len).enumerate() {
-            exp_sum(row, 1.0, self.lse[first + i * stride]);
+            let sum = exp_sum(row, 1.0, self.lse[first + i * stride]);
             if matches!(group, Group::Column(_)) {
                 row[i] = 0.0;
+            } else if all_keys_here && sum > 0.0 {
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|w| *w *= inv);
             }
         }
         // dS = A ⊙ (γ·dZ·Vᵀ − D), subnormal values as 0 (as the block's attention backward:
         // as operands of the products below they cost a microcode assist each).
         gemm(self.gamma, dz, v.t(), 0.0, &mut MatMut::new(ds, len, len, len));
         for (i, (ds_row, a_row)) in ds.chunks_mut(len).zip(a.chunks(len)).enumerate() {
-            let d = self.delta[first + i * stride];
+            let d = if all_keys_here {
+                a_row.iter().zip(ds_row.iter()).map(|(w, g)| w * g).sum()
+            } else {
+                self.delta[first + i * stride]
+            };
             ds_row.iter_mut().zip(a_row).for_each(|(g, &w)| {
                 let v = w * (*g - d);
                 *g = if v.abs() < f32::MIN_POSITIVE { 0.0 } else { v };

@@ -234,9 +234,16 @@ impl CrissCrossAttention {
             bias: has_bias.then(|| Array1::from_shape_fn(rows, |o| acc.bias[start + o] as f32)),
         };
         let p = &self.params;
+        let mut key = conv(qk, qk, p.key.bias.is_some());
+        // The key bias adds q_i·b to every energy of query i (its row and its column alike):
+        // the softmax does not see it, so its gradient is exactly 0, where the summed dS rows
+        // would give rounding noise.
+        if let Some(bias) = key.bias.as_mut() {
+            bias.fill(0.0);
+        }
         CrissCrossParameterGradients {
             query: conv(0, qk, p.query.bias.is_some()),
-            key: conv(qk, qk, p.key.bias.is_some()),
+            key,
             value: conv(2 * qk, c, p.value.bias.is_some()),
             gamma: acc.gamma as f32,
         }
