@@ -259,6 +259,24 @@ def metadata(case, module):
 # Randomising parameters so that every part of the block shows in the output.
 
 
+def randomise_norm(m, randn, unif):
+    """A LayerNorm's affine, a BatchNorm's affine and running statistics (any rank), or a
+    `Scale`'s value (criss-cross's gamma) made non-trivial; other modules are left alone.
+    `randn(*shape)` and `unif(lo, hi, *shape)` draw float64 tensors from the case's generator."""
+    nn = torch.nn
+    if isinstance(m, nn.LayerNorm):
+        m.weight.copy_(1.0 + 0.3 * randn(*m.weight.shape))
+        m.bias.copy_(0.3 * randn(*m.bias.shape))
+    elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        m.weight.copy_(unif(0.5, 1.5, *m.weight.shape))
+        m.bias.copy_(0.3 * randn(*m.bias.shape))
+        m.running_mean.copy_(0.3 * randn(*m.running_mean.shape))
+        m.running_var.copy_(unif(0.5, 2.0, *m.running_var.shape))
+        m.num_batches_tracked.fill_(17)
+    elif type(m).__name__ == "Scale":
+        m.scale.copy_(torch.tensor(0.8, dtype=torch.float64) * torch.sign(randn(1)[0]) + 0.2 * randn(1)[0])
+
+
 def randomise(module, gen, case):
     nn = torch.nn
     qk_gain = case.get("qk_gain", 1.0)
@@ -283,17 +301,8 @@ def randomise(module, gen, case):
                 m.weight.copy_(randn(*m.weight.shape) * gain / fan_in**0.5)
                 if m.bias is not None:
                     m.bias.copy_(0.3 * randn(*m.bias.shape))
-            elif isinstance(m, nn.LayerNorm):
-                m.weight.copy_(1.0 + 0.3 * randn(*m.weight.shape))
-                m.bias.copy_(0.3 * randn(*m.bias.shape))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(unif(0.5, 1.5, *m.weight.shape))
-                m.bias.copy_(0.3 * randn(*m.bias.shape))
-                m.running_mean.copy_(0.3 * randn(*m.running_mean.shape))
-                m.running_var.copy_(unif(0.5, 2.0, *m.running_var.shape))
-                m.num_batches_tracked.fill_(17)
-            elif type(m).__name__ == "Scale":
-                m.scale.copy_(torch.tensor(0.8, dtype=torch.float64) * torch.sign(randn(1)[0]) + 0.2 * randn(1)[0])
+            else:
+                randomise_norm(m, randn, unif)
 
 
 def round_params(module, dtype):

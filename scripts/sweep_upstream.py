@@ -77,7 +77,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.normpath(os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import family_upstream  # noqa: E402
-import make_family  # noqa: E402  (sort_header, surrounding_model, versions)
+import make_family  # noqa: E402  (sort_header, surrounding_model, versions, randomise_norm)
 
 ALL_BLOCKS = ["nl", "mmcv", "timm_nl", "gc", "cc", "dnl"]
 NON_LOCAL_BLOCKS = {"nl", "mmcv", "timm_nl"}  # what candle_golden runs
@@ -390,17 +390,8 @@ def randomise(module, gen, cfg, factor, qk_width, x_var):
                 m.weight.copy_(randn(*m.weight.shape) * gain / fan_in**0.5)
                 if m.bias is not None:
                     m.bias.copy_(bias * randn(*m.bias.shape))
-            elif isinstance(m, nn.LayerNorm):
-                m.weight.copy_(1.0 + 0.3 * randn(*m.weight.shape))
-                m.bias.copy_(0.3 * randn(*m.bias.shape))
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(unif(0.5, 1.5, *m.weight.shape))
-                m.bias.copy_(0.3 * randn(*m.bias.shape))
-                m.running_mean.copy_(0.3 * randn(*m.running_mean.shape))
-                m.running_var.copy_(unif(0.5, 2.0, *m.running_var.shape))
-                m.num_batches_tracked.fill_(17)
-            elif type(m).__name__ == "Scale":
-                m.scale.copy_(torch.tensor(0.8, dtype=torch.float64) * torch.sign(randn(1)[0]) + 0.2 * randn(1)[0])
+            else:
+                make_family.randomise_norm(m, randn, unif)
 
 
 def qk_width(cfg, module):
