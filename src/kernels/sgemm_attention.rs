@@ -206,23 +206,17 @@ fn backward_tile(
         for r in 0..rows {
             // P = exp(s·S − lse): the normalised weights (0 below 2^-64), as in the forward pass.
             let row = &mut p[r * width..(r + 1) * width];
-            softmax_weights(row, scale, lse[r]);
-            if one_key_tile {
-                let sum: f32 = row.iter().sum();
-                if sum > 0.0 {
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|w| *w *= inv);
-                }
+            let sum = softmax_weights(row, scale, lse[r]);
+            if one_key_tile && sum > 0.0 {
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|w| *w *= inv);
             }
         }
         gemm(1.0, dy, v_t.t(), 0.0, &mut MatMut::new(&mut dp, rows, width, width));
         let p_view = MatRef::new(&p, 0, rows, width, width);
         gemm(1.0, p_view.t(), dy, 1.0, &mut MatMut::new(&mut dv[start * dvc..end * dvc], width, dvc, dvc));
         if one_key_tile {
-            for (r, dr) in delta.iter_mut().enumerate() {
-                let (pr, dpr) = (&p[r * width..(r + 1) * width], &dp[r * width..(r + 1) * width]);
-                *dr = pr.iter().zip(dpr).map(|(w, g)| w * g).sum();
-            }
+            row_dots(p_view, MatRef::new(&dp, 0, rows, width, width), &mut delta);
         }
         // dS = P ⊙ (dP − D), stored over dP; subnormal values to 0 (as the packed kernel).
         for r in 0..rows {

@@ -152,11 +152,7 @@ impl Context<'_> {
         // as operands of the products below they cost a microcode assist each).
         gemm(self.gamma, dz, v.t(), 0.0, &mut MatMut::new(ds, len, len, len));
         for (i, (ds_row, a_row)) in ds.chunks_mut(len).zip(a.chunks(len)).enumerate() {
-            let d = if all_keys_here {
-                a_row.iter().zip(ds_row.iter()).map(|(w, g)| w * g).sum()
-            } else {
-                self.delta[first + i * stride]
-            };
+            let d = if all_keys_here { dot(a_row, ds_row) } else { self.delta[first + i * stride] };
             ds_row.iter_mut().zip(a_row).for_each(|(g, &w)| {
                 let v = w * (*g - d);
                 *g = if v.abs() < f32::MIN_POSITIVE { 0.0 } else { v };
