@@ -522,14 +522,11 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                 for v in 0..NV {
                     let lanes_at = qp * nr + v * lanes;
                     let neg_lse = s.mul(s.splat(-1.0), s.load_slice(&lse_w[lanes_at..]));
-                    // P = exp(s·S − lse): the normalised weights (0 below 2^-64), as in the
-                    // forward pass.
-                    let weight = |logits: &[f32]| weight_vector(s, s.fmadd(s.load_slice(logits), vscale, neg_lse));
                     let (neg_delta, renormalise) = if one_key_tile {
                         let (mut sum, mut dot) = (s.zero(), s.zero());
                         for key in 0..keys {
                             let at = key * nr + v * lanes;
-                            let w = weight(&p_panel[at..]);
+                            let w = backward_weight(s, &p_panel[at..], vscale, neg_lse);
                             s.store_slice(&mut p_panel[at..], w);
                             sum = s.add(sum, w);
                             dot = s.fmadd(w, s.load_slice(&ds_panel[at..]), dot);
@@ -550,7 +547,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                         let at = key * nr + v * lanes;
                         let w = match renormalise {
                             Some(inv) => s.mul(s.load_slice(&p_panel[at..]), inv),
-                            None => weight(&p_panel[at..]),
+                            None => backward_weight(s, &p_panel[at..], vscale, neg_lse),
                         };
                         s.store_slice(&mut p_panel[at..], w);
                         let g = s.mul(w, s.add(s.load_slice(&ds_panel[at..]), neg_delta));
@@ -617,6 +614,16 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
             }
         }
     }
+}
+
+/// P = exp(scale·S − lse) per lane from a row of logits: the normalised weights (0 below
+/// 2^-64), as in the forward pass. A function rather than a closure in the tile's loop: a
+/// closure is compiled apart from the `#[target_feature]` function the job is inlined into,
+/// and where it is not inlined its intrinsics become calls (the AVX2 backward spent ~15% of
+/// a training step in them).
+#[inline(always)]
+fn backward_weight<S: Bf16Simd>(s: S, logits: &[f32], scale: S::V, neg_lse: S::V) -> S::V {
+    weight_vector(s, s.fmadd(s.load_slice(logits), scale, neg_lse))
 }
 
 /// Repacks a `[query panel][key][nr queries]` tile (`keys` keys, `width` queries) into
