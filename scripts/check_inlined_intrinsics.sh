@@ -14,8 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(uname -m)" = x86_64 ] || { echo "check_inlined_intrinsics: not x86_64, nothing to check"; exit 0; }
 command -v nm >/dev/null || { echo "check_inlined_intrinsics: needs nm (binutils)" >&2; exit 1; }
-cargo build --release --lib --message-format=json-render-diagnostics > target/check_inlined_intrinsics.json
-lib=$(sed -n 's/.*"filenames":\["\([^"]*libnonlocal[^"]*\.rlib\)".*/\1/p' target/check_inlined_intrinsics.json | tail -n 1)
+built=$(cargo build --release --lib --message-format=json-render-diagnostics)
+lib=$(sed -n 's/.*"filenames":\["\([^"]*libnonlocal[^"]*\.rlib\)".*/\1/p' <<<"$built" | tail -n 1)
 [ -n "$lib" ] || { echo "check_inlined_intrinsics: cargo named no libnonlocal rlib" >&2; exit 1; }
 # CPU detection (xgetbv, cpuid) runs before any feature is known: those may stay calls.
 calls=$(nm -C "$lib" 2>/dev/null | grep -E ' [tTwW] core::core_arch::' | grep -vE '_xgetbv|__cpuid' || true)

@@ -293,7 +293,7 @@ pub(crate) fn softmax_panel<S: Bf16Simd, const NV: usize>(
             None => {
                 for key in 0..keys {
                     let row = &mut panel[key * nr + v * lanes..][..lanes];
-                    let e = weight_vector(s, s.fmadd(s.load_slice(row), vscale, shift));
+                    let e = logit_weight(s, row, vscale, shift);
                     s.store_slice(row, e);
                     sum = s.add(sum, e);
                 }
@@ -526,7 +526,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                         let (mut sum, mut dot) = (s.zero(), s.zero());
                         for key in 0..keys {
                             let at = key * nr + v * lanes;
-                            let w = backward_weight(s, &p_panel[at..], vscale, neg_lse);
+                            let w = logit_weight(s, &p_panel[at..], vscale, neg_lse);
                             s.store_slice(&mut p_panel[at..], w);
                             sum = s.add(sum, w);
                             dot = s.fmadd(w, s.load_slice(&ds_panel[at..]), dot);
@@ -547,7 +547,7 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
                         let at = key * nr + v * lanes;
                         let w = match renormalise {
                             Some(inv) => s.mul(s.load_slice(&p_panel[at..]), inv),
-                            None => backward_weight(s, &p_panel[at..], vscale, neg_lse),
+                            None => logit_weight(s, &p_panel[at..], vscale, neg_lse),
                         };
                         s.store_slice(&mut p_panel[at..], w);
                         let g = s.mul(w, s.add(s.load_slice(&ds_panel[at..]), neg_delta));
@@ -616,14 +616,14 @@ impl<const MR: usize, const NV: usize> Job for BackwardTile<'_, MR, NV> {
     }
 }
 
-/// P = exp(scale·S − lse) per lane from a row of logits: the normalised weights (0 below
-/// 2^-64), as in the forward pass. A function rather than a closure in the tile's loop: a
-/// closure is compiled apart from the `#[target_feature]` function the job is inlined into,
-/// and where it is not inlined its intrinsics become calls (the AVX2 backward spent ~15% of
-/// a training step in them).
+/// `exp(scale·logit + shift)` per lane from a row of logits, 0 below 2^-64 (`weight_vector`):
+/// the forward pass's weights (shift −scale·max) and the backward's normalised P (shift −lse).
+/// A function rather than a closure in the tile loops: a closure is compiled apart from the
+/// `#[target_feature]` function the job is inlined into, and where it is not inlined its
+/// intrinsics become calls (the AVX2 backward spent ~15% of a training step in them).
 #[inline(always)]
-fn backward_weight<S: Bf16Simd>(s: S, logits: &[f32], scale: S::V, neg_lse: S::V) -> S::V {
-    weight_vector(s, s.fmadd(s.load_slice(logits), scale, neg_lse))
+fn logit_weight<S: Bf16Simd>(s: S, logits: &[f32], scale: S::V, shift: S::V) -> S::V {
+    weight_vector(s, s.fmadd(s.load_slice(logits), scale, shift))
 }
 
 /// Repacks a `[query panel][key][nr queries]` tile (`keys` keys, `width` queries) into
